@@ -1,0 +1,90 @@
+"""What every attention backend declares, and the problem description it is judged against."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+# Kernel families users choose between; backends implement one of them.
+FAMILIES = ("fp4", "int8_fp8", "sdpa")
+
+
+@dataclass(frozen=True)
+class AttentionProblem:
+    """Everything a backend needs to decide whether it can take a call (no tensors: hashable, cacheable)."""
+
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seq_q: int
+    seq_kv: int
+    head_dim: int
+    head_dim_v: int
+    dtype: torch.dtype
+    device_type: str
+    capability: tuple[int, int] | None  # CUDA compute capability, None off-CUDA
+    layout: str  # "HND" or "NHD"
+    is_causal: bool
+    return_lse: bool
+    has_mask: bool
+
+
+class AttentionBackend:
+    """A way to compute attention. Subclasses fill the class attributes and implement `forward`.
+
+    `unavailable_reasons()` says why the backend cannot run on this machine at all (not built, no GPU,
+    wrong arch); `input_reasons(problem)` says why it cannot take this call. Both return human-readable
+    strings; an empty list means yes.
+    """
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    priority: ClassVar[int]          # higher wins among supported backends for kernel="auto"
+    description: ClassVar[str]
+    verified: ClassVar[str]          # how the claim "it works" was checked: "run on H100", "compiled only", ...
+    auto_eligible: ClassVar[bool] = True  # False for slow emulations: used only when named or allowed
+    dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float16, torch.bfloat16)
+    head_dims: ClassVar[tuple[int, ...] | None] = (64, 128)  # None: any
+    supports_causal: ClassVar[bool] = True
+    supports_lse: ClassVar[bool] = True
+    supports_mask: ClassVar[bool] = False
+    supports_gqa: ClassVar[bool] = True
+
+    def unavailable_reasons(self) -> list[str]:
+        return []
+
+    def input_reasons(self, p: AttentionProblem) -> list[str]:
+        reasons = []
+        if p.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            reasons.append(f"dtype {str(p.dtype).replace('torch.', '')} not supported (needs {names})")
+        if self.head_dims is not None and p.head_dim not in self.head_dims:
+            reasons.append(f"head_dim {p.head_dim} not supported (needs one of {self.head_dims})")
+        if p.head_dim_v != p.head_dim:
+            reasons.append(f"value head_dim {p.head_dim_v} differs from query/key head_dim {p.head_dim}")
+        if p.is_causal and not self.supports_causal:
+            reasons.append("is_causal=True not supported")
+        if p.return_lse and not self.supports_lse:
+            reasons.append("return_lse=True not supported")
+        if p.has_mask and not self.supports_mask:
+            reasons.append("attn_mask not supported (only exact SDPA takes arbitrary masks)")
+        if p.heads_kv != p.heads_q and not self.supports_gqa:
+            reasons.append(f"GQA ({p.heads_q} query heads, {p.heads_kv} kv heads) not supported")
+        return reasons
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str, is_causal: bool,
+                sm_scale: float, return_lse: bool, attn_mask: torch.Tensor | None = None):
+        """Returns out (same layout and dtype as q) or (out, lse [B, Hq, Sq] fp32, natural log)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} family={self.family}>"
+
+
+def to_hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x if layout == "HND" else x.transpose(1, 2)
+
+
+def from_hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x if layout == "HND" else x.transpose(1, 2)

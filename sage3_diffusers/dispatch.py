@@ -1,0 +1,183 @@
+"""One dispatcher: picks the backend for a call and explains every rejection.
+
+`kernel` is "auto", a family ("fp4", "int8_fp8", "sdpa") or a backend name (see `list_backends()`).
+- A backend name must run as asked, else ValueError listing its reasons.
+- A family takes its highest-priority backend that can run. When none can, the fallback setting decides:
+    "auto"    (default) fp4 -> int8_fp8 -> sdpa, one warning per distinct case;
+    "emulate" run the family's torch emulation (reference numerics, slow; for accuracy studies);
+    "error"   raise ValueError listing every backend's reasons.
+- "auto" takes the highest-priority backend of any family (never an emulation).
+Environment: SAGE3_BACKEND=<backend name> forces one backend for every call; SAGE3_FALLBACK sets the
+fallback (`set_fallback` does the same from Python).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .backends.base import FAMILIES, AttentionBackend, AttentionProblem
+
+FALLBACKS = ("auto", "emulate", "error")
+_DEGRADE = {"fp4": "int8_fp8", "int8_fp8": "sdpa"}
+
+# Backend modules, imported lazily; each exposes BACKENDS (a list of backend classes).
+_BACKEND_MODULES = [
+    "sage3_diffusers.backends.sdpa",
+    "sage3_diffusers.backends.reference",
+]
+
+_registry: dict[str, AttentionBackend] = {}
+_loaded = False
+_cache: dict = {}
+_warned: set = set()
+_fallback_override: str | None = None
+
+
+@dataclass(frozen=True)
+class Selection:
+    backend: AttentionBackend
+    requested: str
+    rejected: tuple[tuple[str, tuple[str, ...]], ...] = field(default=())
+    note: str | None = None  # set when the result is a fallback from what was requested
+
+    def explain(self) -> str:
+        lines = [f"requested {self.requested!r} -> {self.backend.name}" + (f" ({self.note})" if self.note else "")]
+        lines += [f"  rejected {name}: {'; '.join(reasons)}" for name, reasons in self.rejected]
+        return "\n".join(lines)
+
+
+def register_backend(backend: AttentionBackend) -> None:
+    if backend.family not in FAMILIES:
+        raise ValueError(f"backend {backend.name!r} has unknown family {backend.family!r}; allowed: {FAMILIES}")
+    _registry[backend.name] = backend
+    _cache.clear()
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in _BACKEND_MODULES:
+        for cls in importlib.import_module(mod).BACKENDS:
+            register_backend(cls())
+
+
+def list_backends() -> list[AttentionBackend]:
+    _ensure_loaded()
+    return sorted(_registry.values(), key=lambda b: (FAMILIES.index(b.family), -b.priority))
+
+
+def get_backend(name: str) -> AttentionBackend:
+    _ensure_loaded()
+    if name not in _registry:
+        raise ValueError(f"unknown backend {name!r}; known: {sorted(_registry)} (or a family: {FAMILIES}, 'auto')")
+    return _registry[name]
+
+
+def set_fallback(mode: str | None) -> None:
+    """Set the fallback for families with no runnable kernel (None: back to $SAGE3_FALLBACK or 'auto')."""
+    global _fallback_override
+    if mode is not None and mode not in FALLBACKS:
+        raise ValueError(f"unknown fallback {mode!r}; allowed: {FALLBACKS}")
+    _fallback_override = mode
+    _cache.clear()
+
+
+def get_fallback() -> str:
+    mode = _fallback_override or os.environ.get("SAGE3_FALLBACK", "auto")
+    if mode not in FALLBACKS:
+        raise ValueError(f"SAGE3_FALLBACK={mode!r} is not one of {FALLBACKS}")
+    return mode
+
+
+def backend_reasons(backend: AttentionBackend, problem: AttentionProblem) -> list[str]:
+    return backend.unavailable_reasons() or backend.input_reasons(problem)
+
+
+def _pick(candidates, problem, rejected, family="any"):
+    if not candidates:
+        rejected.append((f"{family} kernels", ("none is built or registered in this install",)))
+        return None
+    for b in sorted(candidates, key=lambda b: -b.priority):
+        reasons = backend_reasons(b, problem)
+        if not reasons:
+            return b
+        rejected.append((b.name, tuple(reasons)))
+    return None
+
+
+def _warn_once(key, msg):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def _select_uncached(problem: AttentionProblem, kernel: str, fallback: str) -> Selection:
+    rejected: list = []
+    if kernel in _registry:
+        b = _registry[kernel]
+        reasons = backend_reasons(b, problem)
+        if reasons:
+            raise ValueError(f"backend {kernel!r} cannot run this call: " + "; ".join(reasons))
+        return Selection(b, kernel)
+    if kernel == "auto":
+        b = _pick([b for b in _registry.values() if b.auto_eligible], problem, rejected)
+        return Selection(b, kernel, tuple(rejected))
+    if kernel not in FAMILIES:
+        raise ValueError(f"unknown kernel {kernel!r}; allowed: 'auto', {FAMILIES} or a backend name "
+                         f"{sorted(_registry)}")
+    family = kernel
+    while True:
+        b = _pick([b for b in _registry.values() if b.family == family and b.auto_eligible], problem, rejected,
+                  family)
+        if b is not None:
+            note = None if family == kernel else f"no {kernel} kernel can run this call; fell back to {family}"
+            if note:
+                _warn_once((kernel, family, tuple(rejected)),
+                           f"sage3_diffusers: {note}. Reasons: " +
+                           " | ".join(f"{n}: {'; '.join(r)}" for n, r in rejected) +
+                           " (set SAGE3_FALLBACK=emulate or =error to change this)")
+            return Selection(b, kernel, tuple(rejected), note)
+        if fallback == "error":
+            raise ValueError(f"no {family} backend can run this call (SAGE3_FALLBACK=error): " +
+                             " | ".join(f"{n}: {'; '.join(r)}" for n, r in rejected))
+        if fallback == "emulate":
+            b = _pick([b for b in _registry.values() if b.family == kernel and not b.auto_eligible], problem,
+                      rejected)
+            if b is None:
+                raise ValueError(f"no {kernel} backend, emulation included, can run this call: " +
+                                 " | ".join(f"{n}: {'; '.join(r)}" for n, r in rejected))
+            return Selection(b, kernel, tuple(rejected), "emulated (SAGE3_FALLBACK=emulate)")
+        family = _DEGRADE[family]
+
+
+def select_backend(problem: AttentionProblem, kernel: str = "auto") -> Selection:
+    """Choose the backend for `problem`. Cached per (problem, kernel, settings)."""
+    _ensure_loaded()
+    forced = os.environ.get("SAGE3_BACKEND")
+    if forced:
+        kernel = forced
+    fallback = get_fallback()
+    key = (problem, kernel, fallback)
+    sel = _cache.get(key)
+    if sel is None:
+        sel = _cache[key] = _select_uncached(problem, kernel, fallback)
+    return sel
+
+
+_capability_cache: dict = {}
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    if device.type != "cuda":
+        return None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _capability_cache.get(idx)
+    if cap is None:
+        cap = _capability_cache[idx] = torch.cuda.get_device_capability(idx)
+    return cap

@@ -1,0 +1,97 @@
+"""SageAttention3 attention, pure torch: the definition the NVFP4 kernels implement.
+
+Per (batch, head), inputs HND [B, H, S, D], everything computed in fp32:
+1. K smoothing: k̄ = mean over all key tokens; K' = K - k̄ (exact under softmax).
+2. Q smoothing per block of `q_block` (128) query tokens: q̄_b = mean of the block's valid tokens,
+   Q'_b = Q_b - q̄_b. The removed part is added back exactly as ΔS[b, j] = q̄_b · K'_j (fp32, unquantized).
+3. Q', K' in NVFP4 with 1x16 blocks along D; V in NVFP4 with 1x16 blocks along the *tokens* (the PV
+   reduction dim), per channel (`nvfp4.py`: E4M3 block scale = blockmax/6 rounded before dividing).
+4. S = Q̂'·K̂'ᵀ + ΔS; scores in the log2 domain t = S · sm_scale · log2(e).
+5. Online softmax over key tiles of `kv_tile` (128) tokens; P in two levels: per row
+   P̃ = exp2(t - m + log2(448·6)) so the row max maps to 2688 (level 1), then NVFP4 with 1x16 blocks along
+   the keys of each tile (level 2: block scale = e4m3_round(blockmax/6)). The row sum uses the fp32 P̃.
+6. O = Σ_tiles (P̂·V̂) with fp32 accumulation, O /= l. LSE (natural log, of sm_scale·Q·Kᵀ with the
+   unsmoothed K) = (m + log2 l - log2 2688)·ln2 + sm_scale·Q·k̄ᵀ.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .attention_common import LN2, LOG2E, expand_kv_heads, online_softmax_attention
+from .nvfp4 import NVFP4Tensor, fake_quantize_nvfp4, quantize_nvfp4
+
+P_FP4_OFFSET_LOG2 = math.log2(448.0 * 6.0)
+SAGE3_Q_BLOCK = 128
+SAGE3_KV_TILE = 128
+
+
+@dataclass
+class Sage3Quantized:
+    q: NVFP4Tensor         # smoothed Q, blocks along D
+    k: NVFP4Tensor         # smoothed K, blocks along D
+    v: NVFP4Tensor         # V, blocks along tokens (dim -2)
+    q_mean: torch.Tensor   # [B, Hq, ceil(Sq/q_block), D]
+    k_mean: torch.Tensor   # [B, Hkv, 1, D]
+    delta_s: torch.Tensor  # [B, Hq, ceil(Sq/q_block), Skv] = q̄_b · K'ᵀ
+
+
+def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean over the valid tokens of each block of `block` tokens along dim -2: [..., ceil(S/block), D]."""
+    seq = x.shape[-2]
+    n_blocks = -(-seq // block)
+    pad = n_blocks * block - seq
+    sums = torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(-2, (n_blocks, block)).sum(dim=-2)
+    counts = torch.full((n_blocks,), float(block), device=x.device)
+    counts[-1] = block - pad
+    return sums / counts.unsqueeze(-1)
+
+
+def sage3_quantize(q, k, v, *, q_block: int = SAGE3_Q_BLOCK, smooth_q: bool = True,
+                   smooth_k: bool = True) -> Sage3Quantized:
+    qf, kf, vf = q.float(), k.float(), v.float()
+    heads_q, seq_q = q.shape[1], q.shape[2]
+    k_mean = kf.mean(dim=-2, keepdim=True) if smooth_k else torch.zeros_like(kf[..., :1, :])
+    ks = kf - k_mean
+    if smooth_q and seq_q > 0:
+        q_mean = block_means(qf, q_block)
+    else:
+        q_mean = torch.zeros(qf.shape[:-2] + (-(-seq_q // q_block), qf.shape[-1]), device=q.device)
+    qs = qf - q_mean.repeat_interleave(q_block, dim=-2)[..., :seq_q, :]
+    delta_s = q_mean @ expand_kv_heads(ks, heads_q).transpose(-1, -2)
+    return Sage3Quantized(quantize_nvfp4(qs, dim=-1), quantize_nvfp4(ks, dim=-1), quantize_nvfp4(vf, dim=-2),
+                          q_mean, k_mean, delta_s)
+
+
+def sage3_attention_reference(q, k, v, *, is_causal: bool = False, sm_scale: float | None = None,
+                              return_lse: bool = False, q_block: int = SAGE3_Q_BLOCK,
+                              kv_tile: int = SAGE3_KV_TILE, smooth_q: bool = True, smooth_k: bool = True):
+    """q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] (HND). Returns out (q's dtype) or (out, lse fp32 [B, Hq, Sq])."""
+    if kv_tile % 16:
+        raise ValueError(f"kv_tile must be a multiple of 16 (the P block), got {kv_tile}")
+    heads_q, seq_q, head_dim = q.shape[1], q.shape[2], q.shape[3]
+    seq_kv = k.shape[2]
+    scale = head_dim ** -0.5 if sm_scale is None else sm_scale
+    qz = sage3_quantize(q, k, v, q_block=q_block, smooth_q=smooth_q, smooth_k=smooth_k)
+    q_hat = qz.q.dequantize()
+    k_hat = expand_kv_heads(qz.k.dequantize(), heads_q)
+    v_hat = expand_kv_heads(qz.v.dequantize(), heads_q)
+    delta_rows = qz.delta_s.repeat_interleave(q_block, dim=-2)[..., :seq_q, :]
+    c = scale * LOG2E
+
+    def scores_log2(start, end):
+        s = q_hat @ k_hat[..., start:end, :].transpose(-1, -2) + delta_rows[..., start:end]
+        return s * c
+
+    acc, l, m = online_softmax_attention(
+        scores_log2, lambda p: fake_quantize_nvfp4(p, dim=-1), lambda s, e: v_hat[..., s:e, :],
+        seq_q=seq_q, seq_kv=seq_kv, kv_tile=kv_tile, p_offset_log2=P_FP4_OFFSET_LOG2,
+        is_causal=is_causal, device=q.device)
+    out = (acc / l.unsqueeze(-1)).to(q.dtype)
+    if not return_lse:
+        return out
+    k_mean = expand_kv_heads(qz.k_mean, heads_q)
+    lse = (m + torch.log2(l) - P_FP4_OFFSET_LOG2) * LN2 + scale * (q.float() @ k_mean.transpose(-1, -2)).squeeze(-1)
+    return out, lse
