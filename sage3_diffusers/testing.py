@@ -1,5 +1,7 @@
-"""Inputs and fp64 references for tests and benchmarks. DiT-like attention inputs: K with a large per-channel
-outlier channels (what per-block Q smoothing and fine-grained scales are for)."""
+"""Inputs and fp64 references for tests and benchmarks.
+
+DiT-like attention inputs: K with a large per-channel offset shared by all tokens (what K smoothing removes),
+Q with a few outlier channels (what per-block Q smoothing and fine-grained scales are for)."""
 import torch
 
 
