@@ -47,7 +47,7 @@ def nvfp4_tensor_scale(x: torch.Tensor, reduce_dims: tuple[int, ...] | None = No
     """The optional second-level FP32 scale g = amax / (6 * 448) so the block scales use the whole E4M3
     range. `reduce_dims=None` reduces over everything (one scale per tensor)."""
     amax = x.float().abs().amax() if reduce_dims is None else x.float().abs().amax(dim=reduce_dims, keepdim=True)
-    return torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
+    return torch.where(amax == 0, torch.ones_like(amax), amax / (E2M1_MAX * E4M3_MAX))
 
 
 def quantize_nvfp4(x: torch.Tensor, dim: int = -1, tensor_scale: torch.Tensor | None = None) -> NVFP4Tensor:
