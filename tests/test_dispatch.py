@@ -1,0 +1,134 @@
+"""The dispatcher: choice by priority, reasons for every rejection, fallback settings, env override."""
+import warnings
+
+import pytest
+import torch
+
+from sage3_diffusers import dispatch
+from sage3_diffusers.api import _problem, resolve, sage_attention
+from sage3_diffusers.backends.base import AttentionBackend
+
+
+class FakeFp4(AttentionBackend):
+    """Stands in for a compiled FP4 kernel: runs only on bf16 with head_dim 64 and no LSE."""
+    name = "fake_fp4"
+    family = "fp4"
+    priority = 100
+    description = "test double"
+    verified = "test"
+    dtypes = (torch.bfloat16,)
+    head_dims = (64,)
+    supports_lse = False
+
+    def forward(self, q, k, v, **kw):
+        return torch.full_like(q, 7.0)
+
+
+class Unbuilt(FakeFp4):
+    name = "unbuilt_fp4"
+    priority = 200
+
+    def unavailable_reasons(self):
+        return ["extension _C_fake not built"]
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    dispatch._ensure_loaded()
+    registry = dict(dispatch._registry)
+    monkeypatch.setattr(dispatch, "_registry", registry)
+    monkeypatch.setattr(dispatch, "_warned", set())
+    dispatch._cache.clear()
+    dispatch.register_backend(FakeFp4())
+    dispatch.register_backend(Unbuilt())
+    yield
+    dispatch._cache.clear()
+    dispatch.set_fallback(None)
+
+
+def bf16(d=64, n=20):
+    return [torch.randn(1, 2, n, d, dtype=torch.bfloat16) for _ in range(3)]
+
+
+def test_family_picks_highest_priority_runnable_and_explains(fakes):
+    sel = resolve(*bf16(), "fp4")
+    assert sel.backend.name == "fake_fp4" and sel.note is None
+    assert ("unbuilt_fp4", ("extension _C_fake not built",)) in sel.rejected
+    assert "rejected unbuilt_fp4: extension _C_fake not built" in sel.explain()
+    assert torch.all(sage_attention(*bf16(), "fp4") == 7.0)
+    assert resolve(*bf16()).backend.name == "fake_fp4"  # auto: fastest of any family
+
+
+def test_fp4_falls_back_to_int8_fp8_then_sdpa_with_one_warning(fakes):
+    q, k, v = bf16(d=128)
+    with pytest.warns(RuntimeWarning, match="head_dim 128 not supported"):
+        sel = resolve(q, k, v, "fp4")
+    assert sel.backend.family in ("int8_fp8", "sdpa") and "fell back" in sel.note
+    dispatch._cache.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same case warns only once
+        resolve(q, k, v, "fp4")
+
+
+def test_fallback_emulate_and_error(fakes):
+    q, k, v = bf16(d=128)
+    dispatch.set_fallback("emulate")
+    sel = resolve(q, k, v, "fp4")
+    assert sel.backend.name == "reference_fp4" and "emulated" in sel.note
+    dispatch.set_fallback("error")
+    with pytest.raises(ValueError, match=r"no fp4 backend can run.*fake_fp4: head_dim 128 not supported"):
+        resolve(q, k, v, "fp4")
+    with pytest.raises(ValueError, match="unknown fallback"):
+        dispatch.set_fallback("maybe")
+
+
+def test_explicit_backend_that_cannot_run_raises_with_reasons(fakes):
+    q, k, v = bf16()
+    with pytest.raises(ValueError, match=r"'fake_fp4' cannot run this call: return_lse=True not supported"):
+        sage_attention(q, k, v, "fake_fp4", return_lse=True)
+    with pytest.raises(ValueError, match="extension _C_fake not built"):
+        sage_attention(q, k, v, "unbuilt_fp4")
+    with pytest.raises(ValueError, match=r"dtype float32 not supported \(needs bfloat16\)"):
+        sage_attention(*(t.float() for t in (q, k, v)), "fake_fp4")
+
+
+def test_env_forces_a_backend(fakes, monkeypatch):
+    q, k, v = bf16()
+    monkeypatch.setenv("SAGE3_BACKEND", "sdpa")
+    assert resolve(q, k, v, "fp4").backend.name == "sdpa"
+    monkeypatch.setenv("SAGE3_BACKEND", "nonexistent")
+    with pytest.raises(ValueError, match="unknown kernel 'nonexistent'"):
+        resolve(q, k, v, "fp4")
+    monkeypatch.setenv("SAGE3_BACKEND", "")
+    monkeypatch.setenv("SAGE3_FALLBACK", "bogus")
+    with pytest.raises(ValueError, match="SAGE3_FALLBACK='bogus'"):
+        resolve(q, k, v, "fp4")
+
+
+def test_masks_only_reach_backends_that_take_them(fakes):
+    q, k, v = bf16()
+    mask = torch.ones(1, 1, 20, 20, dtype=torch.bool)
+    sel = resolve(q, k, v, "fp4", attn_mask=mask)
+    assert sel.backend.name == "sdpa"
+    assert any("attn_mask not supported" in r for name, rs in sel.rejected for r in rs)
+
+
+def test_register_rejects_unknown_family(fakes):
+    class Bad(FakeFp4):
+        name, family = "bad", "fp6"
+    with pytest.raises(ValueError, match="unknown family 'fp6'"):
+        dispatch.register_backend(Bad())
+
+
+def test_every_backend_declares_itself():
+    for b in dispatch.list_backends():
+        assert b.name and b.family in ("fp4", "int8_fp8", "sdpa") and b.description and b.verified
+        assert isinstance(b.unavailable_reasons(), list)
+
+
+def test_env_cli_lists_every_backend():
+    from sage3_diffusers.cli import env_report
+    text = env_report()
+    for b in dispatch.list_backends():
+        assert b.name in text
+    assert "kernel='fp4' ->" in text and "torch " in text
