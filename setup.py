@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import os
 import sys
+import warnings
 
 from setuptools import setup
 
@@ -22,6 +23,11 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _say(msg: str) -> None:
     print(f"sage3-diffusers: {msg}", file=sys.stderr)
+
+
+def _skip(msg: str) -> None:
+    # A warning, so pip shows it even with -q (plain build output is hidden unless -v).
+    warnings.warn(f"sage3-diffusers: CUDA extension skipped: {msg}", stacklevel=2)
 
 
 def _requested_archs(torch) -> set[str]:
@@ -56,20 +62,20 @@ def _gencode(arch: str) -> str:
 
 def cuda_extensions():
     if os.environ.get("SAGE3_SKIP_CUDA_BUILD") == "1":
-        _say("CUDA extension skipped: SAGE3_SKIP_CUDA_BUILD=1")
+        _skip("SAGE3_SKIP_CUDA_BUILD=1")
         return [], {}
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
-        _say("CUDA extension skipped: torch is not importable in the build environment "
-             "(install torch first and use `pip install --no-build-isolation`)")
+        _skip("torch is not importable in the build environment "
+              "(install torch first and use `pip install --no-build-isolation`)")
         return [], {}
     if torch.version.cuda is None:
-        _say(f"CUDA extension skipped: torch {torch.__version__} is a CPU-only build (Triton/SDPA/reference paths still work)")
+        _skip(f"torch {torch.__version__} is a CPU-only build (the SDPA and reference paths still work)")
         return [], {}
     if CUDA_HOME is None:
-        _say("CUDA extension skipped: no CUDA toolkit (nvcc) found; set CUDA_HOME")
+        _skip("no CUDA toolkit (nvcc) found; set CUDA_HOME")
         return [], {}
     archs = _requested_archs(torch)
     wanted = set(filter(None, os.environ.get("SAGE3_EXTENSIONS", "sm90,fp4").split(",")))

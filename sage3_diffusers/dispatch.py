@@ -28,6 +28,8 @@ _DEGRADE = {"fp4": "int8_fp8", "int8_fp8": "sdpa"}
 _BACKEND_MODULES = [
     "sage3_diffusers.backends.sdpa",
     "sage3_diffusers.backends.reference",
+    "sage3_diffusers.backends.triton_int8fp8",
+    "sage3_diffusers.backends.cuda_sm90",
 ]
 
 _registry: dict[str, AttentionBackend] = {}
