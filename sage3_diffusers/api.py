@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .backends.base import AttentionProblem
-from .dispatch import Selection, device_capability, select_backend
+from .dispatch import Selection, backend_for, device_capability, select_backend
 
 LAYOUTS = ("HND", "NHD")
 
@@ -70,7 +70,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: st
         out = q.new_empty(q.shape[:3] + (v.shape[3],))
         lse = torch.empty((problem.batch, problem.heads_q, problem.seq_q), dtype=torch.float32, device=q.device)
         return (out, lse) if return_lse else out
-    backend = select_backend(problem, kernel).backend
+    backend = backend_for(problem, kernel)
     return backend.forward(q, k, v, layout=tensor_layout, is_causal=is_causal, sm_scale=scale,
                            return_lse=return_lse, attn_mask=attn_mask)
 

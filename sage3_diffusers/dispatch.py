@@ -172,6 +172,22 @@ def select_backend(problem: AttentionProblem, kernel: str = "auto") -> Selection
     return sel
 
 
+@torch._dynamo.assume_constant_result
+def _selected_backend_name(fields: tuple, kernel: str) -> str:
+    return select_backend(AttentionProblem(*fields), kernel).backend.name
+
+
+def backend_for(problem: AttentionProblem, kernel: str = "auto") -> AttentionBackend:
+    """The backend `select_backend` chooses. Under torch.compile the choice is made once, while tracing
+    (shapes, dtype and settings are fixed per graph), so compiled graphs hold no dispatch code."""
+    if torch.compiler.is_compiling():
+        p = problem  # plain values: dynamo passes them to the constant-result call as they are
+        fields = (p.batch, p.heads_q, p.heads_kv, p.seq_q, p.seq_kv, p.head_dim, p.head_dim_v, p.dtype,
+                  p.device_type, p.capability, p.layout, p.is_causal, p.return_lse, p.has_mask)
+        return _registry[_selected_backend_name(fields, kernel)]
+    return select_backend(problem, kernel).backend
+
+
 _capability_cache: dict = {}
 
 

@@ -142,3 +142,14 @@ def test_public_names():
         out = s3.sageattn3(q, k, v)
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
     assert s3.sageattn2pp(q, k, v, tensor_layout="HND").shape == q.shape
+
+
+def test_torch_compile_fullgraph_through_the_dispatcher():
+    # The backend choice is made while tracing; the compiled graph holds only the chosen backend's ops.
+    q, k, v = torch.randn(3, 1, 2, 40, 64).unbind(0)
+
+    def f(q, k, v):
+        return s3.sage_attention(q, k, v, "reference_int8_fp8", tensor_layout="NHD") * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    assert torch.allclose(compiled(q, k, v), f(q, k, v), atol=1e-6)
