@@ -68,9 +68,14 @@ def _tiled(x: torch.Tensor, tile: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, 0, 0, n * tile - x.shape[-2])).unflatten(-2, (n, tile))
 
 
+# fp32(1/2688); g is amax times this constant (a multiply, not a division, on every device).
+_INV_FP4_RANGE = 1.0 / (E2M1_MAX * E4M3_MAX)
+
+
 def second_level_scale(amax: torch.Tensor) -> torch.Tensor:
-    """g = amax / (6·448): the tile's largest block gets E4M3 scale 448. All-zero tile: 1. NaN stays NaN."""
-    return torch.where(amax == 0, torch.ones_like(amax), amax / (E2M1_MAX * E4M3_MAX))
+    """g = amax · fp32(1/(6·448)): the tile's largest block gets E4M3 scale ~448. All-zero tile: 1. NaN stays NaN."""
+    inv = torch.tensor(_INV_FP4_RANGE, dtype=torch.float32, device=amax.device)
+    return torch.where(amax == 0, torch.ones_like(amax), amax.float() * inv)
 
 
 def sage3_quantize(q, k, v, *, q_block: int = SAGE3_Q_BLOCK, kv_tile: int = SAGE3_KV_TILE,
