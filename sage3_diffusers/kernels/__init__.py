@@ -1,0 +1,1 @@
+"""GPU kernels. Subpackages import their compilers (triton, CUDA extensions) lazily."""

@@ -1,0 +1,125 @@
+"""Triton attention kernel for SageAttention2++ numerics: INT8 QKᵀ, FP8 E4M3 P·V, online softmax in exp2.
+
+One program = BM query rows of one (batch, query head). Q is read through the caller's strides and
+INT8-quantized in registers (`quantize_q_tile`); K (INT8, [B*Hkv*Skv, D]) and V (FP8, transposed
+[B*Hkv*D, S_pad]) come from `int8fp8_quant.py`. Key tiles are BN = 128 tokens aligned at 0, as the
+reference's `kv_tile`, so the running max, P̃ and its FP8 rounding are those of the reference.
+Per tile: t = int_dot·δq·δk (sm_scale·log2e folded into δq), P̃ = exp2(t − m + 8.807) ≤ 448, l += ΣP̃ (fp32),
+acc = acc·α + dot(fp8(P̃), V̂) (fresh fp32 accumulator per tile, added on CUDA cores: two-level accumulation).
+Epilogue: O = acc / l · δv; LSE = (m + log2 l − 8.807)·ln2 + sm_scale·q·k̄.
+On sm_90+ K and V tiles arrive by TMA (host tensor descriptors); elsewhere by pointer loads. Without FP8
+dot support (sm_80/86) P and V are FP16 (V still divided by its per-channel scale).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .int8fp8_quant import _row_amax, q_block_amax, quantize_q_tile
+
+P_OFFSET_LOG2 = tl.constexpr(8.807)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _attn_tile(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, S_PAD,
+               k_ptr, k_desc, ks_ptr, v_ptr, v_desc,
+               D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               PV_FP8: tl.constexpr, USE_TMA: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BN)
+    if USE_TMA:
+        k = k_desc.load([kh_row0 + start_n, 0])
+    else:
+        offs_d = tl.arange(0, D)
+        k = tl.load(k_ptr + (kh_row0 + offs_n)[:, None] * D + offs_d[None, :], mask=offs_n[:, None] < Skv,
+                    other=0)
+    ks = tl.load(ks_ptr + kh_row0 + offs_n, mask=offs_n < Skv, other=0.0)
+    s = tl.dot(q_i8, tl.trans(k))  # int32, exact
+    t = s.to(tl.float32) * qs[:, None] * ks[None, :]  # the reference's product order
+    if MASK:
+        valid = offs_n[None, :] < Skv
+        if IS_CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        t = tl.where(valid, t, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(t, axis=1))
+    p = tl.math.exp2(t - m_new[:, None] + P_OFFSET_LOG2)
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if USE_TMA:
+        vt = v_desc.load([vh_row0, start_n])
+    else:
+        offs_d = tl.arange(0, D)
+        vt = tl.load(v_ptr + (vh_row0 + offs_d)[:, None] * S_PAD + offs_n[None, :],
+                     mask=offs_n[None, :] < S_PAD, other=0.0)
+    if PV_FP8:
+        pv = tl.dot(p.to(tl.float8e4nv), tl.trans(vt))
+    else:
+        pv = tl.dot(p.to(tl.float16), tl.trans(vt))
+    acc = acc * alpha[:, None] + pv
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _int8fp8_attn_kernel(q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
+                         k_ptr, k_desc, ks_ptr, v_ptr, v_desc, vs_ptr, kmean_ptr,
+                         o_ptr, stride_ob, stride_oh, stride_os, stride_od, lse_ptr,
+                         Hq, Hkv, Sq, Skv, S_PAD, qk_scale, sm_scale,
+                         D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                         Q_PER_THREAD: tl.constexpr, Q_BLOCK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                         RETURN_LSE: tl.constexpr, PV_FP8: tl.constexpr, USE_TMA: tl.constexpr,
+                         STAGES: tl.constexpr):
+    n_m = tl.num_programs(0)
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = n_m - 1 - pid_m  # the longest rows first: better tail balance
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    bhk = b * Hkv + h // (Hq // Hkv)
+    kh_row0 = bhk * Skv
+    vh_row0 = bhk * D
+
+    start_m = pid_m * BM
+    offs_m = start_m + tl.arange(0, BM)
+    offs_d = tl.arange(0, D)
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=offs_m[:, None] < Sq,
+                other=0.0).to(tl.float32)
+    block_amax = 0.0
+    if not Q_PER_THREAD:
+        if Q_BLOCK > BM:
+            block_amax = q_block_amax(q_base, stride_qs, stride_qd, start_m, Sq, BM, D, Q_BLOCK)
+    q_i8, q_scale = quantize_q_tile(q, _row_amax(q), BM, Q_PER_THREAD, Q_BLOCK, block_amax)
+    if RETURN_LSE:
+        kmean = tl.load(kmean_ptr + bhk * D + offs_d)
+        q_kmean = tl.sum(q * kmean[None, :], axis=1)
+    qs = q_scale * qk_scale
+
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, D], dtype=tl.float32)
+
+    if IS_CAUSAL:
+        hi = tl.minimum(Skv, start_m + BM)
+        # tiles whose every key is visible to every row of this block (and inside Skv)
+        full_hi = tl.minimum((Skv // BN) * BN, ((start_m + 1) // BN) * BN)
+    else:
+        hi = Skv
+        full_hi = (Skv // BN) * BN
+    for start_n in tl.range(0, full_hi, BN, num_stages=STAGES):
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, S_PAD,
+                                   k_ptr, k_desc, ks_ptr, v_ptr, v_desc, D, BN, False, IS_CAUSAL, PV_FP8,
+                                   USE_TMA)
+    for start_n in range(full_hi, hi, BN):
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, S_PAD,
+                                   k_ptr, k_desc, ks_ptr, v_ptr, v_desc, D, BN, True, IS_CAUSAL, PV_FP8,
+                                   USE_TMA)
+
+    vscale = tl.load(vs_ptr + bhk * D + offs_d)
+    out = acc / l_i[:, None] * vscale[None, :]
+    row_ok = offs_m < Sq
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if RETURN_LSE:
+        lse = (m_i + tl.math.log2(l_i) - P_OFFSET_LOG2) * LN2 + sm_scale * q_kmean
+        tl.store(lse_ptr + bh * Sq + offs_m, lse, mask=row_ok)

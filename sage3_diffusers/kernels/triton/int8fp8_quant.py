@@ -1,0 +1,214 @@
+"""Triton quantization kernels for SageAttention2++ (INT8 Q/K, FP8 E4M3 V); numerics of `numerics/sage2pp_reference.py`.
+
+Importing this module imports triton; `kernels/triton/__init__.py` keeps the package importable without it.
+
+Passes over the caller's K/V (read through their strides, never copied or modified):
+1. `_kv_stats_kernel`: per (batch, kv-head, chunk of tokens) partial column sums of K and column amax of |V|.
+   Partials, not atomics, so the K mean is deterministic and independent of the GPU.
+2. `_kv_quant_kernel`: per (batch, kv-head, tile of `k_block` tokens): K - mean -> INT8 with per-group scales,
+   and V -> FP8 E4M3 (FP16 where the GPU has no FP8 dot) with per-channel scales, stored transposed
+   (B*Hkv, D, S_pad) so the PV dot reads V K-major.
+Q is quantized inside the attention kernel (`quantize_q_tile`, shared with `_q_quant_kernel` for tests).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+INT8_MAX = tl.constexpr(127.0)
+E4M3_MAX = tl.constexpr(448.0)
+# 1.5 * 2**23: adding and subtracting it rounds an fp32 |x| < 2**22 to the nearest integer, ties to even
+# (the hardware's default rounding), without libdevice (which the Triton CPU interpreter lacks).
+_RNE_MAGIC = tl.constexpr(12582912.0)
+
+
+@triton.jit
+def _rne_int8(x):
+    """fp32 -> nearest integer (ties to even) clamped to [-127, 127], still fp32."""
+    r = (x + _RNE_MAGIC) - _RNE_MAGIC
+    return tl.minimum(tl.maximum(r, -INT8_MAX), INT8_MAX)
+
+
+@triton.jit
+def _row_amax(x):
+    """max |x| along axis 1; NaN anywhere in a row gives NaN (tl.max alone would drop it)."""
+    amax = tl.max(tl.abs(x), axis=1)
+    has_nan = tl.max((x != x).to(tl.int32), axis=1)
+    return tl.where(has_nan > 0, float("nan"), amax)
+
+
+@triton.jit
+def _group_max_nan(vals, nan_flags):
+    amax = tl.max(vals)
+    return tl.where(tl.max(nan_flags) > 0, float("nan"), amax)
+
+
+@triton.jit
+def quantize_q_tile(q, row_amax, BM: tl.constexpr, PER_THREAD: tl.constexpr, Q_BLOCK: tl.constexpr,
+                    block_amax):
+    """INT8-quantize a [BM, D] fp32 Q tile whose first row index is a multiple of 16 (and of Q_BLOCK for
+    per_block when Q_BLOCK <= BM). Returns (int8 tile, per-row scale [BM] fp32).
+
+    per_thread: rows t and t+8 of each 16-row slice share a scale (group (t//16)*8 + t%8).
+    per_block:  Q_BLOCK consecutive rows share a scale; when Q_BLOCK > BM the caller passes the group's amax
+                (`block_amax`, computed over all its rows), else it is computed here.
+    """
+    if PER_THREAD:
+        a = tl.reshape(row_amax, [BM // 16, 2, 8])
+        nan = (a != a).to(tl.int32)
+        g = tl.max(a, axis=1)
+        g = tl.where(tl.max(nan, axis=1) > 0, float("nan"), g)
+        scale = tl.reshape(tl.broadcast_to(tl.expand_dims(g, 1), [BM // 16, 2, 8]), [BM])
+    else:
+        if Q_BLOCK <= BM:
+            a = tl.reshape(row_amax, [BM // Q_BLOCK, Q_BLOCK])
+            nan = (a != a).to(tl.int32)
+            g = tl.max(a, axis=1)
+            g = tl.where(tl.max(nan, axis=1) > 0, float("nan"), g)
+            scale = tl.reshape(tl.broadcast_to(tl.expand_dims(g, 1), [BM // Q_BLOCK, Q_BLOCK]), [BM])
+        else:
+            scale = tl.zeros([BM], dtype=tl.float32) + block_amax
+    scale = tl.math.div_rn(scale, tl.full([BM], INT8_MAX, tl.float32))
+    s = tl.expand_dims(scale, 1)
+    safe = tl.where(s == 0, 1.0, s)
+    qi = tl.where(s == 0, 0.0, _rne_int8(tl.math.div_rn(q, tl.broadcast_to(safe, q.shape))))
+    # A NaN scale stays in `scale` (scores become NaN, never silently finite); the int8 values are then moot.
+    qi = tl.where(qi != qi, 0.0, qi)
+    return qi.to(tl.int8), scale
+
+
+@triton.jit
+def q_block_amax(q_ptr, stride_qs, stride_qd, start_m, Sq, BM: tl.constexpr, D: tl.constexpr,
+                 Q_BLOCK: tl.constexpr):
+    """amax over the Q_BLOCK-row group that contains row start_m (per_block with Q_BLOCK > BM)."""
+    g0 = (start_m // Q_BLOCK) * Q_BLOCK
+    offs_d = tl.arange(0, D)
+    amax = 0.0
+    nan = 0
+    for c in range(0, Q_BLOCK, BM):
+        rows = g0 + c + tl.arange(0, BM)
+        x = tl.load(q_ptr + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                    mask=rows[:, None] < Sq, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(x)))
+        nan = tl.maximum(nan, tl.max((x != x).to(tl.int32)))
+    return tl.where(nan > 0, float("nan"), amax)
+
+
+@triton.jit
+def _q_quant_kernel(q_ptr, stride_qb, stride_qh, stride_qs, stride_qd, qi_ptr, qs_ptr, H, Sq,
+                    D: tl.constexpr, BM: tl.constexpr, PER_THREAD: tl.constexpr, Q_BLOCK: tl.constexpr):
+    """Standalone Q quantization with the attention kernel's own tile code (tests and inspection).
+    Writes int8 [B*H, Sq, D] and per-row scales [B*H, Sq] (without sm_scale)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, D)
+    base = q_ptr + b * stride_qb + h * stride_qh
+    q = tl.load(base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=rows[:, None] < Sq,
+                other=0.0).to(tl.float32)
+    block_amax = 0.0
+    if not PER_THREAD:
+        if Q_BLOCK > BM:
+            block_amax = q_block_amax(base, stride_qs, stride_qd, pid_m * BM, Sq, BM, D, Q_BLOCK)
+    qi, scale = quantize_q_tile(q, _row_amax(q), BM, PER_THREAD, Q_BLOCK, block_amax)
+    rmask = rows < Sq
+    tl.store(qi_ptr + (bh * Sq + rows)[:, None] * D + offs_d[None, :], qi, mask=rmask[:, None])
+    tl.store(qs_ptr + bh * Sq + rows, scale, mask=rmask)
+
+
+@triton.jit
+def _kv_stats_kernel(k_ptr, stride_kb, stride_kh, stride_ks, stride_kd,
+                     v_ptr, stride_vb, stride_vh, stride_vs, stride_vd,
+                     ksum_ptr, vmax_ptr, H, S, CHUNK, N_CHUNKS,
+                     D: tl.constexpr, BLOCK_S: tl.constexpr):
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, D)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    ksum = tl.zeros([D], dtype=tl.float32)
+    vmax = tl.zeros([D], dtype=tl.float32)
+    vnan = tl.zeros([D], dtype=tl.int32)
+    start = c * CHUNK
+    for i in range(0, CHUNK, BLOCK_S):  # CHUNK is a multiple of BLOCK_S
+        rows = start + i + tl.arange(0, BLOCK_S)
+        m = rows[:, None] < S
+        k = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=m, other=0.0)
+        ksum += tl.sum(k.to(tl.float32), axis=0)
+        v = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=m, other=0.0)
+        v = v.to(tl.float32)
+        vmax = tl.maximum(vmax, tl.max(tl.abs(v), axis=0))
+        vnan = tl.maximum(vnan, tl.max((v != v).to(tl.int32), axis=0))
+    out = (bh * N_CHUNKS + c) * D + offs_d
+    tl.store(ksum_ptr + out, ksum)
+    tl.store(vmax_ptr + out, tl.where(vnan > 0, float("nan"), vmax))
+
+
+@triton.jit
+def _kv_quant_kernel(k_ptr, stride_kb, stride_kh, stride_ks, stride_kd,
+                     v_ptr, stride_vb, stride_vh, stride_vs, stride_vd,
+                     ksum_ptr, vmax_ptr, kq_ptr, kscale_ptr, kmean_ptr, vq_ptr, vscale_ptr,
+                     H, S, S_PAD, N_CHUNKS,
+                     D: tl.constexpr, K_BLOCK: tl.constexpr, K_PER_THREAD: tl.constexpr,
+                     SMOOTH_K: tl.constexpr, V_FP8: tl.constexpr, CHUNKS_P2: tl.constexpr):
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, D)
+    cidx = tl.arange(0, CHUNKS_P2)
+    part = (bh * N_CHUNKS + cidx)[:, None] * D + offs_d[None, :]
+    pmask = cidx[:, None] < N_CHUNKS
+    if SMOOTH_K:
+        kmean = tl.sum(tl.load(ksum_ptr + part, mask=pmask, other=0.0), axis=0) / S
+    else:
+        kmean = tl.zeros([D], dtype=tl.float32)
+    vparts = tl.load(vmax_ptr + part, mask=pmask, other=0.0)
+    vamax = tl.max(vparts, axis=0)
+    vamax = tl.where(tl.max((vparts != vparts).to(tl.int32), axis=0) > 0, float("nan"), vamax)
+    vscale = tl.math.div_rn(vamax, tl.full([D], E4M3_MAX, tl.float32))
+    if t == 0:
+        tl.store(kmean_ptr + bh * D + offs_d, kmean)
+        tl.store(vscale_ptr + bh * D + offs_d, vscale)
+
+    rows = t * K_BLOCK + tl.arange(0, K_BLOCK)
+    rmask = rows < S
+    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                mask=rmask[:, None], other=0.0).to(tl.float32)
+    k = tl.where(rmask[:, None], k - kmean[None, :], 0.0)
+    amax = _row_amax(k)
+    if K_PER_THREAD:
+        # tokens with equal (t % 8) // 2 inside the tile share a scale: view t as [t // 8, (t % 8) // 2, t % 2]
+        a = tl.reshape(amax, [K_BLOCK // 8, 4, 2])
+        nan = (a != a).to(tl.int32)
+        g = tl.max(tl.max(a, axis=2), axis=0)
+        g = tl.where(tl.max(tl.max(nan, axis=2), axis=0) > 0, float("nan"), g)
+        g3 = tl.broadcast_to(tl.expand_dims(tl.expand_dims(g, 0), 2), [K_BLOCK // 8, 4, 2])
+        scale = tl.reshape(g3, [K_BLOCK])
+    else:
+        scale = tl.zeros([K_BLOCK], dtype=tl.float32) + _group_max_nan(amax, (amax != amax).to(tl.int32))
+    scale = tl.math.div_rn(scale, tl.full([K_BLOCK], INT8_MAX, tl.float32))
+    s = scale[:, None]
+    safe = tl.where(s == 0, 1.0, s)
+    ki = tl.where(s == 0, 0.0, _rne_int8(tl.math.div_rn(k, tl.broadcast_to(safe, k.shape))))
+    ki = tl.where(ki != ki, 0.0, ki)
+    tl.store(kq_ptr + (bh * S + rows)[:, None] * D + offs_d[None, :], ki.to(tl.int8), mask=rmask[:, None])
+    tl.store(kscale_ptr + bh * S + rows, scale, mask=rmask)
+
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                mask=rmask[:, None], other=0.0).to(tl.float32)
+    vs = vscale[None, :]
+    vsafe = tl.where(vs == 0, 1.0, vs)
+    vq = tl.where(vs == 0, 0.0, tl.math.div_rn(v, tl.broadcast_to(vsafe, v.shape)))
+    vq = tl.minimum(tl.maximum(vq, -E4M3_MAX), E4M3_MAX)  # |v| = amax can divide to 448 + 1 ulp
+    if V_FP8:
+        vq = vq.to(tl.float8e4nv)
+    else:
+        vq = vq.to(tl.float16)
+    # transposed store; columns in [S, S_PAD) get zeros (rows >= S were loaded as 0)
+    tl.store(vq_ptr + (bh * D + offs_d)[:, None] * S_PAD + rows[None, :], tl.trans(vq),
+             mask=(rows < S_PAD)[None, :])
