@@ -1,0 +1,197 @@
+// Torch binding of the sm90 INT8-QK / FP8-PV attention: checks arguments, allocates outputs and
+// intermediates with the caching allocator, launches on the current stream. The only file with torch headers.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+#include "sm90/api.h"
+
+namespace {
+
+using sage3::sm90::QuantArgs;
+using sage3::sm90::QuantShapes;
+
+struct Quantized {
+  QuantShapes s;
+  at::Tensor q_i8, q_scale, q_kmean, k_i8, k_scale, k_mean, v_t, v_scale;
+};
+
+void check_input(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.is_cuda(), "sm90 attention: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(x.dim() == 4, "sm90 attention: ", name, " must be 4-D, got ", x.dim(), "-D");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "sm90 attention: ", name, " must be float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.stride(3) == 1, "sm90 attention: ", name, " needs a contiguous last (channel) dimension");
+  for (int d = 0; d < 3; ++d) {
+    TORCH_CHECK(x.stride(d) % 8 == 0 || x.size(d) == 1, "sm90 attention: ", name,
+                " strides must be multiples of 8 elements (16-byte rows), got ", x.strides());
+  }
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "sm90 attention: ", name,
+              " data pointer must be 16-byte aligned");
+}
+
+// Logical [B, H, S, D] sizes and strides of a tensor in layout HND ([B,H,S,D]) or NHD ([B,S,H,D]).
+struct View {
+  int64_t B, H, S, D, sb, sh, ss;
+};
+View view_of(const at::Tensor& x, bool nhd) {
+  if (nhd) return {x.size(0), x.size(2), x.size(1), x.size(3), x.stride(0), x.stride(2), x.stride(1)};
+  return {x.size(0), x.size(1), x.size(2), x.size(3), x.stride(0), x.stride(1), x.stride(2)};
+}
+
+Quantized quantize_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool nhd, bool want_qk_mean) {
+  check_input(q, "q");
+  check_input(k, "k");
+  check_input(v, "v");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "sm90 attention: q, k, v must share one dtype");
+  TORCH_CHECK(q.device() == k.device() && q.device() == v.device(), "sm90 attention: q, k, v on different devices");
+  const View vq = view_of(q, nhd), vk = view_of(k, nhd), vv = view_of(v, nhd);
+  TORCH_CHECK(vq.D == 64 || vq.D == 128, "sm90 attention: head_dim must be 64 or 128, got ", vq.D);
+  TORCH_CHECK(vk.D == vq.D && vv.D == vq.D, "sm90 attention: q, k, v head_dim differ");
+  TORCH_CHECK(vk.B == vq.B && vv.B == vq.B, "sm90 attention: batch sizes differ");
+  TORCH_CHECK(vk.H == vv.H && vk.S == vv.S, "sm90 attention: k and v shapes differ");
+  TORCH_CHECK(vk.H > 0 && vq.H % vk.H == 0, "sm90 attention: query heads (", vq.H,
+              ") must be a multiple of kv heads (", vk.H, ")");
+  TORCH_CHECK(vq.S >= 1 && vk.S >= 1, "sm90 attention: empty sequence");
+  TORCH_CHECK(vq.S < (1LL << 30) && vk.S < (1LL << 30) && vq.B <= 65535 && vq.H <= 65535,
+              "sm90 attention: sizes out of range");
+
+  Quantized r;
+  r.s = QuantShapes{(int)vq.B, (int)vq.H, (int)vk.H, (int)vq.S, (int)vk.S, (int)vq.D};
+  const QuantShapes& s = r.s;
+  auto f32 = q.options().dtype(at::kFloat);
+  auto i8 = q.options().dtype(at::kChar);
+  auto u8 = q.options().dtype(at::kByte);
+  at::Tensor partial_ksum = at::empty({s.B, s.Hkv, s.n_chunks(), s.D}, f32);
+  at::Tensor partial_vamax = at::empty({s.B, s.Hkv, s.n_chunks(), s.D}, f32);
+  r.q_i8 = at::empty({s.B, s.Hq, s.Sq, s.D}, i8);
+  r.q_scale = at::empty({s.B, s.Hq, s.n_qgroups()}, f32);
+  r.q_kmean = want_qk_mean ? at::empty({s.B, s.Hq, s.Sq}, f32) : at::Tensor();
+  r.k_i8 = at::empty({s.B, s.Hkv, s.Skv, s.D}, i8);
+  r.k_scale = at::empty({s.B, s.Hkv, s.n_ktiles() * 4}, f32);
+  r.k_mean = at::empty({s.B, s.Hkv, s.D}, f32);
+  r.v_t = at::empty({s.B, s.Hkv, s.D, s.skv_pad()}, u8);
+  r.v_scale = at::empty({s.B, s.Hkv, s.D}, f32);
+
+  QuantArgs a;
+  a.s = s;
+  a.bf16 = q.scalar_type() == at::kBFloat16;
+  a.q = q.data_ptr(); a.q_sb = vq.sb; a.q_sh = vq.sh; a.q_ss = vq.ss;
+  a.k = k.data_ptr(); a.k_sb = vk.sb; a.k_sh = vk.sh; a.k_ss = vk.ss;
+  a.v = v.data_ptr(); a.v_sb = vv.sb; a.v_sh = vv.sh; a.v_ss = vv.ss;
+  a.partial_ksum = partial_ksum.data_ptr<float>();
+  a.partial_vamax = partial_vamax.data_ptr<float>();
+  a.q_i8 = r.q_i8.data_ptr<int8_t>();
+  a.q_scale = r.q_scale.data_ptr<float>();
+  a.q_kmean = want_qk_mean ? r.q_kmean.data_ptr<float>() : nullptr;
+  a.k_i8 = r.k_i8.data_ptr<int8_t>();
+  a.k_scale = r.k_scale.data_ptr<float>();
+  a.k_mean = r.k_mean.data_ptr<float>();
+  a.v_t = r.v_t.data_ptr<uint8_t>();
+  a.v_scale = r.v_scale.data_ptr<float>();
+  cudaError_t e = sage3::sm90::launch_quantize(a, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(e == cudaSuccess, "sm90 quantization launch failed: ", cudaGetErrorString(e));
+  return r;
+}
+
+// Returns the kernels' intermediates (for tests): q_i8, q_scale, k_i8, k_scale, k_mean, v_t, v_scale, q_kmean.
+std::vector<at::Tensor> quantize(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool nhd) {
+  c10::cuda::CUDAGuard guard(q.device());
+  Quantized r = quantize_impl(q, k, v, nhd, true);
+  return {r.q_i8, r.q_scale, r.k_i8, r.k_scale, r.k_mean, r.v_t, r.v_scale, r.q_kmean};
+}
+
+std::vector<at::Tensor> run_attention(const Quantized& r, const at::Tensor& q, bool nhd, bool is_causal,
+                                      double sm_scale, bool return_lse, c10::optional<at::Tensor> out_opt,
+                                      c10::optional<at::Tensor> lse_opt);
+
+// out in q's layout and dtype; lse [B, Hq, Sq] fp32 (natural log) or an empty tensor. `out_opt` / `lse_opt`
+// let tests pass pre-poisoned buffers (out: q's logical shape, channel stride 1; lse: contiguous).
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool nhd,
+                                bool is_causal, double sm_scale, bool return_lse,
+                                c10::optional<at::Tensor> out_opt, c10::optional<at::Tensor> lse_opt) {
+  c10::cuda::CUDAGuard guard(q.device());
+  Quantized r = quantize_impl(q, k, v, nhd, return_lse);
+  return run_attention(r, q, nhd, is_causal, sm_scale, return_lse, out_opt, lse_opt);
+}
+
+// The attention kernel alone on the intermediates of quantize() (for kernel-only timing).
+std::vector<at::Tensor> forward_quantized(const at::Tensor& q, const std::vector<at::Tensor>& qz, int64_t seq_kv,
+                                          int64_t heads_kv, bool nhd, bool is_causal, double sm_scale,
+                                          bool return_lse) {
+  c10::cuda::CUDAGuard guard(q.device());
+  TORCH_CHECK(qz.size() == 8, "forward_quantized: expects the 8 tensors returned by quantize()");
+  const View vq = view_of(q, nhd);
+  Quantized r;
+  r.s = QuantShapes{(int)vq.B, (int)vq.H, (int)heads_kv, (int)vq.S, (int)seq_kv, (int)vq.D};
+  r.q_i8 = qz[0]; r.q_scale = qz[1]; r.k_i8 = qz[2]; r.k_scale = qz[3]; r.k_mean = qz[4];
+  r.v_t = qz[5]; r.v_scale = qz[6]; r.q_kmean = qz[7];
+  TORCH_CHECK(r.k_i8.size(2) == seq_kv && r.k_i8.size(1) == heads_kv && r.q_i8.sizes() == at::IntArrayRef({vq.B, vq.H, vq.S, vq.D}),
+              "forward_quantized: shapes do not match the quantized tensors");
+  return run_attention(r, q, nhd, is_causal, sm_scale, return_lse, c10::nullopt, c10::nullopt);
+}
+
+std::vector<at::Tensor> run_attention(const Quantized& r, const at::Tensor& q, bool nhd, bool is_causal,
+                                      double sm_scale, bool return_lse, c10::optional<at::Tensor> out_opt,
+                                      c10::optional<at::Tensor> lse_opt) {
+  const QuantShapes& s = r.s;
+  at::Tensor out;
+  if (out_opt.has_value() && out_opt->defined()) {
+    out = *out_opt;
+    TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.device() == q.device() &&
+                    out.stride(3) == 1 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 == 0 && out.stride(0) % 2 == 0 && out.stride(1) % 2 == 0 && out.stride(2) % 2 == 0,
+                "sm90 attention: out must match q's shape, dtype and device, with even strides and contiguous channels");
+  } else {
+    out = nhd ? at::empty({s.B, s.Sq, s.Hq, s.D}, q.options()) : at::empty({s.B, s.Hq, s.Sq, s.D}, q.options());
+  }
+  at::Tensor lse;
+  if (return_lse) {
+    if (lse_opt.has_value() && lse_opt->defined()) {
+      lse = *lse_opt;
+      TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat && lse.numel() == (int64_t)s.B * s.Hq * s.Sq &&
+                      lse.device() == q.device(),
+                  "sm90 attention: lse must be a contiguous float32 [B, Hq, Sq] tensor on q's device");
+    } else {
+      lse = at::empty({s.B, s.Hq, s.Sq}, q.options().dtype(at::kFloat));
+    }
+  }
+  const View vo = view_of(out, nhd);
+
+  sage3::sm90::AttnArgs a;
+  a.s = s;
+  a.out_bf16 = q.scalar_type() == at::kBFloat16;
+  a.causal = is_causal;
+  a.return_lse = return_lse;
+  a.sm_scale = sm_scale;
+  a.q_i8 = r.q_i8.data_ptr<int8_t>();
+  a.q_scale = r.q_scale.data_ptr<float>();
+  a.q_kmean = return_lse ? r.q_kmean.data_ptr<float>() : nullptr;
+  a.k_i8 = r.k_i8.data_ptr<int8_t>();
+  a.k_scale = r.k_scale.data_ptr<float>();
+  a.v_t = r.v_t.data_ptr<uint8_t>();
+  a.v_scale = r.v_scale.data_ptr<float>();
+  a.out = out.data_ptr();
+  a.o_sb = vo.sb; a.o_sh = vo.sh; a.o_ss = vo.ss;
+  a.lse = return_lse ? lse.data_ptr<float>() : nullptr;
+  const char* err = "unknown error";
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaError_t e = s.D == 128 ? sage3::sm90::launch_attn_hd128(a, stream, &err)
+                             : sage3::sm90::launch_attn_hd64(a, stream, &err);
+  TORCH_CHECK(e == cudaSuccess, "sm90 attention launch failed: ", e == cudaErrorInvalidValue ? err : cudaGetErrorString(e));
+  return {out, lse};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "sage3-diffusers sm_90a INT8-QK / FP8-PV attention (SageAttention2++ numerics)";
+  m.def("forward", &forward, "attention forward -> [out, lse]", py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("nhd"), py::arg("is_causal"), py::arg("sm_scale"), py::arg("return_lse"),
+        py::arg("out") = py::none(), py::arg("lse") = py::none());
+  m.def("forward_quantized", &forward_quantized, "the attention kernel alone on quantize()'s outputs");
+  m.def("quantize", &quantize, "the quantization kernels alone (for tests)");
+}

@@ -1,0 +1,189 @@
+"""sm_90a INT8-QK / FP8-PV CUDA kernels against the SageAttention2++ reference (needs an H100/H200 and a build).
+
+Build: SAGE3_EXTENSIONS=sm90 TORCH_CUDA_ARCH_LIST=9.0a python setup.py build_ext --inplace
+"""
+import math
+
+import pytest
+import torch
+
+from sage3_diffusers.numerics import accuracy_metrics
+from sage3_diffusers.numerics.sage2pp_reference import sage2pp_attention_reference, sage2pp_quantize
+from sage3_diffusers.testing import dit_like_qkv
+
+_cap = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+try:
+    from sage3_diffusers import _C_sm90 as ext
+except ImportError:  # not built
+    ext = None
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    pytest.mark.skipif(_cap is not None and _cap != (9, 0), reason="needs sm_90"),
+    pytest.mark.skipif(ext is None, reason="_C_sm90 not built"),
+]
+
+PERM16 = [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15]
+
+
+def make_qkv(b, hq, hkv, sq, skv, d, dtype=torch.bfloat16, scale=1.0, k_offset=8.0, layout="HND"):
+    q, k, v = dit_like_qkv(b, hq, sq, d, hkv=hkv, skv=skv, device="cuda", k_offset=k_offset)
+    q, k, v = (x * scale for x in (q, k, v))
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    if layout == "NHD":
+        q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    return q, k, v
+
+
+def to_hnd(x, layout):
+    return x if layout == "HND" else x.transpose(1, 2)
+
+
+def run_kernel(q, k, v, layout, causal, return_lse, sm_scale=None):
+    """Calls the extension with NaN-poisoned out / lse buffers and checks every element was written."""
+    d = q.shape[-1]
+    scale = d ** -0.5 if sm_scale is None else sm_scale
+    out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
+    hnd = to_hnd(q, layout)
+    lse = torch.full(hnd.shape[:3], float("nan"), device=q.device) if return_lse else None
+    o, l = ext.forward(q, k, v, layout == "NHD", causal, scale, return_lse, out, lse)
+    assert o.data_ptr() == out.data_ptr()
+    assert torch.isfinite(o).all(), "output has unwritten (NaN) or non-finite elements"
+    if return_lse:
+        assert torch.isfinite(l).all(), "lse has unwritten (NaN) or non-finite elements"
+    return o, (l if return_lse else None)
+
+
+def check_against_reference(q, k, v, layout="HND", causal=False, return_lse=True, sm_scale=None):
+    qh, kh, vh = (to_hnd(x, layout) for x in (q, k, v))
+    q_in, k_in, v_in = q.clone(), k.clone(), v.clone()
+    o, lse = run_kernel(q, k, v, layout, causal, return_lse, sm_scale)
+    assert torch.equal(q, q_in) and torch.equal(k, k_in) and torch.equal(v, v_in), "inputs were modified"
+    ref = sage2pp_attention_reference(qh.float(), kh.float(), vh.float(), is_causal=causal, sm_scale=sm_scale,
+                                      return_lse=return_lse)
+    ref_o, ref_lse = (ref if return_lse else (ref, None))
+    m = accuracy_metrics(to_hnd(o, layout).float(), ref_o.float())
+    # Same numerics definition: differences come from exp2.approx, fp32 summation order inside wgmma,
+    # rare E4M3 rounding flips of P and the bf16/fp16 output rounding.
+    assert m["cos_sim"] > 0.9999, m
+    assert m["rel_l1"] < 1e-2, m
+    if return_lse:
+        err = (lse - ref_lse).abs().max().item()
+        assert err < 2e-3 * max(1.0, ref_lse.abs().max().item()), err
+    return m
+
+
+SHAPES = [
+    # b, hq, hkv, sq, skv, d, causal, layout
+    (1, 2, 2, 1, 1, 128, False, "HND"),
+    (1, 2, 2, 1, 1, 64, True, "HND"),
+    (1, 2, 2, 77, 77, 64, False, "HND"),
+    (1, 3, 3, 77, 77, 128, True, "NHD"),
+    (2, 3, 3, 77, 300, 128, False, "HND"),
+    (3, 4, 2, 300, 300, 128, True, "HND"),
+    (3, 4, 2, 300, 300, 64, False, "NHD"),
+    (1, 4, 1, 1000, 513, 64, False, "HND"),
+    (2, 2, 2, 129, 1000, 128, True, "NHD"),
+    (1, 2, 2, 1000, 129, 64, True, "HND"),
+    (1, 2, 1, 256, 256, 128, True, "HND"),
+    (2, 8, 8, 1024, 1024, 128, False, "NHD"),
+]
+
+
+@pytest.mark.parametrize("b,hq,hkv,sq,skv,d,causal,layout", SHAPES)
+def test_matches_reference_odd_shapes(b, hq, hkv, sq, skv, d, causal, layout):
+    q, k, v = make_qkv(b, hq, hkv, sq, skv, d, layout=layout)
+    check_against_reference(q, k, v, layout, causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128])
+def test_dtypes_no_lse(dtype, d):
+    q, k, v = make_qkv(2, 2, 2, 200, 333, d, dtype=dtype)
+    check_against_reference(q, k, v, return_lse=False)
+
+
+def test_large_magnitude_and_k_offset():
+    q, k, v = make_qkv(1, 2, 2, 400, 400, 128, scale=1e3, dtype=torch.bfloat16)
+    check_against_reference(q, k, v, sm_scale=1e-6)  # scores stay O(1) while |x| ~ 1e3
+    q, k, v = make_qkv(1, 2, 2, 400, 400, 64, k_offset=300.0, dtype=torch.float16)
+    check_against_reference(q, k, v, causal=True)
+
+
+def test_non_contiguous_inputs():
+    base = torch.randn(2, 333, 6, 128, device="cuda", dtype=torch.bfloat16)
+    q = base[:, :, 0:4]  # NHD view, head stride 128, token stride 768
+    k = base[:, :, 4:6]
+    v = torch.randn(2, 6, 333, 128, device="cuda", dtype=torch.bfloat16)[:, 1:3].transpose(1, 2)  # NHD view
+    check_against_reference(q, k, v, layout="NHD", causal=True)
+
+
+def test_custom_sm_scale_and_backend_path():
+    import sage3_diffusers as s3
+    from sage3_diffusers.api import resolve
+    q, k, v = make_qkv(1, 4, 2, 500, 500, 128)
+    sel = resolve(q, k, v, kernel="int8_fp8")
+    assert sel.backend.name == "cuda_sm90_int8_fp8", sel.explain()
+    out, lse = s3.sage_attention(q, k, v, "cuda_sm90_int8_fp8", sm_scale=0.05, return_lse=True)
+    ref, ref_lse = sage2pp_attention_reference(q.float(), k.float(), v.float(), sm_scale=0.05, return_lse=True)
+    assert accuracy_metrics(out.float(), ref)["cos_sim"] > 0.9999
+    assert (lse - ref_lse).abs().max().item() < 2e-3 * ref_lse.abs().max().item()
+
+
+def test_long_sequence_128k():
+    q, k, v = make_qkv(1, 1, 1, 131072, 131072, 128)
+    check_against_reference(q, k, v, return_lse=True)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+def test_quantization_kernels_match_reference(d, layout):
+    b, hq, hkv, sq, skv = 2, 4, 2, 300, 333
+    q, k, v = make_qkv(b, hq, hkv, sq, skv, d, layout=layout)
+    q_i8, q_scale, k_i8, k_scale, k_mean, v_t, v_scale, q_kmean = ext.quantize(q, k, v, layout == "NHD")
+    qh, kh, vh = (to_hnd(x, layout).float() for x in (q, k, v))
+    ref = sage2pp_quantize(qh, kh, vh)
+    t = torch.arange(sq, device="cuda")
+    assert torch.equal(q_scale[..., (t // 16) * 8 + t % 8], ref.q_scale)
+    assert torch.equal(q_i8.float(), ref.q_int8)
+    assert torch.allclose(k_mean, ref.k_mean.squeeze(-2), rtol=1e-5, atol=1e-5)
+    tk = torch.arange(skv, device="cuda")
+    assert torch.allclose(k_scale[..., (tk // 128) * 4 + (tk % 8) // 2], ref.k_scale, rtol=1e-5)
+    diff = (k_i8.float() - ref.k_int8).abs()
+    assert diff.max().item() <= 1 and (diff > 0).float().mean().item() < 1e-3  # mean summation order
+    assert torch.equal(v_scale, ref.v_scale)
+    # Undo the transpose and the 16-token permutation: position p of a group holds token PERM16[p].
+    pad = v_t.shape[-1]
+    assert pad % 128 == 0 and pad >= skv
+    perm = torch.tensor(PERM16, device="cuda")
+    tok = (torch.arange(pad, device="cuda") // 16) * 16 + perm.repeat(pad // 16)
+    v_vals = v_t.view(torch.float8_e4m3fn).float()  # [b, hkv, d, pad] in permuted token order
+    unperm = torch.empty_like(v_vals)
+    unperm[..., tok] = v_vals
+    assert torch.equal(unperm[..., :skv].transpose(-1, -2), ref.v_fp8)
+    assert (unperm[..., skv:] == 0).all()
+    qkm = qh @ ref.k_mean.repeat_interleave(hq // hkv, dim=1).transpose(-1, -2)
+    assert torch.allclose(q_kmean, qkm.squeeze(-1), rtol=1e-4, atol=1e-3)
+
+
+def test_custom_op_opcheck():
+    from sage3_diffusers.backends import cuda_sm90  # registers the op
+    q, k, v = make_qkv(1, 2, 2, 130, 130, 64)
+    torch.library.opcheck(torch.ops.sage3.sm90_int8fp8_attn.default, (q, k, v, "HND", False, 0.125, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_bad_input_errors():
+    q, k, v = make_qkv(1, 3, 2, 64, 64, 128)  # 3 query heads, 2 kv heads
+    with pytest.raises(RuntimeError, match="multiple of kv heads"):
+        ext.forward(q, k, v, False, False, 0.1, False)
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 128)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        ext.forward(q.float(), k.float(), v.float(), False, False, 0.1, False)
+
+
+def test_deterministic():
+    q, k, v = make_qkv(1, 2, 2, 700, 700, 128)
+    a, _ = run_kernel(q, k, v, "HND", True, False)
+    b, _ = run_kernel(q, k, v, "HND", True, False)
+    assert torch.equal(a, b)

@@ -1,0 +1,81 @@
+"""The sm90 CUDA backend's declarations and reasons, checked without a GPU (CPU CI)."""
+import pytest
+import torch
+
+from sage3_diffusers import dispatch
+from sage3_diffusers.backends import cuda_sm90
+from sage3_diffusers.backends.base import AttentionProblem
+from sage3_diffusers.backends.cuda_sm90 import CudaSm90Int8Fp8Backend
+
+
+def problem(**kw):
+    base = dict(batch=1, heads_q=4, heads_kv=2, seq_q=77, seq_kv=300, head_dim=128, head_dim_v=128,
+                dtype=torch.bfloat16, device_type="cuda", capability=(9, 0), layout="NHD", is_causal=True,
+                return_lse=True, has_mask=False)
+    base.update(kw)
+    return AttentionProblem(**base)
+
+
+def test_registered_in_dispatcher_as_int8_fp8_priority_100():
+    names = {b.name: b for b in dispatch.list_backends()}
+    b = names["cuda_sm90_int8_fp8"]
+    assert b.family == "int8_fp8" and b.priority == 100
+    assert b.head_dims == (64, 128) and set(b.dtypes) == {torch.float16, torch.bfloat16}
+    assert b.supports_causal and b.supports_lse and b.supports_gqa and not b.supports_mask
+
+
+def test_supported_problem_has_no_input_reasons():
+    assert CudaSm90Int8Fp8Backend().input_reasons(problem()) == []
+    assert CudaSm90Int8Fp8Backend().input_reasons(problem(head_dim=64, head_dim_v=64, layout="HND")) == []
+
+
+@pytest.mark.parametrize("cap,text", [((8, 9), "this GPU is sm_89"), ((12, 0), "this GPU is sm_120"),
+                                      ((10, 0), "this GPU is sm_100")])
+def test_wrong_arch_reason(cap, text):
+    reasons = CudaSm90Int8Fp8Backend().input_reasons(problem(capability=cap))
+    assert any("needs sm_90" in r and text in r for r in reasons), reasons
+
+
+def test_other_input_reasons():
+    b = CudaSm90Int8Fp8Backend()
+    assert any("cpu" in r for r in b.input_reasons(problem(device_type="cpu", capability=None)))
+    assert any("head_dim 96" in r for r in b.input_reasons(problem(head_dim=96, head_dim_v=96)))
+    assert any("float32" in r for r in b.input_reasons(problem(dtype=torch.float32)))
+    assert any("attn_mask" in r for r in b.input_reasons(problem(has_mask=True)))
+    assert any("value head_dim" in r for r in b.input_reasons(problem(head_dim_v=64)))
+
+
+def test_unbuilt_extension_reason(monkeypatch):
+    monkeypatch.setattr(cuda_sm90, "_ext", None)
+    monkeypatch.setattr(cuda_sm90, "_ext_error", "ModuleNotFoundError: No module named 'sage3_diffusers._C_sm90'")
+    reasons = CudaSm90Int8Fp8Backend().unavailable_reasons()
+    assert len(reasons) == 1 and reasons[0].startswith("extension _C_sm90 not built (")
+
+
+def test_not_selected_on_cpu():
+    q = torch.randn(1, 2, 16, 64)
+    from sage3_diffusers.api import resolve
+    sel = resolve(q, q, q, kernel="int8_fp8")
+    assert sel.backend.name != "cuda_sm90_int8_fp8"
+    assert any(name == "cuda_sm90_int8_fp8" for name, _ in sel.rejected) or sel.backend.family != "int8_fp8"
+
+
+def test_custom_op_registered_with_fake_impl():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    op = torch.ops.sage3.sm90_int8fp8_attn
+    with FakeTensorMode():
+        q = torch.empty(2, 77, 4, 128, dtype=torch.bfloat16)  # NHD
+        k = torch.empty(2, 300, 2, 128, dtype=torch.bfloat16)
+        out, lse = op(q, k, k, "NHD", True, 0.1, True)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert lse.shape == (2, 4, 77) and lse.dtype == torch.float32
+        out, lse = op(q, k, k, "NHD", False, 0.1, False)
+        assert lse.numel() == 0
+
+
+def test_op_without_extension_raises_clearly(monkeypatch):
+    monkeypatch.setattr(cuda_sm90, "_ext", None)
+    monkeypatch.setattr(cuda_sm90, "_ext_error", "not built for test")
+    q = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="not built"):
+        torch.ops.sage3.sm90_int8fp8_attn(q, q, q, "HND", False, 0.1, False)
