@@ -13,7 +13,7 @@ from .formats import E4M3_MAX, e4m3_round
 def quantize_fp8_per_channel(v: torch.Tensor, v_range: float = E4M3_MAX) -> tuple[torch.Tensor, torch.Tensor]:
     """v [..., S, D] -> (V̂ as fp32 holding E4M3 values [..., S, D], scale [..., D])."""
     vf = v.float()
-    scale = vf.abs().amax(dim=-2) / v_range
+    scale = vf.abs().amax(dim=-2) / torch.tensor(v_range, device=vf.device)  # true division on every device
     s = scale.unsqueeze(-2)
     vq = torch.where(s == 0, torch.zeros_like(vf), e4m3_round(vf / s))
     return vq, scale

@@ -48,7 +48,8 @@ def quantize_int8_grouped(x: torch.Tensor, groups: torch.Tensor) -> tuple[torch.
     group_amax = torch.zeros(row_amax.shape[:-1] + (n_groups,), dtype=torch.float32, device=xf.device)
     group_amax = group_amax.scatter_reduce(-1, idx, row_amax, reduce="amax", include_self=True)
     # amax reductions propagate NaN, so a NaN token makes its whole group NaN (never silently finite).
-    scale = (group_amax / INT8_MAX).gather(-1, idx)  # [..., S]
+    # True division (a tensor divisor): torch would turn a Python-scalar divisor into a reciprocal multiply on CUDA.
+    scale = (group_amax / torch.tensor(INT8_MAX, device=xf.device)).gather(-1, idx)  # [..., S]
     s = scale.unsqueeze(-1)
     xq = torch.where(s == 0, torch.zeros_like(xf), int8_round(xf / s))
     xq = torch.where(torch.isnan(s), torch.full_like(xq, float("nan")), xq)
