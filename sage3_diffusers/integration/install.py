@@ -99,6 +99,7 @@ def apply(target, policy=None, *, kernel: str | None = None, stats: KernelStats 
     if not originals:
         raise ValueError(f"sage3_diffusers.apply: no default attention processor found in {type(transformer).__name__}"
                          " (already replaced by another plugin?)")
+    runtime.register_layers(originals)
     from diffusers.hooks import HookRegistry
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(
         step_hook(runtime, _MASK_KWARG.get(family)), HOOK_NAME)

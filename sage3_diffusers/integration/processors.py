@@ -65,12 +65,12 @@ class _Sage3Base:
     def _record(runtime, layer, requested, backend, reason):
         if runtime is not None:
             runtime.record(layer, requested, backend, reason)
-        else:
+        elif not torch.compiler.is_compiling():  # no runtime to flush compiled calls into: not counted
             GLOBAL_STATS.record(0, None, layer, requested, backend, reason)
 
     @staticmethod
     def _op(q, k, v, kernel, layout, attn_mask=None):
-        sel = resolve(q, k, v, kernel, tensor_layout=layout, attn_mask=attn_mask)
+        sel = _select(q, k, v, kernel, layout, attn_mask)
         out = sel.backend.forward(q, k, v, layout=layout, is_causal=False, sm_scale=q.shape[-1] ** -0.5,
                                   return_lse=False, attn_mask=attn_mask)
         return out, sel
@@ -118,6 +118,32 @@ class _Sage3Base:
                                  attention_mask=attention_mask)
         self._record(runtime, layer, kernel, "sdpa", EXACT_REFINER_REASON)
         return out
+
+
+# Backend selections by plain-tuple key. Traced code (torch.compile) only reads this dict, so a hit adds
+# no graph break; a miss resolves once outside the graph. Keyed on the dispatch settings too.
+_SELECTIONS: dict = {}
+
+
+@torch.compiler.disable
+def _resolve_and_cache(key, q, k, v, kernel, layout, attn_mask):
+    sel = _SELECTIONS[key] = resolve(q, k, v, kernel, tensor_layout=layout, attn_mask=attn_mask)
+    return sel
+
+
+def _select(q, k, v, kernel, layout, attn_mask):
+    from .. import dispatch
+    key = (kernel, layout, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device.type,
+           attn_mask is not None, dispatch._fallback_override, _env("SAGE3_BACKEND"), _env("SAGE3_FALLBACK"))
+    sel = _SELECTIONS.get(key)
+    if sel is None:
+        sel = _resolve_and_cache(key, q, k, v, kernel, layout, attn_mask)
+    return sel
+
+
+def _env(name):
+    import os
+    return os.environ.get(name)
 
 
 def _key_prefix_lengths(attention_mask: torch.Tensor, batch: int, total: int):

@@ -62,9 +62,23 @@ class Sage3Runtime:
         self._calls_this_step = 0
         self._calls_per_step: int | None = None
         self._summary_done = True
-        self._decisions: dict[str, str] = {}
+        # Kernel per layer for the current step, updated in place (same dict, same keys) so compiled
+        # processors guard only on the kernel string each layer reads: one graph per kernel choice.
+        self.decisions: dict[str, str] = getattr(self, "decisions", {})
+        self.layers: list[str] = getattr(self, "layers", [])
+        self._decided_for = None
+        # Calls made inside torch.compile'd code, flushed into `stats` by the eager post-forward hook.
+        self._compiled_calls: dict[str, tuple | None] = getattr(self, "_compiled_calls", {})
         self.text_valid: list[int] | None = None
         self.text_prefix: bool = True
+
+    def finish_generation(self) -> None:
+        """End of a pipeline call (diffusers resets stateful hooks then): log the summary if not yet done,
+        forget the step."""
+        if not self._summary_done and self.log_summary:
+            self.stats.log_summary(self.generation)
+        self._summary_done = True
+        self.reset()
 
     def _new_generation(self) -> None:
         if not self._summary_done and self.log_summary:
@@ -115,8 +129,9 @@ class Sage3Runtime:
         self._last_t = t_value
         if t_value is not None:
             self.t_norm = t_value / TIMESTEP_SCALE.get(self.family or "", 1000.0)
+        if (self.step, self.num_steps, self.t_norm) != self._decided_for:
+            self._decide_all()
         if self.step != prev_step or self.generation != prev_gen:
-            self._decisions = {}
             if self.generation == prev_gen and prev_step == 0 and self._calls_per_step is None:
                 self._calls_per_step = self._calls_this_step
             self._calls_this_step = 0
@@ -124,6 +139,7 @@ class Sage3Runtime:
 
     def end_forward(self) -> None:
         """Called after each forward: logs the summary once the last step's calls are all done."""
+        self._flush_compiled_calls()
         if self._summary_done or self.num_steps is None or self.step is None:
             return
         if self.step == self.num_steps - 1 and self._calls_per_step is not None and \
@@ -158,18 +174,42 @@ class Sage3Runtime:
         return index, len(values)
 
     # ------------------------------------------------------------------ decisions
+    def register_layers(self, layers) -> None:
+        self.layers = list(layers)
+        self._compiled_calls.clear()
+        self._compiled_calls.update({name: None for name in self.layers})
+        self._decide_all()
+
+    def _decide_all(self) -> None:
+        self._decided_for = (self.step, self.num_steps, self.t_norm)
+        for layer in self.layers:
+            kernel = self.policy.kernel_for(layer, step=self.step, num_steps=self.num_steps, t_norm=self.t_norm,
+                                            family=self.family)
+            if self.decisions.get(layer) != kernel:
+                self.decisions[layer] = kernel
+
     def kernel_for(self, layer: str) -> str:
-        k = self._decisions.get(layer)
-        if k is None:
-            k = self._decisions[layer] = self.policy.kernel_for(
-                layer, step=self.step, num_steps=self.num_steps, t_norm=self.t_norm, family=self.family)
-        return k
+        kernel = self.decisions.get(layer)
+        if kernel is None:  # a layer apply() did not see: decide without caching
+            kernel = self.policy.kernel_for(layer, step=self.step, num_steps=self.num_steps, t_norm=self.t_norm,
+                                            family=self.family)
+        return kernel
 
     def block_of(self, layer: str):
         return layer_block(layer, self.family)
 
     def record(self, layer: str, requested: str, backend: str, reason: str | None) -> None:
-        self.stats.record(max(self.generation, 0), self.step, layer, requested, backend, reason)
+        if torch.compiler.is_compiling():
+            # No list appends in traced code (they would guard on the list length and recompile).
+            self._compiled_calls[layer] = (requested, backend, reason)
+        else:
+            self.stats.record(max(self.generation, 0), self.step, layer, requested, backend, reason)
+
+    def _flush_compiled_calls(self) -> None:
+        for layer, call in self._compiled_calls.items():
+            if call is not None:
+                self.stats.record(max(self.generation, 0), self.step, layer, *call)
+                self._compiled_calls[layer] = None
 
     def set_text_mask(self, valid: list[int] | None, prefix: bool = True) -> None:
         self.text_valid, self.text_prefix = valid, prefix
@@ -242,7 +282,7 @@ def _make_hook_class():
             return output
 
         def reset_state(self, module):
-            self.runtime.reset()
+            self.runtime.finish_generation()
             return module
 
     return Sage3StepHook

@@ -99,50 +99,84 @@ def tiny_transformer(family: str, *, seed: int = 0, layers: int = 2, head_dim: i
     return m.eval()
 
 
-def transformer_inputs(family: str, *, batch: int = 2, seed: int = 0, text_lengths=None, timestep=None):
-    """Random forward kwargs for `tiny_transformer(family)`. `text_lengths` (one per sample) sets the
-    valid prefix of the text mask for HunyuanVideo and Mochi (default: unequal lengths)."""
+def transformer_inputs(family: str, *, batch: int = 2, seed: int = 0, text_lengths=None, timestep=None,
+                       config=None, text_len: int | None = None, grid: tuple[int, int, int] | None = None,
+                       dtype=torch.float32, device="cpu"):
+    """Random forward kwargs for a transformer of `family`. Dimensions come from `config` (a transformer's
+    `.config`; default: `tiny_transformer(family).config`). grid = latent (frames, height, width) before
+    patching (images ignore frames); text_len = text tokens. `text_lengths` (one per sample) sets the valid
+    prefix of HunyuanVideo's and Mochi's text mask (default: unequal lengths, sample b has 3b fewer)."""
+    if config is None:
+        config = _TINY_CONFIGS.get(family)
+        if config is None:
+            config = _TINY_CONFIGS[family] = tiny_transformer(family).config
+    c = config
     g = torch.Generator().manual_seed(seed)
 
     def rn(*shape):
-        return torch.randn(*shape, generator=g)
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
     def mask(n_text):
         lengths = text_lengths or [n_text - 3 * i for i in range(batch)]
         lengths = [max(1, min(n_text, int(n))) for n in lengths]
-        return (torch.arange(n_text)[None, :] < torch.tensor(lengths)[:, None])
+        return (torch.arange(n_text)[None, :] < torch.tensor(lengths)[:, None]).to(device)
+
+    def full(value, **kw):
+        return torch.full((batch,), value, **kw).to(device)
 
     if family == "flux":
-        h = w = 4
+        _, h, w = grid or (1, 4, 4)
+        n = text_len or 10
         img_ids = torch.zeros(h, w, 3)
         img_ids[..., 1] = torch.arange(h)[:, None]
         img_ids[..., 2] = torch.arange(w)[None, :]
-        t = torch.full((batch,), 0.7 if timestep is None else timestep)
-        return dict(hidden_states=rn(batch, h * w, 4), encoder_hidden_states=rn(batch, 10, 32),
-                    pooled_projections=rn(batch, 32), timestep=t, img_ids=img_ids.reshape(-1, 3),
-                    txt_ids=torch.zeros(10, 3), return_dict=False)
+        kw = dict(hidden_states=rn(batch, h * w, c.in_channels), encoder_hidden_states=rn(batch, n, c.joint_attention_dim),
+                  pooled_projections=rn(batch, c.pooled_projection_dim),
+                  timestep=full(0.7 if timestep is None else timestep, dtype=dtype),
+                  img_ids=img_ids.reshape(-1, 3).to(device), txt_ids=torch.zeros(n, 3, device=device),
+                  return_dict=False)
+        if c.guidance_embeds:
+            kw["guidance"] = full(3.5, dtype=dtype)
+        return kw
     if family in ("sd3", "sd35"):
-        t = torch.full((batch,), 700.0 if timestep is None else timestep)
-        return dict(hidden_states=rn(batch, 4, 6, 6), encoder_hidden_states=rn(batch, 10, 32),
-                    pooled_projections=rn(batch, 64), timestep=t, return_dict=False)
+        _, h, w = grid or (1, 6, 6)
+        p = c.patch_size
+        return dict(hidden_states=rn(batch, c.in_channels, h * p, w * p),
+                    encoder_hidden_states=rn(batch, text_len or 10, c.joint_attention_dim),
+                    pooled_projections=rn(batch, c.pooled_projection_dim),
+                    timestep=full(700.0 if timestep is None else timestep, dtype=dtype), return_dict=False)
     if family == "cogvideox":
         from diffusers.models.embeddings import get_3d_rotary_pos_embed
-        frames, hp, wp = 3, 2, 2  # latent 3 x 4 x 4, patch 2
-        rope = get_3d_rotary_pos_embed(embed_dim=16, crops_coords=((0, 0), (hp, wp)), grid_size=(hp, wp),
-                                       temporal_size=frames, use_real=True)
-        t = torch.full((batch,), 700 if timestep is None else timestep, dtype=torch.long)
-        return dict(hidden_states=rn(batch, frames, 4, 4, 4), encoder_hidden_states=rn(batch, 12, 32),
-                    timestep=t, image_rotary_emb=rope, return_dict=False)
+        f, h, w = grid or (3, 2, 2)  # in patches
+        p = c.patch_size
+        kw = dict(hidden_states=rn(batch, f, c.in_channels, h * p, w * p),
+                  encoder_hidden_states=rn(batch, text_len or c.max_text_seq_length, c.text_embed_dim),
+                  timestep=full(700 if timestep is None else int(timestep), dtype=torch.long), return_dict=False)
+        if c.use_rotary_positional_embeddings:
+            cos, sin = get_3d_rotary_pos_embed(embed_dim=c.attention_head_dim, crops_coords=((0, 0), (h, w)),
+                                               grid_size=(h, w), temporal_size=f, use_real=True)
+            kw["image_rotary_emb"] = (cos.to(device), sin.to(device))
+        return kw
     if family == "hunyuan_video":
-        t = torch.full((batch,), 700.0 if timestep is None else timestep)
-        return dict(hidden_states=rn(batch, 4, 2, 4, 4), timestep=t, encoder_hidden_states=rn(batch, 12, 16),
-                    encoder_attention_mask=mask(12).long(), pooled_projections=rn(batch, 32),
-                    guidance=torch.full((batch,), 3.5), return_dict=False)
+        f, h, w = grid or (2, 4, 4)
+        n = text_len or 12
+        kw = dict(hidden_states=rn(batch, c.in_channels, f, h, w), timestep=full(700.0 if timestep is None else timestep,
+                                                                                   dtype=dtype),
+                  encoder_hidden_states=rn(batch, n, c.text_embed_dim), encoder_attention_mask=mask(n).long(),
+                  pooled_projections=rn(batch, c.pooled_projection_dim), return_dict=False)
+        if c.guidance_embeds:
+            kw["guidance"] = full(3.5, dtype=dtype) * 1000.0
+        return kw
     if family == "mochi":
-        t = torch.full((batch,), 700.0 if timestep is None else timestep)
-        return dict(hidden_states=rn(batch, 12, 2, 4, 4), encoder_hidden_states=rn(batch, 12, 32), timestep=t,
-                    encoder_attention_mask=mask(12), return_dict=False)
+        f, h, w = grid or (2, 4, 4)
+        n = text_len or 12
+        return dict(hidden_states=rn(batch, c.in_channels, f, h, w), encoder_hidden_states=rn(batch, n, c.text_embed_dim),
+                    timestep=full(700.0 if timestep is None else timestep, dtype=dtype),
+                    encoder_attention_mask=mask(n), return_dict=False)
     raise ValueError(f"unknown family {family!r}; allowed: {FAMILIES}")
+
+
+_TINY_CONFIGS: dict = {}
 
 
 # ---------------------------------------------------------------------------------------------- pipelines
