@@ -1,0 +1,132 @@
+"""Shared driver of the examples: build a pipeline (hub weights, or tiny random components with --tiny),
+install Sage3 attention with a policy, generate, save PNG / GIF / MP4, print wall time and kernel stats."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+try:
+    import sage3_diffusers  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+# Real-model settings: hub id, pipeline class, call arguments (the model cards' usual values).
+REAL = {
+    "flux": ("black-forest-labs/FLUX.1-dev", "FluxPipeline",
+             dict(height=1024, width=1024, num_inference_steps=28, guidance_scale=3.5)),
+    "sd35": ("stabilityai/stable-diffusion-3.5-large", "StableDiffusion3Pipeline",
+             dict(height=1024, width=1024, num_inference_steps=28, guidance_scale=3.5)),
+    "cogvideox": ("THUDM/CogVideoX-2b", "CogVideoXPipeline",
+                  dict(height=480, width=720, num_frames=49, num_inference_steps=50, guidance_scale=6.0)),
+    "hunyuan_video": ("hunyuanvideo-community/HunyuanVideo", "HunyuanVideoPipeline",
+                      dict(height=544, width=960, num_frames=61, num_inference_steps=30)),
+    "mochi": ("genmo/mochi-1-preview", "MochiPipeline",
+              dict(height=480, width=848, num_frames=85, num_inference_steps=64, guidance_scale=4.5)),
+}
+VIDEO = {"cogvideox", "hunyuan_video", "mochi"}
+DEFAULT_PROMPT = {
+    "flux": "a cat riding a horse on the moon, cinematic",
+    "sd35": "a portrait of an old astronaut, detailed",
+    "cogvideox": "a small robot dancing in the rain at night",
+    "hunyuan_video": "a dog running on the beach at sunset",
+    "mochi": "a red car driving through a forest, wide shot",
+}
+
+
+def parse_args(family: str, argv=None):
+    ap = argparse.ArgumentParser(description=f"{family} with Sage3 attention (SageAttention3 / SageAttention2++)")
+    ap.add_argument("--tiny", action="store_true", help="tiny random components built from config: CPU, offline")
+    ap.add_argument("--policy", default=str(REPO / "configs" / f"{family}.yaml"),
+                    help="policy YAML (default: configs/%(prog)s one); see docs/diffusers.md")
+    ap.add_argument("--kernel", help="one kernel for every layer and step instead of the policy (fp4, int8_fp8, "
+                                     "sdpa or a backend name)")
+    ap.add_argument("--no-sage", action="store_true", help="baseline: diffusers' own attention")
+    ap.add_argument("--prompt", default=DEFAULT_PROMPT[family])
+    ap.add_argument("--steps", type=int, help="denoising steps (default: 4 tiny, model card value otherwise)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="outputs", help="output directory")
+    ap.add_argument("--fallback", choices=("auto", "emulate", "error"),
+                    help="when a kernel is missing: auto = next family (default on GPU), emulate = torch "
+                         "emulation of its numerics (default on CPU), error")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the transformer")
+    ap.add_argument("--model", help="override the hub id (real mode)")
+    return ap.parse_args(argv)
+
+
+def build_pipeline(family: str, args):
+    if args.tiny:
+        from sage3_diffusers.integration.tiny import tiny_pipeline
+        return tiny_pipeline("sd35" if family == "sd35" else family), "cpu"
+    import diffusers
+    hub_id, cls_name, _ = REAL[family]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = getattr(diffusers, cls_name).from_pretrained(args.model or hub_id, torch_dtype=torch.bfloat16)
+    pipe.to(device)
+    if family in VIDEO and hasattr(pipe, "vae") and hasattr(pipe.vae, "enable_tiling"):
+        pipe.vae.enable_tiling()
+    return pipe, device
+
+
+def call_kwargs(family: str, args):
+    if args.tiny:
+        from sage3_diffusers.integration.tiny import pipeline_call_kwargs
+        return pipeline_call_kwargs(family, prompt=args.prompt, steps=args.steps or 4, seed=args.seed)
+    kw = dict(REAL[family][2])
+    if args.steps:
+        kw["num_inference_steps"] = args.steps
+    kw.update(prompt=args.prompt, generator=torch.Generator("cpu").manual_seed(args.seed))
+    return kw
+
+
+def save(family: str, result, out_dir: Path, tag: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if family not in VIDEO:
+        path = out_dir / f"{family}_{tag}.png"
+        result.images[0].save(path)
+        return path
+    from diffusers.utils import export_to_gif, export_to_video
+    frames = result.frames[0]
+    try:
+        return Path(export_to_video(frames, str(out_dir / f"{family}_{tag}.mp4"), fps=8))
+    except Exception:  # no ffmpeg backend (imageio-ffmpeg / opencv): GIF needs only Pillow
+        return Path(export_to_gif(frames, str(out_dir / f"{family}_{tag}.gif"), fps=8))
+
+
+def run(family: str, argv=None) -> int:
+    args = parse_args(family, argv)
+    import sage3_diffusers
+    from sage3_diffusers.integration import apply
+
+    fallback = args.fallback or ("emulate" if not torch.cuda.is_available() else None)
+    if fallback:
+        sage3_diffusers.set_fallback(fallback)
+    pipe, device = build_pipeline(family, args)
+    pipe.set_progress_bar_config(disable=False)
+    runtime = None
+    if not args.no_sage:
+        runtime = apply(pipe, kernel=args.kernel) if args.kernel else apply(pipe, args.policy)
+        print(f"sage3: policy {runtime.policy.source if not args.kernel else 'kernel=' + args.kernel}, "
+              f"fallback {sage3_diffusers.dispatch.get_fallback()}, device {device}")
+    if args.compile:
+        pipe.transformer = torch.compile(pipe.transformer)
+    kw = call_kwargs(family, args)
+    t0 = time.perf_counter()
+    result = pipe(**kw)
+    wall = time.perf_counter() - t0
+    tag = "baseline" if args.no_sage else (args.kernel or "policy")
+    path = save(family, result, Path(args.out), ("tiny_" if args.tiny else "") + tag)
+    print(f"saved {path}")
+    print(f"wall time {wall:.2f} s ({kw['num_inference_steps']} steps)")
+    if runtime is not None:
+        print(runtime.stats.summary_line())
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run(os.environ.get("SAGE3_EXAMPLE_FAMILY", "flux")))

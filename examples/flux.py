@@ -1,0 +1,12 @@
+"""FLUX.1-dev text-to-image with Sage3 attention.
+
+    python examples/flux.py --tiny                      # tiny random components, CPU, offline
+    python examples/flux.py --policy configs/flux.yaml    # hub weights on a GPU
+    python examples/flux.py --kernel int8_fp8          # one kernel everywhere
+"""
+import sys
+
+from _common import run
+
+if __name__ == "__main__":
+    sys.exit(run("flux"))
