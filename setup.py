@@ -109,7 +109,10 @@ def cuda_extensions():
         if "90a" in archs and os.environ.get("SAGE3_FP4_EMULATED") == "1":
             gencodes.append(_gencode("90a"))
         if gencodes:
-            add("_C_fp4", "sm120", gencodes, [])
+            # The binding reports which device images exist (backend availability reasons).
+            fp4_defines = [f"-DSAGE3_FP4_SM{a.upper()}" for a in sorted(archs) if a.startswith("12")]
+            fp4_defines += ["-DSAGE3_FP4_SM90A_EMULATED"] if _gencode("90a") in gencodes else []
+            add("_C_fp4", "sm120", gencodes, fp4_defines)
         else:
             _say("_C_fp4 skipped: needs an sm_120a/121a target, or sm_90a with SAGE3_FP4_EMULATED=1")
     return exts, ({"build_ext": BuildExtension} if exts else {})

@@ -30,6 +30,7 @@ _BACKEND_MODULES = [
     "sage3_diffusers.backends.reference",
     "sage3_diffusers.backends.triton_int8fp8",
     "sage3_diffusers.backends.cuda_sm90",
+    "sage3_diffusers.backends.cuda_fp4",
 ]
 
 _registry: dict[str, AttentionBackend] = {}

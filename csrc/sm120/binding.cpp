@@ -1,0 +1,187 @@
+// Torch binding of the NVFP4 (SageAttention3) kernels: the only file of _C_fp4 that includes torch.
+// Python (sage3_diffusers/backends/cuda_fp4.py) computes the smoothing means and ΔS with the specification's
+// own torch code, then calls `quantize` and `attention` here.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "sm120/fp4_api.h"
+
+namespace {
+
+using sage3::Fp4InDtype;
+constexpr int kTile = sage3::kFp4Tile;
+
+#define SAGE3_CUDA_CHECK(expr)                                                                   \
+  do {                                                                                           \
+    cudaError_t err__ = (expr);                                                                  \
+    TORCH_CHECK(err__ == cudaSuccess, "_C_fp4: ", #expr, " failed: ", cudaGetErrorString(err__)); \
+  } while (0)
+
+Fp4InDtype in_dtype(const at::Tensor& x) {
+  if (x.scalar_type() == at::kHalf) return Fp4InDtype::kFloat16;
+  if (x.scalar_type() == at::kBFloat16) return Fp4InDtype::kBFloat16;
+  TORCH_CHECK(false, "_C_fp4: dtype ", x.scalar_type(), " not supported (needs float16 or bfloat16)");
+}
+
+// The row kernels read 16 elements as two 16-byte loads: rows must start 16-byte aligned.
+at::Tensor aligned_rows(const at::Tensor& x) {
+  const bool ok = x.stride(3) == 1 && x.stride(2) % 8 == 0 && x.stride(1) % 8 == 0 && x.stride(0) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  return ok ? x : x.contiguous();
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (const auto* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->is_cuda(), "_C_fp4: inputs must be CUDA tensors");
+    TORCH_CHECK(t->dim() == 4, "_C_fp4: inputs must be 4-D [B, H, S, D] (HND), got ", t->sizes());
+  }
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "_C_fp4: q, k, v must share one dtype");
+  in_dtype(q);
+  const int64_t D = q.size(3);
+  TORCH_CHECK(D == 64 || D == 128, "_C_fp4: head_dim ", D, " not supported (needs 64 or 128)");
+  TORCH_CHECK(k.size(3) == D && v.size(3) == D, "_C_fp4: q, k, v head dims differ");
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "_C_fp4: batch sizes differ");
+  TORCH_CHECK(k.sizes() == v.sizes(), "_C_fp4: k and v shapes differ: ", k.sizes(), " vs ", v.sizes());
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "_C_fp4: query heads (", q.size(1),
+              ") must be a multiple of kv heads (", k.size(1), ")");
+  TORCH_CHECK(k.size(2) > 0, "_C_fp4: needs at least one key token");
+  TORCH_CHECK(q.get_device() == k.get_device() && q.get_device() == v.get_device(),
+              "_C_fp4: q, k, v on different devices");
+}
+
+int64_t tiles(int64_t s) { return (s + kTile - 1) / kTile; }
+
+// Quantize Q', K', V in the layouts the attention kernel reads.
+// q_mean: fp32 [B, Hq, ceil(Sq/128), D]; k_mean: fp32 [B, Hkv, 1, D] (contiguous).
+// Returns (q_codes [B,Hq,Sq_pad,D/2] u8, q_scales [B,Hq,Sq_pad,D/16] u8 (E4M3 bits), q_g [B,Hq,nQT] f32,
+//          k_codes, k_scales, k_g [B,Hkv,nKT], v_codes [B,Hkv,D,Skv_pad/2], v_scales [B,Hkv,D,Skv_pad/16],
+//          v_g [B,Hkv,nKT,D]).
+std::vector<at::Tensor> quantize(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v,
+                                 const at::Tensor& q_mean_in, const at::Tensor& k_mean_in) {
+  check_qkv(q_in, k_in, v);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in);
+  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3), Hkv = k.size(1), Skv = k.size(2);
+  const at::Tensor q_mean = q_mean_in.to(at::kFloat).contiguous(), k_mean = k_mean_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(q_mean.sizes() == at::IntArrayRef({B, Hq, tiles(Sq), D}), "_C_fp4: q_mean shape ", q_mean.sizes());
+  TORCH_CHECK(k_mean.sizes() == at::IntArrayRef({B, Hkv, 1, D}), "_C_fp4: k_mean shape ", k_mean.sizes());
+  TORCH_CHECK(q_mean.device() == q.device() && k_mean.device() == q.device(), "_C_fp4: means on another device");
+  const auto u8 = q.options().dtype(at::kByte), f32 = q.options().dtype(at::kFloat);
+  const int64_t sq_pad = tiles(Sq) * kTile, skv_pad = tiles(Skv) * kTile;
+  auto q_codes = at::empty({B, Hq, sq_pad, D / 2}, u8), q_scales = at::empty({B, Hq, sq_pad, D / 16}, u8);
+  auto q_g = at::empty({B, Hq, tiles(Sq)}, f32);
+  auto k_codes = at::empty({B, Hkv, skv_pad, D / 2}, u8), k_scales = at::empty({B, Hkv, skv_pad, D / 16}, u8);
+  auto k_g = at::empty({B, Hkv, tiles(Skv)}, f32);
+  auto v_codes = at::empty({B, Hkv, D, skv_pad / 2}, u8), v_scales = at::empty({B, Hkv, D, skv_pad / 16}, u8);
+  auto v_g = at::empty({B, Hkv, tiles(Skv), D}, f32);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const Fp4InDtype dt = in_dtype(q);
+  if (Sq > 0) {
+    SAGE3_CUDA_CHECK(sage3::fp4_quantize_rows(q.data_ptr(), dt, q.stride(0), q.stride(1), q.stride(2), B, Hq, Sq, D,
+                                              q_mean.data_ptr<float>(), tiles(Sq), true, q_codes.data_ptr<uint8_t>(),
+                                              q_scales.data_ptr<uint8_t>(), q_g.data_ptr<float>(), stream));
+  }
+  SAGE3_CUDA_CHECK(sage3::fp4_quantize_rows(k.data_ptr(), dt, k.stride(0), k.stride(1), k.stride(2), B, Hkv, Skv, D,
+                                            k_mean.data_ptr<float>(), 1, false, k_codes.data_ptr<uint8_t>(),
+                                            k_scales.data_ptr<uint8_t>(), k_g.data_ptr<float>(), stream));
+  TORCH_CHECK(v.stride(3) == 1 || v.size(3) == 1, "_C_fp4: v must be contiguous along D");
+  SAGE3_CUDA_CHECK(sage3::fp4_quantize_v(v.data_ptr(), dt, v.stride(0), v.stride(1), v.stride(2), B, Hkv, Skv, D,
+                                         v_codes.data_ptr<uint8_t>(), v_scales.data_ptr<uint8_t>(),
+                                         v_g.data_ptr<float>(), stream));
+  return {q_codes, q_scales, q_g, k_codes, k_scales, k_g, v_codes, v_scales, v_g};
+}
+
+// Attention on quantized operands (from `quantize`). `out` is written in place: [B, Hq, Sq, D] of q's dtype,
+// stride 1 along D. Returns the log2-domain LSE m + log2(l) - log2(2688) [B, Hq, Sq] when return_lse, else an
+// empty tensor.
+at::Tensor attention(const std::vector<at::Tensor>& qz, const at::Tensor& delta_s_in, at::Tensor out, int64_t Skv,
+                     bool causal, double sm_scale, bool return_lse) {
+  TORCH_CHECK(qz.size() == 9, "_C_fp4: attention expects the 9 tensors returned by quantize");
+  const at::Tensor& q_codes = qz[0];
+  const int64_t B = q_codes.size(0), Hq = q_codes.size(1), D = q_codes.size(3) * 2, Hkv = qz[3].size(1);
+  TORCH_CHECK(out.is_cuda() && out.dim() == 4 && out.size(0) == B && out.size(1) == Hq && out.size(3) == D,
+              "_C_fp4: out shape ", out.sizes());
+  TORCH_CHECK(out.stride(3) == 1, "_C_fp4: out must be contiguous along D");
+  const int64_t Sq = out.size(2);
+  TORCH_CHECK(tiles(Sq) * kTile == q_codes.size(2), "_C_fp4: out rows do not match the quantized Q");
+  TORCH_CHECK(Skv > 0 && tiles(Skv) * kTile == qz[3].size(2), "_C_fp4: Skv does not match the quantized K");
+  const c10::cuda::CUDAGuard guard(out.device());
+  const at::Tensor delta_s = delta_s_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(delta_s.sizes() == at::IntArrayRef({B, Hq, tiles(Sq), Skv}), "_C_fp4: delta_s shape ",
+              delta_s.sizes());
+  at::Tensor lse = return_lse ? at::empty({B, Hq, Sq}, out.options().dtype(at::kFloat))
+                              : at::empty({0}, out.options().dtype(at::kFloat));
+  sage3::Fp4AttnParams p{};
+  p.q_codes = qz[0].data_ptr<uint8_t>(); p.q_scales = qz[1].data_ptr<uint8_t>(); p.q_tile_scale = qz[2].data_ptr<float>();
+  p.k_codes = qz[3].data_ptr<uint8_t>(); p.k_scales = qz[4].data_ptr<uint8_t>(); p.k_tile_scale = qz[5].data_ptr<float>();
+  p.v_codes = qz[6].data_ptr<uint8_t>(); p.v_scales = qz[7].data_ptr<uint8_t>(); p.v_tile_scale = qz[8].data_ptr<float>();
+  p.delta_s = delta_s.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.osb = out.stride(0); p.osh = out.stride(1); p.oss = out.stride(2);
+  p.lse_log2 = return_lse ? lse.data_ptr<float>() : nullptr;
+  p.B = static_cast<int>(B); p.Hq = static_cast<int>(Hq); p.Hkv = static_cast<int>(Hkv);
+  p.Sq = static_cast<int>(Sq); p.Skv = static_cast<int>(Skv); p.D = static_cast<int>(D);
+  p.causal = causal;
+  p.score_scale_log2 = static_cast<float>(sm_scale * 1.4426950408889634);
+  p.p_offset_log2 = static_cast<float>(std::log2(448.0 * 6.0));
+  SAGE3_CUDA_CHECK(sage3::fp4_attention(p, in_dtype(out), c10::cuda::getCurrentCUDAStream()));
+  return lse;
+}
+
+at::Tensor mma_probe(const at::Tensor& a, const at::Tensor& b, const at::Tensor& sfa, const at::Tensor& sfb,
+                     const at::Tensor& c, int64_t tid_a, int64_t tid_b) {
+  TORCH_CHECK(a.is_cuda() && a.scalar_type() == at::kByte && a.numel() == 16 * 32 && a.is_contiguous(), "a: 16x32 u8");
+  TORCH_CHECK(b.is_cuda() && b.scalar_type() == at::kByte && b.numel() == 8 * 32 && b.is_contiguous(), "b: 8x32 u8");
+  TORCH_CHECK(sfa.is_cuda() && sfa.scalar_type() == at::kByte && sfa.numel() == 16 * 4 && sfa.is_contiguous(), "sfa");
+  TORCH_CHECK(sfb.is_cuda() && sfb.scalar_type() == at::kByte && sfb.numel() == 8 * 4 && sfb.is_contiguous(), "sfb");
+  TORCH_CHECK(c.is_cuda() && c.scalar_type() == at::kFloat && c.numel() == 16 * 8 && c.is_contiguous(), "c: 16x8 f32");
+  const c10::cuda::CUDAGuard guard(a.device());
+  auto d = at::full({16, 8}, std::numeric_limits<float>::quiet_NaN(), c.options());
+  SAGE3_CUDA_CHECK(sage3::fp4_mma_probe(a.data_ptr<uint8_t>(), b.data_ptr<uint8_t>(), sfa.data_ptr<uint8_t>(),
+                                        sfb.data_ptr<uint8_t>(), c.data_ptr<float>(), d.data_ptr<float>(),
+                                        static_cast<int>(tid_a), static_cast<int>(tid_b),
+                                        c10::cuda::getCurrentCUDAStream()));
+  return d;
+}
+
+// (__CUDA_ARCH__ of the device image loaded on the current GPU, 1 if it uses the hardware FP4 MMA).
+std::vector<int64_t> mma_impl() {
+  auto buf = at::zeros({2}, at::TensorOptions().dtype(at::kInt).device(at::kCUDA));
+  SAGE3_CUDA_CHECK(sage3::fp4_mma_impl(buf.data_ptr<int>(), c10::cuda::getCurrentCUDAStream()));
+  auto h = buf.cpu();
+  return {h[0].item<int64_t>(), h[1].item<int64_t>()};
+}
+
+// Device images compiled into this module (setup.py passes the gencodes as defines).
+std::map<std::string, bool> build_info() {
+  std::map<std::string, bool> info;
+#ifdef SAGE3_FP4_SM120A
+  info["sm_120a"] = true;
+#else
+  info["sm_120a"] = false;
+#endif
+#ifdef SAGE3_FP4_SM121A
+  info["sm_121a"] = true;
+#else
+  info["sm_121a"] = false;
+#endif
+#ifdef SAGE3_FP4_SM90A_EMULATED
+  info["sm_90a_emulated"] = true;
+#else
+  info["sm_90a_emulated"] = false;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "SageAttention3 NVFP4 attention (sm_120a hardware FP4 MMA; sm_90a emulated-MMA test build)";
+  m.def("quantize", &quantize, "Quantize Q', K', V to NVFP4 in the attention kernel's layouts");
+  m.def("attention", &attention, "NVFP4 attention on quantized operands; writes out in place");
+  m.def("mma_probe", &mma_probe, "Run the block-scaled FP4 MMA device function once on plain operands");
+  m.def("mma_impl", &mma_impl, "(__CUDA_ARCH__, hardware MMA?) of the loaded device image");
+  m.def("build_info", &build_info, "Device images compiled into this module");
+}

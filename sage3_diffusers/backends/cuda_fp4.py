@@ -1,0 +1,216 @@
+"""SageAttention3 NVFP4 CUDA backends (extension `sage3_diffusers._C_fp4`, csrc/sm120).
+
+One kernel source, two device images:
+- sm_120a / sm_121a (RTX 5090 / RTX PRO 6000 class): the block-scaled FP4 tensor-core MMA
+  (`mma.sync ... kind::mxf4nvf4.block_scale.scale_vec::4X ... ue4m3`). Compiled and its SASS checked
+  (OMMA.SF.16864...UE4M3.4X); NOT yet run on Blackwell hardware.
+- sm_90a, built only with SAGE3_FP4_EMULATED=1: the same kernel with that MMA emulated in software. It exists
+  to verify the kernel's numerics on Hopper against the torch specification; it is slow.
+
+Per call: the smoothing means and ΔS = q̄_b·K'ᵀ come from the specification's own torch code (so the quantized
+tensors are bit-identical to `sage3_quantize`), then two fused CUDA quantization launches (Q'/K' rows, V per
+channel) and the attention kernel. Exposed as the custom op `torch.ops.sage3.fp4_attn` (with a fake
+implementation for torch.compile) and as the backends `cuda_sm120_fp4` and `cuda_fp4_emulated`.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from ..numerics.attention_common import LN2, expand_kv_heads
+from ..numerics.sage3_reference import SAGE3_Q_BLOCK, block_means
+from .base import AttentionBackend, AttentionProblem, to_hnd
+
+_EXT_NAME = "sage3_diffusers._C_fp4"
+_ext = None
+_ext_error: str | None = None
+_NATIVE_CAPS = ((12, 0), (12, 1))
+_BUILD_HINT_NATIVE = "SAGE3_EXTENSIONS=fp4 TORCH_CUDA_ARCH_LIST=12.0a python setup.py build_ext --inplace"
+_BUILD_HINT_EMULATED = ("SAGE3_EXTENSIONS=fp4 SAGE3_FP4_EMULATED=1 TORCH_CUDA_ARCH_LIST=9.0a "
+                        "python setup.py build_ext --inplace")
+
+
+def _load_ext():
+    """The compiled extension, or None (the reason is kept in _ext_error)."""
+    global _ext, _ext_error
+    if _ext is None and _ext_error is None:
+        try:
+            _ext = importlib.import_module(_EXT_NAME)
+        except ImportError as e:  # not built, or built against another torch
+            _ext_error = f"{type(e).__name__}: {e}"
+    return _ext
+
+
+def build_info() -> dict[str, bool]:
+    """Device images compiled into _C_fp4 ({} when it is not built)."""
+    ext = _load_ext()
+    return dict(ext.build_info()) if ext is not None else {}
+
+
+def smoothing_terms(q: torch.Tensor, k: torch.Tensor):
+    """(q_mean [B,Hq,nQB,D], k_mean [B,Hkv,1,D], delta_s [B,Hq,nQB,Skv]) exactly as `sage3_quantize` computes
+    them (same torch ops, so the kernels' quantized tensors are bit-identical to the specification's)."""
+    qf, kf = q.float(), k.float()
+    k_mean = kf.mean(dim=-2, keepdim=True)
+    ks = kf - k_mean
+    q_mean = block_means(qf, SAGE3_Q_BLOCK)
+    delta_s = q_mean @ expand_kv_heads(ks, q.shape[1]).transpose(-1, -2)
+    return q_mean, k_mean, delta_s
+
+
+def quantize_debug(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The kernels' quantized Q', K', V in the specification's plain order (HND inputs), for bit-exact tests:
+    packed codes (`pack_fp4` of `sage3_quantize(...).x.codes`), scales as fp32 E4M3 values, tile scales."""
+    ext = _load_ext()
+    if ext is None:
+        raise RuntimeError(f"{_EXT_NAME} is not built ({_ext_error})")
+    q_mean, k_mean, delta_s = smoothing_terms(q, k)
+    qc, qs, qg, kc, ks, kg, vc, vs, vg = ext.quantize(q, k, v, q_mean, k_mean)
+    b, hkv, skv, d = k.shape
+    sq = q.shape[2]
+    n_kt = vg.shape[2]
+    e4m3 = lambda x: x.view(torch.float8_e4m3fn).float()  # noqa: E731
+    # V: kernel [B, Hkv, D, n_kt*128] -> spec [B, Hkv, n_kt, D, 128] (tiles of tokens, quantized dim last).
+    v_codes = vc.view(b, hkv, d, n_kt, 64).permute(0, 1, 3, 2, 4)
+    v_scales = vs.view(b, hkv, d, n_kt, 8).permute(0, 1, 3, 2, 4)
+    return {
+        "q_codes": qc[:, :, :sq], "q_scales": e4m3(qs[:, :, :sq]), "q_tile_scale": qg,
+        "k_codes": kc[:, :, :skv], "k_scales": e4m3(ks[:, :, :skv]), "k_tile_scale": kg,
+        "v_codes": v_codes, "v_scales": e4m3(v_scales), "v_tile_scale": vg,
+        "q_mean": q_mean, "k_mean": k_mean, "delta_s": delta_s,
+    }
+
+
+def mma_probe(a, b, sfa, sfb, c, tid_a: int = 0, tid_b: int = 0) -> torch.Tensor:
+    """Run the block-scaled FP4 MMA device function once (see csrc/sm120/fp4_api.h for the operand layout)."""
+    ext = _load_ext()
+    if ext is None:
+        raise RuntimeError(f"{_EXT_NAME} is not built ({_ext_error})")
+    return ext.mma_probe(a, b, sfa, sfb, c, tid_a, tid_b)
+
+
+def mma_impl() -> tuple[int, bool]:
+    """(__CUDA_ARCH__ of the device image loaded on the current GPU, True if it uses the hardware FP4 MMA)."""
+    arch, hw = _load_ext().mma_impl()
+    return int(arch), bool(hw)
+
+
+@torch.library.custom_op("sage3::fp4_attn", mutates_args=())
+def fp4_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool, sm_scale: float,
+             return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """SageAttention3 NVFP4 attention. out: q's shape, dtype and layout (contiguous); lse [B, Hq, Sq] fp32,
+    natural log (an empty tensor unless return_lse)."""
+    ext = _load_ext()
+    if ext is None:
+        raise RuntimeError(f"{_EXT_NAME} is not built ({_ext_error})")
+    if layout not in ("HND", "NHD"):
+        raise ValueError(f"layout must be 'HND' or 'NHD', got {layout!r}")
+    qh, kh, vh = to_hnd(q, layout), to_hnd(k, layout), to_hnd(v, layout)
+    q_mean, k_mean, delta_s = smoothing_terms(qh, kh)
+    quantized = ext.quantize(qh, kh, vh, q_mean, k_mean)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous in the caller's layout
+    lse2 = ext.attention(quantized, delta_s, to_hnd(out, layout), kh.shape[2], bool(is_causal), float(sm_scale),
+                         bool(return_lse))
+    if not return_lse:
+        return out, q.new_empty((0,), dtype=torch.float32)
+    # Natural-log LSE of sm_scale·Q·Kᵀ with the unsmoothed K: the kernel's log2 part plus sm_scale·q·k̄ᵀ.
+    k_mean_q = expand_kv_heads(k_mean, qh.shape[1])
+    lse = lse2 * LN2 + sm_scale * (qh.float() @ k_mean_q.transpose(-1, -2)).squeeze(-1)
+    return out, lse
+
+
+@fp4_attn.register_fake
+def _(q, k, v, layout, is_causal, sm_scale, return_lse):
+    b, h, s = (q.shape[0], q.shape[2], q.shape[1]) if layout == "NHD" else q.shape[:3]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = q.new_empty((b, h, s) if return_lse else (0,), dtype=torch.float32)
+    return out, lse
+
+
+class _CudaFp4Backend(AttentionBackend):
+    family = "fp4"
+    dtypes = (torch.float16, torch.bfloat16)
+    head_dims = (64, 128)
+    supports_causal = True
+    supports_lse = True
+    supports_mask = False
+    supports_gqa = True
+    _capabilities: tuple[tuple[int, int], ...] = ()
+
+    def _image_reasons(self) -> list[str]:
+        return []
+
+    def unavailable_reasons(self) -> list[str]:
+        if _load_ext() is None:
+            return [f"extension _C_fp4 not built ({_ext_error})"]
+        reasons = self._image_reasons()
+        if not torch.cuda.is_available():
+            reasons.append("no CUDA device available")
+        return reasons
+
+    def input_reasons(self, p: AttentionProblem) -> list[str]:
+        reasons = super().input_reasons(p)
+        if p.device_type != "cuda":
+            reasons.append(f"tensors are on {p.device_type}, needs a CUDA device")
+        elif p.capability not in self._capabilities:
+            cap = "unknown" if p.capability is None else f"sm_{p.capability[0]}{p.capability[1]}"
+            reasons.append(self._capability_reason(cap))
+        if p.seq_q < 1 or p.seq_kv < 1:
+            reasons.append(f"empty sequence (seq_q={p.seq_q}, seq_kv={p.seq_kv})")
+        return reasons
+
+    def _capability_reason(self, cap: str) -> str:
+        raise NotImplementedError
+
+    def forward(self, q, k, v, *, layout, is_causal, sm_scale, return_lse, attn_mask=None):
+        if attn_mask is not None:
+            raise ValueError(f"{self.name} does not take attn_mask")
+        out, lse = torch.ops.sage3.fp4_attn(q, k, v, layout, bool(is_causal), float(sm_scale), bool(return_lse))
+        return (out, lse) if return_lse else out
+
+
+class CudaSm120Fp4Backend(_CudaFp4Backend):
+    name = "cuda_sm120_fp4"
+    priority = 100
+    description = ("Blackwell sm_120a/121a CUDA kernel: SageAttention3 NVFP4 attention with the block-scaled FP4 "
+                   "mma.sync (kind::mxf4nvf4, scale_vec::4X, ue4m3)")
+    verified = ("compiled for sm_120a (SASS has OMMA.SF.16864...E2M1.E2M1.UE4M3.4X); numerics verified through the "
+                "emulated build on Hopper (tests/gpu/test_cuda_fp4.py); not yet run on Blackwell hardware")
+    _capabilities = _NATIVE_CAPS
+
+    def _image_reasons(self) -> list[str]:
+        info = build_info()
+        if not (info.get("sm_120a") or info.get("sm_121a")):
+            only = (" (it holds only the sm_90a emulated MMA build: for numerics tests, not speed)"
+                    if info.get("sm_90a_emulated") else "")
+            return [f"extension _C_fp4 built without sm_120a/sm_121a{only}; rebuild with {_BUILD_HINT_NATIVE}"]
+        return []
+
+    def _capability_reason(self, cap: str) -> str:
+        if cap == "sm_90" and build_info().get("sm_90a_emulated"):
+            return ("needs an sm_120/121 GPU (Blackwell RTX class), this GPU is sm_90; the sm_90a image of _C_fp4 is "
+                    "the emulated MMA build: for numerics tests, not speed (backend cuda_fp4_emulated)")
+        return f"needs an sm_120/121 GPU (Blackwell RTX class: hardware FP4 mma.sync), this GPU is {cap}"
+
+
+class CudaFp4EmulatedBackend(_CudaFp4Backend):
+    name = "cuda_fp4_emulated"
+    priority = 0
+    auto_eligible = False
+    description = ("test build: the sm_120a NVFP4 kernel compiled for sm_90a with the FP4 MMA emulated in software "
+                   "(emulated MMA build: for numerics tests, not speed)")
+    verified = "run on H100 against the SageAttention3 reference (tests/gpu/test_cuda_fp4.py)"
+    _capabilities = ((9, 0),)
+
+    def _image_reasons(self) -> list[str]:
+        if not build_info().get("sm_90a_emulated"):
+            return [f"extension _C_fp4 built without the emulated sm_90a image (rebuild with {_BUILD_HINT_EMULATED})"]
+        return []
+
+    def _capability_reason(self, cap: str) -> str:
+        return f"the emulated MMA build runs on sm_90 (Hopper) only, this GPU is {cap}"
+
+
+BACKENDS = [CudaSm120Fp4Backend, CudaFp4EmulatedBackend]
+
