@@ -58,11 +58,12 @@ int64_t tiles(int64_t s) { return (s + kTile - 1) / kTile; }
 // Returns (q_codes [B,Hq,Sq_pad,D/2] u8, q_scales [B,Hq,Sq_pad,D/16] u8 (E4M3 bits), q_g [B,Hq,nQT] f32,
 //          k_codes, k_scales, k_g [B,Hkv,nKT], v_codes [B,Hkv,D,Skv_pad/2], v_scales [B,Hkv,D,Skv_pad/16],
 //          v_g [B,Hkv,nKT,D]).
-std::vector<at::Tensor> quantize(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v,
+std::vector<at::Tensor> quantize(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                  const at::Tensor& q_mean_in, const at::Tensor& k_mean_in) {
-  check_qkv(q_in, k_in, v);
+  check_qkv(q_in, k_in, v_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in);
+  const at::Tensor v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();  // the V kernel reads channels unit-stride
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3), Hkv = k.size(1), Skv = k.size(2);
   const at::Tensor q_mean = q_mean_in.to(at::kFloat).contiguous(), k_mean = k_mean_in.to(at::kFloat).contiguous();
   TORCH_CHECK(q_mean.sizes() == at::IntArrayRef({B, Hq, tiles(Sq), D}), "_C_fp4: q_mean shape ", q_mean.sizes());
@@ -86,7 +87,6 @@ std::vector<at::Tensor> quantize(const at::Tensor& q_in, const at::Tensor& k_in,
   SAGE3_CUDA_CHECK(sage3::fp4_quantize_rows(k.data_ptr(), dt, k.stride(0), k.stride(1), k.stride(2), B, Hkv, Skv, D,
                                             k_mean.data_ptr<float>(), 1, false, k_codes.data_ptr<uint8_t>(),
                                             k_scales.data_ptr<uint8_t>(), k_g.data_ptr<float>(), stream));
-  TORCH_CHECK(v.stride(3) == 1 || v.size(3) == 1, "_C_fp4: v must be contiguous along D");
   SAGE3_CUDA_CHECK(sage3::fp4_quantize_v(v.data_ptr(), dt, v.stride(0), v.stride(1), v.stride(2), B, Hkv, Skv, D,
                                          v_codes.data_ptr<uint8_t>(), v_scales.data_ptr<uint8_t>(),
                                          v_g.data_ptr<float>(), stream));
