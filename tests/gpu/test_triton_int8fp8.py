@@ -80,7 +80,7 @@ def _check(q, k, v, *, layout="HND", causal=False, gran="per_thread", q_block=12
         assert (l - ref_lse).abs().max().item() < 1e-2 * max(1.0, ref_lse.abs().max().item()), "lse vs reference"
     # as accurate as the reference numerics (small slack for rounding)
     assert m_ker["rel_l1"] < 1.15 * m_ref["rel_l1"] + 2e-3, (m_ker, m_ref)
-    assert m_ker["cos_sim"] > 0.99, m_ker
+    assert m_ker["cos_sim"] > min(0.99, m_ref["cos_sim"] - 0.005), (m_ker, m_ref)
     ref_lse_err = (ref_lse - e_lse).abs().max().item()
     assert (l - e_lse).abs().max().item() <= 1.2 * ref_lse_err + 1e-3 * max(1.0, e_lse.abs().max().item()), \
         "lse vs exact"
@@ -107,7 +107,8 @@ def test_matches_reference_all_configs(case):
     b, hq, hkv, sq, skv, d, causal, layout, dtype = case
     q, k, v = _dit_inputs(b, hq, hkv, sq, skv, d, dtype)
     m = _k()
-    for cfg in m._CANDIDATES[d]:
+    c0 = m._CANDIDATES[d][0]
+    for cfg in (*m._CANDIDATES[d], m.AttnConfig(c0.block_m, c0.num_warps, c0.num_stages, not c0.fold_qs)):
         _check(q, k, v, layout=layout, causal=causal, config=cfg)
 
 

@@ -16,7 +16,7 @@ import triton
 from ...numerics.attention_common import LOG2E
 from ...numerics.int8 import QK_QUANT_GRANULARITIES
 from .int8fp8_attn import _int8fp8_attn_kernel
-from .int8fp8_quant import _kv_quant_kernel, _kv_stats_kernel, _q_quant_kernel
+from .int8fp8_quant import _kv_finalize_kernel, _kv_quant_kernel, _kv_stats_kernel, _q_quant_kernel
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -24,8 +24,10 @@ except ImportError:  # pragma: no cover - Triton < 3.4: pointer loads only
     TensorDescriptor = None
 
 KV_TILE = 128          # BN of the attention kernel: the reference's kv_tile
-_STATS_MAX_CHUNKS = 32  # K-mean / V-amax partials per head (bounded so each quant program re-reduces cheaply)
+_STATS_PROGRAMS = 512   # aim for this many stats programs (a constant, so the K mean does not depend on the GPU)
+_STATS_MAX_CHUNKS = 64
 _STATS_BLOCK_S = 64
+_QUANT_SUB = 32  # rows per chunk in the K/V quantization kernel (register budget: no spills at D=128)
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,10 @@ class AttnConfig:
     block_m: int
     num_warps: int
     num_stages: int
+    fold_qs: bool = False  # exp2 argument as one FMA (rounding differs from the reference's order by ~1 ulp)
 
     def __str__(self):
-        return f"BM{self.block_m}_w{self.num_warps}_s{self.num_stages}"
+        return f"BM{self.block_m}_w{self.num_warps}_s{self.num_stages}" + ("_fold" if self.fold_qs else "")
 
 
 # Small per-head-dim candidate sets (first call compiles and times each once; results are cached per key).
@@ -94,11 +97,11 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, *, layout: str = "HND", qk_qua
     dev = k.device
     if pv_fp8 is None:
         pv_fp8 = has_fp8_dot(dev)
-    n_chunks = min(_STATS_MAX_CHUNKS, max(1, triton.cdiv(skv, 512)))
+    bh = b * hkv
+    n_chunks = max(1, min(_STATS_MAX_CHUNKS, triton.cdiv(_STATS_PROGRAMS, bh), triton.cdiv(skv, 4 * _STATS_BLOCK_S)))
     chunk = triton.cdiv(triton.cdiv(skv, n_chunks), _STATS_BLOCK_S) * _STATS_BLOCK_S
     n_chunks = triton.cdiv(skv, chunk)
     seq_pad = triton.cdiv(skv, 16) * 16  # 16-byte rows for the TMA descriptor of V
-    bh = b * hkv
     f32 = dict(dtype=torch.float32, device=dev)
     ksum = torch.empty((bh, n_chunks, d), **f32)
     vmax = torch.empty((bh, n_chunks, d), **f32)
@@ -110,10 +113,12 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, *, layout: str = "HND", qk_qua
     ks, vs = _bhsd_strides(k, layout), _bhsd_strides(v, layout)
     _kv_stats_kernel[(n_chunks, bh)](k, *ks, v, *vs, ksum, vmax, hkv, skv, chunk, n_chunks, D=d,
                                      BLOCK_S=_STATS_BLOCK_S, num_warps=4)
-    _kv_quant_kernel[(triton.cdiv(skv, k_block), bh)](
-        k, *ks, v, *vs, ksum, vmax, k_int8, k_scale, k_mean, v_q, v_scale, hkv, skv, seq_pad, n_chunks,
-        D=d, K_BLOCK=k_block, K_PER_THREAD=qk_quant_gran == "per_thread", SMOOTH_K=smooth_k, V_FP8=pv_fp8,
-        CHUNKS_P2=triton.next_power_of_2(n_chunks), num_warps=8 if k_block * d >= 128 * 128 else 4)
+    _kv_finalize_kernel[(bh,)](ksum, vmax, k_mean, v_scale, skv, n_chunks, D=d, SMOOTH_K=smooth_k,
+                               CHUNKS_P2=triton.next_power_of_2(n_chunks), num_warps=4)
+    _kv_quant_kernel[(triton.cdiv(skv, k_block), bh, 2)](
+        k, *ks, v, *vs, k_int8, k_scale, k_mean, v_q, v_scale, hkv, skv, seq_pad,
+        D=d, K_BLOCK=k_block, SUB=min(k_block, _QUANT_SUB), K_PER_THREAD=qk_quant_gran == "per_thread",
+        V_FP8=pv_fp8, num_warps=4)
     return QuantizedKV(k_int8, k_scale, k_mean, v_q, v_scale, b, hkv, skv, seq_pad, d, pv_fp8)
 
 
@@ -152,7 +157,7 @@ def _launch(q, kv: QuantizedKV, out, lse, *, layout, is_causal, sm_scale, return
         sm_scale * LOG2E, sm_scale,
         D=d, BM=cfg.block_m, BN=KV_TILE, Q_PER_THREAD=qk_quant_gran == "per_thread", Q_BLOCK=q_block,
         IS_CAUSAL=bool(is_causal), RETURN_LSE=bool(return_lse), PV_FP8=kv.pv_fp8, USE_TMA=use_tma,
-        STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        STAGES=cfg.num_stages, FOLD_QS=cfg.fold_qs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _forced_config() -> AttnConfig | None:

@@ -25,7 +25,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 def _attn_tile(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, S_PAD,
                k_ptr, k_desc, ks_ptr, v_ptr, v_desc,
                D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-               PV_FP8: tl.constexpr, USE_TMA: tl.constexpr):
+               PV_FP8: tl.constexpr, USE_TMA: tl.constexpr, FOLD_QS: tl.constexpr):
     offs_n = start_n + tl.arange(0, BN)
     if USE_TMA:
         k = k_desc.load([kh_row0 + start_n, 0])
@@ -35,14 +35,29 @@ def _attn_tile(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, 
                     other=0)
     ks = tl.load(ks_ptr + kh_row0 + offs_n, mask=offs_n < Skv, other=0.0)
     s = tl.dot(q_i8, tl.trans(k))  # int32, exact
-    t = s.to(tl.float32) * qs[:, None] * ks[None, :]  # the reference's product order
-    if MASK:
-        valid = offs_n[None, :] < Skv
-        if IS_CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        t = tl.where(valid, t, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(t, axis=1))
-    p = tl.math.exp2(t - m_new[:, None] + P_OFFSET_LOG2)
+    # int32 -> fp32 without I2F (a quarter-rate conversion, shared with exp2's unit): |s| <= 127*127*D < 2**22, so
+    # the bits of 1.5*2**23 + s are the fp32 value 1.5*2**23 + s exactly; subtracting 1.5*2**23 leaves float(s).
+    sf = (s + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    if FOLD_QS:
+        # qs >= 0 per row: max_j(u·qs) = qs·max_j(u), and exp2's argument is one FMA u·qs + (8.807 - m)
+        u = sf * ks[None, :]
+        if MASK:
+            valid = offs_n[None, :] < Skv
+            if IS_CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None])
+            u = tl.where(valid, u, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(u, axis=1) * qs)
+        bias = P_OFFSET_LOG2 + (0.0 - m_new)
+        p = tl.math.exp2(u * qs[:, None] + bias[:, None])
+    else:
+        t = sf * qs[:, None] * ks[None, :]  # the reference's product order
+        if MASK:
+            valid = offs_n[None, :] < Skv
+            if IS_CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None])
+            t = tl.where(valid, t, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(t, axis=1))
+        p = tl.math.exp2(t - m_new[:, None] + P_OFFSET_LOG2)
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if USE_TMA:
@@ -67,7 +82,7 @@ def _int8fp8_attn_kernel(q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
                          D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                          Q_PER_THREAD: tl.constexpr, Q_BLOCK: tl.constexpr, IS_CAUSAL: tl.constexpr,
                          RETURN_LSE: tl.constexpr, PV_FP8: tl.constexpr, USE_TMA: tl.constexpr,
-                         STAGES: tl.constexpr):
+                         STAGES: tl.constexpr, FOLD_QS: tl.constexpr):
     n_m = tl.num_programs(0)
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
@@ -109,11 +124,11 @@ def _int8fp8_attn_kernel(q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
     for start_n in tl.range(0, full_hi, BN, num_stages=STAGES):
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, S_PAD,
                                    k_ptr, k_desc, ks_ptr, v_ptr, v_desc, D, BN, False, IS_CAUSAL, PV_FP8,
-                                   USE_TMA)
+                                   USE_TMA, FOLD_QS)
     for start_n in range(full_hi, hi, BN):
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, S_PAD,
                                    k_ptr, k_desc, ks_ptr, v_ptr, v_desc, D, BN, True, IS_CAUSAL, PV_FP8,
-                                   USE_TMA)
+                                   USE_TMA, FOLD_QS)
 
     vscale = tl.load(vs_ptr + bhk * D + offs_d)
     out = acc / l_i[:, None] * vscale[None, :]

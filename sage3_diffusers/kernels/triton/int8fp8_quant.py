@@ -5,8 +5,9 @@ Importing this module imports triton; `kernels/triton/__init__.py` keeps the pac
 Passes over the caller's K/V (read through their strides, never copied or modified):
 1. `_kv_stats_kernel`: per (batch, kv-head, chunk of tokens) partial column sums of K and column amax of |V|.
    Partials, not atomics, so the K mean is deterministic and independent of the GPU.
-2. `_kv_quant_kernel`: per (batch, kv-head, tile of `k_block` tokens): K - mean -> INT8 with per-group scales,
-   and V -> FP8 E4M3 (FP16 where the GPU has no FP8 dot) with per-channel scales, stored transposed
+2. `_kv_finalize_kernel`: per (batch, kv-head) K mean and V per-channel scale from the partials.
+3. `_kv_quant_kernel`: per (batch, kv-head, tile of `k_block` tokens, K or V): K - mean -> INT8 with per-group
+   scales; V -> FP8 E4M3 (FP16 where the GPU has no FP8 dot) with per-channel scales, stored transposed
    (B*Hkv, D, S_pad) so the PV dot reads V K-major.
 Q is quantized inside the attention kernel (`quantize_q_tile`, shared with `_q_quant_kernel` for tests).
 """
@@ -149,16 +150,10 @@ def _kv_stats_kernel(k_ptr, stride_kb, stride_kh, stride_ks, stride_kd,
 
 
 @triton.jit
-def _kv_quant_kernel(k_ptr, stride_kb, stride_kh, stride_ks, stride_kd,
-                     v_ptr, stride_vb, stride_vh, stride_vs, stride_vd,
-                     ksum_ptr, vmax_ptr, kq_ptr, kscale_ptr, kmean_ptr, vq_ptr, vscale_ptr,
-                     H, S, S_PAD, N_CHUNKS,
-                     D: tl.constexpr, K_BLOCK: tl.constexpr, K_PER_THREAD: tl.constexpr,
-                     SMOOTH_K: tl.constexpr, V_FP8: tl.constexpr, CHUNKS_P2: tl.constexpr):
-    t = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+def _kv_finalize_kernel(ksum_ptr, vmax_ptr, kmean_ptr, vscale_ptr, S, N_CHUNKS,
+                        D: tl.constexpr, SMOOTH_K: tl.constexpr, CHUNKS_P2: tl.constexpr):
+    """Per (batch, kv-head): K mean and V per-channel scale from the partials of `_kv_stats_kernel`."""
+    bh = tl.program_id(0)
     offs_d = tl.arange(0, D)
     cidx = tl.arange(0, CHUNKS_P2)
     part = (bh * N_CHUNKS + cidx)[:, None] * D + offs_d[None, :]
@@ -170,45 +165,92 @@ def _kv_quant_kernel(k_ptr, stride_kb, stride_kh, stride_ks, stride_kd,
     vparts = tl.load(vmax_ptr + part, mask=pmask, other=0.0)
     vamax = tl.max(vparts, axis=0)
     vamax = tl.where(tl.max((vparts != vparts).to(tl.int32), axis=0) > 0, float("nan"), vamax)
-    vscale = tl.math.div_rn(vamax, tl.full([D], E4M3_MAX, tl.float32))
-    if t == 0:
-        tl.store(kmean_ptr + bh * D + offs_d, kmean)
-        tl.store(vscale_ptr + bh * D + offs_d, vscale)
+    tl.store(kmean_ptr + bh * D + offs_d, kmean)
+    tl.store(vscale_ptr + bh * D + offs_d, tl.math.div_rn(vamax, tl.full([D], E4M3_MAX, tl.float32)))
 
-    rows = t * K_BLOCK + tl.arange(0, K_BLOCK)
-    rmask = rows < S
-    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                mask=rmask[:, None], other=0.0).to(tl.float32)
-    k = tl.where(rmask[:, None], k - kmean[None, :], 0.0)
-    amax = _row_amax(k)
+
+@triton.jit
+def _k_group_amax(x, SUB: tl.constexpr, K_PER_THREAD: tl.constexpr):
+    """Group amax of a [SUB, D] K chunk (SUB a multiple of 8 at a multiple-of-8 offset): [4] for per_thread
+    (tokens with equal (t % 8) // 2 share a scale: view t as [t // 8, (t % 8) // 2, t % 2]), [1] per_block.
+    NaN propagates."""
+    amax = _row_amax(x)
     if K_PER_THREAD:
-        # tokens with equal (t % 8) // 2 inside the tile share a scale: view t as [t // 8, (t % 8) // 2, t % 2]
-        a = tl.reshape(amax, [K_BLOCK // 8, 4, 2])
-        nan = (a != a).to(tl.int32)
+        a = tl.reshape(amax, [SUB // 8, 4, 2])
         g = tl.max(tl.max(a, axis=2), axis=0)
-        g = tl.where(tl.max(tl.max(nan, axis=2), axis=0) > 0, float("nan"), g)
-        g3 = tl.broadcast_to(tl.expand_dims(tl.expand_dims(g, 0), 2), [K_BLOCK // 8, 4, 2])
-        scale = tl.reshape(g3, [K_BLOCK])
+        nan = tl.max(tl.max((a != a).to(tl.int32), axis=2), axis=0)
     else:
-        scale = tl.zeros([K_BLOCK], dtype=tl.float32) + _group_max_nan(amax, (amax != amax).to(tl.int32))
-    scale = tl.math.div_rn(scale, tl.full([K_BLOCK], INT8_MAX, tl.float32))
-    s = scale[:, None]
-    safe = tl.where(s == 0, 1.0, s)
-    ki = tl.where(s == 0, 0.0, _rne_int8(tl.math.div_rn(k, tl.broadcast_to(safe, k.shape))))
-    ki = tl.where(ki != ki, 0.0, ki)
-    tl.store(kq_ptr + (bh * S + rows)[:, None] * D + offs_d[None, :], ki.to(tl.int8), mask=rmask[:, None])
-    tl.store(kscale_ptr + bh * S + rows, scale, mask=rmask)
+        g = tl.zeros([1], dtype=tl.float32) + tl.max(amax)
+        nan = tl.zeros([1], dtype=tl.int32) + tl.max((amax != amax).to(tl.int32))
+    return tl.where(nan > 0, float("nan"), g)
 
-    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                mask=rmask[:, None], other=0.0).to(tl.float32)
-    vs = vscale[None, :]
-    vsafe = tl.where(vs == 0, 1.0, vs)
-    vq = tl.where(vs == 0, 0.0, tl.math.div_rn(v, tl.broadcast_to(vsafe, v.shape)))
-    vq = tl.minimum(tl.maximum(vq, -E4M3_MAX), E4M3_MAX)  # |v| = amax can divide to 448 + 1 ulp
-    if V_FP8:
-        vq = vq.to(tl.float8e4nv)
+
+@triton.jit
+def _k_rows_scale(g, SUB: tl.constexpr, K_PER_THREAD: tl.constexpr):
+    """Per-row copy [SUB] of the group scales g."""
+    if K_PER_THREAD:
+        return tl.reshape(tl.broadcast_to(tl.expand_dims(tl.expand_dims(g, 0), 2), [SUB // 8, 4, 2]), [SUB])
     else:
-        vq = vq.to(tl.float16)
-    # transposed store; columns in [S, S_PAD) get zeros (rows >= S were loaded as 0)
-    tl.store(vq_ptr + (bh * D + offs_d)[:, None] * S_PAD + rows[None, :], tl.trans(vq),
-             mask=(rows < S_PAD)[None, :])
+        return tl.reshape(tl.broadcast_to(tl.expand_dims(g, 0), [SUB, 1]), [SUB])
+
+
+@triton.jit
+def _kv_quant_kernel(k_ptr, stride_kb, stride_kh, stride_ks, stride_kd,
+                     v_ptr, stride_vb, stride_vh, stride_vs, stride_vd,
+                     kq_ptr, kscale_ptr, kmean_ptr, vq_ptr, vscale_ptr, H, S, S_PAD,
+                     D: tl.constexpr, K_BLOCK: tl.constexpr, SUB: tl.constexpr, K_PER_THREAD: tl.constexpr,
+                     V_FP8: tl.constexpr):
+    """Program (tile, bh, 0) quantizes a K tile of K_BLOCK tokens, (tile, bh, 1) the V tile; both in chunks of
+    SUB rows (K in two passes: group amax, then quantize; the second pass re-reads the tile from L2)."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, D)
+    row0 = t * K_BLOCK
+    if tl.program_id(2) == 0:
+        kmean = tl.load(kmean_ptr + bh * D + offs_d)
+        k_base = k_ptr + b * stride_kb + h * stride_kh
+        if K_PER_THREAD:
+            g = tl.zeros([4], dtype=tl.float32)
+        else:
+            g = tl.zeros([1], dtype=tl.float32)
+        for c in range(0, K_BLOCK, SUB):
+            rows = row0 + c + tl.arange(0, SUB)
+            rmask = rows < S
+            x = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=rmask[:, None],
+                        other=0.0).to(tl.float32)
+            x = tl.where(rmask[:, None], x - kmean[None, :], 0.0)
+            gc = _k_group_amax(x, SUB, K_PER_THREAD)
+            g = tl.where(gc != gc, gc, tl.maximum(g, gc))
+        scale_g = tl.math.div_rn(g, tl.zeros_like(g) + INT8_MAX)
+        for c in range(0, K_BLOCK, SUB):
+            rows = row0 + c + tl.arange(0, SUB)
+            rmask = rows < S
+            x = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=rmask[:, None],
+                        other=0.0).to(tl.float32)
+            x = x - kmean[None, :]
+            scale = _k_rows_scale(scale_g, SUB, K_PER_THREAD)
+            s = scale[:, None]
+            safe = tl.where(s == 0, 1.0, s)
+            ki = tl.where(s == 0, 0.0, _rne_int8(tl.math.div_rn(x, tl.broadcast_to(safe, x.shape))))
+            ki = tl.where(ki != ki, 0.0, ki)
+            tl.store(kq_ptr + (bh * S + rows)[:, None] * D + offs_d[None, :], ki.to(tl.int8), mask=rmask[:, None])
+            tl.store(kscale_ptr + bh * S + rows, scale, mask=rmask)
+    else:
+        vscale = tl.load(vscale_ptr + bh * D + offs_d)
+        vs = vscale[None, :]
+        vsafe = tl.where(vs == 0, 1.0, vs)
+        for c in range(0, K_BLOCK, SUB):
+            rows = row0 + c + tl.arange(0, SUB)
+            v = tl.load(v_ptr + b * stride_vb + h * stride_vh + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                        mask=(rows < S)[:, None], other=0.0).to(tl.float32)
+            vq = tl.where(vs == 0, 0.0, tl.math.div_rn(v, tl.broadcast_to(vsafe, v.shape)))
+            vq = tl.minimum(tl.maximum(vq, -E4M3_MAX), E4M3_MAX)  # |v| = amax can divide to 448 + 1 ulp
+            if V_FP8:
+                vq = vq.to(tl.float8e4nv)
+            else:
+                vq = vq.to(tl.float16)
+            # transposed store; columns in [S, S_PAD) get zeros (rows >= S were loaded as 0)
+            tl.store(vq_ptr + (bh * D + offs_d)[:, None] * S_PAD + rows[None, :], tl.trans(vq),
+                     mask=(rows < S_PAD)[None, :])
