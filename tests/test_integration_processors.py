@@ -56,7 +56,7 @@ def test_sdpa_kernel_equals_default_processor(family):
     remove(model)
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3", "cogvideox"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "sd35", "cogvideox"])
 def test_fused_qkv_equals_unfused_default(family):
     seed = fresh_seed()
     model = tiny_transformer(family, seed=seed % 1000)

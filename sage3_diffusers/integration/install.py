@@ -77,6 +77,11 @@ def apply(target, policy=None, *, kernel: str | None = None, stats: KernelStats 
         remove(transformer)
     family = detect_family(transformer)
     pol = fixed_policy(kernel) if kernel is not None else load_policy(policy)
+    if pol.model and pol.model.replace("sd35", "sd3") != family:
+        import warnings
+        warnings.warn(f"sage3_diffusers.apply: policy {pol.source} is written for model {pol.model!r} but the "
+                      f"transformer is {family!r}; layer names or block types may not match", UserWarning,
+                      stacklevel=2)
     runtime = Sage3Runtime(pol, family, stats, scheduler=getattr(pipe, "scheduler", None),
                            num_inference_steps=num_inference_steps, log_summary=log_summary)
     proc = processor_for(family)  # one stateless instance for every layer
