@@ -83,7 +83,7 @@ def test_sd35_dual_attention_shares_one_processor_and_counts_both():
     remove(model)
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3", "cogvideox", "hunyuan_video", "mochi"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_apply_remove_round_trip_is_bit_identical(family):
     seed = fresh_seed()
     model = tiny_transformer(family, seed=seed % 1000)

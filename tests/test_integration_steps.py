@@ -101,3 +101,14 @@ def test_summary_logged_once_per_generation(caplog):
     assert len(lines) == 2 and lines[0].startswith("sage3: generation 0, 2 steps, 8 attention calls")
     assert "kernels by step 0:int8_fp8 1:int8_fp8" in lines[0]
     remove(model)
+
+
+def test_stats_memory_is_bounded_and_tables_aggregate():
+    from sage3_diffusers.integration.stats import KernelStats
+    st = KernelStats(max_calls=10)
+    for i in range(25):
+        st.record(0, i % 3, f"l{i % 2}", "fp4", "reference_fp4", None if i % 2 else "why")
+    assert len(st.calls) <= 10 and st.calls[-1].step == 24 % 3
+    rows = st.table()
+    assert {(r["step"], r["layer"]) for r in rows} == {(c.step, c.layer) for c in st.calls}
+    assert sum(sum(r["backends"].values()) for r in rows) == len(st.calls)

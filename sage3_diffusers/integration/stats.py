@@ -26,10 +26,13 @@ class AttentionCall:
 class KernelStats:
     """Collected calls. `calls` is the raw list; helpers aggregate it."""
 
-    def __init__(self):
+    def __init__(self, max_calls: int = 200_000):
         self.calls: list[AttentionCall] = []
+        self.max_calls = max_calls  # bound memory in long-running processes: the oldest half is dropped
 
     def record(self, generation, step, layer, requested, backend, reason=None) -> None:
+        if len(self.calls) >= self.max_calls:
+            del self.calls[: len(self.calls) // 2]
         self.calls.append(AttentionCall(generation, step, layer, requested, backend, reason))
 
     def reset(self) -> None:

@@ -253,21 +253,21 @@ def _make_hook_class():
         def pre_forward(self, module, *args, **kwargs):
             t = self._arg("timestep", args, kwargs)
             mask = self._arg(self.mask_kwarg, args, kwargs) if self.mask_kwarg else None
-            host = []
+            parts = []
             if isinstance(t, torch.Tensor) and t.numel():
-                host.append(t.reshape(-1)[:1].detach().double())
+                parts.append(t.detach().reshape(-1)[:1].double())
             elif isinstance(t, (int, float)):
-                host.append(torch.tensor([float(t)], dtype=torch.float64))
-            has_t = bool(host)
+                parts.append(torch.tensor([float(t)], dtype=torch.float64))
+            has_t = bool(parts)
             batch = 0
             if isinstance(mask, torch.Tensor) and mask.dim() == 2:
                 m = mask.detach().bool()
                 batch = m.shape[0]
                 valid = m.sum(dim=1)
                 ramp = torch.arange(m.shape[1], device=m.device)[None, :] < valid[:, None]
-                host.append(torch.cat([valid, (ramp == m).all(dim=1)]).double().to(host[0].device if host else
-                                                                                    m.device))
-            values = torch.cat([h.cpu() for h in host]).tolist() if host else []  # the one host sync
+                parts = [p.to(m.device, non_blocking=True) for p in parts]  # host->device: no sync
+                parts.append(torch.cat([valid, (ramp == m).all(dim=1)]).double())
+            values = torch.cat(parts).tolist() if parts else []  # the one host sync per forward
             t_value = values.pop(0) if has_t else None
             if batch:
                 self.runtime.set_text_mask([int(v) for v in values[:batch]], all(v > 0 for v in values[batch:]))

@@ -130,7 +130,8 @@ def transformer_inputs(family: str, *, batch: int = 2, seed: int = 0, text_lengt
         img_ids = torch.zeros(h, w, 3)
         img_ids[..., 1] = torch.arange(h)[:, None]
         img_ids[..., 2] = torch.arange(w)[None, :]
-        kw = dict(hidden_states=rn(batch, h * w, c.in_channels), encoder_hidden_states=rn(batch, n, c.joint_attention_dim),
+        kw = dict(hidden_states=rn(batch, h * w, c.in_channels),
+                  encoder_hidden_states=rn(batch, n, c.joint_attention_dim),
                   pooled_projections=rn(batch, c.pooled_projection_dim),
                   timestep=full(0.7 if timestep is None else timestep, dtype=dtype),
                   img_ids=img_ids.reshape(-1, 3).to(device), txt_ids=torch.zeros(n, 3, device=device),
@@ -160,8 +161,8 @@ def transformer_inputs(family: str, *, batch: int = 2, seed: int = 0, text_lengt
     if family == "hunyuan_video":
         f, h, w = grid or (2, 4, 4)
         n = text_len or 12
-        kw = dict(hidden_states=rn(batch, c.in_channels, f, h, w), timestep=full(700.0 if timestep is None else timestep,
-                                                                                   dtype=dtype),
+        kw = dict(hidden_states=rn(batch, c.in_channels, f, h, w),
+                  timestep=full(700.0 if timestep is None else timestep, dtype=dtype),
                   encoder_hidden_states=rn(batch, n, c.text_embed_dim), encoder_attention_mask=mask(n).long(),
                   pooled_projections=rn(batch, c.pooled_projection_dim), return_dict=False)
         if c.guidance_embeds:
@@ -170,7 +171,8 @@ def transformer_inputs(family: str, *, batch: int = 2, seed: int = 0, text_lengt
     if family == "mochi":
         f, h, w = grid or (2, 4, 4)
         n = text_len or 12
-        return dict(hidden_states=rn(batch, c.in_channels, f, h, w), encoder_hidden_states=rn(batch, n, c.text_embed_dim),
+        return dict(hidden_states=rn(batch, c.in_channels, f, h, w),
+                    encoder_hidden_states=rn(batch, n, c.text_embed_dim),
                     timestep=full(700.0 if timestep is None else timestep, dtype=dtype),
                     encoder_attention_mask=mask(n), return_dict=False)
     raise ValueError(f"unknown family {family!r}; allowed: {FAMILIES}")
