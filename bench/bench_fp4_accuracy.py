@@ -30,16 +30,21 @@ def main():
     ap.add_argument("--rows", type=int, default=1024)
     ap.add_argument("--shapes", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--v-offset", type=float, default=0.0,
+                    help="add this times a per-channel N(0,1) offset to V (0: plain dit_inputs)")
     args = ap.parse_args()
     shapes = DIT_SHAPES if not args.shapes else [s for s in DIT_SHAPES if s.name in args.shapes.split(",")]
     arch, hw = cuda_fp4.mma_impl()
     card = torch.cuda.get_device_name()
-    print(f"card: {card}; _C_fp4 image sm_{arch // 10}, MMA {'hardware' if hw else 'emulated'}; "
+    print(f"card: {card}; _C_fp4 image sm_{arch // 10}, MMA {'hardware' if hw else 'emulated'}; v_offset {args.v_offset}; "
           f"torch {torch.__version__}; {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC")
     rows = []
     for shape in shapes:
         q, k, v = dit_inputs(shape)
         q = q[:, :, : args.rows]
+        if args.v_offset:
+            g = torch.Generator(device="cuda").manual_seed(1)
+            v = v + (args.v_offset * torch.randn(shape.heads, 1, shape.head_dim, device="cuda", generator=g)).to(v.dtype)
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
         res = {"shape": shape.name, "B": shape.batch, "H": shape.heads, "Sq": q.shape[2], "Skv": k.shape[2],
                "D": shape.head_dim}

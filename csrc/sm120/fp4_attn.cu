@@ -40,19 +40,74 @@ __device__ __forceinline__ void store2<__nv_bfloat16>(__nv_bfloat16* dst, float 
   *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(a, b);
 }
 
+template <int D>
+struct TileSmem {
+  static constexpr int kKRow = D / 2 + 16;           // bytes per key row (padded: conflict-free fragment loads)
+  static constexpr int kKScale = D / 16;             // scale bytes per key
+  static constexpr int kVRow = kFp4Tile / 2 + 16;    // bytes per V channel row (128 tokens, padded)
+  alignas(16) uint8_t k[kFp4Tile * kKRow];
+  alignas(16) uint8_t ks[kFp4Tile * kKScale];
+  alignas(16) uint8_t v[D * kVRow];
+  alignas(16) uint8_t vs[D * (kFp4Tile / 16)];
+  alignas(16) float ds[kFp4Tile];
+  alignas(16) float vg[D];
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+template <int kBytes>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid = true) {
+  static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16, "cp.async copies 4, 8 or 16 bytes");
+  const int src_bytes = valid ? kBytes : 0;  // 0: zero-fill the destination
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_addr(dst)), "l"(src), "n"(kBytes),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all_but_newest() { asm volatile("cp.async.wait_group 1;\n" ::); }
+
+// Issue the copies of key tile `kt` into `t` (K rows permuted, see the file comment).
+template <int D>
+__device__ __forceinline__ void load_tile(TileSmem<D>& t, const Fp4AttnParams& p, int64_t khead, int kt, int n_kt_all,
+                                          int skv_pad, const float* ds_row) {
+  constexpr int kKRow = TileSmem<D>::kKRow, kKScale = TileSmem<D>::kKScale, kVRow = TileSmem<D>::kVRow;
+  const uint8_t* kc = p.k_codes + (khead * skv_pad + kt * kFp4Tile) * (D / 2);
+  constexpr int kChunks = D / 32;  // 16-byte pieces per key row
+  for (int i = threadIdx.x; i < kFp4Tile * kChunks; i += kAttnThreads) {
+    const int c = i / kChunks, part = i % kChunks;
+    const int key = (c & ~63) + chunk_key_of_column(c & 63);
+    cp_async<16>(t.k + c * kKRow + part * 16, kc + key * (D / 2) + part * 16);
+  }
+  const uint8_t* ksc = p.k_scales + (khead * skv_pad + kt * kFp4Tile) * kKScale;
+  for (int c = threadIdx.x; c < kFp4Tile; c += kAttnThreads) {
+    const int key = (c & ~63) + chunk_key_of_column(c & 63);
+    cp_async<kKScale>(t.ks + c * kKScale, ksc + key * kKScale);
+  }
+  const uint8_t* vc = p.v_codes + khead * D * (skv_pad / 2) + kt * (kFp4Tile / 2);
+  for (int i = threadIdx.x; i < D * 4; i += kAttnThreads) {
+    const int ch = i >> 2, part = i & 3;
+    cp_async<16>(t.v + ch * kVRow + part * 16, vc + static_cast<int64_t>(ch) * (skv_pad / 2) + part * 16);
+  }
+  const uint8_t* vsc = p.v_scales + khead * D * (skv_pad / 16) + kt * (kFp4Tile / 16);
+  const float* vg = p.v_tile_scale + (khead * n_kt_all + kt) * D;
+  for (int ch = threadIdx.x; ch < D; ch += kAttnThreads) {
+    cp_async<8>(t.vs + ch * 8, vsc + static_cast<int64_t>(ch) * (skv_pad / 16));
+    cp_async<4>(t.vg + ch, vg + ch);
+  }
+  for (int i = threadIdx.x; i < kFp4Tile; i += kAttnThreads) {
+    const int key = kt * kFp4Tile + i;
+    const bool valid = key < p.Skv;
+    cp_async<4>(t.ds + i, ds_row + (valid ? key : 0), valid);  // keys past Skv: 0 (they are masked anyway)
+  }
+}
+
 template <int D, typename T>
 __global__ void __launch_bounds__(kAttnThreads) fp4_attention_kernel(const Fp4AttnParams p) {
   constexpr int kSteps = D / 64;        // k-steps of Q·Kᵀ
   constexpr int kOutTiles = D / 8;      // n-tiles of the output
-  constexpr int kKRow = D / 2 + 16;     // smem bytes per key row (padded: conflict-free fragment loads)
-  constexpr int kKScale = D / 16;       // scale bytes per key
-  constexpr int kVRow = kFp4Tile / 2 + 16;  // smem bytes per V channel row (128 tokens, padded)
-  __shared__ alignas(16) uint8_t s_k[kFp4Tile * kKRow];
-  __shared__ alignas(16) uint8_t s_ks[kFp4Tile * kKScale];
-  __shared__ alignas(16) uint8_t s_v[D * kVRow];
-  __shared__ alignas(16) uint8_t s_vs[D * (kFp4Tile / 16)];
-  __shared__ float s_ds[kFp4Tile];
-  __shared__ float s_vg[D];
+  constexpr int kKRow = TileSmem<D>::kKRow, kKScale = TileSmem<D>::kKScale, kVRow = TileSmem<D>::kVRow;
+  // Two stages: the next key tile streams in (cp.async) while this one is computed.
+  __shared__ TileSmem<D> smem[2];
 
   const int qt = blockIdx.x, hq = blockIdx.y, b = blockIdx.z;
   const int n_qt = gridDim.x, sq_pad = n_qt * kFp4Tile;
@@ -86,43 +141,21 @@ __global__ void __launch_bounds__(kAttnThreads) fp4_attention_kernel(const Fp4At
   float m_run[2] = {neg_inf, neg_inf}, l_run[2] = {0.0f, 0.0f};
 
   const int n_kt = p.causal ? min(n_kt_all, qt + 1) : n_kt_all;  // top-left causal: key j visible iff j <= i
+  const float* ds_row = p.delta_s + (qhead * n_qt + qt) * static_cast<int64_t>(p.Skv);
+  if (n_kt > 0) load_tile<D>(smem[0], p, khead, 0, n_kt_all, skv_pad, ds_row);
+  cp_async_commit();
   for (int kt = 0; kt < n_kt; ++kt) {
-    __syncthreads();  // previous tile's smem reads are done
-    {
-      const uint8_t* kc = p.k_codes + (khead * skv_pad + kt * kFp4Tile) * (D / 2);
-      constexpr int kChunks = D / 32;  // 16-byte pieces per key row
-      for (int i = threadIdx.x; i < kFp4Tile * kChunks; i += kAttnThreads) {
-        const int c = i / kChunks, part = i % kChunks;
-        const int key = (c & ~63) + chunk_key_of_column(c & 63);
-        *reinterpret_cast<uint4*>(s_k + c * kKRow + part * 16) =
-            *reinterpret_cast<const uint4*>(kc + key * (D / 2) + part * 16);
-      }
-      const uint8_t* ksc = p.k_scales + (khead * skv_pad + kt * kFp4Tile) * kKScale;
-      for (int c = threadIdx.x; c < kFp4Tile; c += kAttnThreads) {
-        const int key = (c & ~63) + chunk_key_of_column(c & 63);
-#pragma unroll
-        for (int w = 0; w < kKScale / 4; ++w)
-          *reinterpret_cast<uint32_t*>(s_ks + c * kKScale + 4 * w) = ld32(ksc + key * kKScale + 4 * w);
-      }
-      const uint8_t* vc = p.v_codes + khead * D * (skv_pad / 2) + kt * (kFp4Tile / 2);
-      for (int i = threadIdx.x; i < D * 4; i += kAttnThreads) {
-        const int ch = i >> 2, part = i & 3;
-        *reinterpret_cast<uint4*>(s_v + ch * kVRow + part * 16) =
-            *reinterpret_cast<const uint4*>(vc + static_cast<int64_t>(ch) * (skv_pad / 2) + part * 16);
-      }
-      const uint8_t* vsc = p.v_scales + khead * D * (skv_pad / 16) + kt * (kFp4Tile / 16);
-      for (int ch = threadIdx.x; ch < D; ch += kAttnThreads) {
-        *reinterpret_cast<uint2*>(s_vs + ch * 8) =
-            *reinterpret_cast<const uint2*>(vsc + static_cast<int64_t>(ch) * (skv_pad / 16));
-        s_vg[ch] = p.v_tile_scale[(khead * n_kt_all + kt) * D + ch];
-      }
-      const float* ds = p.delta_s + (qhead * n_qt + qt) * static_cast<int64_t>(p.Skv);
-      for (int i = threadIdx.x; i < kFp4Tile; i += kAttnThreads) {
-        const int key = kt * kFp4Tile + i;
-        s_ds[i] = key < p.Skv ? ds[key] : 0.0f;
-      }
-    }
-    __syncthreads();
+    const TileSmem<D>& tile = smem[kt & 1];
+    if (kt + 1 < n_kt) load_tile<D>(smem[(kt + 1) & 1], p, khead, kt + 1, n_kt_all, skv_pad, ds_row);
+    cp_async_commit();
+    cp_async_wait_all_but_newest();  // this tile's copies (this thread's) have landed
+    __syncthreads();                 // ... and everyone else's
+    const uint8_t* s_k = tile.k;
+    const uint8_t* s_ks = tile.ks;
+    const uint8_t* s_v = tile.v;
+    const uint8_t* s_vs = tile.vs;
+    const float* s_ds = tile.ds;
+    const float* s_vg = tile.vg;
 
     // S = Q̂'·K̂'ᵀ (block-scaled FP4 MMA), 16 n-tiles of 8 keys.
     float s[16][4];
@@ -236,6 +269,7 @@ __global__ void __launch_bounds__(kAttnThreads) fp4_attention_kernel(const Fp4At
         o[n][2 + e] = o[n][2 + e] * alpha[1] + ot[2 + e] * gv;
       }
     }
+    __syncthreads();  // all reads of this stage are done before the next prefetch overwrites it
   }
 
   // Row sums live split over the quad.

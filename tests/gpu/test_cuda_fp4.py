@@ -133,7 +133,12 @@ def test_quantization_bit_exact(ext, shape, dtype):
             bad = (have != want).nonzero()
             raise AssertionError(f"{name}: {bad.shape[0]} of {want.numel()} differ, first at {bad[0].tolist()}: "
                                  f"{have[tuple(bad[0])].item()} vs {want[tuple(bad[0])].item()}")
-    assert unpack_fp4(got["q_codes"]).ne(0).any() and unpack_fp4(got["v_codes"]).ne(0).any()
+    # Not a vacuous comparison (a single query/key token smooths to exactly zero: Q' = Q - mean(Q) = 0).
+    assert unpack_fp4(got["v_codes"]).ne(0).any()
+    if shape[3] > 1:
+        assert unpack_fp4(got["q_codes"]).ne(0).any()
+    if shape[4] > 1:
+        assert unpack_fp4(got["k_codes"]).ne(0).any()
 
 
 @pytest.mark.parametrize("kind", ["large_magnitude", "k_offset"])
