@@ -59,6 +59,12 @@ def resolve(q, k, v, kernel: str = "auto", *, is_causal: bool = False, tensor_la
     return select_backend(_problem(q, k, v, tensor_layout, is_causal, return_lse, attn_mask), kernel)
 
 
+def choose(q, k, v, kernel: str = "auto", *, is_causal: bool = False, tensor_layout: str = "HND",
+           return_lse: bool = False, attn_mask=None):
+    """(backend, fallback note or None) for these inputs; unlike `resolve`, safe inside torch.compile."""
+    return backend_for(_problem(q, k, v, tensor_layout, is_causal, return_lse, attn_mask), kernel)
+
+
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "auto", *,
                    is_causal: bool = False, tensor_layout: str = "HND", sm_scale: float | None = None,
                    return_lse: bool = False, attn_mask: torch.Tensor | None = None):
@@ -70,7 +76,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: st
         out = q.new_empty(q.shape[:3] + (v.shape[3],))
         lse = torch.empty((problem.batch, problem.heads_q, problem.seq_q), dtype=torch.float32, device=q.device)
         return (out, lse) if return_lse else out
-    backend = backend_for(problem, kernel)
+    backend, _ = backend_for(problem, kernel)
     return backend.forward(q, k, v, layout=tensor_layout, is_causal=is_causal, sm_scale=scale,
                            return_lse=return_lse, attn_mask=attn_mask)
 

@@ -174,29 +174,31 @@ def select_backend(problem: AttentionProblem, kernel: str = "auto") -> Selection
 
 
 @torch._dynamo.assume_constant_result
-def _selected_backend_name(fields: tuple, kernel: str) -> str:
-    return select_backend(AttentionProblem(*fields), kernel).backend.name
+def _selected_name_and_note(fields: tuple, kernel: str) -> tuple[str, str | None]:
+    sel = select_backend(AttentionProblem(*fields), kernel)
+    return sel.backend.name, sel.note
 
 
-def backend_for(problem: AttentionProblem, kernel: str = "auto") -> AttentionBackend:
-    """The backend `select_backend` chooses. Under torch.compile the choice is made once, while tracing
-    (shapes, dtype and settings are fixed per graph), so compiled graphs hold no dispatch code."""
+def backend_for(problem: AttentionProblem, kernel: str = "auto") -> tuple[AttentionBackend, str | None]:
+    """(backend, fallback note) as `select_backend` chooses them, safe inside torch.compile: while tracing,
+    the choice is made once (shapes, dtype and settings are fixed per graph) and the graph holds no dispatch
+    code; changing settings later does not retrace (call torch.compiler.reset() or recompile)."""
     if torch.compiler.is_compiling():
         p = problem  # plain values: dynamo passes them to the constant-result call as they are
         fields = (p.batch, p.heads_q, p.heads_kv, p.seq_q, p.seq_kv, p.head_dim, p.head_dim_v, p.dtype,
                   p.device_type, p.capability, p.layout, p.is_causal, p.return_lse, p.has_mask)
-        return _registry[_selected_backend_name(fields, kernel)]
-    return select_backend(problem, kernel).backend
+        name, note = _selected_name_and_note(fields, kernel)
+        return _registry[name], note
+    sel = select_backend(problem, kernel)
+    return sel.backend, sel.note
 
 
-_capability_cache: dict = {}
+@torch._dynamo.assume_constant_result
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def device_capability(device: torch.device) -> tuple[int, int] | None:
     if device.type != "cuda":
         return None
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    cap = _capability_cache.get(idx)
-    if cap is None:
-        cap = _capability_cache[idx] = torch.cuda.get_device_capability(idx)
-    return cap
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())

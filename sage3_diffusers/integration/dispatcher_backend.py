@@ -17,7 +17,7 @@ Limits (prefer `apply` / `Sage3Processor`):
 """
 from __future__ import annotations
 
-from ..api import resolve
+from ..api import choose
 from .stats import GLOBAL_STATS
 
 DISPATCHER_BACKENDS = {"sage3": "fp4", "sage2pp": "int8_fp8"}
@@ -38,7 +38,7 @@ def _extend_enum(enum_cls, member_name: str, value: str):
 
 
 def _make_backend_fn(name: str, kernel: str):
-    from .processors import _key_prefix_lengths
+    from .processors import _key_prefix_lengths, attend_valid_prefix
 
     layer = f"<dispatcher:{name}>"
 
@@ -57,24 +57,14 @@ def _make_backend_fn(name: str, kernel: str):
             valid = _key_prefix_lengths(attn_mask, query.shape[0], key.shape[1])
             if valid is None:
                 mask = attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask
-                sel = resolve(query, key, value, "sdpa", tensor_layout="NHD", is_causal=is_causal, attn_mask=mask)
-                GLOBAL_STATS.record(0, None, layer, kernel, sel.backend.name, "mask is not right-padding: exact SDPA")
-                return sel.backend.forward(query, key, value, layout="NHD", is_causal=is_causal, sm_scale=sm_scale,
-                                           return_lse=False, attn_mask=mask)
-        if valid is None or all(n == key.shape[1] for n in valid):
-            sel = resolve(query, key, value, kernel, tensor_layout="NHD", is_causal=is_causal)
-            out = sel.backend.forward(query, key, value, layout="NHD", is_causal=is_causal, sm_scale=sm_scale,
-                                      return_lse=False)
-        else:
-            import torch
-            outs = []
-            for b, n in enumerate(valid):
-                qb, kb, vb = query[b:b + 1], key[b:b + 1, :n], value[b:b + 1, :n]
-                sel = resolve(qb, kb, vb, kernel, tensor_layout="NHD", is_causal=is_causal)
-                outs.append(sel.backend.forward(qb, kb, vb, layout="NHD", is_causal=is_causal, sm_scale=sm_scale,
-                                                return_lse=False))
-            out = torch.cat(outs, dim=0)
-        GLOBAL_STATS.record(0, None, layer, kernel, sel.backend.name, sel.note)
+                backend, _ = choose(query, key, value, "sdpa", tensor_layout="NHD", is_causal=is_causal,
+                                    attn_mask=mask)
+                GLOBAL_STATS.record(0, None, layer, kernel, backend.name, "mask is not right-padding: exact SDPA")
+                return backend.forward(query, key, value, layout="NHD", is_causal=is_causal, sm_scale=sm_scale,
+                                       return_lse=False, attn_mask=mask)
+        out, backend, note = attend_valid_prefix(query, key, value, kernel, "NHD", sm_scale, valid,
+                                                 is_causal=is_causal)
+        GLOBAL_STATS.record(0, None, layer, kernel, backend, note)
         return out
 
     sage_dispatch_backend._sage3_kernel = kernel

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..api import resolve
+from ..api import choose
 from .stats import GLOBAL_STATS
 
 EXACT_REFINER_REASON = "token refiner / generic attention with an arbitrary mask: diffusers AttnProcessor2_0 (SDPA)"
@@ -68,47 +68,17 @@ class _Sage3Base:
         elif not torch.compiler.is_compiling():  # no runtime to flush compiled calls into: not counted
             GLOBAL_STATS.record(0, None, layer, requested, backend, reason)
 
-    @staticmethod
-    def _op(q, k, v, kernel, layout, attn_mask=None):
-        sel = _select(q, k, v, kernel, layout, attn_mask)
-        out = sel.backend.forward(q, k, v, layout=layout, is_causal=False, sm_scale=q.shape[-1] ** -0.5,
-                                  return_lse=False, attn_mask=attn_mask)
-        return out, sel
-
     def _attend(self, attn, q, k, v, *, layout: str, valid: list[int] | None = None, rows: str = "all"):
-        """Attention with the layer's kernel. `valid[b]`: sample b's valid prefix length along the joint
-        sequence. rows="all": every query row attends to the valid keys (what a [B,1,1,N] key mask does);
-        rows="valid": only the valid prefix attends among itself, the other rows are zero (Mochi)."""
+        """Attention with the layer's kernel; see `attend_valid_prefix` for `valid` and `rows`."""
         layer, runtime, kernel = self._decide(attn)
-        seq_dim = 2 if layout == "HND" else 1
-        total = k.shape[seq_dim]
-        if valid is None or all(n == total for n in valid):
-            out, sel = self._op(q, k, v, kernel, layout)
-        else:
-            pieces, b = [], 0
-            while b < len(valid):  # runs of samples with equal valid length share one call
-                e = b
-                while e + 1 < len(valid) and valid[e + 1] == valid[b]:
-                    e += 1
-                n = valid[b]
-                qb, kb, vb = q[b:e + 1], k[b:e + 1].narrow(seq_dim, 0, n), v[b:e + 1].narrow(seq_dim, 0, n)
-                if rows == "valid":
-                    qb = qb.narrow(seq_dim, 0, n)
-                ob, sel = self._op(qb, kb, vb, kernel, layout)
-                if rows == "valid" and n < total:
-                    pad = list(ob.shape)
-                    pad[seq_dim] = total - n
-                    ob = torch.cat([ob, ob.new_zeros(pad)], dim=seq_dim)
-                pieces.append(ob)
-                b = e + 1
-            out = torch.cat(pieces, dim=0)
-        self._record(runtime, layer, kernel, sel.backend.name, sel.note)
+        out, backend, note = attend_valid_prefix(q, k, v, kernel, layout, q.shape[-1] ** -0.5, valid, rows)
+        self._record(runtime, layer, kernel, backend, note)
         return out
 
     def _exact(self, attn, q, k, v, *, layout: str, attn_mask, reason: str):
         layer, runtime, kernel = self._decide(attn)
-        out, sel = self._op(q, k, v, "sdpa", layout, attn_mask=attn_mask)
-        self._record(runtime, layer, kernel, sel.backend.name, reason)
+        out, backend, _ = _op(q, k, v, "sdpa", layout, q.shape[-1] ** -0.5, attn_mask=attn_mask)
+        self._record(runtime, layer, kernel, backend, reason)
         return out
 
     def _delegate_exact(self, attn, hidden_states, encoder_hidden_states, attention_mask):
@@ -120,30 +90,39 @@ class _Sage3Base:
         return out
 
 
-# Backend selections by plain-tuple key. Traced code (torch.compile) only reads this dict, so a hit adds
-# no graph break; a miss resolves once outside the graph. Keyed on the dispatch settings too.
-_SELECTIONS: dict = {}
+def _op(q, k, v, kernel, layout, sm_scale, attn_mask=None, is_causal=False):
+    backend, note = choose(q, k, v, kernel, tensor_layout=layout, attn_mask=attn_mask, is_causal=is_causal)
+    out = backend.forward(q, k, v, layout=layout, is_causal=is_causal, sm_scale=sm_scale, return_lse=False,
+                          attn_mask=attn_mask)
+    return out, backend.name, note
 
 
-@torch.compiler.disable
-def _resolve_and_cache(key, q, k, v, kernel, layout, attn_mask):
-    sel = _SELECTIONS[key] = resolve(q, k, v, kernel, tensor_layout=layout, attn_mask=attn_mask)
-    return sel
-
-
-def _select(q, k, v, kernel, layout, attn_mask):
-    from .. import dispatch
-    key = (kernel, layout, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device.type,
-           attn_mask is not None, dispatch._fallback_override, _env("SAGE3_BACKEND"), _env("SAGE3_FALLBACK"))
-    sel = _SELECTIONS.get(key)
-    if sel is None:
-        sel = _resolve_and_cache(key, q, k, v, kernel, layout, attn_mask)
-    return sel
-
-
-def _env(name):
-    import os
-    return os.environ.get(name)
+def attend_valid_prefix(q, k, v, kernel, layout, sm_scale, valid=None, rows="all", is_causal=False):
+    """Attention where sample b attends only to its first valid[b] keys (a right-padding key mask),
+    without passing a mask to the kernel. rows="all": every query row attends to the valid keys (what a
+    [B,1,1,N] key mask does); rows="valid": only the valid prefix attends among itself and the other rows
+    are zero (Mochi). Samples with equal valid length share one call. Returns (out, backend name, note)."""
+    seq_dim = 2 if layout == "HND" else 1
+    total = k.shape[seq_dim]
+    if valid is None or all(n == total for n in valid):
+        return _op(q, k, v, kernel, layout, sm_scale, is_causal=is_causal)
+    pieces, b = [], 0
+    while b < len(valid):
+        e = b
+        while e + 1 < len(valid) and valid[e + 1] == valid[b]:
+            e += 1
+        n = valid[b]
+        qb, kb, vb = q[b:e + 1], k[b:e + 1].narrow(seq_dim, 0, n), v[b:e + 1].narrow(seq_dim, 0, n)
+        if rows == "valid":
+            qb = qb.narrow(seq_dim, 0, n)
+        ob, backend, note = _op(qb, kb, vb, kernel, layout, sm_scale, is_causal=is_causal)
+        if rows == "valid" and n < total:
+            pad = list(ob.shape)
+            pad[seq_dim] = total - n
+            ob = torch.cat([ob, ob.new_zeros(pad)], dim=seq_dim)
+        pieces.append(ob)
+        b = e + 1
+    return torch.cat(pieces, dim=0), backend, note
 
 
 def _key_prefix_lengths(attention_mask: torch.Tensor, batch: int, total: int):
