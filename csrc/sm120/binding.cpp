@@ -93,26 +93,34 @@ std::vector<at::Tensor> quantize(const at::Tensor& q_in, const at::Tensor& k_in,
   return {q_codes, q_scales, q_g, k_codes, k_scales, k_g, v_codes, v_scales, v_g};
 }
 
-// Attention on quantized operands (from `quantize`). `out` is written in place: [B, Hq, Sq, D] of q's dtype,
-// stride 1 along D. Returns the log2-domain LSE m + log2(l) - log2(2688) [B, Hq, Sq] when return_lse, else an
-// empty tensor.
-at::Tensor attention(const std::vector<at::Tensor>& qz, const at::Tensor& delta_s_in, at::Tensor out, int64_t Skv,
-                     bool causal, double sm_scale, bool return_lse) {
+// Attention on quantized operands (from `quantize`) for the query tiles q_tile0 .. q_tile0 + delta_s.size(2) - 1
+// (one call, or several chunks so ΔS stays small). Writes in place: `out` [B, Hq, Sq, D] of q's dtype, stride 1
+// along D; `lse_log2` [B, Hq, Sq] fp32 contiguous (m + log2(l) - log2(2688)) or an empty tensor for none.
+void attention(const std::vector<at::Tensor>& qz, const at::Tensor& delta_s_in, at::Tensor out, at::Tensor lse_log2,
+               int64_t Skv, bool causal, double sm_scale, int64_t q_tile0) {
   TORCH_CHECK(qz.size() == 9, "_C_fp4: attention expects the 9 tensors returned by quantize");
   const at::Tensor& q_codes = qz[0];
   const int64_t B = q_codes.size(0), Hq = q_codes.size(1), D = q_codes.size(3) * 2, Hkv = qz[3].size(1);
   TORCH_CHECK(out.is_cuda() && out.dim() == 4 && out.size(0) == B && out.size(1) == Hq && out.size(3) == D,
               "_C_fp4: out shape ", out.sizes());
   TORCH_CHECK(out.stride(3) == 1, "_C_fp4: out must be contiguous along D");
+  in_dtype(out);
   const int64_t Sq = out.size(2);
   TORCH_CHECK(tiles(Sq) * kTile == q_codes.size(2), "_C_fp4: out rows do not match the quantized Q");
   TORCH_CHECK(Skv > 0 && tiles(Skv) * kTile == qz[3].size(2), "_C_fp4: Skv does not match the quantized K");
   const c10::cuda::CUDAGuard guard(out.device());
   const at::Tensor delta_s = delta_s_in.to(at::kFloat).contiguous();
-  TORCH_CHECK(delta_s.sizes() == at::IntArrayRef({B, Hq, tiles(Sq), Skv}), "_C_fp4: delta_s shape ",
-              delta_s.sizes());
-  at::Tensor lse = return_lse ? at::empty({B, Hq, Sq}, out.options().dtype(at::kFloat))
-                              : at::empty({0}, out.options().dtype(at::kFloat));
+  TORCH_CHECK(delta_s.dim() == 4 && delta_s.size(0) == B && delta_s.size(1) == Hq && delta_s.size(3) == Skv,
+              "_C_fp4: delta_s shape ", delta_s.sizes());
+  const int64_t q_tiles = delta_s.size(2);
+  TORCH_CHECK(q_tile0 >= 0 && q_tile0 + q_tiles <= tiles(Sq), "_C_fp4: query tiles [", q_tile0, ", ",
+              q_tile0 + q_tiles, ") outside [0, ", tiles(Sq), ")");
+  const bool with_lse = lse_log2.numel() > 0;
+  if (with_lse) {
+    TORCH_CHECK(lse_log2.scalar_type() == at::kFloat && lse_log2.is_contiguous() &&
+                    lse_log2.sizes() == at::IntArrayRef({B, Hq, Sq}) && lse_log2.device() == out.device(),
+                "_C_fp4: lse_log2 must be fp32 contiguous [B, Hq, Sq], got ", lse_log2.sizes());
+  }
   sage3::Fp4AttnParams p{};
   p.q_codes = qz[0].data_ptr<uint8_t>(); p.q_scales = qz[1].data_ptr<uint8_t>(); p.q_tile_scale = qz[2].data_ptr<float>();
   p.k_codes = qz[3].data_ptr<uint8_t>(); p.k_scales = qz[4].data_ptr<uint8_t>(); p.k_tile_scale = qz[5].data_ptr<float>();
@@ -120,14 +128,14 @@ at::Tensor attention(const std::vector<at::Tensor>& qz, const at::Tensor& delta_
   p.delta_s = delta_s.data_ptr<float>();
   p.out = out.data_ptr();
   p.osb = out.stride(0); p.osh = out.stride(1); p.oss = out.stride(2);
-  p.lse_log2 = return_lse ? lse.data_ptr<float>() : nullptr;
+  p.lse_log2 = with_lse ? lse_log2.data_ptr<float>() : nullptr;
   p.B = static_cast<int>(B); p.Hq = static_cast<int>(Hq); p.Hkv = static_cast<int>(Hkv);
   p.Sq = static_cast<int>(Sq); p.Skv = static_cast<int>(Skv); p.D = static_cast<int>(D);
+  p.q_tile0 = static_cast<int>(q_tile0); p.q_tiles = static_cast<int>(q_tiles);
   p.causal = causal;
   p.score_scale_log2 = static_cast<float>(sm_scale * 1.4426950408889634);
   p.p_offset_log2 = static_cast<float>(std::log2(448.0 * 6.0));
   SAGE3_CUDA_CHECK(sage3::fp4_attention(p, in_dtype(out), c10::cuda::getCurrentCUDAStream()));
-  return lse;
 }
 
 at::Tensor mma_probe(const at::Tensor& a, const at::Tensor& b, const at::Tensor& sfa, const at::Tensor& sfb,
@@ -180,7 +188,8 @@ std::map<std::string, bool> build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "SageAttention3 NVFP4 attention (sm_120a hardware FP4 MMA; sm_90a emulated-MMA test build)";
   m.def("quantize", &quantize, "Quantize Q', K', V to NVFP4 in the attention kernel's layouts");
-  m.def("attention", &attention, "NVFP4 attention on quantized operands; writes out in place");
+  m.def("attention", &attention, "NVFP4 attention on quantized operands for a range of query tiles; writes out "
+        "(and lse_log2) in place");
   m.def("mma_probe", &mma_probe, "Run the block-scaled FP4 MMA device function once on plain operands");
   m.def("mma_impl", &mma_impl, "(__CUDA_ARCH__, hardware MMA?) of the loaded device image");
   m.def("build_info", &build_info, "Device images compiled into this module");

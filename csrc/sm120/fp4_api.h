@@ -32,11 +32,13 @@ struct Fp4AttnParams {
   const uint8_t* q_codes;  const uint8_t* q_scales;  const float* q_tile_scale;   // [B, Hq, Sq_pad, ...]
   const uint8_t* k_codes;  const uint8_t* k_scales;  const float* k_tile_scale;   // [B, Hkv, Skv_pad, ...]
   const uint8_t* v_codes;  const uint8_t* v_scales;  const float* v_tile_scale;   // [B, Hkv, D, Skv_pad/...]
-  const float* delta_s;    // [B, Hq, Sq_pad/128, Skv] fp32, q̄_b · K'ᵀ
+  const float* delta_s;    // [B, Hq, q_tiles, Skv] fp32, q̄_b · K'ᵀ for the query tiles of this launch
   void* out;               // [B, Hq, Sq, D] of Fp4InDtype, strides (osb, osh, oss), stride 1 along D
   int64_t osb, osh, oss;
   float* lse_log2;         // [B, Hq, Sq] fp32: m + log2(l) - log2(2688), or null
   int B, Hq, Hkv, Sq, Skv, D;
+  int q_tile0;             // first 128-row query tile of this launch (launches cover query tiles in chunks,
+  int q_tiles;             // q_tiles of them, so ΔS never needs [Sq/128, Skv] at once for long sequences)
   bool causal;
   float score_scale_log2;  // sm_scale * log2(e), as fp32
   float p_offset_log2;     // log2(448 * 6), as fp32

@@ -109,8 +109,8 @@ __global__ void __launch_bounds__(kAttnThreads) fp4_attention_kernel(const Fp4At
   // Two stages: the next key tile streams in (cp.async) while this one is computed.
   __shared__ TileSmem<D> smem[2];
 
-  const int qt = blockIdx.x, hq = blockIdx.y, b = blockIdx.z;
-  const int n_qt = gridDim.x, sq_pad = n_qt * kFp4Tile;
+  const int qt = p.q_tile0 + blockIdx.x, hq = blockIdx.y, b = blockIdx.z;  // qt: query tile in the whole Q
+  const int n_qt = (p.Sq + kFp4Tile - 1) / kFp4Tile, sq_pad = n_qt * kFp4Tile;
   const int hkv = hq / (p.Hq / p.Hkv);
   const int n_kt_all = (p.Skv + kFp4Tile - 1) / kFp4Tile, skv_pad = n_kt_all * kFp4Tile;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(kAttnThreads) fp4_attention_kernel(const Fp4At
   float m_run[2] = {neg_inf, neg_inf}, l_run[2] = {0.0f, 0.0f};
 
   const int n_kt = p.causal ? min(n_kt_all, qt + 1) : n_kt_all;  // top-left causal: key j visible iff j <= i
-  const float* ds_row = p.delta_s + (qhead * n_qt + qt) * static_cast<int64_t>(p.Skv);
+  const float* ds_row = p.delta_s + (qhead * gridDim.x + blockIdx.x) * static_cast<int64_t>(p.Skv);
   if (n_kt > 0) load_tile<D>(smem[0], p, khead, 0, n_kt_all, skv_pad, ds_row);
   cp_async_commit();
   for (int kt = 0; kt < n_kt; ++kt) {
@@ -295,7 +295,7 @@ __global__ void __launch_bounds__(kAttnThreads) fp4_attention_kernel(const Fp4At
 
 template <int D>
 cudaError_t launch(const Fp4AttnParams& p, Fp4InDtype dtype, cudaStream_t stream) {
-  const dim3 grid((p.Sq + kFp4Tile - 1) / kFp4Tile, p.Hq, p.B);
+  const dim3 grid(p.q_tiles, p.Hq, p.B);
   if (dtype == Fp4InDtype::kFloat16) {
     fp4_attention_kernel<D, __half><<<grid, kAttnThreads, 0, stream>>>(p);
   } else {
@@ -307,7 +307,8 @@ cudaError_t launch(const Fp4AttnParams& p, Fp4InDtype dtype, cudaStream_t stream
 }  // namespace
 
 cudaError_t fp4_attention(const Fp4AttnParams& p, Fp4InDtype dtype, cudaStream_t stream) {
-  if (p.Sq == 0 || p.B == 0 || p.Hq == 0) return cudaSuccess;
+  if (p.Sq == 0 || p.B == 0 || p.Hq == 0 || p.q_tiles == 0) return cudaSuccess;
+  if (p.q_tile0 < 0 || p.q_tile0 + p.q_tiles > (p.Sq + kFp4Tile - 1) / kFp4Tile) return cudaErrorInvalidValue;
   if (p.D == 64) return launch<64>(p, dtype, stream);
   if (p.D == 128) return launch<128>(p, dtype, stream);
   return cudaErrorInvalidValue;

@@ -96,6 +96,21 @@ def mma_impl() -> tuple[int, bool]:
     return int(arch), bool(hw)
 
 
+# ΔS = q̄_b·K'ᵀ is [B, Hq, ceil(Sq/128), Skv] fp32 (10.6 GB for one HunyuanVideo-720p call): it is computed and
+# consumed a chunk of query tiles at a time, at most this many bytes per chunk.
+DELTA_S_CHUNK_BYTES = 512 << 20
+
+
+def _delta_s(q_mean: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """q_mean [B, Hq, n, D] @ ks [B, Hkv, Skv, D]ᵀ -> [B, Hq, n, Skv] fp32, GQA without copying K'."""
+    b, hq, n, d = q_mean.shape
+    hkv, skv = ks.shape[1], ks.shape[2]
+    if hkv == hq:
+        return q_mean @ ks.transpose(-1, -2)
+    grouped = q_mean.reshape(b, hkv, (hq // hkv) * n, d)  # query head h = kv head h // G, group member h % G
+    return (grouped @ ks.transpose(-1, -2)).view(b, hq, n, skv)
+
+
 @torch.library.custom_op("sage3::fp4_attn", mutates_args=())
 def fp4_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool, sm_scale: float,
              return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,15 +122,26 @@ def fp4_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_
     if layout not in ("HND", "NHD"):
         raise ValueError(f"layout must be 'HND' or 'NHD', got {layout!r}")
     qh, kh, vh = to_hnd(q, layout), to_hnd(k, layout), to_hnd(v, layout)
-    q_mean, k_mean, delta_s = smoothing_terms(qh, kh)
+    b, hq, sq, _ = qh.shape
+    skv = kh.shape[2]
+    # The specification's smoothing terms (same torch ops as sage3_quantize, so the quantization is bit-exact).
+    k_mean = kh.float().mean(dim=-2, keepdim=True)
+    q_mean = block_means(qh.float(), SAGE3_Q_BLOCK)
     quantized = ext.quantize(qh, kh, vh, q_mean, k_mean)
+    ks = kh.float() - k_mean
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous in the caller's layout
-    lse2 = ext.attention(quantized, delta_s, to_hnd(out, layout), kh.shape[2], bool(is_causal), float(sm_scale),
-                         bool(return_lse))
+    lse2 = torch.empty((b, hq, sq) if return_lse else (0,), dtype=torch.float32, device=q.device)
+    n_qt = q_mean.shape[2]
+    per_tile = max(1, 4 * b * hq * skv)
+    chunk = max(1, min(n_qt, DELTA_S_CHUNK_BYTES // per_tile))
+    for t0 in range(0, n_qt, chunk):
+        t1 = min(n_qt, t0 + chunk)
+        ext.attention(quantized, _delta_s(q_mean[:, :, t0:t1], ks), to_hnd(out, layout), lse2, skv, bool(is_causal),
+                      float(sm_scale), t0)
     if not return_lse:
-        return out, q.new_empty((0,), dtype=torch.float32)
+        return out, lse2
     # Natural-log LSE of sm_scale·Q·Kᵀ with the unsmoothed K: the kernel's log2 part plus sm_scale·q·k̄ᵀ.
-    k_mean_q = expand_kv_heads(k_mean, qh.shape[1])
+    k_mean_q = expand_kv_heads(k_mean, hq)
     lse = lse2 * LN2 + sm_scale * (qh.float() @ k_mean_q.transpose(-1, -2)).squeeze(-1)
     return out, lse
 
