@@ -1,16 +1,16 @@
 """Times the sm_90a INT8-QK/FP8-PV kernel against SDPA cuDNN bf16 (same run, same card).
 
 python bench/bench_sm90.py [--quick]  -> a table of TFLOPS (4*B*H*Sq*Skv*D, halved for causal), median of
-triton.testing.do_bench. Columns: cuDNN bf16; ours including quantization (3 launches); ours kernel alone
+CUDA-graph replays (sage3_diffusers.bench.time_ms). Columns: cuDNN bf16; ours including quantization (3 launches); ours kernel alone
 (attention launch on pre-quantized inputs); the quantization launches alone (ms).
 """
 import argparse
+import os
 import sys
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
 
 from sage3_diffusers import _C_sm90 as ext
 
@@ -37,29 +37,38 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    print(torch.cuda.get_device_name(), torch.__version__, "cudnn", torch.backends.cudnn.version())
+    from sage3_diffusers.bench import time_ms  # median of CUDA-graph replays (no launch gaps / CPU overhead)
+    print(torch.cuda.get_device_name(), torch.__version__, "cudnn", torch.backends.cudnn.version(), flush=True)
     rows = []
     for name, b, h, s, d, causal in SHAPES[:3] if args.quick else SHAPES:
         q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         scale = d ** -0.5
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            ms_cudnn = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
-                                warmup=50, rep=300, return_mode="median")
-        ms_full = do_bench(lambda: ext.forward(q, k, v, False, causal, scale, False),
-                           warmup=50, rep=300, return_mode="median")
+
+        def cudnn():
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
         qz = ext.quantize(q, k, v, False)
-        ms_kernel = do_bench(lambda: ext.forward_quantized(q, qz, s, h, False, causal, scale, False),
-                             warmup=50, rep=300, return_mode="median")
-        ms_quant = do_bench(lambda: ext.quantize(q, k, v, False), warmup=20, rep=200, return_mode="median")
-        t_c, t_f, t_k = (tflops(b, h, s, d, causal, m) for m in (ms_cudnn, ms_full, ms_kernel))
-        rows.append((name, t_c, t_f, t_k, ms_quant, t_f / t_c, t_k / t_c))
-        print(f"{name}: cudnn {t_c:.0f}  full {t_f:.0f}  kernel {t_k:.0f}  quant {ms_quant:.3f} ms", flush=True)
+        ms = {"cudnn": time_ms(cudnn)[0]}
+        for pp in ("1", "0"):
+            os.environ["SAGE3_SM90_PINGPONG"] = pp
+            ms["full" + pp] = time_ms(lambda: ext.forward(q, k, v, False, causal, scale, False))[0]
+            ms["kernel" + pp] = time_ms(lambda: ext.forward_quantized(q, qz, s, h, False, causal, scale, False))[0]
+        os.environ.pop("SAGE3_SM90_PINGPONG")
+        ms["quant"] = time_ms(lambda: ext.quantize(q, k, v, False, False))[0]
+        ms_quant_lse = time_ms(lambda: ext.quantize(q, k, v, False, True))[0]
+        t = {key: tflops(b, h, s, d, causal, m) for key, m in ms.items() if key != "quant"}
+        rows.append((name, t, ms["quant"]))
+        print(f"{name}: " + "  ".join(f"{key} {val:.0f}" for key, val in t.items()) + f"  quant {ms['quant']:.3f} ms (with q.k_mean {ms_quant_lse:.3f})",
+              flush=True)
         del q, k, v, qz
         torch.cuda.empty_cache()
-    print("\n| shape | SDPA cuDNN bf16 | ours incl. quant | ours kernel | quant ms | full/cuDNN | kernel/cuDNN |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]:.0f} | {r[2]:.0f} | {r[3]:.0f} | {r[4]:.3f} | {r[5]:.2f}x | {r[6]:.2f}x |")
+    print("\nTFLOPS (pp = warpgroup ping-pong, nopp = without); ratios against SDPA cuDNN bf16 in the same run")
+    print("| shape | cuDNN bf16 | full pp | kernel pp | kernel nopp | quant ms | full/cuDNN | kernel/cuDNN |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, t, qms in rows:
+        print(f"| {name} | {t['cudnn']:.0f} | {t['full1']:.0f} | {t['kernel1']:.0f} | {t['kernel0']:.0f} | {qms:.3f} "
+              f"| {t['full1'] / t['cudnn']:.2f}x | {t['kernel1'] / t['cudnn']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,26 @@ t0=$(date +%s)
 SAGE3_EXTENSIONS=sm90 TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 python3 setup.py build_ext --inplace > $OUT/build.log 2>&1 || { tail -60 $OUT/build.log; exit 1; }
 grep -E "spill|registers|error|warning" $OUT/build.log | sort | uniq -c | sort -rn | head -12
 echo "build: $(( $(date +%s) - t0 )) s"
-steps=${@:-tests sanitize quick}
+steps=${@:-smoke testsall sanitize quick}
 for step in $steps; do
   case $step in
+    smoke) for pp in 1 0; do SAGE3_SM90_PINGPONG=$pp timeout 60 python3 -c "
+import torch; from sage3_diffusers import _C_sm90 as ext
+from sage3_diffusers.numerics.sage2pp_reference import sage2pp_attention_reference as ref
+from sage3_diffusers.numerics import accuracy_metrics as M
+for d in (64, 128):
+  for c in (False, True):
+    q,k,v=(torch.randn(2,2,700,d,device='cuda',dtype=torch.bfloat16) for i in range(3))
+    o,l=ext.forward(q,k,v,False,c,d**-0.5,True); torch.cuda.synchronize()
+    r,rl=ref(q.float(),k.float(),v.float(),is_causal=c,return_lse=True)
+    print('smoke pp $pp d',d,'causal',c,{k_:round(v_,6) for k_,v_ in M(o.float(),r).items()}, 'lse err', (l-rl).abs().max().item())
+" 2>&1 | tail -12; done ;;
+    diag) for c in "torch.ones(2).view(3)" "ext.forward(torch.randn(1,3,64,128,device='cuda',dtype=torch.bfloat16), torch.randn(1,2,64,128,device='cuda',dtype=torch.bfloat16), torch.randn(1,2,64,128,device='cuda',dtype=torch.bfloat16), False, False, 0.1, False)" "ext.forward(torch.randn(1,2,64,128), torch.randn(1,2,64,128), torch.randn(1,2,64,128), False, False, 0.1, False)"; do
+        timeout 60 python3 -c "
+import torch; from sage3_diffusers import _C_sm90 as ext
+try:
+    $c
+except Exception as e: print('raised', type(e).__name__, str(e)[:120])" > $OUT/diag.txt 2>&1; echo "diag rc=$? $(head -c 300 $OUT/diag.txt | tr '\n' ' ')"; done ;;
     tests) PYTHONUNBUFFERED=1 timeout 300 python3 -m pytest -q -x tests/gpu/test_cuda_sm90.py -rs 2>&1 | tee $OUT/tests.txt | tail -40 ;;
     testsall) PYTHONUNBUFFERED=1 timeout 300 python3 -m pytest -q tests/gpu/test_cuda_sm90.py -rs 2>&1 | tee $OUT/tests.txt | tail -40 ;;
     sanitize) timeout 150 compute-sanitizer --tool memcheck python3 -c "
@@ -22,6 +39,15 @@ for d in (64, 128):
     ext.forward(q,k,v,False,True,d**-0.5,True); ext.forward(q,k,v,False,False,d**-0.5,False)
 torch.cuda.synchronize(); print('sanitizer run done')" 2>&1 | tail -8 | tee $OUT/sanitizer.txt ;;
     quick) PYTHONUNBUFFERED=1 timeout 200 python3 bench/bench_sm90.py --quick 2>&1 | tee $OUT/bench.txt | tail -20 ;;
+    ncu) timeout 200 ncu --clock-control none --kernel-name regex:attn_int8 --launch-skip 3 --launch-count 1 \
+           --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+           --section WarpStateStats --section SchedulerStats --section LaunchStats --section Occupancy \
+           python3 bench/ncu_sm90.py 4 16 4096 128 > $OUT/ncu_attn.txt 2>&1; echo "ncu attn rc=$?"
+         grep -E "Duration|Throughput|Pipe|Stall|Issue|Eligible|Active Warps|Registers|Shared Memory|Executed Ipc|L2|DRAM|Warp Cycles" $OUT/ncu_attn.txt | head -60
+         timeout 120 ncu --clock-control none --kernel-name regex:"quantize_qkv|kv_stats" --launch-skip 6 --launch-count 2 \
+           --section SpeedOfLight --section Occupancy python3 bench/ncu_sm90.py 4 16 4096 128 > $OUT/ncu_quant.txt 2>&1; echo "ncu quant rc=$?"
+         grep -E "kv_stats|quantize_qkv|Duration|Throughput|Achieved Occupancy" $OUT/ncu_quant.txt | head -20 ;;
+    profile) PYTHONUNBUFFERED=1 timeout 120 python3 bench/bench_sm90.py --profile 2>&1 | tee $OUT/profile.txt | grep -v Warning | tail -30 ;;
     bench) PYTHONUNBUFFERED=1 timeout 300 python3 bench/bench_sm90.py 2>&1 | tee $OUT/bench.txt | tail -20 ;;
   esac
   echo "after $step: $(( $(date +%s) - t0 )) s"

@@ -18,6 +18,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <type_traits>
+
 #include "common/ptx_sm90.cuh"
 #include "common/wgmma_ops.cuh"
 #include "sm90/api.h"
@@ -54,6 +57,12 @@ struct AttnTraits {
   static constexpr int kThreads = 384;
 };
 
+// int32 -> fp32 without I2F (a conversion-unit op that competes with exp2): |s| <= 127*127*128 < 2^22, so
+// 1.5*2^23 + s is an exactly representable float whose low mantissa bits are s; subtracting 1.5*2^23 is exact.
+__device__ __forceinline__ float int_to_float_exact(int32_t s) {
+  return __int_as_float(0x4B400000 + s) - 12582912.0f;
+}
+
 template <typename OutT>
 __device__ __forceinline__ void store_pair(OutT* p, float x, float y);
 template <>
@@ -74,7 +83,13 @@ __device__ __forceinline__ void pv_wgmma(float (&o)[D / 2], const uint32_t (&a)[
   }
 }
 
-template <int D, bool CAUSAL, bool RETURN_LSE, typename OutT>
+template <int D, bool CAUSAL, bool RETURN_LSE, bool PINGPONG, typename OutT>
+__device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q, uint8_t* s_k, uint8_t* s_v,
+                                              uint64_t* q_full, uint64_t* k_full, uint64_t* v_full,
+                                              uint64_t* k_empty, uint64_t* v_empty, int q0, int hq, int b, int hkv,
+                                              int n_tiles, int wg);
+
+template <int D, bool CAUSAL, bool RETURN_LSE, bool PINGPONG, typename OutT>
 __global__ void __launch_bounds__(384, 1)
     attn_int8_fp8_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                          const __grid_constant__ CUtensorMap tm_v, const AttnParams p) {
@@ -134,11 +149,21 @@ __global__ void __launch_bounds__(384, 1)
         tma_load_4d(s_v + s * T::kVBytes, &tm_v, &v_full[s], j * kCtaK, 0, hkv, b);
       }
     }
-    return;
+  } else {
+    setmaxnreg_inc<240>();
+    consumer_loop<D, CAUSAL, RETURN_LSE, PINGPONG, OutT>(p, s_q, s_k, s_v, q_full, k_full, v_full, k_empty, v_empty, q0, hq, b,
+                                               hkv, n_tiles, wg);
   }
+}
 
+template <int D, bool CAUSAL, bool RETURN_LSE, bool PINGPONG, typename OutT>
+__device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q, uint8_t* s_k, uint8_t* s_v,
+                                              uint64_t* q_full, uint64_t* k_full, uint64_t* v_full,
+                                              uint64_t* k_empty, uint64_t* v_empty, int q0, int hq, int b, int hkv,
+                                              int n_tiles, int wg) {
+  using T = AttnTraits<D>;
+  constexpr int S = T::kStages;
   // ------------------------------ consumers ------------------------------
-  setmaxnreg_inc<240>();
   const int cw = wg - 1;               // consumer warpgroup: rows q0 + 64*cw ...
   const int t = threadIdx.x % 128;
   const int warp = t / 32, lane = t % 32;
@@ -164,14 +189,12 @@ __global__ void __launch_bounds__(384, 1)
 
   mbar_wait(q_full, 0);
 
-  for (int j = 0; j < n_tiles; ++j) {
+  // Pipelined per warpgroup: while the softmax of tile j runs on the CUDA cores, the tensor cores compute
+  // S_{j+1} = Q K_{j+1}^T; then P_j V_j is issued and both are awaited together.
+  int32_t sacc[64];
+  auto issue_qk = [&](int j) {
     const int s = j % S;
-    const uint32_t full_parity = (j / S) & 1;
-    const float k_sc = k_scale_head[j * 4 + tg];  // K group (t%8)//2 == tg for this thread's columns
-
-    // ---- S = Q K^T (int32) ----
-    int32_t sacc[64];
-    mbar_wait(&k_full[s], full_parity);
+    mbar_wait(&k_full[s], (j / S) & 1);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 32; ++kk) {
@@ -179,16 +202,36 @@ __global__ void __launch_bounds__(384, 1)
                                  make_smem_desc<T::kQkSwizzle>(k_addr0 + s * T::kKBytes + kk * 32), kk > 0);
     }
     wgmma_commit();
-    wgmma_wait<0>();
+  };
+  issue_qk(0);
+  // Ping-pong (PINGPONG): the two consumer warpgroups take turns issuing their tensor-core work (named
+  // barriers 1 and 2), so one warpgroup's softmax runs while the other's GEMMs occupy the tensor cores.
+  if constexpr (PINGPONG) {
+    if (cw == 1) named_barrier_arrive(1, 256);  // warpgroup 0 goes first
+  }
+  wgmma_wait<0>();
 #pragma unroll
-    for (int i = 0; i < 64; ++i) reg_fence(sacc[i]);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&k_empty[s]);
+  for (int i = 0; i < 64; ++i) reg_fence(sacc[i]);
+  __syncwarp();
+  if (lane == 0) mbar_arrive(&k_empty[0]);
 
-    // ---- dequantize into the log2 domain, mask, online softmax ----
+  float k_sc_next = k_scale_head[tg];
+  // has_next is a compile-time constant: an asm that writes sacc under a run-time branch makes ptxas
+  // serialize the wgmma pipeline (register merges at the join), so the last tile is peeled.
+  auto step = [&](const int j, auto has_next_c) {
+    constexpr bool has_next = decltype(has_next_c)::value;
+    const int s = j % S;
+    const float k_sc = k_sc_next;  // K group (t%8)//2 == tg for this thread's columns
+    if constexpr (has_next) k_sc_next = k_scale_head[(j + 1) * 4 + tg];  // prefetched a tile ahead
+
+    // ---- dequantize S_j into the log2 domain: t = s * (q_scale * sm_scale*log2e * k_scale) ----
+    // (The reference rounds (s * q_scaled) * k_scale; one product instead of two differs by <= 1 ulp of t.)
+    const float qk_scale = q_scaled * k_sc;
     float sf[64];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) sf[i] = __fmul_rn(__fmul_rn(static_cast<float>(sacc[i]), q_scaled), k_sc);
+    for (int i = 0; i < 64; ++i) sf[i] = int_to_float_exact(sacc[i]) * qk_scale;
+
+    if constexpr (has_next && !PINGPONG) issue_qk(j + 1);  // async: overlaps the softmax below
 
     const int kv0 = j * kCtaK;
     const bool need_mask = (kv0 + kCtaK > p.Skv) || (CAUSAL && kv0 + kCtaK - 1 > wg_row0);
@@ -221,13 +264,15 @@ __global__ void __launch_bounds__(384, 1)
     const float alpha_b = exp2_approx(m_b - ms_b);
     m_a = mx_a;
     m_b = mx_b;
+    // P~ = exp2(t - m + 8.807), with the two constants folded into one add per element.
+    const float bias_a = kPOffsetLog2 - ms_a, bias_b = kPOffsetLog2 - ms_b;
     float ps_a = 0.f, ps_b = 0.f;
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
-      sf[4 * i + 0] = exp2_approx((sf[4 * i + 0] - ms_a) + kPOffsetLog2);
-      sf[4 * i + 1] = exp2_approx((sf[4 * i + 1] - ms_a) + kPOffsetLog2);
-      sf[4 * i + 2] = exp2_approx((sf[4 * i + 2] - ms_b) + kPOffsetLog2);
-      sf[4 * i + 3] = exp2_approx((sf[4 * i + 3] - ms_b) + kPOffsetLog2);
+      sf[4 * i + 0] = exp2_approx(sf[4 * i + 0] + bias_a);
+      sf[4 * i + 1] = exp2_approx(sf[4 * i + 1] + bias_a);
+      sf[4 * i + 2] = exp2_approx(sf[4 * i + 2] + bias_b);
+      sf[4 * i + 3] = exp2_approx(sf[4 * i + 3] + bias_b);
       ps_a += sf[4 * i + 0] + sf[4 * i + 1];
       ps_b += sf[4 * i + 2] + sf[4 * i + 3];
     }
@@ -246,32 +291,56 @@ __global__ void __launch_bounds__(384, 1)
     }
 
     // ---- O_tile = P V (fresh fp32 accumulator), then acc = acc * alpha + O_tile ----
-    float o[D / 2];
-    mbar_wait(&v_full[s], full_parity);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      pv_wgmma<D>(o, pa[kk], make_smem_desc<T::kVSwizzle>(v_addr0 + s * T::kVBytes + kk * 32), kk > 0);
+    // Issued 64 output channels at a time so only 32 accumulator registers are live next to S_{j+1}.
+    if constexpr (PINGPONG) {
+      named_barrier_sync(1 + cw, 256);  // my turn on the tensor cores
+      if constexpr (has_next) issue_qk(j + 1);
     }
-    wgmma_commit();
-    wgmma_wait<0>();
+    mbar_wait(&v_full[s], (j / S) & 1);
 #pragma unroll
-    for (int i = 0; i < D / 2; ++i) reg_fence(o[i]);
+    for (int half = 0; half < D / 64; ++half) {
+      float o[32];
+      wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
+      for (int kk = 0; kk < 4; ++kk) {
+        wgmma_m64n64k32_f32_e4m3_rs(
+            o, pa[kk], make_smem_desc<T::kVSwizzle>(v_addr0 + s * T::kVBytes + half * 64 * kCtaK + kk * 32), kk > 0);
+      }
+      wgmma_commit();
+      if constexpr (PINGPONG) {
+        // Hand the tensor cores to the other warpgroup (warpgroup 1 skips its last hand-over, which
+        // warpgroup 0 would never wait for; it got one extra at the start).
+        if (half == 0 && (has_next || cw == 0)) named_barrier_arrive(2 - cw, 256);
+      }
+      wgmma_wait<0>();  // (first half: also S_{j+1}, committed earlier)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) reg_fence(pa[kk][r]);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&v_empty[s]);
-
+      for (int i = 0; i < 32; ++i) reg_fence(o[i]);
+      if (half == 0) {
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      acc[4 * i + 0] = acc[4 * i + 0] * alpha_a + o[4 * i + 0];
-      acc[4 * i + 1] = acc[4 * i + 1] * alpha_a + o[4 * i + 1];
-      acc[4 * i + 2] = acc[4 * i + 2] * alpha_b + o[4 * i + 2];
-      acc[4 * i + 3] = acc[4 * i + 3] * alpha_b + o[4 * i + 3];
+        for (int i = 0; i < 64; ++i) reg_fence(sacc[i]);
+        __syncwarp();
+        if (lane == 0 && has_next) mbar_arrive(&k_empty[(j + 1) % S]);
+      }
+      if (half == D / 64 - 1) {
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) reg_fence(pa[kk][r]);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&v_empty[s]);
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int ai = 4 * (8 * half + i);
+        acc[ai + 0] = acc[ai + 0] * alpha_a + o[4 * i + 0];
+        acc[ai + 1] = acc[ai + 1] * alpha_a + o[4 * i + 1];
+        acc[ai + 2] = acc[ai + 2] * alpha_b + o[4 * i + 2];
+        acc[ai + 3] = acc[ai + 3] * alpha_b + o[4 * i + 3];
+      }
     }
-  }
+  };
+  for (int j = 0; j + 1 < n_tiles; ++j) step(j, std::true_type{});
+  step(n_tiles - 1, std::false_type{});
 
   // ------------------------------ epilogue ------------------------------
   l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
@@ -330,11 +399,11 @@ inline bool make_map_4d(CUtensorMap* map, const void* base, uint64_t d0, uint64_
   return r == CUDA_SUCCESS;
 }
 
-template <int D, bool CAUSAL, bool LSE, typename OutT>
+template <int D, bool CAUSAL, bool LSE, bool PINGPONG, typename OutT>
 cudaError_t launch_attn_variant(const AttnArgs& a, cudaStream_t stream, const CUtensorMap& tq, const CUtensorMap& tk,
                                 const CUtensorMap& tv, const AttnParams& prm) {
   using T = AttnTraits<D>;
-  auto kernel = attn_int8_fp8_kernel<D, CAUSAL, LSE, OutT>;
+  auto kernel = attn_int8_fp8_kernel<D, CAUSAL, LSE, PINGPONG, OutT>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
   if (e != cudaSuccess) return e;
   dim3 grid(ceil_div(a.s.Sq, kCtaQ), a.s.Hq, a.s.B);
@@ -385,9 +454,15 @@ cudaError_t launch_attn(const AttnArgs& a, cudaStream_t stream, const char** err
     *err = "sm90 attention: return_lse needs lse and q_kmean buffers";
     return cudaErrorInvalidValue;
   }
-#define SAGE3_LAUNCH(C, L)                                                                            \
-  return a.out_bf16 ? launch_attn_variant<D, C, L, __nv_bfloat16>(a, stream, tq, tk, tv, prm)         \
-                    : launch_attn_variant<D, C, L, __half>(a, stream, tq, tk, tv, prm)
+  // SAGE3_SM90_PINGPONG=0 selects the variant without warpgroup ping-pong (for A/B timing).
+  const char* pp_env = std::getenv("SAGE3_SM90_PINGPONG");
+  const bool pingpong = !(pp_env && pp_env[0] == '0');
+#define SAGE3_LAUNCH(C, L)                                                                                   \
+  if (pingpong)                                                                                              \
+    return a.out_bf16 ? launch_attn_variant<D, C, L, true, __nv_bfloat16>(a, stream, tq, tk, tv, prm)        \
+                      : launch_attn_variant<D, C, L, true, __half>(a, stream, tq, tk, tv, prm);              \
+  return a.out_bf16 ? launch_attn_variant<D, C, L, false, __nv_bfloat16>(a, stream, tq, tk, tv, prm)         \
+                    : launch_attn_variant<D, C, L, false, __half>(a, stream, tq, tk, tv, prm)
   if (a.causal) {
     if (lse) { SAGE3_LAUNCH(true, true); } else { SAGE3_LAUNCH(true, false); }
   } else {

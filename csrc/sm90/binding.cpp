@@ -4,12 +4,27 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "sm90/api.h"
 
 namespace {
+
+// Argument errors are thrown as std::invalid_argument (pybind11 -> ValueError). A failing TORCH_CHECK here
+// crashed the process on the H200 test machine (see bench/NOTES.md), so argument checks avoid it.
+template <typename... Args>
+[[noreturn]] void fail(const Args&... args) {
+  std::ostringstream os;
+  (os << ... << args);
+  throw std::invalid_argument(os.str());
+}
+#define SM90_CHECK(cond, ...) \
+  do {                        \
+    if (!(cond)) fail(__VA_ARGS__); \
+  } while (0)
 
 using sage3::sm90::QuantArgs;
 using sage3::sm90::QuantShapes;
@@ -20,16 +35,16 @@ struct Quantized {
 };
 
 void check_input(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.is_cuda(), "sm90 attention: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(x.dim() == 4, "sm90 attention: ", name, " must be 4-D, got ", x.dim(), "-D");
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+  SM90_CHECK(x.is_cuda(), "sm90 attention: ", name, " must be a CUDA tensor");
+  SM90_CHECK(x.dim() == 4, "sm90 attention: ", name, " must be 4-D, got ", x.dim(), "-D");
+  SM90_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "sm90 attention: ", name, " must be float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.stride(3) == 1, "sm90 attention: ", name, " needs a contiguous last (channel) dimension");
+  SM90_CHECK(x.stride(3) == 1, "sm90 attention: ", name, " needs a contiguous last (channel) dimension");
   for (int d = 0; d < 3; ++d) {
-    TORCH_CHECK(x.stride(d) % 8 == 0 || x.size(d) == 1, "sm90 attention: ", name,
+    SM90_CHECK(x.stride(d) % 8 == 0 || x.size(d) == 1, "sm90 attention: ", name,
                 " strides must be multiples of 8 elements (16-byte rows), got ", x.strides());
   }
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "sm90 attention: ", name,
+  SM90_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "sm90 attention: ", name,
               " data pointer must be 16-byte aligned");
 }
 
@@ -46,18 +61,18 @@ Quantized quantize_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
   check_input(q, "q");
   check_input(k, "k");
   check_input(v, "v");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+  SM90_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "sm90 attention: q, k, v must share one dtype");
-  TORCH_CHECK(q.device() == k.device() && q.device() == v.device(), "sm90 attention: q, k, v on different devices");
+  SM90_CHECK(q.device() == k.device() && q.device() == v.device(), "sm90 attention: q, k, v on different devices");
   const View vq = view_of(q, nhd), vk = view_of(k, nhd), vv = view_of(v, nhd);
-  TORCH_CHECK(vq.D == 64 || vq.D == 128, "sm90 attention: head_dim must be 64 or 128, got ", vq.D);
-  TORCH_CHECK(vk.D == vq.D && vv.D == vq.D, "sm90 attention: q, k, v head_dim differ");
-  TORCH_CHECK(vk.B == vq.B && vv.B == vq.B, "sm90 attention: batch sizes differ");
-  TORCH_CHECK(vk.H == vv.H && vk.S == vv.S, "sm90 attention: k and v shapes differ");
-  TORCH_CHECK(vk.H > 0 && vq.H % vk.H == 0, "sm90 attention: query heads (", vq.H,
+  SM90_CHECK(vq.D == 64 || vq.D == 128, "sm90 attention: head_dim must be 64 or 128, got ", vq.D);
+  SM90_CHECK(vk.D == vq.D && vv.D == vq.D, "sm90 attention: q, k, v head_dim differ");
+  SM90_CHECK(vk.B == vq.B && vv.B == vq.B, "sm90 attention: batch sizes differ");
+  SM90_CHECK(vk.H == vv.H && vk.S == vv.S, "sm90 attention: k and v shapes differ");
+  SM90_CHECK(vk.H > 0 && vq.H % vk.H == 0, "sm90 attention: query heads (", vq.H,
               ") must be a multiple of kv heads (", vk.H, ")");
-  TORCH_CHECK(vq.S >= 1 && vk.S >= 1, "sm90 attention: empty sequence");
-  TORCH_CHECK(vq.S < (1LL << 30) && vk.S < (1LL << 30) && vq.B <= 65535 && vq.H <= 65535,
+  SM90_CHECK(vq.S >= 1 && vk.S >= 1, "sm90 attention: empty sequence");
+  SM90_CHECK(vq.S < (1LL << 30) && vk.S < (1LL << 30) && vq.B <= 65535 && vq.H <= 65535,
               "sm90 attention: sizes out of range");
 
   Quantized r;
@@ -94,14 +109,15 @@ Quantized quantize_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
   a.v_t = r.v_t.data_ptr<uint8_t>();
   a.v_scale = r.v_scale.data_ptr<float>();
   cudaError_t e = sage3::sm90::launch_quantize(a, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(e == cudaSuccess, "sm90 quantization launch failed: ", cudaGetErrorString(e));
+  if (e != cudaSuccess) throw std::runtime_error(std::string("sm90 quantization launch failed: ") + cudaGetErrorString(e));
   return r;
 }
 
 // Returns the kernels' intermediates (for tests): q_i8, q_scale, k_i8, k_scale, k_mean, v_t, v_scale, q_kmean.
-std::vector<at::Tensor> quantize(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool nhd) {
+std::vector<at::Tensor> quantize(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool nhd,
+                                 bool with_qk_mean) {
   c10::cuda::CUDAGuard guard(q.device());
-  Quantized r = quantize_impl(q, k, v, nhd, true);
+  Quantized r = quantize_impl(q, k, v, nhd, with_qk_mean);
   return {r.q_i8, r.q_scale, r.k_i8, r.k_scale, r.k_mean, r.v_t, r.v_scale, r.q_kmean};
 }
 
@@ -124,13 +140,14 @@ std::vector<at::Tensor> forward_quantized(const at::Tensor& q, const std::vector
                                           int64_t heads_kv, bool nhd, bool is_causal, double sm_scale,
                                           bool return_lse) {
   c10::cuda::CUDAGuard guard(q.device());
-  TORCH_CHECK(qz.size() == 8, "forward_quantized: expects the 8 tensors returned by quantize()");
+  SM90_CHECK(qz.size() == 8, "forward_quantized: expects the 8 tensors returned by quantize()");
   const View vq = view_of(q, nhd);
   Quantized r;
   r.s = QuantShapes{(int)vq.B, (int)vq.H, (int)heads_kv, (int)vq.S, (int)seq_kv, (int)vq.D};
   r.q_i8 = qz[0]; r.q_scale = qz[1]; r.k_i8 = qz[2]; r.k_scale = qz[3]; r.k_mean = qz[4];
   r.v_t = qz[5]; r.v_scale = qz[6]; r.q_kmean = qz[7];
-  TORCH_CHECK(r.k_i8.size(2) == seq_kv && r.k_i8.size(1) == heads_kv && r.q_i8.sizes() == at::IntArrayRef({vq.B, vq.H, vq.S, vq.D}),
+  SM90_CHECK(!return_lse || r.q_kmean.defined(), "forward_quantized: return_lse needs quantize(..., with_qk_mean=True)");
+  SM90_CHECK(r.k_i8.size(2) == seq_kv && r.k_i8.size(1) == heads_kv && r.q_i8.sizes() == at::IntArrayRef({vq.B, vq.H, vq.S, vq.D}),
               "forward_quantized: shapes do not match the quantized tensors");
   return run_attention(r, q, nhd, is_causal, sm_scale, return_lse, c10::nullopt, c10::nullopt);
 }
@@ -142,7 +159,7 @@ std::vector<at::Tensor> run_attention(const Quantized& r, const at::Tensor& q, b
   at::Tensor out;
   if (out_opt.has_value() && out_opt->defined()) {
     out = *out_opt;
-    TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.device() == q.device() &&
+    SM90_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.device() == q.device() &&
                     out.stride(3) == 1 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 == 0 && out.stride(0) % 2 == 0 && out.stride(1) % 2 == 0 && out.stride(2) % 2 == 0,
                 "sm90 attention: out must match q's shape, dtype and device, with even strides and contiguous channels");
   } else {
@@ -152,7 +169,7 @@ std::vector<at::Tensor> run_attention(const Quantized& r, const at::Tensor& q, b
   if (return_lse) {
     if (lse_opt.has_value() && lse_opt->defined()) {
       lse = *lse_opt;
-      TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat && lse.numel() == (int64_t)s.B * s.Hq * s.Sq &&
+      SM90_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat && lse.numel() == (int64_t)s.B * s.Hq * s.Sq &&
                       lse.device() == q.device(),
                   "sm90 attention: lse must be a contiguous float32 [B, Hq, Sq] tensor on q's device");
     } else {
@@ -181,17 +198,61 @@ std::vector<at::Tensor> run_attention(const Quantized& r, const at::Tensor& q, b
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaError_t e = s.D == 128 ? sage3::sm90::launch_attn_hd128(a, stream, &err)
                              : sage3::sm90::launch_attn_hd64(a, stream, &err);
-  TORCH_CHECK(e == cudaSuccess, "sm90 attention launch failed: ", e == cudaErrorInvalidValue ? err : cudaGetErrorString(e));
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("sm90 attention launch failed: ") + (e == cudaErrorInvalidValue ? err : cudaGetErrorString(e)));
   return {out, lse};
+}
+
+// Entry points return either the result list or, on a C++ exception, the message as a Python str (the
+// Python wrapper raises it). Exceptions propagating out of this module crashed the process on the test
+// machine (bench/NOTES.md), so none is allowed to leave it.
+template <typename F>
+py::object guarded(F&& f) {
+  try {
+    return py::cast(f());
+  } catch (const std::exception& e) {
+    return py::str(std::string("error: ") + e.what());
+  }
+}
+
+// Diagnostic for that crash: mode 0 throws and catches here; mode 1 lets pybind11 translate the exception.
+std::string throw_test(int mode) {
+  if (mode == 0) {
+    try {
+      throw std::invalid_argument("local");
+    } catch (const std::exception& e) {
+      return std::string("caught ") + e.what();
+    }
+  }
+  throw std::invalid_argument("propagated");
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sage3-diffusers sm_90a INT8-QK / FP8-PV attention (SageAttention2++ numerics)";
-  m.def("forward", &forward, "attention forward -> [out, lse]", py::arg("q"), py::arg("k"), py::arg("v"),
-        py::arg("nhd"), py::arg("is_causal"), py::arg("sm_scale"), py::arg("return_lse"),
-        py::arg("out") = py::none(), py::arg("lse") = py::none());
-  m.def("forward_quantized", &forward_quantized, "the attention kernel alone on quantize()'s outputs");
-  m.def("quantize", &quantize, "the quantization kernels alone (for tests)");
+  m.def(
+      "forward",
+      [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool nhd, bool is_causal, double sm_scale,
+         bool return_lse, c10::optional<at::Tensor> out, c10::optional<at::Tensor> lse) {
+        return guarded([&] { return forward(q, k, v, nhd, is_causal, sm_scale, return_lse, out, lse); });
+      },
+      "attention forward -> [out, lse] (or an error message str)", py::arg("q"), py::arg("k"), py::arg("v"),
+      py::arg("nhd"), py::arg("is_causal"), py::arg("sm_scale"), py::arg("return_lse"), py::arg("out") = py::none(),
+      py::arg("lse") = py::none());
+  m.def(
+      "forward_quantized",
+      [](const at::Tensor& q, const std::vector<at::Tensor>& qz, int64_t seq_kv, int64_t heads_kv, bool nhd,
+         bool is_causal, double sm_scale, bool return_lse) {
+        return guarded([&] { return forward_quantized(q, qz, seq_kv, heads_kv, nhd, is_causal, sm_scale, return_lse); });
+      },
+      "the attention kernel alone on quantize()'s outputs");
+  m.def(
+      "quantize",
+      [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool nhd, bool with_qk_mean) {
+        return guarded([&] { return quantize(q, k, v, nhd, with_qk_mean); });
+      },
+      "the quantization kernels alone: [q_i8, q_scale, k_i8, k_scale, k_mean, v_t, v_scale, q_kmean]", py::arg("q"),
+      py::arg("k"), py::arg("v"), py::arg("nhd"), py::arg("with_qk_mean") = true);
+  m.def("_throw_test", &throw_test, "diagnostic: 0 = throw and catch inside the module, 1 = propagate");
 }

@@ -45,6 +45,9 @@ __device__ __forceinline__ void load8(const T* p, float (&x)[8]) {
   }
 }
 
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
 // Round-to-nearest-even to int8 in [-127, 127] of x / scale; 0 when scale == 0 (as int8.py).
 __device__ __forceinline__ int quant_int8(float x, float scale) {
   if (scale == 0.f) return 0;
@@ -110,6 +113,22 @@ __device__ void reduce_partials(const QuantArgs& a, int b, int h, bool is_mean, 
   }
 }
 
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& raw, float (&x)[8]) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 f;
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+      f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]));
+    } else {
+      f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+    }
+    x[2 * i] = f.x;
+    x[2 * i + 1] = f.y;
+  }
+}
+
 // ------------------------------ launch 2: Q / K / V quantization ------------------------------
 template <int D, typename T>
 __device__ void quant_q_block(const QuantArgs& a, int idx, float* s_kmean, float* s_row_amax) {
@@ -125,22 +144,23 @@ __device__ void quant_q_block(const QuantArgs& a, int idx, float* s_kmean, float
     __syncthreads();
   }
   const T* qp = static_cast<const T*>(a.q) + (int64_t)b * a.q_sb + (int64_t)h * a.q_sh + c8 * 8;
-  float x[PASSES][8];
+  uint4 raw[PASSES];
+#pragma unroll
+  for (int ps = 0; ps < PASSES; ++ps) {
+    const int t = tile * kQuantQRows + warp * 16 + ps * RPP + rsub;
+    raw[ps] = t < a.s.Sq ? *reinterpret_cast<const uint4*>(qp + (int64_t)t * a.q_ss) : make_uint4(0, 0, 0, 0);
+  }
 #pragma unroll
   for (int ps = 0; ps < PASSES; ++ps) {
     const int r = warp * 16 + ps * RPP + rsub;  // row within the 64-token tile
     const int t = tile * kQuantQRows + r;
-    if (t < a.s.Sq) {
-      load8(qp + (int64_t)t * a.q_ss, x[ps]);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) x[ps][i] = 0.f;
-    }
+    float x[8];
+    unpack8<T>(raw[ps], x);
     float mx = 0.f, dot = 0.f;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      mx = fmaxf(mx, fabsf(x[ps][i]));
-      if (want_kmean) dot += x[ps][i] * s_kmean[c8 * 8 + i];
+      mx = fmaxf(mx, fabsf(x[i]));
+      if (want_kmean) dot += x[i] * s_kmean[c8 * 8 + i];
     }
 #pragma unroll
     for (int off = LPR / 2; off > 0; off /= 2) {
@@ -161,11 +181,14 @@ __device__ void quant_q_block(const QuantArgs& a, int idx, float* s_kmean, float
     const int base = warp * 16, rr = r - base;
     const float scale = fmaxf(s_row_amax[base + rr], s_row_amax[base + (rr ^ 8)]) / 127.f;
     if (t < a.s.Sq) {
+      float x[8];
+      unpack8<T>(raw[ps], x);
+      int qv[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) qv[i] = quant_int8(x[i], scale);
       uint2 o;
-      o.x = pack4_i8(quant_int8(x[ps][0], scale), quant_int8(x[ps][1], scale), quant_int8(x[ps][2], scale),
-                     quant_int8(x[ps][3], scale));
-      o.y = pack4_i8(quant_int8(x[ps][4], scale), quant_int8(x[ps][5], scale), quant_int8(x[ps][6], scale),
-                     quant_int8(x[ps][7], scale));
+      o.x = pack4_i8(qv[0], qv[1], qv[2], qv[3]);
+      o.y = pack4_i8(qv[4], qv[5], qv[6], qv[7]);
       *reinterpret_cast<uint2*>(qo + (int64_t)t * D) = o;
     }
   }
@@ -185,33 +208,32 @@ __device__ void quant_k_block(const QuantArgs& a, int idx, float* s_kmean, float
   const int b = bh / a.s.Hkv, h = bh % a.s.Hkv;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int rsub = lane / LPR, c8 = lane % LPR;
+  const T* kp = static_cast<const T*>(a.k) + (int64_t)b * a.k_sb + (int64_t)h * a.k_sh + c8 * 8;
+  // Raw 16-byte rows stay in registers (4 regs per pass); issue all loads before the mean reduction.
+  uint4 raw[PASSES];
+#pragma unroll
+  for (int ps = 0; ps < PASSES; ++ps) {
+    const int t = tile * kCtaK + warp * 32 + ps * RPP + rsub;
+    raw[ps] = t < a.s.Skv ? *reinterpret_cast<const uint4*>(kp + (int64_t)t * a.k_ss) : make_uint4(0, 0, 0, 0);
+  }
   reduce_partials<D>(a, b, h, true, s_kmean);
   __syncthreads();
   if (tile == 0 && threadIdx.x < D) a.k_mean[(int64_t)bh * D + threadIdx.x] = s_kmean[threadIdx.x];
   float mean[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) mean[i] = s_kmean[c8 * 8 + i];
-  const T* kp = static_cast<const T*>(a.k) + (int64_t)b * a.k_sb + (int64_t)h * a.k_sh + c8 * 8;
-  float x[PASSES][8];
 #pragma unroll
   for (int ps = 0; ps < PASSES; ++ps) {
     const int r = warp * 32 + ps * RPP + rsub;
     const int t = tile * kCtaK + r;
-    const bool valid = t < a.s.Skv;
-    if (valid) {
-      load8(kp + (int64_t)t * a.k_ss, x[ps]);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) x[ps][i] = __fsub_rn(x[ps][i], mean[i]);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) x[ps][i] = 0.f;
-    }
+    float x[8];
+    unpack8<T>(raw[ps], x);
     float mx = 0.f;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) mx = fmaxf(mx, fabsf(x[ps][i]));
+    for (int i = 0; i < 8; ++i) mx = fmaxf(mx, fabsf(__fsub_rn(x[i], mean[i])));
 #pragma unroll
     for (int off = LPR / 2; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    if (c8 == 0) s_row_amax[r] = mx;
+    if (c8 == 0) s_row_amax[r] = t < a.s.Skv ? mx : 0.f;  // padding rows (0 - mean) must not count
   }
   __syncthreads();
   if (threadIdx.x < 4) {
@@ -230,81 +252,77 @@ __device__ void quant_k_block(const QuantArgs& a, int idx, float* s_kmean, float
     const int t = tile * kCtaK + r;
     if (t < a.s.Skv) {
       const float scale = s_gscale[(r % 8) / 2];
+      float x[8];
+      unpack8<T>(raw[ps], x);
+      int qv[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) qv[i] = quant_int8(__fsub_rn(x[i], mean[i]), scale);
       uint2 o;
-      o.x = pack4_i8(quant_int8(x[ps][0], scale), quant_int8(x[ps][1], scale), quant_int8(x[ps][2], scale),
-                     quant_int8(x[ps][3], scale));
-      o.y = pack4_i8(quant_int8(x[ps][4], scale), quant_int8(x[ps][5], scale), quant_int8(x[ps][6], scale),
-                     quant_int8(x[ps][7], scale));
+      o.x = pack4_i8(qv[0], qv[1], qv[2], qv[3]);
+      o.y = pack4_i8(qv[4], qv[5], qv[6], qv[7]);
       *reinterpret_cast<uint2*>(ko + (int64_t)t * D) = o;
     }
   }
 }
 
-// Position of token tau (0..15) inside its permuted 16-token group: the inverse of
-// [0,1,8,9,2,3,10,11,4,5,12,13,6,7,14,15].
-__device__ __forceinline__ int permuted_pos(int tau) {
-  return tau < 8 ? (tau >> 1) * 4 + (tau & 1) : ((tau - 8) >> 1) * 4 + 2 + (tau & 1);
-}
+// Token at permuted position p (0..15) of a 16-token group: [0,1,8,9,2,3,10,11,4,5,12,13,6,7,14,15].
+__device__ __forceinline__ constexpr int perm_token(int p) { return (p >> 2) * 2 + (p & 1) + ((p & 2) ? 8 : 0); }
 
+// V tile [128 tokens, D] -> smem (coalesced 16-byte loads), then each thread emits 32 consecutive output
+// bytes (permuted tokens) of one channel: conflict-free column reads, full 32-byte sectors written.
 template <int D, typename T>
-__device__ void quant_v_block(const QuantArgs& a, int idx, float* s_vscale, uint8_t* s_vt) {
-  constexpr int LPR = D / 8, RPP = 32 / LPR, PASSES = 32 / RPP;
-  constexpr int kRow = kCtaK + 16;  // padded smem row (bytes) of the transposed tile
+__device__ void quant_v_block(const QuantArgs& a, int idx, float* s_vscale, T* s_tile) {
+  constexpr int LPR = D / 8, RPP = kQuantThreads / LPR;
   const int nt = a.s.n_ktiles();
   const int tile = idx % nt, bh = idx / nt;
   const int b = bh / a.s.Hkv, h = bh % a.s.Hkv;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int rsub = lane / LPR, c8 = lane % LPR;
+  const int c8 = threadIdx.x % LPR, rsub = threadIdx.x / LPR;
+  const T* vp = static_cast<const T*>(a.v) + (int64_t)b * a.v_sb + (int64_t)h * a.v_sh + c8 * 8;
+#pragma unroll 4
+  for (int r = rsub; r < kCtaK; r += RPP) {
+    const int t = tile * kCtaK + r;
+    const uint4 raw = t < a.s.Skv ? *reinterpret_cast<const uint4*>(vp + (int64_t)t * a.v_ss) : make_uint4(0, 0, 0, 0);
+    *reinterpret_cast<uint4*>(s_tile + r * D + c8 * 8) = raw;
+  }
   reduce_partials<D>(a, b, h, false, s_vscale);
   __syncthreads();
   if (tile == 0 && threadIdx.x < D) a.v_scale[(int64_t)bh * D + threadIdx.x] = s_vscale[threadIdx.x];
-  const T* vp = static_cast<const T*>(a.v) + (int64_t)b * a.v_sb + (int64_t)h * a.v_sh + c8 * 8;
-#pragma unroll 4
-  for (int ps = 0; ps < PASSES; ++ps) {
-    const int r = warp * 32 + ps * RPP + rsub;
-    const int t = tile * kCtaK + r;
-    float x[8];
-    if (t < a.s.Skv) {
-      load8(vp + (int64_t)t * a.v_ss, x);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float s = s_vscale[c8 * 8 + i];
-        x[i] = s == 0.f ? 0.f : __fdiv_rn(x[i], s);
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) x[i] = 0.f;
-    }
-    const uint32_t lo = pack_e4m3x4(x[0], x[1], x[2], x[3]);
-    const uint32_t hi = pack_e4m3x4(x[4], x[5], x[6], x[7]);
-    const int pos = (r & ~15) + permuted_pos(r & 15);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      s_vt[(c8 * 8 + i) * kRow + pos] = (uint8_t)(lo >> (8 * i));
-      s_vt[(c8 * 8 + 4 + i) * kRow + pos] = (uint8_t)(hi >> (8 * i));
-    }
-  }
-  __syncthreads();
   uint8_t* vo = a.v_t + (int64_t)bh * D * a.s.skv_pad() + (int64_t)tile * kCtaK;
-  for (int i = threadIdx.x; i < D * (kCtaK / 16); i += kQuantThreads) {
-    const int c = i / (kCtaK / 16), part = i % (kCtaK / 16);
-    *reinterpret_cast<uint4*>(vo + (int64_t)c * a.s.skv_pad() + part * 16) =
-        *reinterpret_cast<const uint4*>(s_vt + c * kRow + part * 16);
+  constexpr int kChunks = D * (kCtaK / 32);  // (channel, 32-token chunk) pairs
+  for (int i = threadIdx.x; i < kChunks; i += kQuantThreads) {
+    const int c = i % D, chunk = i / D;
+    const float sc = s_vscale[c];
+    uint32_t w[8];
+#pragma unroll
+    for (int q4 = 0; q4 < 8; ++q4) {  // 4 output bytes per word
+      float x[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int p = q4 * 4 + e;  // position within the 32-token chunk
+        const int r = chunk * 32 + (p & ~15) + perm_token(p & 15);
+        const float val = to_float(s_tile[r * D + c]);
+        x[e] = (sc == 0.f || tile * kCtaK + r >= a.s.Skv) ? 0.f : __fdiv_rn(val, sc);
+      }
+      w[q4] = pack_e4m3x4(x[0], x[1], x[2], x[3]);
+    }
+    uint4* dst = reinterpret_cast<uint4*>(vo + (int64_t)c * a.s.skv_pad() + chunk * 32);
+    dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
+    dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
   }
 }
 
 template <int D, typename T>
-__global__ void __launch_bounds__(kQuantThreads) quantize_qkv_kernel(QuantArgs a, int n_q_blocks, int n_k_blocks) {
+__global__ void __launch_bounds__(kQuantThreads, 3) quantize_qkv_kernel(QuantArgs a, int n_q_blocks, int n_k_blocks) {
   __shared__ float s_vec[D];
   __shared__ float s_row_amax[kCtaK];
-  __shared__ __align__(16) uint8_t s_vt[D * (kCtaK + 16)];
+  __shared__ __align__(16) T s_tile[kCtaK * D];
   const int idx = blockIdx.x;
   if (idx < n_q_blocks) {
     quant_q_block<D, T>(a, idx, s_vec, s_row_amax);
   } else if (idx < n_q_blocks + n_k_blocks) {
     quant_k_block<D, T>(a, idx - n_q_blocks, s_vec, s_row_amax);
   } else {
-    quant_v_block<D, T>(a, idx - n_q_blocks - n_k_blocks, s_vec, s_vt);
+    quant_v_block<D, T>(a, idx - n_q_blocks - n_k_blocks, s_vec, s_tile);
   }
 }
 

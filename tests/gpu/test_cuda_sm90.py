@@ -46,7 +46,9 @@ def run_kernel(q, k, v, layout, causal, return_lse, sm_scale=None):
     out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
     hnd = to_hnd(q, layout)
     lse = torch.full(hnd.shape[:3], float("nan"), device=q.device) if return_lse else None
-    o, l = ext.forward(q, k, v, layout == "NHD", causal, scale, return_lse, out, lse)
+    res = ext.forward(q, k, v, layout == "NHD", causal, scale, return_lse, out, lse)
+    assert not isinstance(res, str), res
+    o, l = res
     assert o.data_ptr() == out.data_ptr()
     assert torch.isfinite(o).all(), "output has unwritten (NaN) or non-finite elements"
     if return_lse:
@@ -174,12 +176,41 @@ def test_custom_op_opcheck():
 
 
 def test_bad_input_errors():
+    op = torch.ops.sage3.sm90_int8fp8_attn
     q, k, v = make_qkv(1, 3, 2, 64, 64, 128)  # 3 query heads, 2 kv heads
-    with pytest.raises(RuntimeError, match="multiple of kv heads"):
-        ext.forward(q, k, v, False, False, 0.1, False)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        op(q, k, v, "HND", False, 0.1, False)
     q, k, v = make_qkv(1, 2, 2, 64, 64, 128)
-    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
-        ext.forward(q.float(), k.float(), v.float(), False, False, 0.1, False)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        op(q.float(), k.float(), v.float(), "HND", False, 0.1, False)
+    with pytest.raises(ValueError, match="head_dim"):
+        op(q[..., :96], k[..., :96], v[..., :96], "HND", False, 0.1, False)
+
+
+def test_extension_checks_report_errors():
+    """C++ argument checks come back as an error message (the Python wrapper raises it)."""
+    q = torch.randn(1, 3, 64, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 64, 128, device="cuda", dtype=torch.bfloat16)
+    res = ext.forward(q, k, k, False, False, 0.1, False)
+    assert isinstance(res, str) and "multiple of kv heads" in res, res
+    res = ext.forward(q.float(), k.float(), k.float(), False, False, 0.1, False)
+    assert isinstance(res, str) and "float16 or bfloat16" in res, res
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+def test_cpp_exception_diagnostic(mode):
+    """Records whether a C++ exception can be thrown inside the module (0) and leave it (1) without
+    crashing; run in a subprocess so a crash fails this test only. Mode 1 crashed on the H200 test machine."""
+    import subprocess
+    import sys
+    code = ("from sage3_diffusers import _C_sm90 as ext\n"
+            f"try:\n    print('RESULT', ext._throw_test({mode}))\n"
+            "except Exception as e:\n    print('RAISED', type(e).__name__, e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    print(mode, r.returncode, r.stdout, r.stderr[-500:])
+    if mode == 1 and r.returncode != 0:
+        pytest.xfail(f"C++ exception leaving the module crashes this environment (rc={r.returncode})")
+    assert r.returncode == 0 and ("RESULT caught local" in r.stdout or "RAISED" in r.stdout), r
 
 
 def test_deterministic():
