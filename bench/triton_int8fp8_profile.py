@@ -10,11 +10,12 @@ from sage3_diffusers.bench import dit_inputs, shapes_for, time_ms
 from sage3_diffusers.kernels.triton import int8fp8 as tk
 from sage3_diffusers.kernels.triton.int8fp8_quant import _kv_finalize_kernel, _kv_quant_kernel, _kv_stats_kernel
 
-EXTRA = {
-    64: [tk.AttnConfig(64, 4, 2), tk.AttnConfig(64, 4, 3), tk.AttnConfig(64, 4, 4), tk.AttnConfig(128, 8, 2),
-         tk.AttnConfig(128, 8, 3), tk.AttnConfig(128, 4, 2)],
-    128: [tk.AttnConfig(64, 4, 2), tk.AttnConfig(64, 4, 3), tk.AttnConfig(64, 4, 4), tk.AttnConfig(128, 8, 2),
-          tk.AttnConfig(128, 8, 3), tk.AttnConfig(128, 8, 4)],
+C = tk.AttnConfig
+VARIANTS = {
+    64: [C(64, 4, 3, True), C(64, 4, 3, True, True), C(64, 4, 3, True, True, True), C(64, 4, 2, True, True),
+         C(64, 4, 4, True, True), C(128, 8, 3, True, True), C(64, 4, 3, False, True)],
+    128: [C(64, 4, 3, True), C(64, 4, 3, True, True), C(64, 4, 3, True, True, True), C(64, 4, 2, True, True),
+          C(64, 4, 4, True, True), C(128, 8, 3, True, True), C(64, 4, 3, False, True)],
 }
 
 
@@ -53,26 +54,29 @@ def main():
                              n_chunks, D=d, BLOCK_S=tk._STATS_BLOCK_S, num_warps=4), target_ms=20, replays=5)
         t_fin, _ = time_ms(lambda: _kv_finalize_kernel[(bh,)](ksum, vmax, kv.k_mean, kv.v_scale, s, n_chunks, D=d,
                            SMOOTH_K=True, CHUNKS_P2=triton.next_power_of_2(n_chunks), num_warps=4), target_ms=20, replays=5)
-        for sub, warps in ((32, 4), (32, 8), (64, 8)):
+        for sub, warps, unroll in ((32, 4, 1), (32, 4, 2), (32, 8, 4), (32, 4, 4)):
             try:
                 t_quant, _ = time_ms(lambda: _kv_quant_kernel[(triton.cdiv(s, 128), bh, 2)](
                     k, *st, v, *st, kv.k_int8, kv.k_scale, kv.k_mean, kv.v_q, kv.v_scale, h, s, kv.seq_pad, D=d,
-                    K_BLOCK=128, SUB=sub, K_PER_THREAD=True, V_FP8=True, num_warps=warps), target_ms=20, replays=5)
-                print(f"  quant kernel SUB={sub} warps={warps}: {t_quant * 1e3:.1f} us "
+                    K_BLOCK=128, SUB=sub, K_PER_THREAD=True, V_FP8=True, UNROLL=unroll, num_warps=warps),
+                    target_ms=20, replays=5)
+                print(f"  quant kernel SUB={sub} warps={warps} unroll={unroll}: {t_quant * 1e3:.1f} us "
                       f"({(k.numel() * 4 + k.numel() * 2) / t_quant / 1e6:.0f} GB/s)")
             except Exception as e:  # noqa: BLE001
-                print(f"  quant kernel SUB={sub} warps={warps}: failed {type(e).__name__}: {e}")
+                print(f"  quant kernel SUB={sub} warps={warps} unroll={unroll}: failed {type(e).__name__}: {e}")
         print(f"  stats {t_stats * 1e3:.1f} us ({k.numel() * 4 / t_stats / 1e6:.0f} GB/s, {n_chunks} chunks of {chunk}); "
               f"finalize {t_fin * 1e3:.1f} us")
         res = []
-        for cfg in EXTRA[d] + [tk.AttnConfig(c.block_m, c.num_warps, c.num_stages, True) for c in EXTRA[d][:5]]:
+        t_qq, _ = time_ms(lambda: tk.quantize_q(q), target_ms=20, replays=5)
+        print(f"  quantize_q (separate kernel) {t_qq * 1e3:.1f} us")
+        for cfg in VARIANTS[d]:
             try:
                 ms, _ = time_ms(lambda: tk.attention_quantized(q, kv, config=cfg), target_ms=30, replays=5)
                 res.append((tf(ms), str(cfg), ms))
             except Exception as e:  # noqa: BLE001
                 print(f"  attn {cfg}: failed {type(e).__name__}: {str(e)[:200]}")
         for t, c, ms in sorted(res, reverse=True):
-            print(f"  attn {c}: {ms * 1e3:.0f} us {t:.0f} TF  (+quant: {tf(ms + ms_q):.0f} TF, "
+            print(f"  attn {c} (incl. Q quant): {ms * 1e3:.0f} us {t:.0f} TF  (+KV quant: {tf(ms + ms_q):.0f} TF, "
                   f"x cuDNN {ms_cudnn / (ms + ms_q):.2f})")
         del q, k, v, kv
         torch.cuda.empty_cache()

@@ -117,7 +117,8 @@ def test_matches_reference_all_configs(case):
 def test_granularities(gran, q_block, bm):
     q, k, v = _dit_inputs(2, 4, 2, 333, 400, 128, torch.bfloat16)
     m = _k()
-    _check(q, k, v, gran=gran, q_block=q_block, config=m.AttnConfig(bm, 4 if bm == 64 else 8, 3))
+    for preq in (False, True):
+        _check(q, k, v, gran=gran, q_block=q_block, config=m.AttnConfig(bm, 4 if bm == 64 else 8, 3, False, preq))
 
 
 def test_quantization_matches_reference():

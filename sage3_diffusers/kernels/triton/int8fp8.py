@@ -24,10 +24,12 @@ except ImportError:  # pragma: no cover - Triton < 3.4: pointer loads only
     TensorDescriptor = None
 
 KV_TILE = 128          # BN of the attention kernel: the reference's kv_tile
-_STATS_PROGRAMS = 512   # aim for this many stats programs (a constant, so the K mean does not depend on the GPU)
+_STATS_PROGRAMS = 2048  # aim for this many stats programs (a constant, so the K mean does not depend on the GPU)
 _STATS_MAX_CHUNKS = 64
 _STATS_BLOCK_S = 64
 _QUANT_SUB = 32  # rows per chunk in the K/V quantization kernel (register budget: no spills at D=128)
+_QUANT_UNROLL = 1  # chunk-loop unroll factor of that kernel
+_QUANT_WARPS = 4
 
 
 @dataclass(frozen=True)
@@ -35,16 +37,19 @@ class AttnConfig:
     block_m: int
     num_warps: int
     num_stages: int
-    fold_qs: bool = False  # exp2 argument as one FMA (rounding differs from the reference's order by ~1 ulp)
+    fold_qs: bool = False    # exp2 argument as one FMA (rounding differs from the reference's order by ~1 ulp)
+    q_prequant: bool = False  # INT8 Q from a separate kernel (TMA-loaded) instead of quantized in the kernel
+    i2f: bool = False         # int32 -> fp32 by cvt (else the exact magic-number add)
 
     def __str__(self):
-        return f"BM{self.block_m}_w{self.num_warps}_s{self.num_stages}" + ("_fold" if self.fold_qs else "")
+        return (f"BM{self.block_m}_w{self.num_warps}_s{self.num_stages}" + ("_fold" if self.fold_qs else "")
+                + ("_preq" if self.q_prequant else "") + ("_i2f" if self.i2f else ""))
 
 
 # Small per-head-dim candidate sets (first call compiles and times each once; results are cached per key).
 _CANDIDATES = {
-    64: (AttnConfig(64, 4, 3), AttnConfig(128, 8, 3), AttnConfig(64, 4, 4)),
-    128: (AttnConfig(64, 4, 3), AttnConfig(128, 8, 3), AttnConfig(64, 4, 2)),
+    64: (AttnConfig(64, 4, 3, True, True), AttnConfig(64, 4, 4, True, True), AttnConfig(64, 4, 3, True)),
+    128: (AttnConfig(64, 4, 3, True, True), AttnConfig(64, 4, 2, True, True), AttnConfig(64, 4, 3, True)),
 }
 _tuned: dict = {}
 
@@ -98,7 +103,7 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, *, layout: str = "HND", qk_qua
     if pv_fp8 is None:
         pv_fp8 = has_fp8_dot(dev)
     bh = b * hkv
-    n_chunks = max(1, min(_STATS_MAX_CHUNKS, triton.cdiv(_STATS_PROGRAMS, bh), triton.cdiv(skv, 4 * _STATS_BLOCK_S)))
+    n_chunks = max(1, min(_STATS_MAX_CHUNKS, triton.cdiv(_STATS_PROGRAMS, bh), triton.cdiv(skv, 2 * _STATS_BLOCK_S)))
     chunk = triton.cdiv(triton.cdiv(skv, n_chunks), _STATS_BLOCK_S) * _STATS_BLOCK_S
     n_chunks = triton.cdiv(skv, chunk)
     seq_pad = triton.cdiv(skv, 16) * 16  # 16-byte rows for the TMA descriptor of V
@@ -118,7 +123,7 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, *, layout: str = "HND", qk_qua
     _kv_quant_kernel[(triton.cdiv(skv, k_block), bh, 2)](
         k, *ks, v, *vs, k_int8, k_scale, k_mean, v_q, v_scale, hkv, skv, seq_pad,
         D=d, K_BLOCK=k_block, SUB=min(k_block, _QUANT_SUB), K_PER_THREAD=qk_quant_gran == "per_thread",
-        V_FP8=pv_fp8, num_warps=4)
+        V_FP8=pv_fp8, UNROLL=_QUANT_UNROLL, num_warps=_QUANT_WARPS)
     return QuantizedKV(k_int8, k_scale, k_mean, v_q, v_scale, b, hkv, skv, seq_pad, d, pv_fp8)
 
 
@@ -143,21 +148,31 @@ def _config_ok(cfg: AttnConfig, qk_quant_gran: str, q_block: int) -> bool:
 
 
 def _launch(q, kv: QuantizedKV, out, lse, *, layout, is_causal, sm_scale, return_lse, qk_quant_gran, q_block,
-            cfg: AttnConfig, use_tma: bool):
+            cfg: AttnConfig, use_tma: bool, q_quant=None):
     b, hq, sq, d = _bhsd_shape(q, layout)
     if use_tma:
         k_desc = TensorDescriptor.from_tensor(kv.k_int8, [KV_TILE, d])
         v_desc = TensorDescriptor.from_tensor(kv.v_q, [d, KV_TILE])
     else:
         k_desc = v_desc = None
+    if cfg.q_prequant:
+        if q_quant is None:
+            q_quant = quantize_q(q, layout=layout, qk_quant_gran=qk_quant_gran, q_block=q_block)
+        qi, qsc = q_quant
+        qi = qi.view(b * hq * sq, d)
+        qi_desc = TensorDescriptor.from_tensor(qi, [cfg.block_m, d]) if use_tma else None
+    else:
+        qi = qsc = qi_desc = None
     grid = (triton.cdiv(sq, cfg.block_m), b * hq)
     _int8fp8_attn_kernel[grid](
-        q, *_bhsd_strides(q, layout), kv.k_int8, k_desc, kv.k_scale, kv.v_q, v_desc, kv.v_scale, kv.k_mean,
+        q, *_bhsd_strides(q, layout), qi, qi_desc, qsc,
+        kv.k_int8, k_desc, kv.k_scale, kv.v_q, v_desc, kv.v_scale, kv.k_mean,
         out, *_bhsd_strides(out, layout), lse, hq, kv.heads_kv, sq, kv.seq_kv, kv.seq_pad,
         sm_scale * LOG2E, sm_scale,
         D=d, BM=cfg.block_m, BN=KV_TILE, Q_PER_THREAD=qk_quant_gran == "per_thread", Q_BLOCK=q_block,
         IS_CAUSAL=bool(is_causal), RETURN_LSE=bool(return_lse), PV_FP8=kv.pv_fp8, USE_TMA=use_tma,
-        STAGES=cfg.num_stages, FOLD_QS=cfg.fold_qs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        STAGES=cfg.num_stages, FOLD_QS=cfg.fold_qs, Q_PREQUANT=cfg.q_prequant, I2F=cfg.i2f,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _forced_config() -> AttnConfig | None:
@@ -217,8 +232,9 @@ def pick_config(q, kv, out, lse, *, layout, is_causal, sm_scale, return_lse, qk_
 def attention_quantized(q: torch.Tensor, kv: QuantizedKV, *, layout: str = "HND", is_causal: bool = False,
                         sm_scale: float | None = None, return_lse: bool = False, qk_quant_gran: str = "per_thread",
                         q_block: int = 128, use_tma: bool | None = None, config: AttnConfig | None = None,
-                        out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
-    """Attention on quantized K/V (Q quantized in-kernel). Returns (out in q's layout, lse or None).
+                        out: torch.Tensor | None = None, lse: torch.Tensor | None = None, q_quant=None):
+    """Attention on quantized K/V. Returns (out in q's layout, lse or None). Q is quantized here (a separate
+    kernel, or inside the attention kernel, as the config says) unless `q_quant` = `quantize_q(q, ...)` is given.
     `out` / `lse` may be given (tests poison them to check every element is written)."""
     _check_gran(qk_quant_gran, q_block, "q_block")
     b, hq, sq, d = _bhsd_shape(q, layout)
@@ -244,7 +260,7 @@ def attention_quantized(q: torch.Tensor, kv: QuantizedKV, *, layout: str = "HND"
     elif not _config_ok(config, qk_quant_gran, q_block):
         raise ValueError(f"config {config} does not fit q_block={q_block}")
     _launch(q, kv, out, lse, layout=layout, is_causal=is_causal, sm_scale=sm_scale, return_lse=return_lse,
-            qk_quant_gran=qk_quant_gran, q_block=q_block, cfg=config, use_tma=use_tma)
+            qk_quant_gran=qk_quant_gran, q_block=q_block, cfg=config, use_tma=use_tma, q_quant=q_quant)
     return out, (lse if return_lse else None)
 
 

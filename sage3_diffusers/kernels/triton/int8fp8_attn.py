@@ -25,7 +25,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 def _attn_tile(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, S_PAD,
                k_ptr, k_desc, ks_ptr, v_ptr, v_desc,
                D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-               PV_FP8: tl.constexpr, USE_TMA: tl.constexpr, FOLD_QS: tl.constexpr):
+               PV_FP8: tl.constexpr, USE_TMA: tl.constexpr, FOLD_QS: tl.constexpr, I2F: tl.constexpr):
     offs_n = start_n + tl.arange(0, BN)
     if USE_TMA:
         k = k_desc.load([kh_row0 + start_n, 0])
@@ -37,7 +37,10 @@ def _attn_tile(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, 
     s = tl.dot(q_i8, tl.trans(k))  # int32, exact
     # int32 -> fp32 without I2F (a quarter-rate conversion, shared with exp2's unit): |s| <= 127*127*D < 2**22, so
     # the bits of 1.5*2**23 + s are the fp32 value 1.5*2**23 + s exactly; subtracting 1.5*2**23 leaves float(s).
-    sf = (s + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    if I2F:
+        sf = s.to(tl.float32)
+    else:
+        sf = (s + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
     if FOLD_QS:
         # qs >= 0 per row: max_j(u·qs) = qs·max_j(u), and exp2's argument is one FMA u·qs + (8.807 - m)
         u = sf * ks[None, :]
@@ -76,13 +79,15 @@ def _attn_tile(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, 
 
 @triton.jit
 def _int8fp8_attn_kernel(q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
+                         qi_ptr, qi_desc, qsc_ptr,
                          k_ptr, k_desc, ks_ptr, v_ptr, v_desc, vs_ptr, kmean_ptr,
                          o_ptr, stride_ob, stride_oh, stride_os, stride_od, lse_ptr,
                          Hq, Hkv, Sq, Skv, S_PAD, qk_scale, sm_scale,
                          D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                          Q_PER_THREAD: tl.constexpr, Q_BLOCK: tl.constexpr, IS_CAUSAL: tl.constexpr,
                          RETURN_LSE: tl.constexpr, PV_FP8: tl.constexpr, USE_TMA: tl.constexpr,
-                         STAGES: tl.constexpr, FOLD_QS: tl.constexpr):
+                         STAGES: tl.constexpr, FOLD_QS: tl.constexpr, Q_PREQUANT: tl.constexpr,
+                         I2F: tl.constexpr):
     n_m = tl.num_programs(0)
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
@@ -98,13 +103,26 @@ def _int8fp8_attn_kernel(q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
     offs_m = start_m + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
     q_base = q_ptr + b * stride_qb + h * stride_qh
-    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=offs_m[:, None] < Sq,
-                other=0.0).to(tl.float32)
-    block_amax = 0.0
-    if not Q_PER_THREAD:
-        if Q_BLOCK > BM:
-            block_amax = q_block_amax(q_base, stride_qs, stride_qd, start_m, Sq, BM, D, Q_BLOCK)
-    q_i8, q_scale = quantize_q_tile(q, _row_amax(q), BM, Q_PER_THREAD, Q_BLOCK, block_amax)
+    if Q_PREQUANT:
+        # INT8 Q from `_q_quant_kernel` ([B*Hq*Sq, D]); a tile is read once and feeds the QK dot from shared
+        # memory (a Q quantized in registers is re-gathered byte by byte every key tile).
+        if USE_TMA:
+            q_i8 = qi_desc.load([bh * Sq + start_m, 0])
+        else:
+            q_i8 = tl.load(qi_ptr + (bh * Sq + offs_m)[:, None] * D + offs_d[None, :], mask=offs_m[:, None] < Sq,
+                           other=0)
+        q_scale = tl.load(qsc_ptr + bh * Sq + offs_m, mask=offs_m < Sq, other=0.0)
+        if RETURN_LSE:
+            q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                        mask=offs_m[:, None] < Sq, other=0.0).to(tl.float32)
+    else:
+        q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=offs_m[:, None] < Sq,
+                    other=0.0).to(tl.float32)
+        block_amax = 0.0
+        if not Q_PER_THREAD:
+            if Q_BLOCK > BM:
+                block_amax = q_block_amax(q_base, stride_qs, stride_qd, start_m, Sq, BM, D, Q_BLOCK)
+        q_i8, q_scale = quantize_q_tile(q, _row_amax(q), BM, Q_PER_THREAD, Q_BLOCK, block_amax)
     if RETURN_LSE:
         kmean = tl.load(kmean_ptr + bhk * D + offs_d)
         q_kmean = tl.sum(q * kmean[None, :], axis=1)
@@ -124,11 +142,11 @@ def _int8fp8_attn_kernel(q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
     for start_n in tl.range(0, full_hi, BN, num_stages=STAGES):
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, S_PAD,
                                    k_ptr, k_desc, ks_ptr, v_ptr, v_desc, D, BN, False, IS_CAUSAL, PV_FP8,
-                                   USE_TMA, FOLD_QS)
+                                   USE_TMA, FOLD_QS, I2F)
     for start_n in range(full_hi, hi, BN):
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, S_PAD,
                                    k_ptr, k_desc, ks_ptr, v_ptr, v_desc, D, BN, True, IS_CAUSAL, PV_FP8,
-                                   USE_TMA, FOLD_QS)
+                                   USE_TMA, FOLD_QS, I2F)
 
     vscale = tl.load(vs_ptr + bhk * D + offs_d)
     out = acc / l_i[:, None] * vscale[None, :]

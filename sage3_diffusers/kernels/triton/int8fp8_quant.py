@@ -199,7 +199,7 @@ def _kv_quant_kernel(k_ptr, stride_kb, stride_kh, stride_ks, stride_kd,
                      v_ptr, stride_vb, stride_vh, stride_vs, stride_vd,
                      kq_ptr, kscale_ptr, kmean_ptr, vq_ptr, vscale_ptr, H, S, S_PAD,
                      D: tl.constexpr, K_BLOCK: tl.constexpr, SUB: tl.constexpr, K_PER_THREAD: tl.constexpr,
-                     V_FP8: tl.constexpr):
+                     V_FP8: tl.constexpr, UNROLL: tl.constexpr):
     """Program (tile, bh, 0) quantizes a K tile of K_BLOCK tokens, (tile, bh, 1) the V tile; both in chunks of
     SUB rows (K in two passes: group amax, then quantize; the second pass re-reads the tile from L2)."""
     t = tl.program_id(0)
@@ -215,7 +215,7 @@ def _kv_quant_kernel(k_ptr, stride_kb, stride_kh, stride_ks, stride_kd,
             g = tl.zeros([4], dtype=tl.float32)
         else:
             g = tl.zeros([1], dtype=tl.float32)
-        for c in range(0, K_BLOCK, SUB):
+        for c in tl.range(0, K_BLOCK, SUB, loop_unroll_factor=UNROLL):  # unrolled: several chunk loads in flight
             rows = row0 + c + tl.arange(0, SUB)
             rmask = rows < S
             x = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=rmask[:, None],
@@ -224,7 +224,7 @@ def _kv_quant_kernel(k_ptr, stride_kb, stride_kh, stride_ks, stride_kd,
             gc = _k_group_amax(x, SUB, K_PER_THREAD)
             g = tl.where(gc != gc, gc, tl.maximum(g, gc))
         scale_g = tl.math.div_rn(g, tl.zeros_like(g) + INT8_MAX)
-        for c in range(0, K_BLOCK, SUB):
+        for c in tl.range(0, K_BLOCK, SUB, loop_unroll_factor=UNROLL):  # unrolled: several chunk loads in flight
             rows = row0 + c + tl.arange(0, SUB)
             rmask = rows < S
             x = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=rmask[:, None],
@@ -241,7 +241,7 @@ def _kv_quant_kernel(k_ptr, stride_kb, stride_kh, stride_ks, stride_kd,
         vscale = tl.load(vscale_ptr + bh * D + offs_d)
         vs = vscale[None, :]
         vsafe = tl.where(vs == 0, 1.0, vs)
-        for c in range(0, K_BLOCK, SUB):
+        for c in tl.range(0, K_BLOCK, SUB, loop_unroll_factor=UNROLL):  # unrolled: several chunk loads in flight
             rows = row0 + c + tl.arange(0, SUB)
             v = tl.load(v_ptr + b * stride_vb + h * stride_vh + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd,
                         mask=(rows < S)[:, None], other=0.0).to(tl.float32)
