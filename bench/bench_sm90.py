@@ -33,6 +33,15 @@ def tflops(b, h, s, d, causal, ms):
     return f / (ms * 1e-3) / 1e12
 
 
+VARIANTS = {  # name: (SAGE3_SM90_PINGPONG, SAGE3_SM90_STAGES)
+    "pp1s2": ("1", "2"),  # default: warpgroup ping-pong, 2-stage ring
+    "pp0s2": ("0", "2"),
+    "pp2s2": ("2", "2"),
+    "pp1s3": ("1", "3"),
+    "pp2s3": ("2", "3"),
+}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -48,27 +57,35 @@ def main():
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-        qz = ext.quantize(q, k, v, False)
+        qz = ext.quantize(q, k, v, False, False)
         ms = {"cudnn": time_ms(cudnn)[0]}
-        for pp in ("1", "0"):
-            os.environ["SAGE3_SM90_PINGPONG"] = pp
-            ms["full" + pp] = time_ms(lambda: ext.forward(q, k, v, False, causal, scale, False))[0]
-            ms["kernel" + pp] = time_ms(lambda: ext.forward_quantized(q, qz, s, h, False, causal, scale, False))[0]
+        for var, (pp, st) in VARIANTS.items():
+            os.environ["SAGE3_SM90_PINGPONG"], os.environ["SAGE3_SM90_STAGES"] = pp, st
+            ms["full_" + var] = time_ms(lambda: ext.forward(q, k, v, False, causal, scale, False))[0]
+            ms["kernel_" + var] = time_ms(
+                lambda: ext.forward_quantized(q, qz, s, h, False, causal, scale, False))[0]
         os.environ.pop("SAGE3_SM90_PINGPONG")
-        ms["quant"] = time_ms(lambda: ext.quantize(q, k, v, False, False))[0]
-        ms_quant_lse = time_ms(lambda: ext.quantize(q, k, v, False, True))[0]
-        t = {key: tflops(b, h, s, d, causal, m) for key, m in ms.items() if key != "quant"}
-        rows.append((name, t, ms["quant"]))
-        print(f"{name}: " + "  ".join(f"{key} {val:.0f}" for key, val in t.items()) + f"  quant {ms['quant']:.3f} ms (with q.k_mean {ms_quant_lse:.3f})",
+        os.environ.pop("SAGE3_SM90_STAGES")
+        quant_ms = time_ms(lambda: ext.quantize(q, k, v, False, False))[0]
+        t = {key: tflops(b, h, s, d, causal, m) for key, m in ms.items()}
+        rows.append((name, t, quant_ms))
+        print(f"{name}: " + "  ".join(f"{key} {val:.0f}" for key, val in t.items()) + f"  quant {quant_ms:.3f} ms",
               flush=True)
         del q, k, v, qz
         torch.cuda.empty_cache()
-    print("\nTFLOPS (pp = warpgroup ping-pong, nopp = without); ratios against SDPA cuDNN bf16 in the same run")
-    print("| shape | cuDNN bf16 | full pp | kernel pp | kernel nopp | quant ms | full/cuDNN | kernel/cuDNN |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\nTFLOPS; ratios against SDPA cuDNN bf16 in the same run. full = incl. quantization; kernel = attention "
+          "launch alone. Variants: pp = warpgroup ping-pong mode (0 none, 1 default, 2 both PV halves in one turn), "
+          "s = K/V ring stages.")
+    cols = ["full_pp1s2", "kernel_pp1s2"] + [f"kernel_{v}" for v in VARIANTS if v != "pp1s2"]
+    print("| shape | cuDNN bf16 | " + " | ".join(cols) + " | quant ms | best full/cuDNN | best kernel/cuDNN |")
+    print("|---|---|" + "---|" * len(cols) + "---|---|---|")
     for name, t, qms in rows:
-        print(f"| {name} | {t['cudnn']:.0f} | {t['full1']:.0f} | {t['kernel1']:.0f} | {t['kernel0']:.0f} | {qms:.3f} "
-              f"| {t['full1'] / t['cudnn']:.2f}x | {t['kernel1'] / t['cudnn']:.2f}x |")
+        best_full = max(t[f"full_{v}"] for v in VARIANTS)
+        best_kernel = max(t[f"kernel_{v}"] for v in VARIANTS)
+        print(f"| {name} | {t['cudnn']:.0f} | " + " | ".join(f"{t[c]:.0f}" for c in cols) +
+              f" | {qms:.3f} | {best_full / t['cudnn']:.2f}x | {best_kernel / t['cudnn']:.2f}x |")
+    print("full TFLOPS per variant: " + "; ".join(
+        f"{name}: " + ", ".join(f"{v} {t['full_' + v]:.0f}" for v in VARIANTS) for name, t, _ in rows))
 
 
 if __name__ == "__main__":

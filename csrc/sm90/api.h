@@ -15,7 +15,7 @@ namespace sage3::sm90 {
 // Fixed tile sizes shared by the quantization kernels and the attention kernel.
 constexpr int kCtaQ = 128;      // query rows per attention CTA (two consumer warpgroups x 64)
 constexpr int kCtaK = 128;      // keys per KV tile (= the reference's kv_tile)
-constexpr int kQuantQRows = 64; // query rows per quantization block
+constexpr int kQuantQRows = 128; // query rows per quantization block
 
 SAGE3_HD inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 

@@ -44,11 +44,11 @@ struct AttnParams {
   float sm_scale_log2;  // float(sm_scale * log2(e)), as the reference rounds it
 };
 
-template <int D>
+template <int D, int STAGES>
 struct AttnTraits {
   static constexpr int kQkSwizzle = D == 128 ? 128 : 64;  // Q/K smem rows are D int8 bytes
   static constexpr int kVSwizzle = 128;                   // V^T smem rows are 128 tokens of e4m3
-  static constexpr int kStages = 2;
+  static constexpr int kStages = STAGES;  // depth of the K / V^T shared-memory ring
   static constexpr int kQBytes = kCtaQ * D;
   static constexpr int kKBytes = kCtaK * D;
   static constexpr int kVBytes = D * kCtaK;
@@ -83,17 +83,17 @@ __device__ __forceinline__ void pv_wgmma(float (&o)[D / 2], const uint32_t (&a)[
   }
 }
 
-template <int D, bool CAUSAL, bool RETURN_LSE, bool PINGPONG, typename OutT>
+template <int D, int STAGES, bool CAUSAL, bool RETURN_LSE, int PP, typename OutT>
 __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q, uint8_t* s_k, uint8_t* s_v,
                                               uint64_t* q_full, uint64_t* k_full, uint64_t* v_full,
                                               uint64_t* k_empty, uint64_t* v_empty, int q0, int hq, int b, int hkv,
                                               int n_tiles, int wg);
 
-template <int D, bool CAUSAL, bool RETURN_LSE, bool PINGPONG, typename OutT>
+template <int D, int STAGES, bool CAUSAL, bool RETURN_LSE, int PP, typename OutT>
 __global__ void __launch_bounds__(384, 1)
     attn_int8_fp8_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                          const __grid_constant__ CUtensorMap tm_v, const AttnParams p) {
-  using T = AttnTraits<D>;
+  using T = AttnTraits<D, STAGES>;
   constexpr int S = T::kStages;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -151,18 +151,19 @@ __global__ void __launch_bounds__(384, 1)
     }
   } else {
     setmaxnreg_inc<240>();
-    consumer_loop<D, CAUSAL, RETURN_LSE, PINGPONG, OutT>(p, s_q, s_k, s_v, q_full, k_full, v_full, k_empty, v_empty, q0, hq, b,
+    consumer_loop<D, STAGES, CAUSAL, RETURN_LSE, PP, OutT>(p, s_q, s_k, s_v, q_full, k_full, v_full, k_empty, v_empty, q0, hq, b,
                                                hkv, n_tiles, wg);
   }
 }
 
-template <int D, bool CAUSAL, bool RETURN_LSE, bool PINGPONG, typename OutT>
+template <int D, int STAGES, bool CAUSAL, bool RETURN_LSE, int PP, typename OutT>
 __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q, uint8_t* s_k, uint8_t* s_v,
                                               uint64_t* q_full, uint64_t* k_full, uint64_t* v_full,
                                               uint64_t* k_empty, uint64_t* v_empty, int q0, int hq, int b, int hkv,
                                               int n_tiles, int wg) {
-  using T = AttnTraits<D>;
+  using T = AttnTraits<D, STAGES>;
   constexpr int S = T::kStages;
+  constexpr bool PINGPONG = PP > 0;
   // ------------------------------ consumers ------------------------------
   const int cw = wg - 1;               // consumer warpgroup: rows q0 + 64*cw ...
   const int t = threadIdx.x % 128;
@@ -292,6 +293,63 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
 
     // ---- O_tile = P V (fresh fp32 accumulator), then acc = acc * alpha + O_tile ----
     // Issued 64 output channels at a time so only 32 accumulator registers are live next to S_{j+1}.
+    auto add_half = [&](const float (&o)[32], int half) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int ai = 4 * (8 * half + i);
+        acc[ai + 0] = acc[ai + 0] * alpha_a + o[4 * i + 0];
+        acc[ai + 1] = acc[ai + 1] * alpha_a + o[4 * i + 1];
+        acc[ai + 2] = acc[ai + 2] * alpha_b + o[4 * i + 2];
+        acc[ai + 3] = acc[ai + 3] * alpha_b + o[4 * i + 3];
+      }
+    };
+    auto issue_pv_half = [&](float (&o)[32], int half) {
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        wgmma_m64n64k32_f32_e4m3_rs(
+            o, pa[kk], make_smem_desc<T::kVSwizzle>(v_addr0 + s * T::kVBytes + half * 64 * kCtaK + kk * 32), kk > 0);
+      }
+      wgmma_commit();
+    };
+    if constexpr (PP == 2) {
+      // One turn on the tensor cores issues PV half 0, S_{j+1} = Q K_{j+1}^T and PV half 1, in that order:
+      // half 1 is issued (after half 0 is added) while S_{j+1} still runs, so it never queues behind the
+      // other warpgroup's turn.
+      named_barrier_sync(1 + cw, 256);
+      mbar_wait(&v_full[s], (j / S) & 1);
+      float o[32];
+      issue_pv_half(o, 0);
+      if constexpr (has_next) issue_qk(j + 1);
+      if constexpr (D == 128) {
+        if constexpr (has_next) {
+          wgmma_wait<1>();  // PV half 0 done; S_{j+1} may still run
+        } else {
+          wgmma_wait<0>();
+        }
+#pragma unroll
+        for (int i = 0; i < 32; ++i) reg_fence(o[i]);
+        add_half(o, 0);
+        issue_pv_half(o, 1);
+      }
+      if (has_next || cw == 0) named_barrier_arrive(2 - cw, 256);  // see the PP == 1 hand-over below
+      wgmma_wait<0>();
+#pragma unroll
+      for (int i = 0; i < 32; ++i) reg_fence(o[i]);
+#pragma unroll
+      for (int i = 0; i < 64; ++i) reg_fence(sacc[i]);
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) reg_fence(pa[kk][r]);
+      __syncwarp();
+      if (lane == 0) {
+        if (has_next) mbar_arrive(&k_empty[(j + 1) % S]);
+        mbar_arrive(&v_empty[s]);
+      }
+      add_half(o, D / 64 - 1);
+      return;
+    }
     if constexpr (PINGPONG) {
       named_barrier_sync(1 + cw, 256);  // my turn on the tensor cores
       if constexpr (has_next) issue_qk(j + 1);
@@ -399,11 +457,11 @@ inline bool make_map_4d(CUtensorMap* map, const void* base, uint64_t d0, uint64_
   return r == CUDA_SUCCESS;
 }
 
-template <int D, bool CAUSAL, bool LSE, bool PINGPONG, typename OutT>
+template <int D, int STAGES, bool CAUSAL, bool LSE, int PP, typename OutT>
 cudaError_t launch_attn_variant(const AttnArgs& a, cudaStream_t stream, const CUtensorMap& tq, const CUtensorMap& tk,
                                 const CUtensorMap& tv, const AttnParams& prm) {
-  using T = AttnTraits<D>;
-  auto kernel = attn_int8_fp8_kernel<D, CAUSAL, LSE, PINGPONG, OutT>;
+  using T = AttnTraits<D, STAGES>;
+  auto kernel = attn_int8_fp8_kernel<D, STAGES, CAUSAL, LSE, PP, OutT>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
   if (e != cudaSuccess) return e;
   dim3 grid(ceil_div(a.s.Sq, kCtaQ), a.s.Hq, a.s.B);
@@ -454,21 +512,31 @@ cudaError_t launch_attn(const AttnArgs& a, cudaStream_t stream, const char** err
     *err = "sm90 attention: return_lse needs lse and q_kmean buffers";
     return cudaErrorInvalidValue;
   }
-  // SAGE3_SM90_PINGPONG=0 selects the variant without warpgroup ping-pong (for A/B timing).
+  // Variant switches for A/B timing: SAGE3_SM90_PINGPONG=0 (none) / 1 (default) / 2 (both PV halves in one
+  // tensor-core turn), SAGE3_SM90_STAGES=3 (3-deep K/V ring instead of 2).
   const char* pp_env = std::getenv("SAGE3_SM90_PINGPONG");
-  const bool pingpong = !(pp_env && pp_env[0] == '0');
-#define SAGE3_LAUNCH(C, L)                                                                                   \
-  if (pingpong)                                                                                              \
-    return a.out_bf16 ? launch_attn_variant<D, C, L, true, __nv_bfloat16>(a, stream, tq, tk, tv, prm)        \
-                      : launch_attn_variant<D, C, L, true, __half>(a, stream, tq, tk, tv, prm);              \
-  return a.out_bf16 ? launch_attn_variant<D, C, L, false, __nv_bfloat16>(a, stream, tq, tk, tv, prm)         \
-                    : launch_attn_variant<D, C, L, false, __half>(a, stream, tq, tk, tv, prm)
+  const int pp = pp_env == nullptr ? 1 : (pp_env[0] == '0' ? 0 : (pp_env[0] == '2' ? 2 : 1));
+  const char* st_env = std::getenv("SAGE3_SM90_STAGES");
+  const bool three_stages = st_env && st_env[0] == '3';
+#define SAGE3_LAUNCH_T(ST, C, L, PP)                                                              \
+  return a.out_bf16 ? launch_attn_variant<D, ST, C, L, PP, __nv_bfloat16>(a, stream, tq, tk, tv, prm) \
+                    : launch_attn_variant<D, ST, C, L, PP, __half>(a, stream, tq, tk, tv, prm)
+#define SAGE3_LAUNCH(C, L)                                 \
+  if (three_stages) {                                      \
+    if (pp == 2) { SAGE3_LAUNCH_T(3, C, L, 2); }           \
+    if (pp == 1) { SAGE3_LAUNCH_T(3, C, L, 1); }           \
+    SAGE3_LAUNCH_T(3, C, L, 0);                            \
+  }                                                        \
+  if (pp == 2) { SAGE3_LAUNCH_T(2, C, L, 2); }             \
+  if (pp == 1) { SAGE3_LAUNCH_T(2, C, L, 1); }             \
+  SAGE3_LAUNCH_T(2, C, L, 0)
   if (a.causal) {
     if (lse) { SAGE3_LAUNCH(true, true); } else { SAGE3_LAUNCH(true, false); }
   } else {
     if (lse) { SAGE3_LAUNCH(false, true); } else { SAGE3_LAUNCH(false, false); }
   }
 #undef SAGE3_LAUNCH
+#undef SAGE3_LAUNCH_T
 }
 
 }  // namespace sage3::sm90

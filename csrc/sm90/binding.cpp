@@ -5,7 +5,6 @@
 #include <torch/extension.h>
 
 #include <sstream>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -13,17 +12,24 @@
 
 namespace {
 
-// Argument errors are thrown as std::invalid_argument (pybind11 -> ValueError). A failing TORCH_CHECK here
-// crashed the process on the H200 test machine (see bench/NOTES.md), so argument checks avoid it.
+// No C++ exception is thrown from this module: on the H200 test machine any exception thrown here (a failing
+// TORCH_CHECK, or a std::invalid_argument caught again inside the module) killed the process with SIGSEGV,
+// while exceptions thrown inside libtorch itself were fine (bench/NOTES.md). Every check therefore returns
+// its message; entry points hand it to Python as a str and the Python wrapper raises.
 template <typename... Args>
-[[noreturn]] void fail(const Args&... args) {
+std::string message(const Args&... args) {
   std::ostringstream os;
   (os << ... << args);
-  throw std::invalid_argument(os.str());
+  return os.str();
 }
-#define SM90_CHECK(cond, ...) \
-  do {                        \
-    if (!(cond)) fail(__VA_ARGS__); \
+#define SM90_CHECK(cond, ...)                          \
+  do {                                                 \
+    if (!(cond)) return message(__VA_ARGS__);          \
+  } while (0)
+#define SM90_TRY(expr)                                 \
+  do {                                                 \
+    std::string err_ = (expr);                         \
+    if (!err_.empty()) return err_;                    \
   } while (0)
 
 using sage3::sm90::QuantArgs;
@@ -34,7 +40,7 @@ struct Quantized {
   at::Tensor q_i8, q_scale, q_kmean, k_i8, k_scale, k_mean, v_t, v_scale;
 };
 
-void check_input(const at::Tensor& x, const char* name) {
+std::string check_input(const at::Tensor& x, const char* name) {
   SM90_CHECK(x.is_cuda(), "sm90 attention: ", name, " must be a CUDA tensor");
   SM90_CHECK(x.dim() == 4, "sm90 attention: ", name, " must be 4-D, got ", x.dim(), "-D");
   SM90_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
@@ -46,6 +52,7 @@ void check_input(const at::Tensor& x, const char* name) {
   }
   SM90_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "sm90 attention: ", name,
               " data pointer must be 16-byte aligned");
+  return {};
 }
 
 // Logical [B, H, S, D] sizes and strides of a tensor in layout HND ([B,H,S,D]) or NHD ([B,S,H,D]).
@@ -57,10 +64,11 @@ View view_of(const at::Tensor& x, bool nhd) {
   return {x.size(0), x.size(1), x.size(2), x.size(3), x.stride(0), x.stride(1), x.stride(2)};
 }
 
-Quantized quantize_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool nhd, bool want_qk_mean) {
-  check_input(q, "q");
-  check_input(k, "k");
-  check_input(v, "v");
+std::string quantize_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool nhd, bool want_qk_mean,
+                          Quantized& r) {
+  SM90_TRY(check_input(q, "q"));
+  SM90_TRY(check_input(k, "k"));
+  SM90_TRY(check_input(v, "v"));
   SM90_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "sm90 attention: q, k, v must share one dtype");
   SM90_CHECK(q.device() == k.device() && q.device() == v.device(), "sm90 attention: q, k, v on different devices");
@@ -75,7 +83,6 @@ Quantized quantize_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
   SM90_CHECK(vq.S < (1LL << 30) && vk.S < (1LL << 30) && vq.B <= 65535 && vq.H <= 65535,
               "sm90 attention: sizes out of range");
 
-  Quantized r;
   r.s = QuantShapes{(int)vq.B, (int)vq.H, (int)vk.H, (int)vq.S, (int)vk.S, (int)vq.D};
   const QuantShapes& s = r.s;
   auto f32 = q.options().dtype(at::kFloat);
@@ -109,36 +116,42 @@ Quantized quantize_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
   a.v_t = r.v_t.data_ptr<uint8_t>();
   a.v_scale = r.v_scale.data_ptr<float>();
   cudaError_t e = sage3::sm90::launch_quantize(a, c10::cuda::getCurrentCUDAStream());
-  if (e != cudaSuccess) throw std::runtime_error(std::string("sm90 quantization launch failed: ") + cudaGetErrorString(e));
-  return r;
+  SM90_CHECK(e == cudaSuccess, "sm90 quantization launch failed: ", cudaGetErrorString(e));
+  return {};
 }
 
 // Returns the kernels' intermediates (for tests): q_i8, q_scale, k_i8, k_scale, k_mean, v_t, v_scale, q_kmean.
-std::vector<at::Tensor> quantize(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool nhd,
-                                 bool with_qk_mean) {
+std::string quantize(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool nhd, bool with_qk_mean,
+                     std::vector<at::Tensor>& result) {
+  SM90_CHECK(q.is_cuda(), "sm90 attention: q must be a CUDA tensor");
   c10::cuda::CUDAGuard guard(q.device());
-  Quantized r = quantize_impl(q, k, v, nhd, with_qk_mean);
-  return {r.q_i8, r.q_scale, r.k_i8, r.k_scale, r.k_mean, r.v_t, r.v_scale, r.q_kmean};
+  Quantized r;
+  SM90_TRY(quantize_impl(q, k, v, nhd, with_qk_mean, r));
+  result = {r.q_i8, r.q_scale, r.k_i8, r.k_scale, r.k_mean, r.v_t, r.v_scale, r.q_kmean};
+  return {};
 }
 
-std::vector<at::Tensor> run_attention(const Quantized& r, const at::Tensor& q, bool nhd, bool is_causal,
-                                      double sm_scale, bool return_lse, c10::optional<at::Tensor> out_opt,
-                                      c10::optional<at::Tensor> lse_opt);
+std::string run_attention(const Quantized& r, const at::Tensor& q, bool nhd, bool is_causal, double sm_scale,
+                          bool return_lse, c10::optional<at::Tensor> out_opt, c10::optional<at::Tensor> lse_opt,
+                          std::vector<at::Tensor>& result);
 
 // out in q's layout and dtype; lse [B, Hq, Sq] fp32 (natural log) or an empty tensor. `out_opt` / `lse_opt`
 // let tests pass pre-poisoned buffers (out: q's logical shape, channel stride 1; lse: contiguous).
-std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool nhd,
-                                bool is_causal, double sm_scale, bool return_lse,
-                                c10::optional<at::Tensor> out_opt, c10::optional<at::Tensor> lse_opt) {
+std::string forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool nhd, bool is_causal,
+                    double sm_scale, bool return_lse, c10::optional<at::Tensor> out_opt,
+                    c10::optional<at::Tensor> lse_opt, std::vector<at::Tensor>& result) {
+  SM90_CHECK(q.is_cuda(), "sm90 attention: q must be a CUDA tensor");
   c10::cuda::CUDAGuard guard(q.device());
-  Quantized r = quantize_impl(q, k, v, nhd, return_lse);
-  return run_attention(r, q, nhd, is_causal, sm_scale, return_lse, out_opt, lse_opt);
+  Quantized r;
+  SM90_TRY(quantize_impl(q, k, v, nhd, return_lse, r));
+  return run_attention(r, q, nhd, is_causal, sm_scale, return_lse, out_opt, lse_opt, result);
 }
 
 // The attention kernel alone on the intermediates of quantize() (for kernel-only timing).
-std::vector<at::Tensor> forward_quantized(const at::Tensor& q, const std::vector<at::Tensor>& qz, int64_t seq_kv,
-                                          int64_t heads_kv, bool nhd, bool is_causal, double sm_scale,
-                                          bool return_lse) {
+std::string forward_quantized(const at::Tensor& q, const std::vector<at::Tensor>& qz, int64_t seq_kv,
+                              int64_t heads_kv, bool nhd, bool is_causal, double sm_scale, bool return_lse,
+                              std::vector<at::Tensor>& result) {
+  SM90_CHECK(q.is_cuda() && q.dim() == 4, "forward_quantized: q must be a 4-D CUDA tensor");
   c10::cuda::CUDAGuard guard(q.device());
   SM90_CHECK(qz.size() == 8, "forward_quantized: expects the 8 tensors returned by quantize()");
   const View vq = view_of(q, nhd);
@@ -149,12 +162,12 @@ std::vector<at::Tensor> forward_quantized(const at::Tensor& q, const std::vector
   SM90_CHECK(!return_lse || r.q_kmean.defined(), "forward_quantized: return_lse needs quantize(..., with_qk_mean=True)");
   SM90_CHECK(r.k_i8.size(2) == seq_kv && r.k_i8.size(1) == heads_kv && r.q_i8.sizes() == at::IntArrayRef({vq.B, vq.H, vq.S, vq.D}),
               "forward_quantized: shapes do not match the quantized tensors");
-  return run_attention(r, q, nhd, is_causal, sm_scale, return_lse, c10::nullopt, c10::nullopt);
+  return run_attention(r, q, nhd, is_causal, sm_scale, return_lse, c10::nullopt, c10::nullopt, result);
 }
 
-std::vector<at::Tensor> run_attention(const Quantized& r, const at::Tensor& q, bool nhd, bool is_causal,
-                                      double sm_scale, bool return_lse, c10::optional<at::Tensor> out_opt,
-                                      c10::optional<at::Tensor> lse_opt) {
+std::string run_attention(const Quantized& r, const at::Tensor& q, bool nhd, bool is_causal, double sm_scale,
+                          bool return_lse, c10::optional<at::Tensor> out_opt, c10::optional<at::Tensor> lse_opt,
+                          std::vector<at::Tensor>& result) {
   const QuantShapes& s = r.s;
   at::Tensor out;
   if (out_opt.has_value() && out_opt->defined()) {
@@ -198,33 +211,15 @@ std::vector<at::Tensor> run_attention(const Quantized& r, const at::Tensor& q, b
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaError_t e = s.D == 128 ? sage3::sm90::launch_attn_hd128(a, stream, &err)
                              : sage3::sm90::launch_attn_hd64(a, stream, &err);
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("sm90 attention launch failed: ") + (e == cudaErrorInvalidValue ? err : cudaGetErrorString(e)));
-  return {out, lse};
+  SM90_CHECK(e == cudaSuccess, "sm90 attention launch failed: ", e == cudaErrorInvalidValue ? err : cudaGetErrorString(e));
+  result = {out, lse};
+  return {};
 }
 
-// Entry points return either the result list or, on a C++ exception, the message as a Python str (the
-// Python wrapper raises it). Exceptions propagating out of this module crashed the process on the test
-// machine (bench/NOTES.md), so none is allowed to leave it.
-template <typename F>
-py::object guarded(F&& f) {
-  try {
-    return py::cast(f());
-  } catch (const std::exception& e) {
-    return py::str(std::string("error: ") + e.what());
-  }
-}
-
-// Diagnostic for that crash: mode 0 throws and catches here; mode 1 lets pybind11 translate the exception.
-std::string throw_test(int mode) {
-  if (mode == 0) {
-    try {
-      throw std::invalid_argument("local");
-    } catch (const std::exception& e) {
-      return std::string("caught ") + e.what();
-    }
-  }
-  throw std::invalid_argument("propagated");
+// Entry points return the result list, or the error message as a Python str (the wrapper raises it).
+py::object to_python(const std::string& err, const std::vector<at::Tensor>& result) {
+  if (!err.empty()) return py::str("error: " + err);
+  return py::cast(result);
 }
 
 }  // namespace
@@ -235,7 +230,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "forward",
       [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool nhd, bool is_causal, double sm_scale,
          bool return_lse, c10::optional<at::Tensor> out, c10::optional<at::Tensor> lse) {
-        return guarded([&] { return forward(q, k, v, nhd, is_causal, sm_scale, return_lse, out, lse); });
+        std::vector<at::Tensor> res;
+        const std::string err = forward(q, k, v, nhd, is_causal, sm_scale, return_lse, out, lse, res);
+        return to_python(err, res);
       },
       "attention forward -> [out, lse] (or an error message str)", py::arg("q"), py::arg("k"), py::arg("v"),
       py::arg("nhd"), py::arg("is_causal"), py::arg("sm_scale"), py::arg("return_lse"), py::arg("out") = py::none(),
@@ -244,15 +241,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "forward_quantized",
       [](const at::Tensor& q, const std::vector<at::Tensor>& qz, int64_t seq_kv, int64_t heads_kv, bool nhd,
          bool is_causal, double sm_scale, bool return_lse) {
-        return guarded([&] { return forward_quantized(q, qz, seq_kv, heads_kv, nhd, is_causal, sm_scale, return_lse); });
+        std::vector<at::Tensor> res;
+        const std::string err = forward_quantized(q, qz, seq_kv, heads_kv, nhd, is_causal, sm_scale, return_lse, res);
+        return to_python(err, res);
       },
       "the attention kernel alone on quantize()'s outputs");
   m.def(
       "quantize",
       [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool nhd, bool with_qk_mean) {
-        return guarded([&] { return quantize(q, k, v, nhd, with_qk_mean); });
+        std::vector<at::Tensor> res;
+        const std::string err = quantize(q, k, v, nhd, with_qk_mean, res);
+        return to_python(err, res);
       },
       "the quantization kernels alone: [q_i8, q_scale, k_i8, k_scale, k_mean, v_t, v_scale, q_kmean]", py::arg("q"),
       py::arg("k"), py::arg("v"), py::arg("nhd"), py::arg("with_qk_mean") = true);
-  m.def("_throw_test", &throw_test, "diagnostic: 0 = throw and catch inside the module, 1 = propagate");
 }

@@ -23,7 +23,7 @@ namespace sage3::sm90 {
 namespace {
 
 constexpr int kStatsThreads = 256;
-constexpr int kQuantThreads = 128;
+constexpr int kQuantThreads = 256;  // 8 warps; each warp owns 16 consecutive token rows
 
 template <typename T>
 __device__ __forceinline__ void load8(const T* p, float (&x)[8]) {
@@ -133,7 +133,7 @@ __device__ __forceinline__ void unpack8(const uint4& raw, float (&x)[8]) {
 template <int D, typename T>
 __device__ void quant_q_block(const QuantArgs& a, int idx, float* s_kmean, float* s_row_amax) {
   constexpr int LPR = D / 8, RPP = 32 / LPR, PASSES = 16 / RPP;
-  const int tiles_per_head = a.s.n_qgroups() / 8 * 16 / kQuantQRows;
+  const int tiles_per_head = a.s.n_qgroups() / 8 * 16 / kQuantQRows;  // tiles of 128 tokens
   const int tile = idx % tiles_per_head, bh = idx / tiles_per_head;
   const int b = bh / a.s.Hq, h = bh % a.s.Hq;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -152,7 +152,7 @@ __device__ void quant_q_block(const QuantArgs& a, int idx, float* s_kmean, float
   }
 #pragma unroll
   for (int ps = 0; ps < PASSES; ++ps) {
-    const int r = warp * 16 + ps * RPP + rsub;  // row within the 64-token tile
+    const int r = warp * 16 + ps * RPP + rsub;  // row within the 128-token tile
     const int t = tile * kQuantQRows + r;
     float x[8];
     unpack8<T>(raw[ps], x);
@@ -201,7 +201,7 @@ __device__ void quant_q_block(const QuantArgs& a, int idx, float* s_kmean, float
 
 template <int D, typename T>
 __device__ void quant_k_block(const QuantArgs& a, int idx, float* s_kmean, float* s_row_amax) {
-  constexpr int LPR = D / 8, RPP = 32 / LPR, PASSES = 32 / RPP;
+  constexpr int LPR = D / 8, RPP = 32 / LPR, PASSES = 16 / RPP;
   __shared__ float s_gscale[4];
   const int nt = a.s.n_ktiles();
   const int tile = idx % nt, bh = idx / nt;
@@ -213,7 +213,7 @@ __device__ void quant_k_block(const QuantArgs& a, int idx, float* s_kmean, float
   uint4 raw[PASSES];
 #pragma unroll
   for (int ps = 0; ps < PASSES; ++ps) {
-    const int t = tile * kCtaK + warp * 32 + ps * RPP + rsub;
+    const int t = tile * kCtaK + warp * 16 + ps * RPP + rsub;
     raw[ps] = t < a.s.Skv ? *reinterpret_cast<const uint4*>(kp + (int64_t)t * a.k_ss) : make_uint4(0, 0, 0, 0);
   }
   reduce_partials<D>(a, b, h, true, s_kmean);
@@ -224,7 +224,7 @@ __device__ void quant_k_block(const QuantArgs& a, int idx, float* s_kmean, float
   for (int i = 0; i < 8; ++i) mean[i] = s_kmean[c8 * 8 + i];
 #pragma unroll
   for (int ps = 0; ps < PASSES; ++ps) {
-    const int r = warp * 32 + ps * RPP + rsub;
+    const int r = warp * 16 + ps * RPP + rsub;
     const int t = tile * kCtaK + r;
     float x[8];
     unpack8<T>(raw[ps], x);
@@ -248,7 +248,7 @@ __device__ void quant_k_block(const QuantArgs& a, int idx, float* s_kmean, float
   int8_t* ko = a.k_i8 + (int64_t)bh * a.s.Skv * D + c8 * 8;
 #pragma unroll
   for (int ps = 0; ps < PASSES; ++ps) {
-    const int r = warp * 32 + ps * RPP + rsub;
+    const int r = warp * 16 + ps * RPP + rsub;
     const int t = tile * kCtaK + r;
     if (t < a.s.Skv) {
       const float scale = s_gscale[(r % 8) / 2];
@@ -312,7 +312,7 @@ __device__ void quant_v_block(const QuantArgs& a, int idx, float* s_vscale, T* s
 }
 
 template <int D, typename T>
-__global__ void __launch_bounds__(kQuantThreads, 3) quantize_qkv_kernel(QuantArgs a, int n_q_blocks, int n_k_blocks) {
+__global__ void __launch_bounds__(kQuantThreads, 2) quantize_qkv_kernel(QuantArgs a, int n_q_blocks, int n_k_blocks) {
   __shared__ float s_vec[D];
   __shared__ float s_row_amax[kCtaK];
   __shared__ __align__(16) T s_tile[kCtaK * D];

@@ -197,20 +197,23 @@ def test_extension_checks_report_errors():
     assert isinstance(res, str) and "float16 or bfloat16" in res, res
 
 
-@pytest.mark.parametrize("mode", [0, 1])
-def test_cpp_exception_diagnostic(mode):
-    """Records whether a C++ exception can be thrown inside the module (0) and leave it (1) without
-    crashing; run in a subprocess so a crash fails this test only. Mode 1 crashed on the H200 test machine."""
-    import subprocess
-    import sys
-    code = ("from sage3_diffusers import _C_sm90 as ext\n"
-            f"try:\n    print('RESULT', ext._throw_test({mode}))\n"
-            "except Exception as e:\n    print('RAISED', type(e).__name__, e)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    print(mode, r.returncode, r.stdout, r.stderr[-500:])
-    if mode == 1 and r.returncode != 0:
-        pytest.xfail(f"C++ exception leaving the module crashes this environment (rc={r.returncode})")
-    assert r.returncode == 0 and ("RESULT caught local" in r.stdout or "RAISED" in r.stdout), r
+def test_cuda_graph_capture_replays_op():
+    from sage3_diffusers.backends import cuda_sm90  # noqa: F401  (registers the op)
+    op = torch.ops.sage3.sm90_int8fp8_attn
+    q, k, v = make_qkv(1, 4, 2, 333, 333, 128, layout="NHD")
+    eager, _ = op(q, k, v, "NHD", True, 0.1, False)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        op(q, k, v, "NHD", True, 0.1, False)  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, _ = op(q, k, v, "NHD", True, 0.1, False)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
 
 
 def test_deterministic():
