@@ -1,8 +1,8 @@
 """Benchmarks. `python -m sage3_diffusers.bench kernels [--quick] [--json out.json] [--plot out.png]`
 
 kernels: attention kernels on DiT shapes and the FA3-paper grid (B·S = 16k, H·D = 2048), non-causal forward,
-bf16. Columns: torch SDPA flash, SDPA cuDNN, the Triton INT8/FP8 kernel alone (K/V quantized beforehand; Q is
-quantized inside the kernel), the Triton kernel including quantization, its ratio to cuDNN, and one column
+bf16. Columns: torch SDPA flash, SDPA cuDNN, the Triton INT8/FP8 attention kernel alone (Q, K, V quantized
+beforehand), the Triton path including all quantization, its ratio to cuDNN, and one column
 (including quantization) for every other available int8_fp8 / fp4 backend in the registry. TFLOPS use
 4·B·H·Sq·Skv·D. Each time is the median over replays of a CUDA graph holding several calls (no launch gaps,
 same for every column). Accuracy vs fp32 SDPA (cos sim, relative L1) on DiT-like inputs (Q with outlier
@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     k.add_argument("--no-accuracy", action="store_true", help="skip the fp32 SDPA accuracy comparison")
     k.add_argument("--target-ms", type=float, default=60.0, help="GPU time per graph replay (default 60)")
     k.add_argument("--replays", type=int, default=7, help="graph replays per measurement (median taken)")
+    pl = sub.add_parser("plot", help="draw the PNG of a `kernels --json` result")
+    pl.add_argument("json_in")
+    pl.add_argument("png_out")
     return p.parse_args(argv)
 
 
@@ -185,7 +188,8 @@ def run_kernels(args) -> dict:
             "sdpa_cudnn": _sdpa_fn(q, k, v, SDPBackend.CUDNN_ATTENTION),
         }
         kv = tk.quantize_kv(k, v)
-        fns["triton_kernel"] = lambda: tk.attention_quantized(q, kv, sm_scale=scale)
+        q_quant = tk.quantize_q(q)
+        fns["triton_kernel"] = lambda: tk.attention_quantized(q, kv, sm_scale=scale, q_quant=q_quant)
         fns["triton_incl_quant"] = lambda: triton_be.forward(q, k, v, layout="HND", is_causal=False,
                                                              sm_scale=scale, return_lse=False)
         for be in other_backends(shape, q, k, v):
@@ -205,6 +209,7 @@ def run_kernels(args) -> dict:
             row["ms"][name] = ms
             row["tflops"][name] = shape.flops / ms / 1e9
             row["timing"][name] = how
+        row["triton_config"] = str(tk.last_config)
         if "sdpa_cudnn" in row["ms"] and "triton_incl_quant" in row["ms"]:
             row["triton_vs_cudnn"] = row["ms"]["sdpa_cudnn"] / row["ms"]["triton_incl_quant"]
         if not args.no_accuracy:
@@ -219,7 +224,7 @@ def run_kernels(args) -> dict:
             del outs
         rows_out.append(row)
         _print_row(row, extra_names, header=len(rows_out) == 1)
-        del q, k, v, kv, fns
+        del q, k, v, kv, q_quant, fns
         torch.cuda.empty_cache()
     result = {"meta": meta, "extra_backends": extra_names, "rows": rows_out}
     print()
@@ -296,6 +301,9 @@ def main(argv=None) -> int:
             print(f"JSON written to {args.json_path}")
         if args.plot_path:
             plot(result, args.plot_path)
+    elif args.command == "plot":
+        with open(args.json_in) as f:
+            plot(json.load(f), args.png_out)
     return 0
 
 

@@ -148,3 +148,8 @@ def test_bench_needs_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="CUDA"):
         bench.main(["kernels", "--quick"])
+
+
+def test_bench_plot_subcommand_args():
+    a = bench.parse_args(["plot", "r.json", "r.png"])
+    assert (a.command, a.json_in, a.png_out) == ("plot", "r.json", "r.png")

@@ -245,3 +245,15 @@ def test_first_call_time():
     first = time.perf_counter() - t0
     print(f"first call (tuning {len(m._CANDIDATES[64])} configs, compiles possibly cached): {first:.2f}s")
     assert first < 30
+
+
+def test_nonfinite_inputs_propagate_per_head():
+    """A NaN never turns silently finite, and it stays inside its (batch, head)."""
+    m = _k()
+    for which in ("q", "k", "v"):
+        q, k, v = _dit_inputs(1, 2, 2, 200, 200, 64, torch.bfloat16)
+        t = {"q": q, "k": k, "v": v}[which]
+        t[0, 0, 150, 7] = float("nan")
+        o, _ = m.int8fp8_attention(q, k, v)
+        assert torch.isnan(o[0, 0]).any(), which
+        assert not torch.isnan(o[0, 1]).any(), which

@@ -131,22 +131,24 @@ def _kv_stats_kernel(k_ptr, stride_kb, stride_kh, stride_ks, stride_kd,
     offs_d = tl.arange(0, D)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
-    ksum = tl.zeros([D], dtype=tl.float32)
-    vmax = tl.zeros([D], dtype=tl.float32)
-    vnan = tl.zeros([D], dtype=tl.int32)
+    # element-wise accumulators, reduced over rows once at the end: no cross-warp reduction per step
+    ksum = tl.zeros([BLOCK_S, D], dtype=tl.float32)
+    vmax = tl.zeros([BLOCK_S, D], dtype=tl.float32)
     start = c * CHUNK
-    for i in range(0, CHUNK, BLOCK_S):  # CHUNK is a multiple of BLOCK_S
+    for i in tl.range(0, CHUNK, BLOCK_S, num_stages=3):  # CHUNK is a multiple of BLOCK_S
         rows = start + i + tl.arange(0, BLOCK_S)
         m = rows[:, None] < S
         k = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=m, other=0.0)
-        ksum += tl.sum(k.to(tl.float32), axis=0)
+        ksum += k.to(tl.float32)
         v = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=m, other=0.0)
-        v = v.to(tl.float32)
-        vmax = tl.maximum(vmax, tl.max(tl.abs(v), axis=0))
-        vnan = tl.maximum(vnan, tl.max((v != v).to(tl.int32), axis=0))
+        va = tl.abs(v.to(tl.float32))
+        vmax = tl.where(va != va, va, tl.maximum(vmax, va))  # NaN sticks (maximum alone would drop it)
+    vmax_d = tl.max(vmax, axis=0)
+    vmax_d = tl.where(tl.max((vmax != vmax).to(tl.int32), axis=0) > 0, float("nan"), vmax_d)
+    ksum = tl.sum(ksum, axis=0)
     out = (bh * N_CHUNKS + c) * D + offs_d
     tl.store(ksum_ptr + out, ksum)
-    tl.store(vmax_ptr + out, tl.where(vnan > 0, float("nan"), vmax))
+    tl.store(vmax_ptr + out, vmax_d)
 
 
 @triton.jit
