@@ -201,8 +201,9 @@ class CudaSm120Fp4Backend(_CudaFp4Backend):
     priority = 100
     description = ("Blackwell sm_120a/121a CUDA kernel: SageAttention3 NVFP4 attention with the block-scaled FP4 "
                    "mma.sync (kind::mxf4nvf4, scale_vec::4X, ue4m3)")
-    verified = ("compiled for sm_120a (SASS has OMMA.SF.16864...E2M1.E2M1.UE4M3.4X); numerics verified through the "
-                "emulated build on Hopper (tests/gpu/test_cuda_fp4.py); not yet run on Blackwell hardware")
+    verified = ("compiled for sm_120a (SASS has OMMA.SF.16864.F32.E2M1.E2M1.UE4M3.4X, csrc/check_sass_fp4.sh); numerics "
+                "verified through the emulated build on Hopper (H200, tests/gpu/test_cuda_fp4.py); "
+                "not yet run on Blackwell hardware")
     _capabilities = _NATIVE_CAPS
 
     def _image_reasons(self) -> list[str]:
@@ -226,7 +227,8 @@ class CudaFp4EmulatedBackend(_CudaFp4Backend):
     auto_eligible = False
     description = ("test build: the sm_120a NVFP4 kernel compiled for sm_90a with the FP4 MMA emulated in software "
                    "(emulated MMA build: for numerics tests, not speed)")
-    verified = "run on H100 against the SageAttention3 reference (tests/gpu/test_cuda_fp4.py)"
+    verified = ("run on H200 against the SageAttention3 reference (tests/gpu/test_cuda_fp4.py): quantized tensors "
+                "bit-exact, output cos sim >= 0.9999 on odd shapes")
     _capabilities = ((9, 0),)
 
     def _image_reasons(self) -> list[str]:
