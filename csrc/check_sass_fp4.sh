@@ -8,7 +8,12 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${1:-$(mktemp -d)}"
 mkdir -p "$out"
-cuobjdump="${CUOBJDUMP:-$(command -v cuobjdump || python3 -c 'import nvidia, os; p = os.path.join(list(nvidia.__path__)[0], "cu13", "bin", "cuobjdump"); print(p if os.path.exists(p) else "")' 2>/dev/null || true)}"
+find_pip_cuobjdump() {  # the nvidia-cuda-cuobjdump wheel puts it under site-packages/nvidia/<something>/bin
+  python3 -c 'import glob, os, nvidia
+hits = [h for p in nvidia.__path__ for h in sorted(glob.glob(os.path.join(p, "*", "bin", "cuobjdump")))]
+print(hits[0] if hits else "")' 2>/dev/null || true
+}
+cuobjdump="${CUOBJDUMP:-$(command -v cuobjdump || find_pip_cuobjdump)}"
 if [[ -z "$cuobjdump" || ! -x "$cuobjdump" ]]; then
   echo "cuobjdump not found (set CUOBJDUMP or pip install nvidia-cuda-cuobjdump)" >&2
   exit 2
