@@ -138,3 +138,34 @@ def test_smoothing_terms_match_reference():
     ref = sage3_quantize(q, k, v)
     assert torch.equal(q_mean, ref.q_mean) and torch.equal(k_mean, ref.k_mean)
     assert torch.equal(delta_s, ref.delta_s)
+
+
+def test_bad_inputs_raise_in_python():
+    """Bad inputs are rejected with a ValueError before any C++ is reached."""
+    q = torch.randn(1, 2, 16, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="CUDA device"):
+        cuda_fp4.check_inputs(q, q, q)
+    meta = lambda *s, dt=torch.bfloat16: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
+
+    class _Cuda:  # a stand-in that looks like a CUDA tensor for the checks
+        def __init__(self, t):
+            self.t = t
+            self.is_cuda, self.device = True, torch.device("cuda", 0)
+            self.dtype, self.shape = t.dtype, t.shape
+
+        def dim(self):
+            return self.t.dim()
+
+    ok = _Cuda(meta(1, 4, 16, 64))
+    cuda_fp4.check_inputs(ok, _Cuda(meta(1, 2, 16, 64)), _Cuda(meta(1, 2, 16, 64)))
+    with pytest.raises(ValueError, match="head dims"):
+        cuda_fp4.check_inputs(_Cuda(meta(1, 2, 16, 96)), _Cuda(meta(1, 2, 16, 96)), _Cuda(meta(1, 2, 16, 96)))
+    with pytest.raises(ValueError, match="float32"):
+        x = _Cuda(meta(1, 2, 16, 64, dt=torch.float32))
+        cuda_fp4.check_inputs(x, x, x)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        cuda_fp4.check_inputs(_Cuda(meta(1, 3, 16, 64)), _Cuda(meta(1, 2, 16, 64)), _Cuda(meta(1, 2, 16, 64)))
+    with pytest.raises(ValueError, match="at least one key"):
+        cuda_fp4.check_inputs(ok, _Cuda(meta(1, 2, 0, 64)), _Cuda(meta(1, 2, 0, 64)))
+    with pytest.raises(ValueError, match="must match"):
+        cuda_fp4.check_inputs(ok, _Cuda(meta(1, 2, 16, 64)), _Cuda(meta(1, 2, 17, 64)))
