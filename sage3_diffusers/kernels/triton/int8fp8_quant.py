@@ -142,7 +142,8 @@ def _kv_stats_kernel(k_ptr, stride_kb, stride_kh, stride_ks, stride_kd,
         ksum += k.to(tl.float32)
         v = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=m, other=0.0)
         va = tl.abs(v.to(tl.float32))
-        vmax = tl.where(va != va, va, tl.maximum(vmax, va))  # NaN sticks (maximum alone would drop it)
+        # NaN sticks: tl.maximum drops a NaN operand on the GPU, so keep it explicitly
+        vmax = tl.where((va != va) | (vmax != vmax), float("nan"), tl.maximum(vmax, va))
     vmax_d = tl.max(vmax, axis=0)
     vmax_d = tl.where(tl.max((vmax != vmax).to(tl.int32), axis=0) > 0, float("nan"), vmax_d)
     ksum = tl.sum(ksum, axis=0)
@@ -224,7 +225,7 @@ def _kv_quant_kernel(k_ptr, stride_kb, stride_kh, stride_ks, stride_kd,
                         other=0.0).to(tl.float32)
             x = tl.where(rmask[:, None], x - kmean[None, :], 0.0)
             gc = _k_group_amax(x, SUB, K_PER_THREAD)
-            g = tl.where(gc != gc, gc, tl.maximum(g, gc))
+            g = tl.where((gc != gc) | (g != g), float("nan"), tl.maximum(g, gc))  # NaN sticks
         scale_g = tl.math.div_rn(g, tl.zeros_like(g) + INT8_MAX)
         for c in tl.range(0, K_BLOCK, SUB, loop_unroll_factor=UNROLL):  # unrolled: several chunk loads in flight
             rows = row0 + c + tl.arange(0, SUB)
