@@ -4,7 +4,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
-#include <sstream>
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -12,15 +12,36 @@
 
 namespace {
 
-// No C++ exception is thrown from this module: on the H200 test machine any exception thrown here (a failing
-// TORCH_CHECK, or a std::invalid_argument caught again inside the module) killed the process with SIGSEGV,
-// while exceptions thrown inside libtorch itself were fine (bench/NOTES.md). Every check therefore returns
-// its message; entry points hand it to Python as a str and the Python wrapper raises.
+// Error messages are built with snprintf and returned, never thrown and never formatted with iostreams: on
+// the H200 test machine every error path of this module killed the process with SIGSEGV -- a failing
+// TORCH_CHECK, a thrown std::invalid_argument, one caught again inside the module, and finally a plain
+// returned message built with std::ostringstream (no exception at all). The common factor is std::ostringstream
+// instantiated in this module (c10::str uses it too); errors formatted inside libtorch (CUDAGuard's) were
+// fine. Probably a libstdc++ mismatch between the build toolchain and the process (bench/NOTES.md).
+// Entry points hand the message to Python as a str and the Python wrapper raises it.
+inline void append(std::string& s, const char* x) { s += x; }
+inline void append(std::string& s, const std::string& x) { s += x; }
+inline void append(std::string& s, long long x) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%lld", x);
+  s += buf;
+}
+inline void append(std::string& s, long x) { append(s, static_cast<long long>(x)); }
+inline void append(std::string& s, int x) { append(s, static_cast<long long>(x)); }
+inline void append(std::string& s, c10::ScalarType t) { s += c10::toString(t); }
+inline void append(std::string& s, c10::IntArrayRef a) {
+  s += "[";
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (i) s += ", ";
+    append(s, static_cast<long long>(a[i]));
+  }
+  s += "]";
+}
 template <typename... Args>
 std::string message(const Args&... args) {
-  std::ostringstream os;
-  (os << ... << args);
-  return os.str();
+  std::string s;
+  (append(s, args), ...);
+  return s;
 }
 #define SM90_CHECK(cond, ...)                          \
   do {                                                 \

@@ -45,6 +45,10 @@ __device__ __forceinline__ void load8(const T* p, float (&x)[8]) {
   }
 }
 
+// max that keeps NaN (fmaxf drops it): a NaN input makes its group's / channel's scale NaN, so it reaches the
+// output instead of being quantized to a finite value (the reference's amax propagates NaN the same way).
+__device__ __forceinline__ float nan_max(float a, float b) { return (a != a || b != b) ? __int_as_float(0x7fffffff) : fmaxf(a, b); }
+
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 
@@ -80,7 +84,7 @@ __global__ void __launch_bounds__(kStatsThreads) kv_stats_kernel(QuantArgs a) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       sum[i] += xk[i];
-      amax[i] = fmaxf(amax[i], fabsf(xv[i]));
+      amax[i] = nan_max(amax[i], fabsf(xv[i]));
     }
   }
 #pragma unroll
@@ -93,7 +97,7 @@ __global__ void __launch_bounds__(kStatsThreads) kv_stats_kernel(QuantArgs a) {
     float tot = 0.f, mx = 0.f;
     for (int i = 0; i < RPI; ++i) {
       tot += s_sum[i][threadIdx.x];
-      mx = fmaxf(mx, s_amax[i][threadIdx.x]);
+      mx = nan_max(mx, s_amax[i][threadIdx.x]);
     }
     const int64_t o = ((int64_t)(b * a.s.Hkv + h) * a.s.n_chunks() + chunk) * D + threadIdx.x;
     a.partial_ksum[o] = tot;
@@ -108,7 +112,7 @@ __device__ void reduce_partials(const QuantArgs& a, int b, int h, bool is_mean, 
     const int nc = a.s.n_chunks();
     const float* src = (is_mean ? a.partial_ksum : a.partial_vamax) + (int64_t)(b * a.s.Hkv + h) * nc * D + threadIdx.x;
     float acc = 0.f;
-    for (int c = 0; c < nc; ++c) acc = is_mean ? acc + src[(int64_t)c * D] : fmaxf(acc, src[(int64_t)c * D]);
+    for (int c = 0; c < nc; ++c) acc = is_mean ? acc + src[(int64_t)c * D] : nan_max(acc, src[(int64_t)c * D]);
     s_out[threadIdx.x] = is_mean ? acc / (float)a.s.Skv : acc / 448.f;
   }
 }
@@ -159,12 +163,12 @@ __device__ void quant_q_block(const QuantArgs& a, int idx, float* s_kmean, float
     float mx = 0.f, dot = 0.f;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      mx = fmaxf(mx, fabsf(x[i]));
+      mx = nan_max(mx, fabsf(x[i]));
       if (want_kmean) dot += x[i] * s_kmean[c8 * 8 + i];
     }
 #pragma unroll
     for (int off = LPR / 2; off > 0; off /= 2) {
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      mx = nan_max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
       if (want_kmean) dot += __shfl_xor_sync(0xffffffffu, dot, off);
     }
     if (c8 == 0) {
@@ -179,7 +183,7 @@ __device__ void quant_q_block(const QuantArgs& a, int idx, float* s_kmean, float
     const int r = warp * 16 + ps * RPP + rsub;
     const int t = tile * kQuantQRows + r;
     const int base = warp * 16, rr = r - base;
-    const float scale = fmaxf(s_row_amax[base + rr], s_row_amax[base + (rr ^ 8)]) / 127.f;
+    const float scale = nan_max(s_row_amax[base + rr], s_row_amax[base + (rr ^ 8)]) / 127.f;
     if (t < a.s.Sq) {
       float x[8];
       unpack8<T>(raw[ps], x);
@@ -194,7 +198,7 @@ __device__ void quant_q_block(const QuantArgs& a, int idx, float* s_kmean, float
   }
   if (lane < 8) {
     const int base = warp * 16;
-    const float scale = fmaxf(s_row_amax[base + lane], s_row_amax[base + lane + 8]) / 127.f;
+    const float scale = nan_max(s_row_amax[base + lane], s_row_amax[base + lane + 8]) / 127.f;
     a.q_scale[(int64_t)bh * a.s.n_qgroups() + (tile * kQuantQRows + base) / 16 * 8 + lane] = scale;
   }
 }
@@ -230,16 +234,16 @@ __device__ void quant_k_block(const QuantArgs& a, int idx, float* s_kmean, float
     unpack8<T>(raw[ps], x);
     float mx = 0.f;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) mx = fmaxf(mx, fabsf(__fsub_rn(x[i], mean[i])));
+    for (int i = 0; i < 8; ++i) mx = nan_max(mx, fabsf(__fsub_rn(x[i], mean[i])));
 #pragma unroll
-    for (int off = LPR / 2; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    for (int off = LPR / 2; off > 0; off /= 2) mx = nan_max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
     if (c8 == 0) s_row_amax[r] = t < a.s.Skv ? mx : 0.f;  // padding rows (0 - mean) must not count
   }
   __syncthreads();
   if (threadIdx.x < 4) {
     const int j = threadIdx.x;  // group j: tokens with (t % 8) // 2 == j
     float mx = 0.f;
-    for (int r8 = 0; r8 < kCtaK; r8 += 8) mx = fmaxf(mx, fmaxf(s_row_amax[r8 + 2 * j], s_row_amax[r8 + 2 * j + 1]));
+    for (int r8 = 0; r8 < kCtaK; r8 += 8) mx = nan_max(mx, nan_max(s_row_amax[r8 + 2 * j], s_row_amax[r8 + 2 * j + 1]));
     const float scale = mx / 127.f;
     s_gscale[j] = scale;
     a.k_scale[(int64_t)bh * nt * 4 + tile * 4 + j] = scale;

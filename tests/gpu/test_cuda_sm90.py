@@ -197,6 +197,24 @@ def test_extension_checks_report_errors():
     assert isinstance(res, str) and "float16 or bfloat16" in res, res
 
 
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_nan_inputs_propagate_like_reference(where):
+    """A NaN makes exactly the outputs NaN that the reference makes NaN (its Q group's rows, its K head,
+    its V channel); everything else stays finite and matches."""
+    q, k, v = make_qkv(1, 4, 2, 200, 200, 128)
+    x = {"q": q, "k": k, "v": v}[where]
+    x[0, 1, 37, 5] = float("nan")
+    res = ext.forward(q, k, v, False, False, 128 ** -0.5, False)
+    assert not isinstance(res, str), res
+    out = res[0].float()
+    ref = sage2pp_attention_reference(q.float(), k.float(), v.float())
+    nan_ref = torch.isnan(ref)
+    assert nan_ref.any() and not nan_ref.all()
+    assert torch.equal(torch.isnan(out), nan_ref)
+    m = accuracy_metrics(out[~nan_ref], ref[~nan_ref].float())
+    assert m["cos_sim"] > 0.9999, m
+
+
 def test_cuda_graph_capture_replays_op():
     from sage3_diffusers.backends import cuda_sm90  # noqa: F401  (registers the op)
     op = torch.ops.sage3.sm90_int8fp8_attn
