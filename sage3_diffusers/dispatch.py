@@ -6,7 +6,9 @@
     "auto"    (default) fp4 -> int8_fp8 -> sdpa, one warning per distinct case;
     "emulate" run the family's torch emulation (reference numerics, slow; for accuracy studies);
     "error"   raise ValueError listing every backend's reasons.
-- "auto" takes the highest-priority backend of any family (never an emulation).
+- "auto" takes the fastest backend of any family (never an emulation). "Fastest" is the measured table in
+  `perf_model` where it covers every runnable candidate (Hopper), else the backends' static priorities; so on
+  Hopper, "auto" may well choose exact SDPA (cuDNN) where it is faster than the quantized kernels.
 Environment: SAGE3_BACKEND=<backend name> forces one backend for every call; SAGE3_FALLBACK sets the
 fallback (`set_fallback` does the same from Python).
 """
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backends.base import FAMILIES, AttentionBackend, AttentionProblem
+from .perf_model import SOURCE as PERF_SOURCE, estimated_tflops
 
 FALLBACKS = ("auto", "emulate", "error")
 _DEGRADE = {"fp4": "int8_fp8", "int8_fp8": "sdpa"}
@@ -103,15 +106,28 @@ def backend_reasons(backend: AttentionBackend, problem: AttentionProblem) -> lis
 
 
 def _pick(candidates, problem, rejected, family="any"):
+    """The fastest runnable candidate by measured speed when every runnable one has a measurement for this
+    call (perf_model), else the highest priority. Every candidate not taken gets its reason in `rejected`."""
     if not candidates:
         rejected.append((f"{family} kernels", ("none is built or registered in this install",)))
         return None
+    runnable = []
     for b in sorted(candidates, key=lambda b: -b.priority):
         reasons = backend_reasons(b, problem)
-        if not reasons:
-            return b
-        rejected.append((b.name, tuple(reasons)))
-    return None
+        if reasons:
+            rejected.append((b.name, tuple(reasons)))
+        else:
+            runnable.append(b)
+    if not runnable:
+        return None
+    est = {b.name: estimated_tflops(b.name, problem) for b in runnable}
+    if len(runnable) > 1 and all(v is not None for v in est.values()):
+        best = max(runnable, key=lambda b: est[b.name])
+        rejected += [(b.name, (f"slower for this call: ~{est[b.name]:.0f} vs ~{est[best.name]:.0f} TFLOPS "
+                               f"for {best.name} (measured: {PERF_SOURCE})",)) for b in runnable if b is not best]
+        return best
+    rejected += [(b.name, (f"lower priority than {runnable[0].name}",)) for b in runnable[1:]]
+    return runnable[0]
 
 
 def _warn_once(key, msg):

@@ -132,3 +132,41 @@ def test_env_cli_lists_every_backend():
     for b in dispatch.list_backends():
         assert b.name in text
     assert "kernel='fp4' ->" in text and "torch " in text
+
+
+def _hopper_problem(seq, head_dim=128):
+    from sage3_diffusers.backends.base import AttentionProblem
+    return AttentionProblem(batch=1, heads_q=24, heads_kv=24, seq_q=seq, seq_kv=seq, head_dim=head_dim,
+                            head_dim_v=head_dim, dtype=torch.bfloat16, device_type="cuda", capability=(9, 0),
+                            layout="HND", is_causal=False, return_lse=False, has_mask=False)
+
+
+class FastInt8(FakeFp4):
+    name, family, priority, head_dims = "fake_int8_a", "int8_fp8", 100, (64, 128)
+
+    def unavailable_reasons(self):
+        return []
+
+
+class SlowInt8(FastInt8):
+    name, priority = "fake_int8_b", 50
+
+
+def test_measured_speed_beats_static_priority_on_hopper(fakes, monkeypatch):
+    from sage3_diffusers import perf_model
+    dispatch.register_backend(FastInt8())
+    dispatch.register_backend(SlowInt8())
+    monkeypatch.setitem(perf_model.HOPPER_TFLOPS, "fake_int8_a", {128: ((1024, 200), (16384, 700))})
+    monkeypatch.setitem(perf_model.HOPPER_TFLOPS, "fake_int8_b", {128: ((1024, 300), (16384, 600))})
+    short, long = _hopper_problem(1024), _hopper_problem(16384)
+    assert dispatch.select_backend(short, "int8_fp8").backend.name == "fake_int8_b"  # faster at 1k
+    sel = dispatch.select_backend(long, "int8_fp8")
+    assert sel.backend.name == "fake_int8_a"
+    assert any(n == "fake_int8_b" and "slower for this call: ~600 vs ~700" in r[0] for n, r in sel.rejected)
+    # Interpolation in log(S) between the measured points; clamped outside them.
+    assert perf_model.estimated_tflops("fake_int8_a", _hopper_problem(4096)) == pytest.approx(450)
+    assert perf_model.estimated_tflops("fake_int8_a", _hopper_problem(100000)) == 700
+    # Off Hopper there are no measurements: static priority decides.
+    cpu_like = _hopper_problem(16384)
+    from dataclasses import replace
+    assert dispatch.select_backend(replace(cpu_like, capability=(12, 0)), "int8_fp8").backend.name == "fake_int8_a"
