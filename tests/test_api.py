@@ -153,3 +153,21 @@ def test_torch_compile_fullgraph_through_the_dispatcher():
 
     compiled = torch.compile(f, fullgraph=True, backend="eager")
     assert torch.allclose(compiled(q, k, v), f(q, k, v), atol=1e-6)
+
+
+@pytest.mark.parametrize("module, op, extra", [
+    ("sage3_diffusers.backends.cuda_sm90", "sm90_int8fp8_attn", ()),
+    ("sage3_diffusers.backends.cuda_fp4", "fp4_attn", ()),
+    ("sage3_diffusers.kernels.triton.op", "triton_int8fp8_attn", ("per_thread",)),
+])
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+def test_custom_op_fake_shapes_on_meta(module, op, extra, layout):
+    # The ops' fake implementations (torch.compile / CUDA graphs) run on the meta device without a GPU.
+    import importlib
+    importlib.import_module(module)
+    q = torch.empty(2, 3, 50, 64, device="meta", dtype=torch.bfloat16)  # (B, H, S, D) or (B, S, H, D)
+    for return_lse in (False, True):
+        out, lse = getattr(torch.ops.sage3, op)(q, q, q, layout, False, 0.125, return_lse, *extra)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        b, h, s = (2, 50, 3) if layout == "NHD" else (2, 3, 50)
+        assert lse.shape == ((b, h, s) if return_lse else (0,)) and lse.dtype == torch.float32

@@ -88,3 +88,10 @@ def to_hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
 
 def from_hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x if layout == "HND" else x.transpose(1, 2)
+
+
+def fake_attention_outputs(q: torch.Tensor, layout: str, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """What every attention custom op returns, as empty tensors (its torch.library fake implementation):
+    out like q, and lse [B, Hq, Sq] fp32 (an empty [0] tensor when return_lse is False)."""
+    b, h, s = (q.shape[0], q.shape[2], q.shape[1]) if layout == "NHD" else q.shape[:3]
+    return q.new_empty(q.shape), q.new_empty((b, h, s) if return_lse else (0,), dtype=torch.float32)

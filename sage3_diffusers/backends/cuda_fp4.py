@@ -20,7 +20,7 @@ import torch
 
 from ..numerics.attention_common import LN2, expand_kv_heads
 from ..numerics.sage3_reference import SAGE3_Q_BLOCK, block_means
-from .base import AttentionBackend, AttentionProblem, to_hnd
+from .base import AttentionBackend, AttentionProblem, to_hnd, fake_attention_outputs
 
 _EXT_NAME = "sage3_diffusers._C_fp4"
 _ext = None
@@ -173,10 +173,7 @@ def fp4_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_
 
 @fp4_attn.register_fake
 def _(q, k, v, layout, is_causal, sm_scale, return_lse):
-    b, h, s = (q.shape[0], q.shape[2], q.shape[1]) if layout == "NHD" else q.shape[:3]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = q.new_empty((b, h, s) if return_lse else (0,), dtype=torch.float32)
-    return out, lse
+    return fake_attention_outputs(q, layout, return_lse)
 
 
 class _CudaFp4Backend(AttentionBackend):

@@ -12,7 +12,7 @@ import importlib
 
 import torch
 
-from .base import AttentionBackend, AttentionProblem
+from .base import AttentionBackend, AttentionProblem, fake_attention_outputs
 
 _EXT_NAME = "sage3_diffusers._C_sm90"
 _ext = None
@@ -88,10 +88,7 @@ def sm90_int8fp8_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
 
 @sm90_int8fp8_attn.register_fake
 def _(q, k, v, layout, is_causal, sm_scale, return_lse):
-    b, h, s = (q.shape[0], q.shape[2], q.shape[1]) if layout == "NHD" else q.shape[:3]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = q.new_empty((b, h, s) if return_lse else (0,), dtype=torch.float32)
-    return out, lse
+    return fake_attention_outputs(q, layout, return_lse)
 
 
 class CudaSm90Int8Fp8Backend(AttentionBackend):

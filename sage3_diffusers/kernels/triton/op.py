@@ -8,15 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from ...backends.base import fake_attention_outputs
+
 OP_NAME = "sage3::triton_int8fp8_attn"
-
-
-def _bhs(q: torch.Tensor, layout: str):
-    if layout == "HND":
-        return q.shape[0], q.shape[1], q.shape[2]
-    if layout == "NHD":
-        return q.shape[0], q.shape[2], q.shape[1]
-    raise ValueError(f"layout must be 'HND' or 'NHD', got {layout!r}")
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=(), device_types="cuda")
@@ -34,7 +28,4 @@ def triton_int8fp8_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
 
 @triton_int8fp8_attn.register_fake
 def _triton_int8fp8_attn_fake(q, k, v, layout, is_causal, sm_scale, return_lse, qk_quant_gran):
-    b, hq, sq = _bhs(q, layout)
-    out = q.new_empty(q.shape)
-    lse = q.new_empty((b, hq, sq) if return_lse else (0,), dtype=torch.float32)
-    return out, lse
+    return fake_attention_outputs(q, layout, return_lse)
