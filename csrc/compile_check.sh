@@ -2,7 +2,8 @@
 # Compiles every pure-CUDA translation unit under csrc/ with nvcc alone (no torch headers, no GPU):
 #   csrc/sm90/*.cu  for sm_90a
 #   csrc/sm120/*.cu for sm_120a (hardware FP4 MMA) and sm_90a (emulated MMA test build)
-# and fails if a .cu file includes torch. Used by .ci/run wherever nvcc exists.
+# and fails if a .cu file includes torch; then syntax-checks the torch bindings (csrc/*/binding.cpp) against the
+# installed torch's headers. Used by .ci/run wherever nvcc exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC=${NVCC:-nvcc}
@@ -40,4 +41,29 @@ export NVCC out
 export inc_str="${inc[*]}"
 status=0
 printf '%s\n' "${jobs_list[@]}" | xargs -P "$JOBS" -I{} bash -c 'inc=($inc_str); compile_one {}' || status=1
+
+# The torch bindings (the only files that include torch): syntax-checked against the installed torch's headers.
+# A CPU torch wheel lacks one generated CUDA header (cuda_cmake_macros.h); a stand-in defines what it would.
+torch_inc=$(python3 -c 'import torch.utils.cpp_extension as c; print(" ".join(c.include_paths()))' 2>/dev/null || true)
+py_inc=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+if [ -n "$torch_inc" ]; then
+  stub="$out/stub"
+  mkdir -p "$stub/c10/cuda/impl"
+  printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$stub/c10/cuda/impl/cuda_cmake_macros.h"
+  # nvcc may be a wrapper script: ask it where its headers are.
+  cuda_inc=$("$NVCC" --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/.*INCLUDES="-I\([^"]*\)".*/\1/p' | head -1)
+  for f in csrc/*/binding.cpp; do
+    ext="_C_$(basename "$(dirname "$f")")"
+    [ "$ext" = "_C_sm120" ] && ext=_C_fp4
+    # shellcheck disable=SC2086
+    if g++ -std=c++17 -w -fsyntax-only -DTORCH_EXTENSION_NAME="$ext" -I csrc -I "$stub" $(printf -- '-I %s ' $torch_inc) \
+        -I "$cuda_inc" -I "$py_inc" "$f" > "$out/binding.log" 2>&1; then
+      echo "ok   torch binding $f"
+    else
+      echo "FAIL torch binding $f"; head -40 "$out/binding.log"; status=1
+    fi
+  done
+else
+  echo "compile_check: torch not importable; bindings not checked"
+fi
 exit $status
