@@ -130,6 +130,10 @@ def _pick(candidates, problem, rejected, family="any"):
     return runnable[0]
 
 
+def _reasons_text(rejected) -> str:
+    return " | ".join(f"{name}: {'; '.join(reasons)}" for name, reasons in rejected)
+
+
 def _warn_once(key, msg):
     if key not in _warned:
         _warned.add(key)
@@ -159,18 +163,18 @@ def _select_uncached(problem: AttentionProblem, kernel: str, fallback: str) -> S
             if note:
                 _warn_once((kernel, family, tuple(rejected)),
                            f"sage3_diffusers: {note}. Reasons: " +
-                           " | ".join(f"{n}: {'; '.join(r)}" for n, r in rejected) +
+                           _reasons_text(rejected) +
                            " (set SAGE3_FALLBACK=emulate or =error to change this)")
             return Selection(b, kernel, tuple(rejected), note)
         if fallback == "error":
             raise ValueError(f"no {family} backend can run this call (SAGE3_FALLBACK=error): " +
-                             " | ".join(f"{n}: {'; '.join(r)}" for n, r in rejected))
+                             _reasons_text(rejected))
         if fallback == "emulate":
             b = _pick([b for b in _registry.values() if b.family == kernel and not b.auto_eligible], problem,
                       rejected)
             if b is None:
                 raise ValueError(f"no {kernel} backend, emulation included, can run this call: " +
-                                 " | ".join(f"{n}: {'; '.join(r)}" for n, r in rejected))
+                                 _reasons_text(rejected))
             return Selection(b, kernel, tuple(rejected), "emulated (SAGE3_FALLBACK=emulate)")
         family = _DEGRADE[family]
 
