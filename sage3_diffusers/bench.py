@@ -5,7 +5,9 @@ bf16. Columns: torch SDPA flash, SDPA cuDNN, the Triton INT8/FP8 attention kerne
 beforehand), the Triton path including all quantization, its ratio to cuDNN, and one column
 (including quantization) for every other available int8_fp8 / fp4 backend in the registry. TFLOPS use
 4·B·H·Sq·Skv·D. Each time is the median over replays of a CUDA graph holding several calls (no launch gaps,
-same for every column). Accuracy vs fp32 SDPA (cos sim, relative L1) on DiT-like inputs (Q with outlier
+same for every column). Optional column cudnn_fp8: cuDNN's FP8 (E4M3, per-tensor scales) attention through
+cudnn-frontend (bench/cudnn_fp8.py), the attention call alone (quantization excluded); present only when `import
+cudnn` works and the graph builds. Accuracy vs fp32 SDPA (cos sim, relative L1) on DiT-like inputs (Q with outlier
 channels, K with a large per-channel offset), over up to 1024 query rows per shape.
 """
 from __future__ import annotations
@@ -161,6 +163,23 @@ def _accuracy(outs: dict, q, k, v, rows: torch.Tensor) -> dict:
     return res
 
 
+def _cudnn_fp8_module():
+    """bench/cudnn_fp8.py (source checkout only) once cudnn-frontend imports: (module, None) or (None, reason)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "bench" / "cudnn_fp8.py"
+    if not path.is_file():
+        return None, f"{path} not found (needs a source checkout)"
+    try:
+        spec = importlib.util.spec_from_file_location("sage3_bench_cudnn_fp8", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _, reason = mod.import_cudnn()
+    except Exception as exc:  # noqa: BLE001 - an optional column never stops the benchmark
+        return None, f"bench/cudnn_fp8.py failed to load: {type(exc).__name__}: {exc}"
+    return (None, reason) if reason else (mod, None)
+
+
 def run_kernels(args) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("bench kernels needs a CUDA GPU")
@@ -178,6 +197,14 @@ def run_kernels(args) -> dict:
     print(f"card: {card} (sm_{meta['capability'][0]}{meta['capability'][1]}), torch {torch.__version__}, "
           f"triton {triton.__version__}, cuDNN {meta['cudnn']}, {meta['date']}")
     triton_be = get_backend(TRITON_BACKEND)
+    cudnn_fp8, cudnn_fp8_reason = _cudnn_fp8_module()
+    cudnn_fp8_said = set()
+    if cudnn_fp8 is None:
+        print(f"cudnn_fp8 column skipped: {cudnn_fp8_reason}")
+        meta["cudnn_fp8"] = {"skipped": cudnn_fp8_reason}
+    else:
+        meta["cudnn_fp8"] = {**cudnn_fp8.versions(), "timing": "attention call only, Q/K/V quantized to e4m3 "
+                             "(per-tensor scales) beforehand and excluded"}
     rows_out = []
     extra_names: list[str] = []
     for shape in shapes_for(args.quick, args.shapes):
@@ -197,6 +224,14 @@ def run_kernels(args) -> dict:
                                                      return_lse=False))
             if be.name not in extra_names:
                 extra_names.append(be.name)
+        cudnn_fp8_attn = cudnn_fp8_err = None
+        if cudnn_fp8 is not None:
+            cudnn_fp8_attn, cudnn_fp8_err = cudnn_fp8.make_cudnn_fp8_fn(q, k, v, sm_scale=scale)
+            if cudnn_fp8_attn is not None:
+                fns["cudnn_fp8"] = cudnn_fp8_attn.run  # attention alone; cudnn_fp8_attn() adds O dequantization
+            elif cudnn_fp8_err not in cudnn_fp8_said:
+                cudnn_fp8_said.add(cudnn_fp8_err)
+                print(f"  {shape.name} cudnn_fp8: {cudnn_fp8_err}", file=sys.stderr)
         row = {"shape": shape.name, "B": shape.batch, "H": shape.heads, "S": shape.seq, "D": shape.head_dim,
                "ms": {}, "tflops": {}, "timing": {}, "errors": {}}
         for name, fn in fns.items():
@@ -210,6 +245,10 @@ def run_kernels(args) -> dict:
             row["tflops"][name] = shape.flops / ms / 1e9
             row["timing"][name] = how
         row["triton_config"] = str(tk.last_config)
+        if cudnn_fp8_err:
+            row["errors"]["cudnn_fp8"] = cudnn_fp8_err
+        if cudnn_fp8_attn is not None:
+            row["cudnn_fp8_info"] = cudnn_fp8_attn.info
         if "sdpa_cudnn" in row["ms"] and "triton_incl_quant" in row["ms"]:
             row["triton_vs_cudnn"] = row["ms"]["sdpa_cudnn"] / row["ms"]["triton_incl_quant"]
         if not args.no_accuracy:
@@ -219,12 +258,17 @@ def run_kernels(args) -> dict:
             for name in extra_names:
                 if name in fns:
                     outs[name] = fns[name]()
+            if cudnn_fp8_attn is not None:
+                try:
+                    outs["cudnn_fp8"] = cudnn_fp8_attn().clone()
+                except Exception as exc:  # noqa: BLE001
+                    row["errors"]["cudnn_fp8_accuracy"] = f"{type(exc).__name__}: {exc}"
             row["accuracy"] = _accuracy(outs, q, k, v, sample)
             row["accuracy_rows"] = int(sample.numel())
             del outs
         rows_out.append(row)
         _print_row(row, extra_names, header=len(rows_out) == 1)
-        del q, k, v, kv, q_quant, fns
+        del q, k, v, kv, q_quant, fns, cudnn_fp8_attn
         torch.cuda.empty_cache()
     result = {"meta": meta, "extra_backends": extra_names, "rows": rows_out}
     print()
@@ -238,8 +282,10 @@ def _fmt(x, spec=".0f"):
 
 def format_table(result: dict) -> str:
     extra = result["extra_backends"]
+    fp8 = _has_cudnn_fp8(result)
     cols = ["shape (B,H,S,D)", "flash", "cuDNN", "triton kernel", "triton +quant", "x cuDNN",
-            *[f"{e} +quant" for e in extra], "cos", "rel L1", "cuDNN relL1"]
+            *[f"{e} +quant" for e in extra], *(["cuDNN fp8 attn only"] if fp8 else []), "cos", "rel L1",
+            "cuDNN relL1", *(["cuDNN fp8 cos", "cuDNN fp8 relL1"] if fp8 else [])]
     lines = [f"card: {result['meta']['card']}  date: {result['meta']['date']}  TFLOPS (4·B·H·S²·D / time), "
              f"{result['meta']['timing']}",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -249,11 +295,19 @@ def format_table(result: dict) -> str:
         cells = [f"{r['shape']} ({r['B']},{r['H']},{r['S']},{r['D']})", _fmt(t.get("sdpa_flash")),
                  _fmt(t.get("sdpa_cudnn")), _fmt(t.get("triton_kernel")), _fmt(t.get("triton_incl_quant")),
                  _fmt(r.get("triton_vs_cudnn"), ".2f"), *[_fmt(t.get(e)) for e in extra],
+                 *([_fmt(t.get("cudnn_fp8"))] if fp8 else []),
                  _fmt(acc.get("triton_int8_fp8", {}).get("cos_sim"), ".5f"),
                  _fmt(acc.get("triton_int8_fp8", {}).get("rel_l1"), ".4f"),
-                 _fmt(acc.get("sdpa_cudnn", {}).get("rel_l1"), ".4f")]
+                 _fmt(acc.get("sdpa_cudnn", {}).get("rel_l1"), ".4f"),
+                 *([_fmt(acc.get("cudnn_fp8", {}).get("cos_sim"), ".5f"),
+                    _fmt(acc.get("cudnn_fp8", {}).get("rel_l1"), ".4f")] if fp8 else [])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _has_cudnn_fp8(result: dict) -> bool:
+    """The optional cudnn_fp8 column exists when some row timed it."""
+    return any("cudnn_fp8" in r.get("tflops", {}) for r in result["rows"])
 
 
 def _print_row(row, extra, header):
@@ -261,6 +315,8 @@ def _print_row(row, extra, header):
     s = " ".join(f"{k}={v:.0f}" for k, v in t.items())
     acc = row.get("accuracy", {}).get("triton_int8_fp8")
     a = f" cos={acc['cos_sim']:.5f} relL1={acc['rel_l1']:.4f}" if acc else ""
+    c8 = row.get("accuracy", {}).get("cudnn_fp8")
+    a += f" cudnn_fp8: cos={c8['cos_sim']:.5f} relL1={c8['rel_l1']:.4f}" if c8 else ""
     print(f"{row['shape']:<22} TFLOPS: {s}  x cuDNN={_fmt(row.get('triton_vs_cudnn'), '.2f')}{a}", flush=True)
 
 
@@ -272,7 +328,8 @@ def plot(result: dict, path: str) -> bool:
     except ImportError:
         print(f"matplotlib is not installed: skipping the plot ({path})")
         return False
-    cols = ["sdpa_flash", "sdpa_cudnn", "triton_kernel", "triton_incl_quant", *result["extra_backends"]]
+    cols = ["sdpa_flash", "sdpa_cudnn", "triton_kernel", "triton_incl_quant", *result["extra_backends"],
+            *(["cudnn_fp8"] if _has_cudnn_fp8(result) else [])]
     rows = result["rows"]
     width = 0.8 / len(cols)
     fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)), 4.5))
