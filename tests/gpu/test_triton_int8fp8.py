@@ -257,3 +257,29 @@ def test_nonfinite_inputs_propagate_per_head():
         o, _ = m.int8fp8_attention(q, k, v)
         assert torch.isnan(o[0, 0]).any(), which
         assert not torch.isnan(o[0, 1]).any(), which
+
+
+@pytest.mark.parametrize("mode", ["v5", "v5s", "v4"])
+@pytest.mark.parametrize("stats", ["cpasync", "prefetch"])
+def test_quant_modes(mode, stats, monkeypatch):
+    """Every quantization path (SAGE3_TRITON_QUANT / SAGE3_TRITON_STATS) gives the v4 path's Q, V and scales
+    exactly and K within one rounding step (the K mean is summed in another order), and passes the full check."""
+    if mode == "v4" and stats == "prefetch":
+        pytest.skip("v4 has no stats variants")
+    m = _k()
+    monkeypatch.setenv("SAGE3_TRITON_QUANT", mode)
+    monkeypatch.setenv("SAGE3_TRITON_STATS", stats)
+    for gran, qb, kb in (("per_thread", 128, 128), ("per_block", 256, 64), ("per_block", 64, 256)):
+        q, k, v = _dit_inputs(2, 4, 2, 333, 401, 128, torch.bfloat16, k_offset=30.0)
+        kv4 = m.quantize_kv(k, v, qk_quant_gran=gran, k_block=kb)
+        q4 = m.quantize_q(q, qk_quant_gran=gran, q_block=qb)
+        kv, qq = m.quantize_qkv(q, k, v, qk_quant_gran=gran, q_block=qb, k_block=kb)
+        assert torch.equal(qq[0], q4[0]) and torch.equal(qq[1], q4[1])
+        assert torch.equal(kv.v_q.float(), kv4.v_q.float()) and torch.equal(kv.v_scale, kv4.v_scale)
+        torch.testing.assert_close(kv.k_mean, kv4.k_mean, rtol=1e-6, atol=1e-5)
+        assert (kv.k_int8.int() - kv4.k_int8.int()).abs().max() <= 1
+        torch.testing.assert_close(kv.k_scale, kv4.k_scale, rtol=1e-5, atol=0)
+    q, k, v = _dit_inputs(2, 8, 2, 300, 520, 64, torch.bfloat16)
+    _check(q, k, v, layout="NHD", causal=True)
+    q, k, v = _dit_inputs(1, 2, 2, 1, 77, 128, torch.float16)
+    _check(q, k, v)

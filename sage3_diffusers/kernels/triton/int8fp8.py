@@ -16,7 +16,8 @@ import triton
 from ...numerics.attention_common import LOG2E
 from ...numerics.int8 import QK_QUANT_GRANULARITIES
 from .int8fp8_attn import _int8fp8_attn_kernel
-from .int8fp8_quant import _kv_finalize_kernel, _kv_quant_kernel, _kv_stats_kernel, _q_quant_kernel
+from .int8fp8_quant import (_kv_finalize_kernel, _kv_quant_kernel, _kv_stats_kernel, _q_quant_kernel,
+                            _qkv_quant_kernel, _stats_q_kernel)
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -30,6 +31,36 @@ _STATS_BLOCK_S = 32
 _QUANT_SUB = 32  # rows per chunk in the K/V quantization kernel (register budget: no spills at D=128)
 _QUANT_UNROLL = 1  # chunk-loop unroll factor of that kernel
 _QUANT_WARPS = 4
+
+# v5 quantization (bench/NOTES.md, Triton section). SAGE3_TRITON_QUANT selects the path, for A/B runs:
+#   "v5"  (default) stats with two tiles in flight per program, then one launch for K, V and Q tiles;
+#   "v5s" the same, but the Q tiles ride in the stats launch instead (Q needs no statistics);
+#   "v4"  the previous path: stats, K/V quant, and Q quantized by its own kernel inside `attention_quantized`.
+QUANT_MODES = ("v5", "v5s", "v4")
+# SAGE3_TRITON_STATS: "cpasync" (default; the stats loop left to Triton's pipeliner: cp.async, 3 stages) or
+# "prefetch" (next tile loaded into registers by hand). SAGE3_TRITON_STATS_PROGRAMS: target number of stats
+# programs (default 2048; it sets the chunking, so the K mean's summation order, never the GPU).
+STATS_MODES = ("cpasync", "prefetch")
+_V5_STATS_ELEMS = 4096   # BLOCK_S * D of the v5 stats tile (32 rows at D=128, 64 at D=64)
+_V5_TILE = 128           # the largest K chunk loaded at once, and the Q tile, in the v5 quant kernel
+_V5_VT = 64              # V tile rows (the transposed store needs twice the registers of a K tile)
+_V5_WARPS = 8            # v5 quant kernel: ~100 registers at D=128 (offline sm_90 compile): 2 programs per SM
+_V5_STATS_QBM = 64       # Q tile rows when Q rides in the stats launch (4 warps)
+
+
+def quant_mode() -> str:
+    mode = os.environ.get("SAGE3_TRITON_QUANT", "v5")
+    if mode not in QUANT_MODES:
+        raise ValueError(f"SAGE3_TRITON_QUANT={mode!r}: expected one of {QUANT_MODES}")
+    return mode
+
+
+def _stats_mode() -> tuple[bool, int]:
+    mode = os.environ.get("SAGE3_TRITON_STATS", "cpasync")
+    if mode not in STATS_MODES:
+        raise ValueError(f"SAGE3_TRITON_STATS={mode!r}: expected one of {STATS_MODES}")
+    programs = int(os.environ.get("SAGE3_TRITON_STATS_PROGRAMS", str(_STATS_PROGRAMS)))
+    return mode == "prefetch", max(1, programs)
 
 
 @dataclass(frozen=True)
@@ -130,6 +161,77 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, *, layout: str = "HND", qk_qua
     return QuantizedKV(k_int8, k_scale, k_mean, v_q, v_scale, b, hkv, skv, seq_pad, d, pv_fp8)
 
 
+def _v5_stats_layout(skv: int, d: int, bh: int, programs: int = _STATS_PROGRAMS):
+    block_s = _V5_STATS_ELEMS // d
+    n_chunks = max(1, min(_STATS_MAX_CHUNKS, triton.cdiv(programs, bh), triton.cdiv(skv, block_s)))
+    chunk = triton.cdiv(triton.cdiv(skv, n_chunks), block_s) * block_s
+    return block_s, chunk, triton.cdiv(skv, chunk)
+
+
+def quantize_qkv(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, *, layout: str = "HND",
+                 qk_quant_gran: str = "per_thread", q_block: int = 128, k_block: int = 128, smooth_k: bool = True,
+                 pv_fp8: bool | None = None, mode: str | None = None):
+    """K/V (and Q, unless q is None) quantization in the v5 layout of launches. Returns (QuantizedKV,
+    (q int8 [B, Hq, Sq, D], q scale [B, Hq, Sq]) or None). Same results as `quantize_kv` + `quantize_q`.
+    mode: "v5" (Q tiles in the K/V quant launch) or "v5s" (Q tiles in the stats launch); default from the env."""
+    mode = mode or quant_mode()
+    if mode == "v4":
+        kv = quantize_kv(k, v, layout=layout, qk_quant_gran=qk_quant_gran, k_block=k_block, smooth_k=smooth_k,
+                         pv_fp8=pv_fp8)
+        qq = None if q is None else quantize_q(q, layout=layout, qk_quant_gran=qk_quant_gran, q_block=q_block)
+        return kv, qq
+    _check_gran(qk_quant_gran, k_block, "k_block")
+    _check_gran(qk_quant_gran, q_block, "q_block")
+    b, hkv, skv, d = _bhsd_shape(k, layout)
+    dev = k.device
+    if pv_fp8 is None:
+        pv_fp8 = has_fp8_dot(dev)
+    bh = b * hkv
+    prefetch, programs = _stats_mode()
+    block_s, chunk, n_chunks = _v5_stats_layout(skv, d, bh, programs)
+    seq_pad = triton.cdiv(skv, 16) * 16
+    f32 = dict(dtype=torch.float32, device=dev)
+    ksum = torch.empty((bh, n_chunks, d), **f32)
+    vmax = torch.empty((bh, n_chunks, d), **f32)
+    k_int8 = torch.empty((bh * skv, d), dtype=torch.int8, device=dev)
+    k_scale = torch.empty((bh * skv,), **f32)
+    k_mean = torch.empty((bh, d), **f32)
+    v_q = torch.empty((bh * d, seq_pad), dtype=torch.float8_e4m3fn if pv_fp8 else torch.float16, device=dev)
+    v_scale = torch.empty((bh, d), **f32)
+    ks, vs = _bhsd_strides(k, layout), _bhsd_strides(v, layout)
+    q_per_thread = qk_quant_gran == "per_thread"
+    if q is not None:
+        qb, hq, sq, qd = _bhsd_shape(q, layout)
+        if qd != d or qb != b:
+            raise ValueError(f"q {tuple(q.shape)} does not match k {tuple(k.shape)} ({layout})")
+        qi = torch.empty((qb, hq, sq, d), dtype=torch.int8, device=dev)
+        qsc = torch.empty((qb, hq, sq), **f32)
+        qargs = (q, *_bhsd_strides(q, layout), qi, qsc, hq, sq)
+    else:
+        hq = sq = 0
+        qargs = (k, *ks, k_int8, k_scale, 1, 0)  # unused (FUSE_Q off)
+    fuse_stats = q is not None and mode == "v5s"
+    fuse_quant = q is not None and mode == "v5"
+    n_stats = n_chunks * bh
+    qt_stats = triton.cdiv(sq, _V5_STATS_QBM) if fuse_stats else 1
+    _stats_q_kernel[(n_stats + (qt_stats * b * hq if fuse_stats else 0),)](
+        k, *ks, v, *vs, ksum, vmax, hkv, skv, chunk, n_chunks, n_stats, *qargs, qt_stats,
+        D=d, BLOCK_S=block_s, FUSE_Q=fuse_stats, QBM=_V5_STATS_QBM, Q_PER_THREAD=q_per_thread, Q_BLOCK=q_block,
+        PREFETCH=prefetch, STAGES=3, num_warps=4)
+    _kv_finalize_kernel[(bh,)](ksum, vmax, k_mean, v_scale, skv, n_chunks, D=d, SMOOTH_K=smooth_k,
+                               CHUNKS_P2=triton.next_power_of_2(n_chunks), num_warps=4)
+    n_kt = triton.cdiv(skv, k_block)
+    n_vt = triton.cdiv(skv, _V5_VT)
+    qt_quant = triton.cdiv(sq, _V5_TILE) if fuse_quant else 1
+    _qkv_quant_kernel[(n_kt * bh + n_vt * bh + (qt_quant * b * hq if fuse_quant else 0),)](
+        k, *ks, v, *vs, k_int8, k_scale, k_mean, v_q, v_scale, hkv, skv, seq_pad, n_kt, n_vt, n_kt * bh, n_vt * bh,
+        *qargs, qt_quant,
+        D=d, K_BLOCK=k_block, SUB=min(k_block, _V5_TILE), K_PER_THREAD=q_per_thread, VT=_V5_VT, V_FP8=pv_fp8,
+        FUSE_Q=fuse_quant, QBM=_V5_TILE, Q_PER_THREAD=q_per_thread, Q_BLOCK=q_block, num_warps=_V5_WARPS)
+    kv = QuantizedKV(k_int8, k_scale, k_mean, v_q, v_scale, b, hkv, skv, seq_pad, d, pv_fp8)
+    return kv, (None if q is None else (qi, qsc))
+
+
 def quantize_q(q: torch.Tensor, *, layout: str = "HND", qk_quant_gran: str = "per_thread", q_block: int = 128,
                block_m: int = 64):
     """The attention kernel's Q quantization, run alone: (int8 [B, H, Sq, D], scale [B, H, Sq] fp32)."""
@@ -205,7 +307,7 @@ def _time_config(run, reps: int = 3) -> float:
 
 
 def pick_config(q, kv, out, lse, *, layout, is_causal, sm_scale, return_lse, qk_quant_gran, q_block,
-                use_tma) -> AttnConfig:
+                use_tma, q_quant=None) -> AttnConfig:
     forced = _forced_config()
     if forced is not None:
         if not _config_ok(forced, qk_quant_gran, q_block):
@@ -227,7 +329,7 @@ def pick_config(q, kv, out, lse, *, layout, is_causal, sm_scale, return_lse, qk_
         times[c] = _time_config(lambda: _launch(q, kv, out, lse, layout=layout, is_causal=is_causal,
                                                 sm_scale=sm_scale, return_lse=return_lse,
                                                 qk_quant_gran=qk_quant_gran, q_block=q_block, cfg=c,
-                                                use_tma=use_tma))
+                                                use_tma=use_tma, q_quant=q_quant))
     cfg = _tuned[key] = min(times, key=times.get)
     return cfg
 
@@ -259,7 +361,8 @@ def attention_quantized(q: torch.Tensor, kv: QuantizedKV, *, layout: str = "HND"
         raise ValueError(f"lse must be a contiguous fp32 tensor of shape {(b, hq, sq)}")
     if config is None:
         config = pick_config(q, kv, out, lse, layout=layout, is_causal=is_causal, sm_scale=sm_scale,
-                             return_lse=return_lse, qk_quant_gran=qk_quant_gran, q_block=q_block, use_tma=use_tma)
+                             return_lse=return_lse, qk_quant_gran=qk_quant_gran, q_block=q_block, use_tma=use_tma,
+                             q_quant=q_quant)
     elif not _config_ok(config, qk_quant_gran, q_block):
         raise ValueError(f"config {config} does not fit q_block={q_block}")
     _launch(q, kv, out, lse, layout=layout, is_causal=is_causal, sm_scale=sm_scale, return_lse=return_lse,
@@ -277,8 +380,14 @@ def int8fp8_attention(q, k, v, *, layout: str = "HND", is_causal: bool = False, 
     """SageAttention2++ attention. q/k/v in `layout` ("HND" (B,H,S,D) or "NHD" (B,S,H,D)), fp16/bf16, any
     strides (read in place, never modified). Returns (out, lse or None); out is a new tensor in q's layout
     and dtype, lse fp32 (B, Hq, Sq) natural log."""
-    kv = quantize_kv(k, v, layout=layout, qk_quant_gran=qk_quant_gran, k_block=k_block, smooth_k=smooth_k,
-                     pv_fp8=pv_fp8)
+    mode = quant_mode()
+    if mode == "v4":
+        kv = quantize_kv(k, v, layout=layout, qk_quant_gran=qk_quant_gran, k_block=k_block, smooth_k=smooth_k,
+                         pv_fp8=pv_fp8)
+        q_quant = None  # quantized by `attention_quantized` (own kernel) or in the attention kernel
+    else:
+        kv, q_quant = quantize_qkv(q, k, v, layout=layout, qk_quant_gran=qk_quant_gran, q_block=q_block,
+                                   k_block=k_block, smooth_k=smooth_k, pv_fp8=pv_fp8, mode=mode)
     return attention_quantized(q, kv, layout=layout, is_causal=is_causal, sm_scale=sm_scale,
                                return_lse=return_lse, qk_quant_gran=qk_quant_gran, q_block=q_block,
-                               use_tma=use_tma, config=config, out=out, lse=lse)
+                               use_tma=use_tma, config=config, out=out, lse=lse, q_quant=q_quant)

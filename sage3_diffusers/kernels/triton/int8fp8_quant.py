@@ -257,3 +257,202 @@ def _kv_quant_kernel(k_ptr, stride_kb, stride_kh, stride_ks, stride_kd,
             # transposed store; columns in [S, S_PAD) get zeros (rows >= S were loaded as 0)
             tl.store(vq_ptr + (bh * D + offs_d)[:, None] * S_PAD + rows[None, :], tl.trans(vq),
                      mask=(rows < S_PAD)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# v5 quantization (issue 4 follow-up): two launches + the tiny finalize instead of stats / finalize / K-V quant /
+# Q quant. Same numerics as the kernels above (same per-element operations; only the K-sum order differs, as
+# any partial order does).
+#   1. `_stats_q_kernel`: K column-sum and V column-amax partials per chunk of tokens, with the next tile's loads
+#      issued before the current tile is accumulated (two tiles in flight per program); optionally also the Q
+#      tiles (Q quantization needs no statistics).
+#   2. `_kv_finalize_kernel` (unchanged).
+#   3. `_qkv_quant_kernel`: one 1-D grid over K tiles, V tiles and (optionally) Q tiles. A K tile of K_BLOCK <= 128
+#      tokens is loaded once (8 warps hold the whole [128, D] tile: no second read for the quantize pass).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _q_tile_program(t, bh, q_ptr, stride_qb, stride_qh, stride_qs, stride_qd, qi_ptr, qs_ptr, H, Sq,
+                    D: tl.constexpr, BM: tl.constexpr, PER_THREAD: tl.constexpr, Q_BLOCK: tl.constexpr):
+    """Q tile t of (batch*head) bh: int8 [B*H, Sq, D] and per-row scales [B*H, Sq] (= `_q_quant_kernel`)."""
+    b = bh // H
+    h = bh % H
+    rows = t * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, D)
+    base = q_ptr + b * stride_qb + h * stride_qh
+    q = tl.load(base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=rows[:, None] < Sq,
+                other=0.0).to(tl.float32)
+    block_amax = 0.0
+    if not PER_THREAD:
+        if Q_BLOCK > BM:
+            block_amax = q_block_amax(base, stride_qs, stride_qd, t * BM, Sq, BM, D, Q_BLOCK)
+    qi, scale = quantize_q_tile(q, _row_amax(q), BM, PER_THREAD, Q_BLOCK, block_amax)
+    rmask = rows < Sq
+    tl.store(qi_ptr + (bh * Sq + rows)[:, None] * D + offs_d[None, :], qi, mask=rmask[:, None])
+    tl.store(qs_ptr + bh * Sq + rows, scale, mask=rmask)
+
+
+@triton.jit
+def _stats_q_kernel(k_ptr, stride_kb, stride_kh, stride_ks, stride_kd,
+                    v_ptr, stride_vb, stride_vh, stride_vs, stride_vd,
+                    ksum_ptr, vmax_ptr, H, S, CHUNK, N_CHUNKS, N_STATS,
+                    q_ptr, stride_qb, stride_qh, stride_qs, stride_qd, qi_ptr, qs_ptr, Hq, Sq, N_Q_TILES,
+                    D: tl.constexpr, BLOCK_S: tl.constexpr, FUSE_Q: tl.constexpr, QBM: tl.constexpr,
+                    Q_PER_THREAD: tl.constexpr, Q_BLOCK: tl.constexpr, PREFETCH: tl.constexpr,
+                    STAGES: tl.constexpr):
+    """Programs [0, N_CHUNKS * B*Hkv): partials of one chunk of CHUNK tokens (a multiple of BLOCK_S), written to
+    [B*Hkv, N_CHUNKS, D]. With FUSE_Q, the programs after them quantize the Q tiles (QBM rows each).
+    PREFETCH: the next tile is loaded into registers while the current one is accumulated; else the loop is
+    left to Triton's software pipeliner (cp.async into shared memory, STAGES deep)."""
+    pid = tl.program_id(0)
+    if pid < N_STATS:  # N_STATS = N_CHUNKS * B * Hkv
+        c = pid % N_CHUNKS
+        bh = pid // N_CHUNKS
+        b = bh // H
+        h = bh % H
+        offs_d = tl.arange(0, D)
+        k_base = k_ptr + b * stride_kb + h * stride_kh
+        v_base = v_ptr + b * stride_vb + h * stride_vh
+        start = c * CHUNK
+        end = tl.minimum(start + CHUNK, S)
+        ksum = tl.zeros([BLOCK_S, D], dtype=tl.float32)
+        vmax = tl.zeros([BLOCK_S, D], dtype=tl.float32)
+        if PREFETCH:
+            rows = start + tl.arange(0, BLOCK_S)
+            m = rows[:, None] < end
+            k_nxt = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=m, other=0.0)
+            v_nxt = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=m, other=0.0)
+            for i in range(start, end, BLOCK_S):
+                k = k_nxt
+                v = v_nxt
+                # issue the next tile's loads before this tile is used: two tiles in flight per program
+                rows = i + BLOCK_S + tl.arange(0, BLOCK_S)
+                m = rows[:, None] < end
+                k_nxt = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=m, other=0.0)
+                v_nxt = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=m, other=0.0)
+                ksum += k.to(tl.float32)
+                va = tl.abs(v.to(tl.float32))
+                vmax = tl.where((va != va) | (vmax != vmax), float("nan"), tl.maximum(vmax, va))  # NaN sticks
+        else:
+            # Triton's pipeliner turns these loads into cp.async with STAGES - 1 tiles in flight
+            for i in tl.range(start, end, BLOCK_S, num_stages=STAGES):
+                rows = i + tl.arange(0, BLOCK_S)
+                m = rows[:, None] < end
+                k = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=m, other=0.0)
+                v = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=m, other=0.0)
+                ksum += k.to(tl.float32)
+                va = tl.abs(v.to(tl.float32))
+                vmax = tl.where((va != va) | (vmax != vmax), float("nan"), tl.maximum(vmax, va))  # NaN sticks
+        vmax_d = tl.max(vmax, axis=0)
+        vmax_d = tl.where(tl.max((vmax != vmax).to(tl.int32), axis=0) > 0, float("nan"), vmax_d)
+        out = (bh * N_CHUNKS + c) * D + offs_d
+        tl.store(ksum_ptr + out, tl.sum(ksum, axis=0))
+        tl.store(vmax_ptr + out, vmax_d)
+    else:
+        if FUSE_Q:
+            p = pid - N_STATS
+            _q_tile_program(p % N_Q_TILES, p // N_Q_TILES, q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
+                            qi_ptr, qs_ptr, Hq, Sq, D, QBM, Q_PER_THREAD, Q_BLOCK)
+
+
+@triton.jit
+def _k_tile_program(t, bh, k_ptr, stride_kb, stride_kh, stride_ks, stride_kd, kq_ptr, kscale_ptr, kmean_ptr, H, S,
+                    D: tl.constexpr, K_BLOCK: tl.constexpr, SUB: tl.constexpr, K_PER_THREAD: tl.constexpr):
+    """K tile t (K_BLOCK tokens) of bh: K - mean -> INT8 with per-group scales (as `_kv_quant_kernel`).
+    K_BLOCK == SUB: the tile is loaded once; else two passes over SUB-row chunks (the second from L2)."""
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, D)
+    row0 = t * K_BLOCK
+    kmean = tl.load(kmean_ptr + bh * D + offs_d)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    if K_BLOCK == SUB:
+        rows = row0 + tl.arange(0, SUB)
+        rmask = rows < S
+        x = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=rmask[:, None],
+                    other=0.0).to(tl.float32)
+        x = tl.where(rmask[:, None], x - kmean[None, :], 0.0)
+        g = _k_group_amax(x, SUB, K_PER_THREAD)
+        scale = _k_rows_scale(tl.math.div_rn(g, tl.zeros_like(g) + INT8_MAX), SUB, K_PER_THREAD)
+        s = scale[:, None]
+        safe = tl.where(s == 0, 1.0, s)
+        ki = tl.where(s == 0, 0.0, _rne_int8(tl.math.div_rn(x, tl.broadcast_to(safe, x.shape))))
+        ki = tl.where(ki != ki, 0.0, ki)
+        tl.store(kq_ptr + (bh * S + rows)[:, None] * D + offs_d[None, :], ki.to(tl.int8), mask=rmask[:, None])
+        tl.store(kscale_ptr + bh * S + rows, scale, mask=rmask)
+    else:
+        if K_PER_THREAD:
+            g = tl.zeros([4], dtype=tl.float32)
+        else:
+            g = tl.zeros([1], dtype=tl.float32)
+        for c in range(0, K_BLOCK, SUB):
+            rows = row0 + c + tl.arange(0, SUB)
+            rmask = rows < S
+            x = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=rmask[:, None],
+                        other=0.0).to(tl.float32)
+            x = tl.where(rmask[:, None], x - kmean[None, :], 0.0)
+            gc = _k_group_amax(x, SUB, K_PER_THREAD)
+            g = tl.where((gc != gc) | (g != g), float("nan"), tl.maximum(g, gc))  # NaN sticks
+        scale_g = tl.math.div_rn(g, tl.zeros_like(g) + INT8_MAX)
+        for c in range(0, K_BLOCK, SUB):
+            rows = row0 + c + tl.arange(0, SUB)
+            rmask = rows < S
+            x = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=rmask[:, None],
+                        other=0.0).to(tl.float32)
+            x = x - kmean[None, :]
+            scale = _k_rows_scale(scale_g, SUB, K_PER_THREAD)
+            s = scale[:, None]
+            safe = tl.where(s == 0, 1.0, s)
+            ki = tl.where(s == 0, 0.0, _rne_int8(tl.math.div_rn(x, tl.broadcast_to(safe, x.shape))))
+            ki = tl.where(ki != ki, 0.0, ki)
+            tl.store(kq_ptr + (bh * S + rows)[:, None] * D + offs_d[None, :], ki.to(tl.int8), mask=rmask[:, None])
+            tl.store(kscale_ptr + bh * S + rows, scale, mask=rmask)
+
+
+@triton.jit
+def _v_tile_program(t, bh, v_ptr, stride_vb, stride_vh, stride_vs, stride_vd, vq_ptr, vscale_ptr, H, S, S_PAD,
+                    D: tl.constexpr, VT: tl.constexpr, V_FP8: tl.constexpr):
+    """V tile t (VT tokens) of bh: V / δv -> FP8 E4M3 (or FP16), stored transposed into [B*H*D, S_PAD]."""
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, D)
+    vscale = tl.load(vscale_ptr + bh * D + offs_d)
+    vs = vscale[None, :]
+    vsafe = tl.where(vs == 0, 1.0, vs)
+    rows = t * VT + tl.arange(0, VT)
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                mask=(rows < S)[:, None], other=0.0).to(tl.float32)
+    vq = tl.where(vs == 0, 0.0, tl.math.div_rn(v, tl.broadcast_to(vsafe, v.shape)))
+    vq = tl.minimum(tl.maximum(vq, -E4M3_MAX), E4M3_MAX)  # |v| = amax can divide to 448 + 1 ulp
+    if V_FP8:
+        vq = vq.to(tl.float8e4nv)
+    else:
+        vq = vq.to(tl.float16)
+    tl.store(vq_ptr + (bh * D + offs_d)[:, None] * S_PAD + rows[None, :], tl.trans(vq),
+             mask=(rows < S_PAD)[None, :])
+
+
+@triton.jit
+def _qkv_quant_kernel(k_ptr, stride_kb, stride_kh, stride_ks, stride_kd,
+                      v_ptr, stride_vb, stride_vh, stride_vs, stride_vd,
+                      kq_ptr, kscale_ptr, kmean_ptr, vq_ptr, vscale_ptr, H, S, S_PAD, N_KT, N_VT, N_K, N_V,
+                      q_ptr, stride_qb, stride_qh, stride_qs, stride_qd, qi_ptr, qs_ptr, Hq, Sq, N_QT,
+                      D: tl.constexpr, K_BLOCK: tl.constexpr, SUB: tl.constexpr, K_PER_THREAD: tl.constexpr,
+                      VT: tl.constexpr, V_FP8: tl.constexpr, FUSE_Q: tl.constexpr, QBM: tl.constexpr,
+                      Q_PER_THREAD: tl.constexpr, Q_BLOCK: tl.constexpr):
+    """1-D grid: programs [0, N_K) quantize K tiles (N_KT per kv head), [N_K, N_K + N_V) V tiles (N_VT per kv
+    head), then, with FUSE_Q, Q tiles (N_QT per query head)."""
+    pid = tl.program_id(0)
+    if pid < N_K:
+        _k_tile_program(pid % N_KT, pid // N_KT, k_ptr, stride_kb, stride_kh, stride_ks, stride_kd, kq_ptr,
+                        kscale_ptr, kmean_ptr, H, S, D, K_BLOCK, SUB, K_PER_THREAD)
+    elif pid < N_K + N_V:
+        p = pid - N_K
+        _v_tile_program(p % N_VT, p // N_VT, v_ptr, stride_vb, stride_vh, stride_vs, stride_vd, vq_ptr, vscale_ptr,
+                        H, S, S_PAD, D, VT, V_FP8)
+    else:
+        if FUSE_Q:
+            p = pid - N_K - N_V
+            _q_tile_program(p % N_QT, p // N_QT, q_ptr, stride_qb, stride_qh, stride_qs, stride_qd, qi_ptr, qs_ptr,
+                            Hq, Sq, D, QBM, Q_PER_THREAD, Q_BLOCK)
