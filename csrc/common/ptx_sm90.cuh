@@ -86,6 +86,10 @@ __device__ __forceinline__ uint64_t make_smem_desc(uint32_t saddr) {
   return desc;
 }
 
+// The descriptor of an address `bytes` (a multiple of 16) further on: the start address is the low field
+// (addr >> 4, 14 bits); shared-memory addresses stay below 256 KB, so adding to the whole word never carries.
+__device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
+
 // ---- register budget (warp specialization) --------------------------------------------------
 template <int N>
 __device__ __forceinline__ void setmaxnreg_inc() {

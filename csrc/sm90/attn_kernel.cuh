@@ -18,6 +18,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdlib>
 #include <type_traits>
 
@@ -56,12 +57,6 @@ struct AttnTraits {
   static constexpr int kSmemBytes = 1024 /*alignment slack*/ + kQBytes + kStages * (kKBytes + kVBytes) + kBarrierBytes;
   static constexpr int kThreads = 384;
 };
-
-// int32 -> fp32 without I2F (a conversion-unit op that competes with exp2): |s| <= 127*127*128 < 2^22, so
-// 1.5*2^23 + s is an exactly representable float whose low mantissa bits are s; subtracting 1.5*2^23 is exact.
-__device__ __forceinline__ float int_to_float_exact(int32_t s) {
-  return __int_as_float(0x4B400000 + s) - 12582912.0f;
-}
 
 template <typename OutT>
 __device__ __forceinline__ void store_pair(OutT* p, float x, float y);
@@ -178,9 +173,11 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
       p.q_scale[(int64_t)(b * p.Hq + hq) * p.n_qgroups + (wg_row0 / 16 + warp) * 8 + g] * p.sm_scale_log2;
   const float* k_scale_head = p.k_scale + (int64_t)(b * p.Hkv + hkv) * p.n_ktiles * 4;
 
-  const uint32_t q_addr = smem_addr(s_q + cw * 64 * D);
-  const uint32_t k_addr0 = smem_addr(s_k);
-  const uint32_t v_addr0 = smem_addr(s_v);
+  // Shared-memory descriptors are computed once; inside the loop a stage / k-step offset is one 64-bit add
+  // on the start-address field (addresses < 256 KB, so the 14-bit field never carries).
+  const uint64_t q_desc = make_smem_desc<T::kQkSwizzle>(smem_addr(s_q + cw * 64 * D));
+  const uint64_t k_desc0 = make_smem_desc<T::kQkSwizzle>(smem_addr(s_k));
+  const uint64_t v_desc0 = make_smem_desc<T::kVSwizzle>(smem_addr(s_v));
 
   float m_a = -INFINITY, m_b = -INFINITY;  // running row max (log2 domain)
   float l_a = 0.f, l_b = 0.f;              // this thread's share of the row sums
@@ -199,8 +196,8 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 32; ++kk) {
-      wgmma_m64n128k32_s32_s8_ss(sacc, make_smem_desc<T::kQkSwizzle>(q_addr + kk * 32),
-                                 make_smem_desc<T::kQkSwizzle>(k_addr0 + s * T::kKBytes + kk * 32), kk > 0);
+      wgmma_m64n128k32_s32_s8_ss(sacc, desc_advance(q_desc, kk * 32),
+                                 desc_advance(k_desc0, s * T::kKBytes + kk * 32), kk > 0);
     }
     wgmma_commit();
   };
@@ -225,35 +222,42 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
     const float k_sc = k_sc_next;  // K group (t%8)//2 == tg for this thread's columns
     if constexpr (has_next) k_sc_next = k_scale_head[(j + 1) * 4 + tg];  // prefetched a tile ahead
 
-    // ---- dequantize S_j into the log2 domain: t = s * (q_scale * sm_scale*log2e * k_scale) ----
-    // (The reference rounds (s * q_scaled) * k_scale; one product instead of two differs by <= 1 ulp of t.)
-    const float qk_scale = q_scaled * k_sc;
-    float sf[64];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) sf[i] = int_to_float_exact(sacc[i]) * qk_scale;
-
-    if constexpr (has_next && !PINGPONG) issue_qk(j + 1);  // async: overlaps the softmax below
-
+    // ---- row max on the integer scores ----
+    // One positive scale per thread (its Q group x its K group), so this thread's max of t = s * qk_scale
+    // is its integer max times qk_scale, exactly (rounding is monotone): VIMNMX3 takes two scores per
+    // instruction, and no score is dequantized before the max.
+    const float qk_scale = q_scaled * k_sc;  // (the reference rounds (s*q)*k; one product: <= 1 ulp of t)
     const int kv0 = j * kCtaK;
     const bool need_mask = (kv0 + kCtaK > p.Skv) || (CAUSAL && kv0 + kCtaK - 1 > wg_row0);
+    auto masked = [&](int i, int e) {
+      const int col = kv0 + 8 * i + 2 * tg + (e & 1);
+      return col >= p.Skv || (CAUSAL && col > (e < 2 ? row_a : row_b));
+    };
+    int imx_a = INT_MIN, imx_b = INT_MIN;
     if (need_mask) {
 #pragma unroll
       for (int i = 0; i < 16; ++i) {
+        imx_a = __vimax3_s32(imx_a, masked(i, 0) ? INT_MIN : sacc[4 * i], masked(i, 1) ? INT_MIN : sacc[4 * i + 1]);
+        imx_b = __vimax3_s32(imx_b, masked(i, 2) ? INT_MIN : sacc[4 * i + 2], masked(i, 3) ? INT_MIN : sacc[4 * i + 3]);
+      }
+    } else {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = kv0 + 8 * i + 2 * tg + (e & 1);
-          const int row = e < 2 ? row_a : row_b;
-          if (col >= p.Skv || (CAUSAL && col > row)) sf[4 * i + e] = -INFINITY;
-        }
+      for (int i = 0; i < 16; ++i) {
+        imx_a = __vimax3_s32(imx_a, sacc[4 * i], sacc[4 * i + 1]);
+        imx_b = __vimax3_s32(imx_b, sacc[4 * i + 2], sacc[4 * i + 3]);
       }
     }
-
-    float mx_a = m_a, mx_b = m_b;
+    // int -> fp32 is exact (|s| <= 127*127*128 < 2^24); on sm_90 it is I2FP, an ALU op (not the MUFU/XU
+    // pipe that exp2 saturates), and one instruction where the magic-number trick needed two.
+    float sf[64];
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      mx_a = fmaxf(mx_a, fmaxf(sf[4 * i], sf[4 * i + 1]));
-      mx_b = fmaxf(mx_b, fmaxf(sf[4 * i + 2], sf[4 * i + 3]));
-    }
+    for (int i = 0; i < 64; ++i) sf[i] = __int2float_rn(sacc[i]);
+
+    if constexpr (has_next && !PINGPONG) issue_qk(j + 1);  // async: overlaps the softmax below
+
+    // All-masked (INT_MIN) thread rows contribute -inf, as a masked score does in the reference.
+    float mx_a = fmaxf(m_a, imx_a == INT_MIN ? -INFINITY : __int2float_rn(imx_a) * qk_scale);
+    float mx_b = fmaxf(m_b, imx_b == INT_MIN ? -INFINITY : __int2float_rn(imx_b) * qk_scale);
     mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
     mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
     mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
@@ -265,15 +269,30 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
     const float alpha_b = exp2_approx(m_b - ms_b);
     m_a = mx_a;
     m_b = mx_b;
-    // P~ = exp2(t - m + 8.807), with the two constants folded into one add per element.
+    // P~ = exp2(t - m + 8.807) = exp2(s * qk_scale + bias): dequantization and both constants in one FFMA
+    // (one rounding where the reference rounds t, then t - m: within 1 ulp of the argument).
     const float bias_a = kPOffsetLog2 - ms_a, bias_b = kPOffsetLog2 - ms_b;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      sf[4 * i + 0] = fmaf(sf[4 * i + 0], qk_scale, bias_a);
+      sf[4 * i + 1] = fmaf(sf[4 * i + 1], qk_scale, bias_a);
+      sf[4 * i + 2] = fmaf(sf[4 * i + 2], qk_scale, bias_b);
+      sf[4 * i + 3] = fmaf(sf[4 * i + 3], qk_scale, bias_b);
+    }
+    if (need_mask) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (masked(i, e)) sf[4 * i + e] = -INFINITY;
+    }
     float ps_a = 0.f, ps_b = 0.f;
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
-      sf[4 * i + 0] = exp2_approx(sf[4 * i + 0] + bias_a);
-      sf[4 * i + 1] = exp2_approx(sf[4 * i + 1] + bias_a);
-      sf[4 * i + 2] = exp2_approx(sf[4 * i + 2] + bias_b);
-      sf[4 * i + 3] = exp2_approx(sf[4 * i + 3] + bias_b);
+      sf[4 * i + 0] = exp2_approx(sf[4 * i + 0]);
+      sf[4 * i + 1] = exp2_approx(sf[4 * i + 1]);
+      sf[4 * i + 2] = exp2_approx(sf[4 * i + 2]);
+      sf[4 * i + 3] = exp2_approx(sf[4 * i + 3]);
       ps_a += sf[4 * i + 0] + sf[4 * i + 1];
       ps_b += sf[4 * i + 2] + sf[4 * i + 3];
     }
@@ -308,7 +327,7 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         wgmma_m64n64k32_f32_e4m3_rs(
-            o, pa[kk], make_smem_desc<T::kVSwizzle>(v_addr0 + s * T::kVBytes + half * 64 * kCtaK + kk * 32), kk > 0);
+            o, pa[kk], desc_advance(v_desc0, s * T::kVBytes + half * 64 * kCtaK + kk * 32), kk > 0);
       }
       wgmma_commit();
     };
@@ -362,7 +381,7 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         wgmma_m64n64k32_f32_e4m3_rs(
-            o, pa[kk], make_smem_desc<T::kVSwizzle>(v_addr0 + s * T::kVBytes + half * 64 * kCtaK + kk * 32), kk > 0);
+            o, pa[kk], desc_advance(v_desc0, s * T::kVBytes + half * 64 * kCtaK + kk * 32), kk > 0);
       }
       wgmma_commit();
       if constexpr (PINGPONG) {
