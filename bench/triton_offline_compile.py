@@ -131,10 +131,11 @@ def report(name, k, want_loop=True):
     if not loops:
         print("  (no loop found)")
         return
-    body = loops[0]
-    ops = Counter(filter(None, (_opcode(x) for x in body)))
-    top = ", ".join(f"{o} {c}" for o, c in ops.most_common(14))
-    print(f"  main loop: {len(body)} SASS instr per key tile ({top})")
+    # the two largest loops: the masked (last tiles) and the unmasked (steady-state) key-tile loops
+    for body in loops[:2]:
+        ops = Counter(filter(None, (_opcode(x) for x in body)))
+        top = ", ".join(f"{o} {c}" for o, c in ops.most_common(14))
+        print(f"  loop: {len(body)} SASS instr per key tile ({top})")
 
 
 def attn_types(d, use_tma=True):
@@ -152,7 +153,7 @@ def attn_types(d, use_tma=True):
 
 def attn_consts(d, bm=64, stages=3, use_tma=True, **extra):
     c = dict(D=d, BM=bm, BN=128, Q_PER_THREAD=True, Q_BLOCK=128, IS_CAUSAL=False, RETURN_LSE=False, PV_FP8=True,
-             USE_TMA=use_tma, STAGES=stages, FOLD_QS=True, Q_PREQUANT=True, I2F=True)
+             USE_TMA=use_tma, STAGES=stages, FOLD_QS=True, Q_PREQUANT=True, I2F=True, KG=0)
     if not use_tma:
         c.update(qi_desc=None, k_desc=None, v_desc=None)
     c.update(extra)
@@ -213,11 +214,22 @@ def quant_kernels():
     return res
 
 
+ATTN_VARIANTS = {
+    "base": {},
+    "kg4": dict(KG=4),
+    "kg1": dict(KG=1),
+}
+
+
 def attn_kernels(names=None):
     res = []
     for d in (128, 64):
-        k = compile_kernel(A._int8fp8_attn_kernel, attn_types(d), attn_consts(d), num_warps=4, num_stages=3)
-        res.append((f"attn hd{d} base", k, True))
+        for name, extra in ATTN_VARIANTS.items():
+            if names and name not in names:
+                continue
+            k = compile_kernel(A._int8fp8_attn_kernel, attn_types(d), attn_consts(d, **extra), num_warps=4,
+                               num_stages=3)
+            res.append((f"attn hd{d} {name}", k, True))
     return res
 
 

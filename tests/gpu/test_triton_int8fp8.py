@@ -108,7 +108,8 @@ def test_matches_reference_all_configs(case):
     q, k, v = _dit_inputs(b, hq, hkv, sq, skv, d, dtype)
     m = _k()
     c0 = m._CANDIDATES[d][0]
-    for cfg in (*m._CANDIDATES[d], m.AttnConfig(c0.block_m, c0.num_warps, c0.num_stages, not c0.fold_qs)):
+    for cfg in (*m._CANDIDATES[d], m._CANDIDATES_BASE[d][0],
+                m.AttnConfig(c0.block_m, c0.num_warps, c0.num_stages, not c0.fold_qs)):
         _check(q, k, v, layout=layout, causal=causal, config=cfg)
 
 
@@ -119,6 +120,21 @@ def test_granularities(gran, q_block, bm):
     m = _k()
     for preq in (False, True):
         _check(q, k, v, gran=gran, q_block=q_block, config=m.AttnConfig(bm, 4 if bm == 64 else 8, 3, False, preq))
+    # K-group fold (one K scale per tile for per_block, four for per_thread)
+    _check(q, k, v, gran=gran, q_block=q_block, config=m.AttnConfig(bm, 4 if bm == 64 else 8, 3, True, True, True,
+                                                                     True))
+
+
+@pytest.mark.parametrize("gran,k_block", [("per_block", 256), ("per_block", 64), ("per_thread", 64)])
+def test_kgroup_fold_and_fallback(gran, k_block):
+    """The K-group fold where K's grouping allows it (per_block k_block 256) and its fallback (the others)."""
+    m = _k()
+    q, k, v = _dit_inputs(1, 4, 2, 300, 700, 128, torch.bfloat16)
+    ref = sage2pp_attention_reference(q, k, v, qk_quant_gran=gran, k_block=k_block)
+    for cfg in (m._CANDIDATES_KG[128][0], m._CANDIDATES_BASE[128][0]):
+        o, _ = m.int8fp8_attention(q, k, v, qk_quant_gran=gran, k_block=k_block, config=cfg)
+        mk = accuracy_metrics(o, ref)
+        assert mk["cos_sim"] > 0.9995 and mk["rel_l1"] < 5e-3, (cfg, mk)
 
 
 def test_quantization_matches_reference():

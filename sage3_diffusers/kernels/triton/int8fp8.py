@@ -71,19 +71,40 @@ class AttnConfig:
     fold_qs: bool = False    # exp2 argument as one FMA (rounding differs from the reference's order by ~1 ulp)
     q_prequant: bool = False  # INT8 Q from a separate kernel (TMA-loaded) instead of quantized in the kernel
     i2f: bool = False         # int32 -> fp32 by cvt (else the exact magic-number add)
+    kgroup: bool = False      # K scale folded into the exp2 FMA per scale group (v5; falls back where K's
+    #                           grouping does not allow it: per_thread needs k_block 128, per_block a multiple)
 
     def __str__(self):
         return (f"BM{self.block_m}_w{self.num_warps}_s{self.num_stages}" + ("_fold" if self.fold_qs else "")
-                + ("_preq" if self.q_prequant else "") + ("_i2f" if self.i2f else ""))
+                + ("_preq" if self.q_prequant else "") + ("_i2f" if self.i2f else "")
+                + ("_kg" if self.kgroup else ""))
 
 
 # Small per-head-dim candidate sets (first call compiles and times each once; results are cached per key).
 # Measured on H200 (bench/NOTES.md): BM=64 / 4 warps / 3 stages with the exp2 argument folded into one FMA,
 # INT8 Q from its own kernel and I2F conversion was fastest on every shape tried; BM=128 / 8 warps was 25-45% slower.
-_CANDIDATES = {
+# SAGE3_TRITON_ATTN=base restores the pre-v5 candidates (no K-group fold) for A/B runs.
+_CANDIDATES_BASE = {
     64: (AttnConfig(64, 4, 3, True, True, True), AttnConfig(64, 4, 4, True, True, True)),
     128: (AttnConfig(64, 4, 3, True, True, True), AttnConfig(64, 4, 2, True, True, True)),
 }
+_CANDIDATES_KG = {d: tuple(AttnConfig(c.block_m, c.num_warps, c.num_stages, True, True, True, True) for c in cs)
+                  for d, cs in _CANDIDATES_BASE.items()}
+ATTN_MODES = ("kg", "base")
+
+
+def _attn_mode() -> str:
+    mode = os.environ.get("SAGE3_TRITON_ATTN", "kg")
+    if mode not in ATTN_MODES:
+        raise ValueError(f"SAGE3_TRITON_ATTN={mode!r}: expected one of {ATTN_MODES}")
+    return mode
+
+
+def candidates(d: int):
+    return (_CANDIDATES_KG if _attn_mode() == "kg" else _CANDIDATES_BASE)[d]
+
+
+_CANDIDATES = _CANDIDATES_KG  # the default set (tests iterate it)
 _tuned: dict = {}
 last_config: AttnConfig | None = None  # the config of the latest launch (reported by the benchmark)
 
@@ -120,6 +141,17 @@ class QuantizedKV:
     seq_pad: int
     head_dim: int
     pv_fp8: bool
+    k_block: int = 128
+    k_gran: str = "per_thread"
+
+    def k_groups_per_tile(self) -> int:
+        """Distinct K scales per key tile in the attention kernel's K-group layout: 4 (per_thread, k_block =
+        tile), 1 (per_block, k_block a multiple of the tile), 0 (neither: no K-group fold)."""
+        if self.k_gran == "per_thread" and self.k_block == KV_TILE:
+            return 4
+        if self.k_gran == "per_block" and self.k_block % KV_TILE == 0:
+            return 1
+        return 0
 
 
 def _check_gran(qk_quant_gran: str, block: int, what: str):
@@ -158,7 +190,8 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, *, layout: str = "HND", qk_qua
         k, *ks, v, *vs, k_int8, k_scale, k_mean, v_q, v_scale, hkv, skv, seq_pad,
         D=d, K_BLOCK=k_block, SUB=min(k_block, _QUANT_SUB), K_PER_THREAD=qk_quant_gran == "per_thread",
         V_FP8=pv_fp8, UNROLL=_QUANT_UNROLL, num_warps=_QUANT_WARPS)
-    return QuantizedKV(k_int8, k_scale, k_mean, v_q, v_scale, b, hkv, skv, seq_pad, d, pv_fp8)
+    return QuantizedKV(k_int8, k_scale, k_mean, v_q, v_scale, b, hkv, skv, seq_pad, d, pv_fp8, k_block,
+                       qk_quant_gran)
 
 
 def _v5_stats_layout(skv: int, d: int, bh: int, programs: int = _STATS_PROGRAMS):
@@ -228,7 +261,8 @@ def quantize_qkv(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, *, la
         *qargs, qt_quant,
         D=d, K_BLOCK=k_block, SUB=min(k_block, _V5_TILE), K_PER_THREAD=q_per_thread, VT=_V5_VT, V_FP8=pv_fp8,
         FUSE_Q=fuse_quant, QBM=_V5_TILE, Q_PER_THREAD=q_per_thread, Q_BLOCK=q_block, num_warps=_V5_WARPS)
-    kv = QuantizedKV(k_int8, k_scale, k_mean, v_q, v_scale, b, hkv, skv, seq_pad, d, pv_fp8)
+    kv = QuantizedKV(k_int8, k_scale, k_mean, v_q, v_scale, b, hkv, skv, seq_pad, d, pv_fp8, k_block,
+                     qk_quant_gran)
     return kv, (None if q is None else (qi, qsc))
 
 
@@ -277,18 +311,23 @@ def _launch(q, kv: QuantizedKV, out, lse, *, layout, is_causal, sm_scale, return
         D=d, BM=cfg.block_m, BN=KV_TILE, Q_PER_THREAD=qk_quant_gran == "per_thread", Q_BLOCK=q_block,
         IS_CAUSAL=bool(is_causal), RETURN_LSE=bool(return_lse), PV_FP8=kv.pv_fp8, USE_TMA=use_tma,
         STAGES=cfg.num_stages, FOLD_QS=cfg.fold_qs, Q_PREQUANT=cfg.q_prequant, I2F=cfg.i2f,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        KG=kv.k_groups_per_tile() if cfg.kgroup else 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _forced_config() -> AttnConfig | None:
-    spec = os.environ.get("SAGE3_TRITON_CONFIG")  # "BM,warps,stages", e.g. "64,4,3"
+    spec = os.environ.get("SAGE3_TRITON_CONFIG")  # "BM,warps,stages[,flags]", e.g. "64,4,3" or "64,4,3,fold+preq+i2f+kg"
     if not spec:
         return None
+    parts = spec.split(",")
     try:
-        bm, w, s = (int(x) for x in spec.split(","))
+        bm, w, s = (int(x) for x in parts[:3])
+        flags = set(parts[3].split("+")) if len(parts) > 3 and parts[3] else set()
+        if len(parts) > 4 or flags - {"fold", "preq", "i2f", "kg"}:
+            raise ValueError
     except ValueError:
-        raise ValueError(f"SAGE3_TRITON_CONFIG={spec!r}: expected 'block_m,num_warps,num_stages'") from None
-    return AttnConfig(bm, w, s)
+        raise ValueError(f"SAGE3_TRITON_CONFIG={spec!r}: expected 'block_m,num_warps,num_stages[,flag+flag]' with "
+                         "flags from fold, preq, i2f, kg") from None
+    return AttnConfig(bm, w, s, "fold" in flags, "preq" in flags, "i2f" in flags, "kg" in flags)
 
 
 def _bucket(n: int) -> int:
@@ -314,10 +353,11 @@ def pick_config(q, kv, out, lse, *, layout, is_causal, sm_scale, return_lse, qk_
             raise ValueError(f"SAGE3_TRITON_CONFIG block_m={forced.block_m} does not fit q_block={q_block}")
         return forced
     b, hq, sq, d = _bhsd_shape(q, layout)
-    cands = [c for c in _CANDIDATES[d] if _config_ok(c, qk_quant_gran, q_block)]
+    cands = [c for c in candidates(d) if _config_ok(c, qk_quant_gran, q_block)]
     if not cands:
         raise ValueError(f"no kernel config fits qk_quant_gran={qk_quant_gran!r}, q_block={q_block}")
     key = (q.device.index, torch.cuda.get_device_capability(q.device), d, bool(is_causal), kv.pv_fp8, use_tma,
+           _attn_mode(), kv.k_groups_per_tile(),
            q.dtype, qk_quant_gran, q_block, _bucket(sq), _bucket(kv.seq_kv), _bucket(b * hq))
     cfg = _tuned.get(key)
     if cfg is not None:

@@ -78,6 +78,75 @@ def _attn_tile(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, 
 
 
 @triton.jit
+def _attn_tile_kgroup(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, S_PAD,
+                      k_ptr, k_desc, ks_ptr, v_ptr, v_desc,
+                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr,
+                      IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, USE_TMA: tl.constexpr, KG4: tl.constexpr):
+    """`_attn_tile` with the K scale folded into the exp2 FMA's coefficient: one FFMA per score instead of FMUL +
+    FFMA. Valid when the tile's K scales take 4 or 1 distinct values laid out as the quantizer makes them:
+    KG4 (per_thread, k_block = BN: key j of the tile has group (j % 8) // 2), else one scale per tile (per_block
+    with k_block a multiple of BN). Coefficient c = qs·δk per (row, group) >= 0, so max_j(s_j·c) = c·max_j(s_j) exactly:
+    the row max is taken on the integer-valued scores before any scaling."""
+    offs_n = start_n + tl.arange(0, BN)
+    if USE_TMA:
+        k = k_desc.load([kh_row0 + start_n, 0])
+    else:
+        offs_d = tl.arange(0, D)
+        k = tl.load(k_ptr + (kh_row0 + offs_n)[:, None] * D + offs_d[None, :], mask=offs_n[:, None] < Skv,
+                    other=0)
+    if not KG4:
+        ks1 = tl.load(ks_ptr + kh_row0 + start_n)  # start_n < Skv always
+    else:
+        # group g's scale sits on its first token, key start_n + 2g (valid whenever any key of the group is)
+        offs_g = start_n + 2 * tl.arange(0, 4)
+        ks = tl.load(ks_ptr + kh_row0 + offs_g, mask=offs_g < Skv, other=0.0)
+    sf = tl.dot(q_i8, tl.trans(k)).to(tl.float32)  # exact integers
+    if MASK:
+        valid = offs_n[None, :] < Skv
+        if IS_CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        sm = tl.where(valid, sf, float("-inf"))
+    else:
+        sm = sf
+    if not KG4:
+        c = qs * ks1  # [BM]
+        g = tl.max(sm, axis=1)
+        m_t = tl.where(g == float("-inf"), float("-inf"), g * c)  # -inf·0 would be NaN
+        m_new = tl.maximum(m_i, m_t)
+        bias = P_OFFSET_LOG2 + (0.0 - m_new)
+        x = sf * c[:, None] + bias[:, None]
+        if MASK:
+            x = tl.where(valid, x, float("-inf"))
+        p = tl.math.exp2(x)
+    else:
+        c = qs[:, None] * ks[None, :]  # [BM, 4]
+        g = tl.max(tl.max(tl.reshape(sm, [BM, BN // 8, 4, 2]), axis=3), axis=1)  # [BM, 4]
+        m_t = tl.max(tl.where(g == float("-inf"), float("-inf"), g * c), axis=1)
+        m_new = tl.maximum(m_i, m_t)
+        bias = P_OFFSET_LOG2 + (0.0 - m_new)
+        c4 = tl.expand_dims(tl.expand_dims(c, 1), 3)
+        b4 = tl.expand_dims(tl.expand_dims(tl.expand_dims(bias, 1), 2), 3)
+        x = tl.reshape(tl.reshape(sf, [BM, BN // 8, 4, 2]) * c4 + b4, [BM, BN])
+        if MASK:
+            x = tl.where(valid, x, float("-inf"))
+        p = tl.math.exp2(x)
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if USE_TMA:
+        vt = v_desc.load([vh_row0, start_n])
+    else:
+        offs_d = tl.arange(0, D)
+        vt = tl.load(v_ptr + (vh_row0 + offs_d)[:, None] * S_PAD + offs_n[None, :],
+                     mask=offs_n[None, :] < S_PAD, other=0.0)
+    if PV_FP8:
+        pv = tl.dot(p.to(tl.float8e4nv), tl.trans(vt))
+    else:
+        pv = tl.dot(p.to(tl.float16), tl.trans(vt))
+    acc = acc * alpha[:, None] + pv
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _int8fp8_attn_kernel(q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
                          qi_ptr, qi_desc, qsc_ptr,
                          k_ptr, k_desc, ks_ptr, v_ptr, v_desc, vs_ptr, kmean_ptr,
@@ -87,7 +156,7 @@ def _int8fp8_attn_kernel(q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
                          Q_PER_THREAD: tl.constexpr, Q_BLOCK: tl.constexpr, IS_CAUSAL: tl.constexpr,
                          RETURN_LSE: tl.constexpr, PV_FP8: tl.constexpr, USE_TMA: tl.constexpr,
                          STAGES: tl.constexpr, FOLD_QS: tl.constexpr, Q_PREQUANT: tl.constexpr,
-                         I2F: tl.constexpr):
+                         I2F: tl.constexpr, KG: tl.constexpr = 0):
     n_m = tl.num_programs(0)
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
@@ -139,14 +208,24 @@ def _int8fp8_attn_kernel(q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
     else:
         hi = Skv
         full_hi = (Skv // BN) * BN
-    for start_n in tl.range(0, full_hi, BN, num_stages=STAGES):
-        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, S_PAD,
-                                   k_ptr, k_desc, ks_ptr, v_ptr, v_desc, D, BN, False, IS_CAUSAL, PV_FP8,
-                                   USE_TMA, FOLD_QS, I2F)
-    for start_n in range(full_hi, hi, BN):
-        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, S_PAD,
-                                   k_ptr, k_desc, ks_ptr, v_ptr, v_desc, D, BN, True, IS_CAUSAL, PV_FP8,
-                                   USE_TMA, FOLD_QS, I2F)
+    if KG > 0:
+        for start_n in tl.range(0, full_hi, BN, num_stages=STAGES):
+            acc, l_i, m_i = _attn_tile_kgroup(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv,
+                                              S_PAD, k_ptr, k_desc, ks_ptr, v_ptr, v_desc, D, BM, BN, False,
+                                              IS_CAUSAL, PV_FP8, USE_TMA, KG == 4)
+        for start_n in range(full_hi, hi, BN):
+            acc, l_i, m_i = _attn_tile_kgroup(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv,
+                                              S_PAD, k_ptr, k_desc, ks_ptr, v_ptr, v_desc, D, BM, BN, True,
+                                              IS_CAUSAL, PV_FP8, USE_TMA, KG == 4)
+    else:
+        for start_n in tl.range(0, full_hi, BN, num_stages=STAGES):
+            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, S_PAD,
+                                       k_ptr, k_desc, ks_ptr, v_ptr, v_desc, D, BN, False, IS_CAUSAL, PV_FP8,
+                                       USE_TMA, FOLD_QS, I2F)
+        for start_n in range(full_hi, hi, BN):
+            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, S_PAD,
+                                       k_ptr, k_desc, ks_ptr, v_ptr, v_desc, D, BN, True, IS_CAUSAL, PV_FP8,
+                                       USE_TMA, FOLD_QS, I2F)
 
     vscale = tl.load(vs_ptr + bhk * D + offs_d)
     out = acc / l_i[:, None] * vscale[None, :]
