@@ -35,10 +35,11 @@ def tflops(b, h, s, d, causal, ms):
 
 VARIANTS = {  # name: (SAGE3_SM90_PINGPONG, SAGE3_SM90_STAGES)
     "pp1s2": ("1", "2"),  # default: warpgroup ping-pong, 2-stage ring
-    "pp0s2": ("0", "2"),
-    "pp2s2": ("2", "2"),
     "pp1s3": ("1", "3"),
-    "pp2s3": ("2", "3"),
+    "pp2s2": ("2", "2"),  # both PV halves in one turn
+    "pp3s2": ("3", "2"),  # whole PV + next QK in one turn, no waits inside it
+    "pp4s2": ("4", "2"),  # as pp3 with one N=128 PV wgmma
+    "pp4s3": ("4", "3"),
 }
 
 
@@ -74,7 +75,8 @@ def main():
         del q, k, v, qz
         torch.cuda.empty_cache()
     print("\nTFLOPS; ratios against SDPA cuDNN bf16 in the same run. full = incl. quantization; kernel = attention "
-          "launch alone. Variants: pp = warpgroup ping-pong mode (0 none, 1 default, 2 both PV halves in one turn), "
+          "launch alone. Variants: pp = warpgroup ping-pong mode (1 default, 2 both PV halves in one turn, 3 PV + next "
+          "QK in one turn without waits, 4 = 3 with one N=128 PV wgmma; 0 = no ping-pong, not timed), "
           "s = K/V ring stages.")
     cols = ["full_pp1s2", "kernel_pp1s2"] + [f"kernel_{v}" for v in VARIANTS if v != "pp1s2"]
     print("| shape | cuDNN bf16 | " + " | ".join(cols) + " | quant ms | best full/cuDNN | best kernel/cuDNN |")

@@ -331,6 +331,86 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
       }
       wgmma_commit();
     };
+    if constexpr (PP == 4 && D == 128) {
+      // As PP == 3, but O_j = P_j V_j as one m64n128 wgmma chain (N = 128 instead of two N = 64 halves).
+      named_barrier_sync(1 + cw, 256);
+      mbar_wait(&v_full[s], (j / S) & 1);
+      float o[64];
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        wgmma_m64n128k32_f32_e4m3_rs(o, pa[kk], desc_advance(v_desc0, s * T::kVBytes + kk * 32), kk > 0);
+      wgmma_commit();
+      if constexpr (has_next) issue_qk(j + 1);
+      if (has_next || cw == 0) named_barrier_arrive(2 - cw, 256);  // see the PP == 1 hand-over below
+      if constexpr (has_next) {
+        wgmma_wait<1>();
+      } else {
+        wgmma_wait<0>();
+      }
+#pragma unroll
+      for (int i = 0; i < 64; ++i) reg_fence(o[i]);
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) reg_fence(pa[kk][r]);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&v_empty[s]);
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        acc[4 * i + 0] = acc[4 * i + 0] * alpha_a + o[4 * i + 0];
+        acc[4 * i + 1] = acc[4 * i + 1] * alpha_a + o[4 * i + 1];
+        acc[4 * i + 2] = acc[4 * i + 2] * alpha_b + o[4 * i + 2];
+        acc[4 * i + 3] = acc[4 * i + 3] * alpha_b + o[4 * i + 3];
+      }
+      if constexpr (has_next) {
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < 64; ++i) reg_fence(sacc[i]);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&k_empty[(j + 1) % S]);
+      }
+      return;
+    }
+    if constexpr (PP >= 3) {
+      // One turn issues all of O_j = P_j V_j (two halves, each into its own fresh accumulator) and then
+      // S_{j+1} = Q K_{j+1}^T, and hands the tensor cores over at once: nothing of this warpgroup is left to
+      // queue behind the other one's turn. O_j is added (wait<1>) while S_{j+1} still runs.
+      named_barrier_sync(1 + cw, 256);
+      mbar_wait(&v_full[s], (j / S) & 1);
+      float o0[32], o1[D == 128 ? 32 : 1];
+      issue_pv_half(o0, 0);
+      if constexpr (D == 128) issue_pv_half(o1, 1);
+      if constexpr (has_next) issue_qk(j + 1);
+      if (has_next || cw == 0) named_barrier_arrive(2 - cw, 256);  // see the PP == 1 hand-over below
+      if constexpr (has_next) {
+        wgmma_wait<1>();
+      } else {
+        wgmma_wait<0>();
+      }
+#pragma unroll
+      for (int i = 0; i < 32; ++i) reg_fence(o0[i]);
+      if constexpr (D == 128) {
+#pragma unroll
+        for (int i = 0; i < 32; ++i) reg_fence(o1[i]);
+      }
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) reg_fence(pa[kk][r]);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&v_empty[s]);
+      add_half(o0, 0);
+      if constexpr (D == 128) add_half(o1, 1);
+      if constexpr (has_next) {
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < 64; ++i) reg_fence(sacc[i]);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&k_empty[(j + 1) % S]);
+      }
+      return;
+    }
     if constexpr (PP == 2) {
       // One turn on the tensor cores issues PV half 0, S_{j+1} = Q K_{j+1}^T and PV half 1, in that order:
       // half 1 is issued (after half 0 is added) while S_{j+1} still runs, so it never queues behind the
@@ -532,9 +612,9 @@ cudaError_t launch_attn(const AttnArgs& a, cudaStream_t stream, const char** err
     return cudaErrorInvalidValue;
   }
   // Variant switches for A/B timing: SAGE3_SM90_PINGPONG=0 (none) / 1 (default) / 2 (both PV halves in one
-  // tensor-core turn), SAGE3_SM90_STAGES=3 (3-deep K/V ring instead of 2).
+  // tensor-core turn) / 3 (whole PV and the next QK issued in one turn, no waits inside it) / 4 (as 3 with one N=128 PV wgmma), SAGE3_SM90_STAGES=3 (3-deep K/V ring instead of 2).
   const char* pp_env = std::getenv("SAGE3_SM90_PINGPONG");
-  const int pp = pp_env == nullptr ? 1 : (pp_env[0] == '0' ? 0 : (pp_env[0] == '2' ? 2 : 1));
+  const int pp = pp_env == nullptr || pp_env[0] < '0' || pp_env[0] > '4' ? 1 : pp_env[0] - '0';
   const char* st_env = std::getenv("SAGE3_SM90_STAGES");
   const bool three_stages = st_env && st_env[0] == '3';
 #define SAGE3_LAUNCH_T(ST, C, L, PP)                                                              \
@@ -542,10 +622,14 @@ cudaError_t launch_attn(const AttnArgs& a, cudaStream_t stream, const char** err
                     : launch_attn_variant<D, ST, C, L, PP, __half>(a, stream, tq, tk, tv, prm)
 #define SAGE3_LAUNCH(C, L)                                 \
   if (three_stages) {                                      \
+    if (pp == 4) { SAGE3_LAUNCH_T(3, C, L, 4); }           \
+    if (pp == 3) { SAGE3_LAUNCH_T(3, C, L, 3); }           \
     if (pp == 2) { SAGE3_LAUNCH_T(3, C, L, 2); }           \
     if (pp == 1) { SAGE3_LAUNCH_T(3, C, L, 1); }           \
     SAGE3_LAUNCH_T(3, C, L, 0);                            \
   }                                                        \
+  if (pp == 4) { SAGE3_LAUNCH_T(2, C, L, 4); }             \
+  if (pp == 3) { SAGE3_LAUNCH_T(2, C, L, 3); }             \
   if (pp == 2) { SAGE3_LAUNCH_T(2, C, L, 2); }             \
   if (pp == 1) { SAGE3_LAUNCH_T(2, C, L, 1); }             \
   SAGE3_LAUNCH_T(2, C, L, 0)
