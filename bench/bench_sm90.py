@@ -2,7 +2,8 @@
 
 python bench/bench_sm90.py [--quick]  -> a table of TFLOPS (4*B*H*Sq*Skv*D, halved for causal), median of
 CUDA-graph replays (sage3_diffusers.bench.time_ms). Columns: cuDNN bf16; ours including quantization (3 launches); ours kernel alone
-(attention launch on pre-quantized inputs); the quantization launches alone (ms).
+(attention launch on pre-quantized inputs); the quantization launches alone (ms; v6 default, and the previous v5
+via SAGE3_SM90_QUANT=v5, with a byte-for-byte comparison of their 8 outputs).
 """
 import argparse
 import os
@@ -34,12 +35,9 @@ def tflops(b, h, s, d, causal, ms):
 
 
 VARIANTS = {  # name: (SAGE3_SM90_PINGPONG, SAGE3_SM90_STAGES)
-    "pp1s2": ("1", "2"),  # default: warpgroup ping-pong, 2-stage ring
-    "pp1s3": ("1", "3"),
-    "pp2s2": ("2", "2"),  # both PV halves in one turn
-    "pp3s2": ("3", "2"),  # whole PV + next QK in one turn, no waits inside it
-    "pp4s2": ("4", "2"),  # as pp3 with one N=128 PV wgmma
-    "pp4s3": ("4", "3"),
+    "pp1s3": ("1", "3"),  # default: warpgroup ping-pong, 3-stage K/V ring
+    "pp1s2": ("1", "2"),
+    "pp2s3": ("2", "3"),  # both PV halves in one turn
 }
 
 
@@ -67,18 +65,25 @@ def main():
                 lambda: ext.forward_quantized(q, qz, s, h, False, causal, scale, False))[0]
         os.environ.pop("SAGE3_SM90_PINGPONG")
         os.environ.pop("SAGE3_SM90_STAGES")
-        quant_ms = time_ms(lambda: ext.quantize(q, k, v, False, False))[0]
+        quant_ms = time_ms(lambda: ext.quantize(q, k, v, False, False))[0]  # v6 (default)
+        os.environ["SAGE3_SM90_QUANT"] = "v5"  # previous quantizer, for A/B (same outputs bit for bit)
+        quant_v5_ms = time_ms(lambda: ext.quantize(q, k, v, False, False))[0]
+        qz5 = ext.quantize(q, k, v, False, True)
+        os.environ.pop("SAGE3_SM90_QUANT")
+        qz6 = ext.quantize(q, k, v, False, True)
+        same = all(torch.equal(x5.view(torch.uint8), x6.view(torch.uint8)) for x5, x6 in zip(qz5, qz6))
+        del qz5, qz6
         t = {key: tflops(b, h, s, d, causal, m) for key, m in ms.items()}
         rows.append((name, t, quant_ms))
-        print(f"{name}: " + "  ".join(f"{key} {val:.0f}" for key, val in t.items()) + f"  quant {quant_ms:.3f} ms",
-              flush=True)
+        print(f"{name}: " + "  ".join(f"{key} {val:.0f}" for key, val in t.items()) +
+              f"  quant {quant_ms:.3f} ms (v5 {quant_v5_ms:.3f} ms, outputs v6==v5 bytes: {same})", flush=True)
         del q, k, v, qz
         torch.cuda.empty_cache()
     print("\nTFLOPS; ratios against SDPA cuDNN bf16 in the same run. full = incl. quantization; kernel = attention "
-          "launch alone. Variants: pp = warpgroup ping-pong mode (1 default, 2 both PV halves in one turn, 3 PV + next "
-          "QK in one turn without waits, 4 = 3 with one N=128 PV wgmma; 0 = no ping-pong, not timed), "
+          "launch alone. Variants: pp = warpgroup ping-pong mode (1 default, 2 both PV halves in one turn; 0 = no "
+          "ping-pong, not timed), "
           "s = K/V ring stages.")
-    cols = ["full_pp1s2", "kernel_pp1s2"] + [f"kernel_{v}" for v in VARIANTS if v != "pp1s2"]
+    cols = ["full_pp1s3", "kernel_pp1s3"] + [f"kernel_{v}" for v in VARIANTS if v != "pp1s3"]
     print("| shape | cuDNN bf16 | " + " | ".join(cols) + " | quant ms | best full/cuDNN | best kernel/cuDNN |")
     print("|---|---|" + "---|" * len(cols) + "---|---|---|")
     for name, t, qms in rows:

@@ -18,7 +18,7 @@ import os, torch; from sage3_diffusers import _C_sm90 as ext
 from sage3_diffusers.numerics.sage2pp_reference import sage2pp_attention_reference as ref
 from sage3_diffusers.numerics import accuracy_metrics as M
 for st in ('2', '3'):
-  for pp in ('0', '1', '2', '3', '4'):
+  for pp in ('0', '1', '2'):
     os.environ['SAGE3_SM90_STAGES'] = st; os.environ['SAGE3_SM90_PINGPONG'] = pp
     for d in (64, 128):
       for c in (False, True):
@@ -36,11 +36,10 @@ except Exception as e: print('raised', type(e).__name__, str(e)[:120])" > $OUT/d
     tests) PYTHONUNBUFFERED=1 timeout 300 python3 -m pytest -q -x tests/gpu/test_cuda_sm90.py -rs 2>&1 | tee $OUT/tests.txt | tail -40 ;;
     testsall) PYTHONUNBUFFERED=1 timeout 300 python3 -m pytest -q tests/gpu/test_cuda_sm90.py -rs 2>&1 | tee $OUT/tests.txt | tail -25 ;;
     testspp2) SAGE3_SM90_PINGPONG=2 PYTHONUNBUFFERED=1 timeout 200 python3 -m pytest -q tests/gpu/test_cuda_sm90.py -rs 2>&1 | tee $OUT/tests_pp2.txt | tail -8 ;;
-    testspp3) SAGE3_SM90_PINGPONG=3 PYTHONUNBUFFERED=1 timeout 200 python3 -m pytest -q tests/gpu/test_cuda_sm90.py -rs 2>&1 | tee $OUT/tests_pp3.txt | tail -8 ;;
     testspp2s3) SAGE3_SM90_PINGPONG=2 SAGE3_SM90_STAGES=3 PYTHONUNBUFFERED=1 timeout 200 python3 -m pytest -q tests/gpu/test_cuda_sm90.py -rs 2>&1 | tee $OUT/tests_pp2s3.txt | tail -8 ;;
     sanitize) timeout 150 compute-sanitizer --tool memcheck python3 -c "
 import os, torch; from sage3_diffusers import _C_sm90 as ext
-for pp, st in (('1', '2'), ('2', '2'), ('2', '3'), ('3', '2'), ('3', '3'), ('4', '2')):
+for pp, st in (('1', '2'), ('2', '2'), ('2', '3')):
   os.environ['SAGE3_SM90_PINGPONG'] = pp; os.environ['SAGE3_SM90_STAGES'] = st
   for d in (64, 128):
     q,k,v=(torch.randn(2,3,77 if i==0 else 300,d,device='cuda',dtype=torch.bfloat16) for i in range(3))

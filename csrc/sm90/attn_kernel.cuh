@@ -80,7 +80,7 @@ __device__ __forceinline__ void pv_wgmma(float (&o)[D / 2], const uint32_t (&a)[
 
 template <int D, int STAGES, bool CAUSAL, bool RETURN_LSE, int PP, typename OutT>
 __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q, uint8_t* s_k, uint8_t* s_v,
-                                              uint64_t* q_full, uint64_t* k_full, uint64_t* v_full,
+                                              const float* s_kscale, uint64_t* q_full, uint64_t* k_full, uint64_t* v_full,
                                               uint64_t* k_empty, uint64_t* v_empty, int q0, int hq, int b, int hkv,
                                               int n_tiles, int wg);
 
@@ -101,6 +101,7 @@ __global__ void __launch_bounds__(384, 1)
   uint64_t* v_full = k_full + S;
   uint64_t* k_empty = v_full + S;
   uint64_t* v_empty = k_empty + S;
+  float* s_kscale = reinterpret_cast<float*>(bars + 16);  // [S][4]: the K-group scales of the tile in each stage
 
   const int q_tile = CAUSAL ? (gridDim.x - 1 - blockIdx.x) : blockIdx.x;  // causal: longest rows first
   const int hq = blockIdx.y;
@@ -114,7 +115,7 @@ __global__ void __launch_bounds__(384, 1)
     mbar_init(q_full, 1);
 #pragma unroll
     for (int s = 0; s < S; ++s) {
-      mbar_init(&k_full[s], 1);
+      mbar_init(&k_full[s], 2);  // TMA transaction arrival + the K-scale store
       mbar_init(&v_full[s], 1);
       mbar_init(&k_empty[s], 8);  // one arrival per consumer warp
       mbar_init(&v_empty[s], 8);
@@ -133,27 +134,34 @@ __global__ void __launch_bounds__(384, 1)
       tma_prefetch_desc(&tm_v);
       mbar_arrive_expect_tx(q_full, T::kQBytes);
       tma_load_4d(s_q, &tm_q, q_full, 0, q0, hq, b);
+      const float4* k_scale_tiles =
+          reinterpret_cast<const float4*>(p.k_scale + (int64_t)(b * p.Hkv + hkv) * p.n_ktiles * 4);
       for (int j = 0; j < n_tiles; ++j) {
         const int s = j % S;
         const uint32_t empty_parity = ((j / S) + 1) & 1;  // phase (j/S - 1) of the empty barrier
+        // The tile's 4 K-group scales travel through the ring with K (k_full's second arrival), so the
+        // consumers read them from shared memory instead of waiting on a global load every tile.
+        const float4 ks = k_scale_tiles[j];
         if (j >= S) mbar_wait(&k_empty[s], empty_parity);
         mbar_arrive_expect_tx(&k_full[s], T::kKBytes);
         tma_load_4d(s_k + s * T::kKBytes, &tm_k, &k_full[s], 0, j * kCtaK, hkv, b);
         if (j >= S) mbar_wait(&v_empty[s], empty_parity);
         mbar_arrive_expect_tx(&v_full[s], T::kVBytes);
         tma_load_4d(s_v + s * T::kVBytes, &tm_v, &v_full[s], j * kCtaK, 0, hkv, b);
+        st_shared_f32x4(s_kscale + 4 * s, ks);
+        mbar_arrive(&k_full[s]);  // release: the store above is visible to whoever waits on k_full[s]
       }
     }
   } else {
     setmaxnreg_inc<240>();
-    consumer_loop<D, STAGES, CAUSAL, RETURN_LSE, PP, OutT>(p, s_q, s_k, s_v, q_full, k_full, v_full, k_empty, v_empty, q0, hq, b,
-                                               hkv, n_tiles, wg);
+    consumer_loop<D, STAGES, CAUSAL, RETURN_LSE, PP, OutT>(p, s_q, s_k, s_v, s_kscale, q_full, k_full, v_full, k_empty,
+                                                           v_empty, q0, hq, b, hkv, n_tiles, wg);
   }
 }
 
 template <int D, int STAGES, bool CAUSAL, bool RETURN_LSE, int PP, typename OutT>
 __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q, uint8_t* s_k, uint8_t* s_v,
-                                              uint64_t* q_full, uint64_t* k_full, uint64_t* v_full,
+                                              const float* s_kscale, uint64_t* q_full, uint64_t* k_full, uint64_t* v_full,
                                               uint64_t* k_empty, uint64_t* v_empty, int q0, int hq, int b, int hkv,
                                               int n_tiles, int wg) {
   using T = AttnTraits<D, STAGES>;
@@ -171,7 +179,6 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
   // Q group (t//16)*8 + t%8 of rows row_a and row_b: one scale per thread.
   const float q_scaled =
       p.q_scale[(int64_t)(b * p.Hq + hq) * p.n_qgroups + (wg_row0 / 16 + warp) * 8 + g] * p.sm_scale_log2;
-  const float* k_scale_head = p.k_scale + (int64_t)(b * p.Hkv + hkv) * p.n_ktiles * 4;
 
   // Shared-memory descriptors are computed once; inside the loop a stage / k-step offset is one 64-bit add
   // on the start-address field (addresses < 256 KB, so the 14-bit field never carries).
@@ -190,9 +197,11 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
   // Pipelined per warpgroup: while the softmax of tile j runs on the CUDA cores, the tensor cores compute
   // S_{j+1} = Q K_{j+1}^T; then P_j V_j is issued and both are awaited together.
   int32_t sacc[64];
+  float k_sc_next;  // K-group scale (group (t%8)//2 == tg of this thread's columns) of the tile last issued
   auto issue_qk = [&](int j) {
     const int s = j % S;
     mbar_wait(&k_full[s], (j / S) & 1);
+    k_sc_next = ld_shared_f32(s_kscale + 4 * s + tg);  // read before this stage's k_empty arrival (which releases it)
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 32; ++kk) {
@@ -213,14 +222,12 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
   __syncwarp();
   if (lane == 0) mbar_arrive(&k_empty[0]);
 
-  float k_sc_next = k_scale_head[tg];
   // has_next is a compile-time constant: an asm that writes sacc under a run-time branch makes ptxas
   // serialize the wgmma pipeline (register merges at the join), so the last tile is peeled.
   auto step = [&](const int j, auto has_next_c) {
     constexpr bool has_next = decltype(has_next_c)::value;
     const int s = j % S;
-    const float k_sc = k_sc_next;  // K group (t%8)//2 == tg for this thread's columns
-    if constexpr (has_next) k_sc_next = k_scale_head[(j + 1) * 4 + tg];  // prefetched a tile ahead
+    const float k_sc = k_sc_next;  // before issue_qk(j + 1) overwrites it
 
     // ---- row max on the integer scores ----
     // One positive scale per thread (its Q group x its K group), so this thread's max of t = s * qk_scale
@@ -331,86 +338,6 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
       }
       wgmma_commit();
     };
-    if constexpr (PP == 4 && D == 128) {
-      // As PP == 3, but O_j = P_j V_j as one m64n128 wgmma chain (N = 128 instead of two N = 64 halves).
-      named_barrier_sync(1 + cw, 256);
-      mbar_wait(&v_full[s], (j / S) & 1);
-      float o[64];
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-        wgmma_m64n128k32_f32_e4m3_rs(o, pa[kk], desc_advance(v_desc0, s * T::kVBytes + kk * 32), kk > 0);
-      wgmma_commit();
-      if constexpr (has_next) issue_qk(j + 1);
-      if (has_next || cw == 0) named_barrier_arrive(2 - cw, 256);  // see the PP == 1 hand-over below
-      if constexpr (has_next) {
-        wgmma_wait<1>();
-      } else {
-        wgmma_wait<0>();
-      }
-#pragma unroll
-      for (int i = 0; i < 64; ++i) reg_fence(o[i]);
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) reg_fence(pa[kk][r]);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&v_empty[s]);
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        acc[4 * i + 0] = acc[4 * i + 0] * alpha_a + o[4 * i + 0];
-        acc[4 * i + 1] = acc[4 * i + 1] * alpha_a + o[4 * i + 1];
-        acc[4 * i + 2] = acc[4 * i + 2] * alpha_b + o[4 * i + 2];
-        acc[4 * i + 3] = acc[4 * i + 3] * alpha_b + o[4 * i + 3];
-      }
-      if constexpr (has_next) {
-        wgmma_wait<0>();
-#pragma unroll
-        for (int i = 0; i < 64; ++i) reg_fence(sacc[i]);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&k_empty[(j + 1) % S]);
-      }
-      return;
-    }
-    if constexpr (PP >= 3) {
-      // One turn issues all of O_j = P_j V_j (two halves, each into its own fresh accumulator) and then
-      // S_{j+1} = Q K_{j+1}^T, and hands the tensor cores over at once: nothing of this warpgroup is left to
-      // queue behind the other one's turn. O_j is added (wait<1>) while S_{j+1} still runs.
-      named_barrier_sync(1 + cw, 256);
-      mbar_wait(&v_full[s], (j / S) & 1);
-      float o0[32], o1[D == 128 ? 32 : 1];
-      issue_pv_half(o0, 0);
-      if constexpr (D == 128) issue_pv_half(o1, 1);
-      if constexpr (has_next) issue_qk(j + 1);
-      if (has_next || cw == 0) named_barrier_arrive(2 - cw, 256);  // see the PP == 1 hand-over below
-      if constexpr (has_next) {
-        wgmma_wait<1>();
-      } else {
-        wgmma_wait<0>();
-      }
-#pragma unroll
-      for (int i = 0; i < 32; ++i) reg_fence(o0[i]);
-      if constexpr (D == 128) {
-#pragma unroll
-        for (int i = 0; i < 32; ++i) reg_fence(o1[i]);
-      }
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) reg_fence(pa[kk][r]);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&v_empty[s]);
-      add_half(o0, 0);
-      if constexpr (D == 128) add_half(o1, 1);
-      if constexpr (has_next) {
-        wgmma_wait<0>();
-#pragma unroll
-        for (int i = 0; i < 64; ++i) reg_fence(sacc[i]);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&k_empty[(j + 1) % S]);
-      }
-      return;
-    }
     if constexpr (PP == 2) {
       // One turn on the tensor cores issues PV half 0, S_{j+1} = Q K_{j+1}^T and PV half 1, in that order:
       // half 1 is issued (after half 0 is added) while S_{j+1} still runs, so it never queues behind the
@@ -500,20 +427,25 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
   step(n_tiles - 1, std::false_type{});
 
   // ------------------------------ epilogue ------------------------------
+  // V channel scales of this thread's columns, all loaded before any store (the compiler cannot move a
+  // load above a store it might alias, which serialized 16 global-load latencies here).
+  const float2* vs = reinterpret_cast<const float2*>(p.v_scale + (int64_t)(b * p.Hkv + hkv) * D);
+  float2 v_sc_pairs[D / 8];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) v_sc_pairs[i] = vs[4 * i + tg];
   l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
   l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
   l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
   l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
 
-  const float* vs = p.v_scale + (int64_t)(b * p.Hkv + hkv) * D;
   OutT* out = static_cast<OutT*>(p.out) + (int64_t)b * p.o_sb + (int64_t)hq * p.o_sh;
   const bool ok_a = row_a < p.Sq, ok_b = row_b < p.Sq;
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) {
     const int col = 8 * i + 2 * tg;
-    const float vs0 = vs[col], vs1 = vs[col + 1];
-    if (ok_a) store_pair<OutT>(out + (int64_t)row_a * p.o_ss + col, acc[4 * i] / l_a * vs0, acc[4 * i + 1] / l_a * vs1);
-    if (ok_b) store_pair<OutT>(out + (int64_t)row_b * p.o_ss + col, acc[4 * i + 2] / l_b * vs0, acc[4 * i + 3] / l_b * vs1);
+    const float2 v_sc = v_sc_pairs[i];
+    if (ok_a) store_pair<OutT>(out + (int64_t)row_a * p.o_ss + col, acc[4 * i] / l_a * v_sc.x, acc[4 * i + 1] / l_a * v_sc.y);
+    if (ok_b) store_pair<OutT>(out + (int64_t)row_b * p.o_ss + col, acc[4 * i + 2] / l_b * v_sc.x, acc[4 * i + 3] / l_b * v_sc.y);
   }
   if constexpr (RETURN_LSE) {
     if (tg == 0) {
@@ -612,24 +544,20 @@ cudaError_t launch_attn(const AttnArgs& a, cudaStream_t stream, const char** err
     return cudaErrorInvalidValue;
   }
   // Variant switches for A/B timing: SAGE3_SM90_PINGPONG=0 (none) / 1 (default) / 2 (both PV halves in one
-  // tensor-core turn) / 3 (whole PV and the next QK issued in one turn, no waits inside it) / 4 (as 3 with one N=128 PV wgmma), SAGE3_SM90_STAGES=3 (3-deep K/V ring instead of 2).
+  // tensor-core turn), SAGE3_SM90_STAGES=2 (2-deep K/V ring instead of the default 3).
   const char* pp_env = std::getenv("SAGE3_SM90_PINGPONG");
-  const int pp = pp_env == nullptr || pp_env[0] < '0' || pp_env[0] > '4' ? 1 : pp_env[0] - '0';
+  const int pp = pp_env == nullptr || pp_env[0] < '0' || pp_env[0] > '2' ? 1 : pp_env[0] - '0';
   const char* st_env = std::getenv("SAGE3_SM90_STAGES");
-  const bool three_stages = st_env && st_env[0] == '3';
+  const bool three_stages = !(st_env && st_env[0] == '2');  // 3 by default (measured faster on H200, run 4)
 #define SAGE3_LAUNCH_T(ST, C, L, PP)                                                              \
   return a.out_bf16 ? launch_attn_variant<D, ST, C, L, PP, __nv_bfloat16>(a, stream, tq, tk, tv, prm) \
                     : launch_attn_variant<D, ST, C, L, PP, __half>(a, stream, tq, tk, tv, prm)
 #define SAGE3_LAUNCH(C, L)                                 \
   if (three_stages) {                                      \
-    if (pp == 4) { SAGE3_LAUNCH_T(3, C, L, 4); }           \
-    if (pp == 3) { SAGE3_LAUNCH_T(3, C, L, 3); }           \
     if (pp == 2) { SAGE3_LAUNCH_T(3, C, L, 2); }           \
     if (pp == 1) { SAGE3_LAUNCH_T(3, C, L, 1); }           \
     SAGE3_LAUNCH_T(3, C, L, 0);                            \
   }                                                        \
-  if (pp == 4) { SAGE3_LAUNCH_T(2, C, L, 4); }             \
-  if (pp == 3) { SAGE3_LAUNCH_T(2, C, L, 3); }             \
   if (pp == 2) { SAGE3_LAUNCH_T(2, C, L, 2); }             \
   if (pp == 1) { SAGE3_LAUNCH_T(2, C, L, 1); }             \
   SAGE3_LAUNCH_T(2, C, L, 0)

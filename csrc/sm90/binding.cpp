@@ -181,6 +181,9 @@ std::string forward_quantized(const at::Tensor& q, const std::vector<at::Tensor>
   r.q_i8 = qz[0]; r.q_scale = qz[1]; r.k_i8 = qz[2]; r.k_scale = qz[3]; r.k_mean = qz[4];
   r.v_t = qz[5]; r.v_scale = qz[6]; r.q_kmean = qz[7];
   SM90_CHECK(!return_lse || r.q_kmean.defined(), "forward_quantized: return_lse needs quantize(..., with_qk_mean=True)");
+  SM90_CHECK(r.k_scale.is_contiguous() && reinterpret_cast<uintptr_t>(r.k_scale.data_ptr()) % 16 == 0 &&
+                 r.v_scale.is_contiguous() && reinterpret_cast<uintptr_t>(r.v_scale.data_ptr()) % 8 == 0,
+             "forward_quantized: k_scale / v_scale must be contiguous and aligned as quantize() returns them");
   SM90_CHECK(r.k_i8.size(2) == seq_kv && r.k_i8.size(1) == heads_kv && r.q_i8.sizes() == at::IntArrayRef({vq.B, vq.H, vq.S, vq.D}),
               "forward_quantized: shapes do not match the quantized tensors");
   return run_attention(r, q, nhd, is_causal, sm_scale, return_lse, c10::nullopt, c10::nullopt, result);
