@@ -14,6 +14,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "common/ptx_sm90.cuh"
@@ -65,7 +67,7 @@ __device__ __forceinline__ uint32_t pack4_i8(int a, int b, int c, int d) {
 
 // ------------------------------ launch 1: partial K sums, V amax ------------------------------
 template <int D, typename T>
-__global__ void __launch_bounds__(kStatsThreads) kv_stats_kernel(QuantArgs a) {
+__global__ void __launch_bounds__(kStatsThreads) kv_stats_v5_kernel(QuantArgs a) {
   constexpr int LPR = D / 8;                 // threads per token row (8 channels each)
   constexpr int RPI = kStatsThreads / LPR;   // rows per iteration
   __shared__ float s_sum[RPI][D + 1];
@@ -316,7 +318,7 @@ __device__ void quant_v_block(const QuantArgs& a, int idx, float* s_vscale, T* s
 }
 
 template <int D, typename T>
-__global__ void __launch_bounds__(kQuantThreads, 2) quantize_qkv_kernel(QuantArgs a, int n_q_blocks, int n_k_blocks) {
+__global__ void __launch_bounds__(kQuantThreads, 2) quantize_qkv_v5_kernel(QuantArgs a, int n_q_blocks, int n_k_blocks) {
   __shared__ float s_vec[D];
   __shared__ float s_row_amax[kCtaK];
   __shared__ __align__(16) T s_tile[kCtaK * D];
@@ -331,7 +333,417 @@ __global__ void __launch_bounds__(kQuantThreads, 2) quantize_qkv_kernel(QuantArg
 }
 
 template <int D, typename T>
-cudaError_t launch_quantize_typed(const QuantArgs& a, cudaStream_t stream) {
+cudaError_t launch_quantize_v5(const QuantArgs& a, cudaStream_t stream) {
+  const QuantShapes& s = a.s;
+  dim3 stats_grid(s.n_chunks(), s.Hkv, s.B);
+  kv_stats_v5_kernel<D, T><<<stats_grid, kStatsThreads, 0, stream>>>(a);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  const int64_t n_q = (int64_t)s.B * s.Hq * (s.n_qgroups() / 8 * 16 / kQuantQRows);
+  const int64_t n_k = (int64_t)s.B * s.Hkv * s.n_ktiles();
+  const int64_t total = n_q + 2 * n_k;
+  if (total >= (int64_t)1 << 31) return cudaErrorInvalidValue;
+  quantize_qkv_v5_kernel<D, T><<<(unsigned)total, kQuantThreads, 0, stream>>>(a, (int)n_q, (int)n_k);
+  return cudaGetLastError();
+}
+
+// ====================================== v6 (default) ======================================
+// Same outputs, bit for bit, as v5 above (which stays selectable with SAGE3_SM90_QUANT=v5 for A/B timing).
+// v5 was latency-bound: 100 registers/thread -> 2 blocks (16 warps) per SM, and each block loaded its tile into
+// registers, then computed, then stored, so an SM had loads in flight only part of the time. v6:
+//   * every block stages its 128-token tile into shared memory with cp.async (no registers held by loads in
+//     flight), then reads it twice (amax pass, quantize pass); ~40 registers -> 4-6 blocks per SM.
+//   * the exact division x / scale (IEEE RNE, then RNE to int8 / e4m3) takes a reciprocal fast path with an
+//     exactness test; the few elements the test cannot prove fall back to __fdiv_rn (proof at quant_i8x8).
+//   * kv_stats keeps 4 token rows of K and V in flight per thread (same summation order).
+//   * the K/V blocks run first, in reverse (batch, head) order, so they start on what kv_stats read last (L2).
+namespace v6 {
+
+constexpr int kThreads = 256;
+
+// NaN-propagating max in one instruction (FMNMX.NAN); same result as nan_max (canonical NaN 0x7fffffff) on the
+// non-negative values it is used for here.
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+constexpr int kUnroll = 4;  // kv_stats: token rows per thread in flight
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+  // src-size 0 zero-fills the 16 bytes (padding rows read as +0, as v5's zero registers).
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(smem)), "l"(gmem), "r"(pred ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// Tile rows [t0, t0 + kCtaK) of one head -> s_tile[kCtaK][D] (rows >= n_valid zero-filled).
+template <int D, typename T>
+__device__ __forceinline__ void stage_tile(T* s_tile, const T* base, int64_t ss, int t0, int n_valid) {
+  constexpr int CPR = D / 8;                      // 16-byte chunks per row
+  constexpr int ITER = kCtaK * CPR / kThreads;    // 8 (D=128) or 4 (D=64) copies per thread
+#pragma unroll
+  for (int i = 0; i < ITER; ++i) {
+    const int idx = i * kThreads + threadIdx.x;
+    const int r = idx / CPR, c = idx % CPR;
+    const bool ok = r < n_valid;
+    cp_async16(s_tile + r * D + c * 8, ok ? base + (int64_t)(t0 + r) * ss + c * 8 : base, ok);
+  }
+}
+
+// Reciprocal used by the fast paths, or NaN where they are not allowed (scale 0, subnormal, huge, inf, NaN):
+// NaN makes every exactness test below fail, so those groups/channels take the exact __fdiv_rn path.
+__device__ __forceinline__ float fast_rcp(float scale) {
+  return (scale >= 0x1p-126f && scale <= 0x1p126f) ? __frcp_rn(scale) : __int_as_float(0x7fffffff);
+}
+
+// Eight values -> eight int8 = clamp(rne(__fdiv_rn(x, scale)), -127, 127), packed little-endian.
+// Fast path, for rcp = fl(1/scale) with scale in [2^-126, 2^126] and |x| <= amax, scale = fl(amax / 127):
+//   p = x * rcp (exact real), |p - x/scale| <= |x/scale| 2^-24 < 2^-17 (|x/scale| <= 127 / (1 - 2^-24)).
+//   f = fl(x/scale) (what v5 rounds): |f - x/scale| <= ulp/2 <= 2^-18.
+//   t = fl(p + M), M = 1.5 * 2^23: one rounding of the exact FMA on the grid of integers -> t = M + n,
+//   n = rne(p), |n| <= 127; so t - M = n exactly and t's low byte is n as int8.
+//   d = fl(p - n) (FMA, |p - n| <= 1/2 -> error <= 2^-25). If |d| <= 1/2 - 2^-14 then
+//   |f - n| <= 1/2 - 2^-14 + 2^-25 + 2^-17 + 2^-18 < 1/2, so rne(f) = n (and no clamp is needed).
+//   Otherwise (about 2^-13 of elements, or rcp NaN) the thread redoes its eight values with __fdiv_rn.
+constexpr float kMagic = 12582912.f;          // 1.5 * 2^23
+constexpr float kTieLimit = 0.5f - 0x1p-14f;  // exactly representable
+
+__device__ __forceinline__ uint2 quant_i8x8(const float (&x)[8], float scale, float rcp) {
+  uint32_t tb[8];
+  bool bad[8], any = false;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float t = __fmaf_rn(x[i], rcp, kMagic);
+    const float n = __fsub_rn(t, kMagic);
+    const float d = __fmaf_rn(x[i], rcp, -n);
+    bad[i] = !(fabsf(d) <= kTieLimit);
+    any |= bad[i];
+    tb[i] = __float_as_uint(t);
+  }
+  // bf16 inputs hit exact ties often (x / scale = k + 1/2 exactly): ~0.4% of elements in a CPU emulation on
+  // scaled randn data, so the exact path is taken per element (a warp pays for slot i only if a lane needs it).
+  if (__builtin_expect(any, 0)) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (bad[i]) tb[i] = (uint32_t)quant_int8(x[i], scale);  // only the low byte is packed
+  }
+  const uint32_t w0 = __byte_perm(__byte_perm(tb[0], tb[1], 0x0040), __byte_perm(tb[2], tb[3], 0x0040), 0x5410);
+  const uint32_t w1 = __byte_perm(__byte_perm(tb[4], tb[5], 0x0040), __byte_perm(tb[6], tb[7], 0x0040), 0x5410);
+  return make_uint2(w0, w1);
+}
+
+__device__ __forceinline__ uint32_t cvt_e4m3x2(float lo_elem, float hi_elem) {
+  uint16_t r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi_elem), "f"(lo_elem));
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ void unpack2(uint32_t w, float& lo, float& hi) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    lo = __uint_as_float(w << 16);
+    hi = __uint_as_float(w & 0xffff0000u);
+  } else {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w));
+    lo = f.x;
+    hi = f.y;
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void reduce_partials_v6(const QuantArgs& a, int b, int h, bool is_mean, float* s_out) {
+  if (threadIdx.x < D) {
+    const int nc = a.s.n_chunks();  // <= 16: all loads issued before the (ordered) reduction
+    const float* src = (is_mean ? a.partial_ksum : a.partial_vamax) + (int64_t)(b * a.s.Hkv + h) * nc * D + threadIdx.x;
+    float v[16];
+#pragma unroll
+    for (int c = 0; c < 16; ++c) v[c] = c < nc ? src[(int64_t)c * D] : 0.f;
+    float acc = 0.f;
+#pragma unroll
+    for (int c = 0; c < 16; ++c)
+      if (c < nc) acc = is_mean ? acc + v[c] : max_nan(acc, v[c]);
+    s_out[threadIdx.x] = is_mean ? acc / (float)a.s.Skv : acc / 448.f;
+  }
+}
+
+// ------------------------------ launch 1: partial K sums, V amax ------------------------------
+template <int D, typename T>
+__global__ void __launch_bounds__(kStatsThreads) kv_stats_kernel(QuantArgs a) {
+  constexpr int LPR = D / 8;
+  constexpr int RPI = kStatsThreads / LPR;
+  __shared__ float s_sum[RPI][D + 1];
+  __shared__ float s_amax[RPI][D + 1];
+  const int chunk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int c8 = threadIdx.x % LPR, r = threadIdx.x / LPR;
+  const int len = a.s.chunk_len();
+  const int t_begin = chunk * len, t_end = min(a.s.Skv, t_begin + len);
+  const T* kp = static_cast<const T*>(a.k) + (int64_t)b * a.k_sb + (int64_t)h * a.k_sh + c8 * 8;
+  const T* vp = static_cast<const T*>(a.v) + (int64_t)b * a.v_sb + (int64_t)h * a.v_sh + c8 * 8;
+  float sum[8] = {0, 0, 0, 0, 0, 0, 0, 0}, amax[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int t0 = t_begin + r; t0 < t_end; t0 += kUnroll * RPI) {
+    uint4 rk[kUnroll], rv[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {  // all loads first (rows past t_end read as 0 and are skipped below)
+      const int t = t0 + u * RPI;
+      rk[u] = t < t_end ? *reinterpret_cast<const uint4*>(kp + (int64_t)t * a.k_ss) : make_uint4(0, 0, 0, 0);
+      rv[u] = t < t_end ? *reinterpret_cast<const uint4*>(vp + (int64_t)t * a.v_ss) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {  // same token order as v5: t0, t0 + RPI, ...
+      if (t0 + u * RPI < t_end) {
+        float xk[8], xv[8];
+        unpack8<T>(rk[u], xk);
+        unpack8<T>(rv[u], xv);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          sum[i] += xk[i];
+          amax[i] = max_nan(amax[i], fabsf(xv[i]));
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    s_sum[r][c8 * 8 + i] = sum[i];
+    s_amax[r][c8 * 8 + i] = amax[i];
+  }
+  __syncthreads();
+  if (threadIdx.x < D) {
+    float tot = 0.f, mx = 0.f;
+    for (int i = 0; i < RPI; ++i) {
+      tot += s_sum[i][threadIdx.x];
+      mx = max_nan(mx, s_amax[i][threadIdx.x]);
+    }
+    const int64_t o = ((int64_t)(b * a.s.Hkv + h) * a.s.n_chunks() + chunk) * D + threadIdx.x;
+    a.partial_ksum[o] = tot;
+    a.partial_vamax[o] = mx;
+  }
+}
+
+// ------------------------------ launch 2: Q / K / V quantization ------------------------------
+struct Smem {
+  float vec[kCtaK];      // k_mean (K blocks, Q blocks with q_kmean) or V scales (D <= 128)
+  float row_amax[kCtaK];
+  float2 grp[kCtaK / 2]; // (scale, fast reciprocal) per Q group (64 per tile) or K group (4)
+};
+
+template <int D, typename T>
+__device__ void q_block(const QuantArgs& a, int idx, Smem& sm, const T* s_tile) {
+  constexpr int LPR = D / 8, RPP = 32 / LPR, PASSES = 16 / RPP;
+  const int tiles_per_head = a.s.n_qgroups() / 8 * 16 / kQuantQRows;
+  const int tile = idx % tiles_per_head, bh = idx / tiles_per_head;
+  const int b = bh / a.s.Hq, h = bh % a.s.Hq;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int rsub = lane / LPR, c8 = lane % LPR;
+  const int t0 = tile * kQuantQRows;
+  const bool want_kmean = a.q_kmean != nullptr;
+  stage_tile<D, T>(const_cast<T*>(s_tile), static_cast<const T*>(a.q) + (int64_t)b * a.q_sb + (int64_t)h * a.q_sh,
+                   a.q_ss, t0, min(kQuantQRows, a.s.Sq - t0));
+  if (want_kmean) reduce_partials_v6<D>(a, b, h / (a.s.Hq / a.s.Hkv), true, sm.vec);
+  cp_async_wait_all();
+  __syncthreads();
+#pragma unroll
+  for (int ps = 0; ps < PASSES; ++ps) {  // pass 1: row |max| (and q . k_mean), as v5
+    const int r = warp * 16 + ps * RPP + rsub;
+    const int t = t0 + r;
+    float x[8];
+    unpack8<T>(*reinterpret_cast<const uint4*>(s_tile + r * D + c8 * 8), x);
+    float mx = 0.f, dot = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      mx = max_nan(mx, fabsf(x[i]));
+      if (want_kmean) dot += x[i] * sm.vec[c8 * 8 + i];
+    }
+#pragma unroll
+    for (int off = LPR / 2; off > 0; off /= 2) {
+      mx = max_nan(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      if (want_kmean) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+    }
+    if (c8 == 0) {
+      sm.row_amax[r] = mx;
+      if (want_kmean && t < a.s.Sq) a.q_kmean[(int64_t)bh * a.s.Sq + t] = dot;
+    }
+  }
+  __syncwarp();
+  if (lane < 8) {  // group lane of this warp's 16 rows: rows lane and lane + 8
+    const int base = warp * 16;
+    const float scale = max_nan(sm.row_amax[base + lane], sm.row_amax[base + lane + 8]) / 127.f;
+    a.q_scale[(int64_t)bh * a.s.n_qgroups() + (t0 + base) / 16 * 8 + lane] = scale;
+    sm.grp[warp * 8 + lane] = make_float2(scale, fast_rcp(scale));
+  }
+  __syncwarp();
+  int8_t* qo = a.q_i8 + (int64_t)bh * a.s.Sq * D + c8 * 8;
+#pragma unroll
+  for (int ps = 0; ps < PASSES; ++ps) {  // pass 2: quantize
+    const int r = warp * 16 + ps * RPP + rsub;
+    const int t = t0 + r;
+    if (t < a.s.Sq) {
+      const float2 g = sm.grp[warp * 8 + (r & 7)];
+      float x[8];
+      unpack8<T>(*reinterpret_cast<const uint4*>(s_tile + r * D + c8 * 8), x);
+      *reinterpret_cast<uint2*>(qo + (int64_t)t * D) = quant_i8x8(x, g.x, g.y);
+    }
+  }
+}
+
+template <int D, typename T>
+__device__ void k_block(const QuantArgs& a, int kv, Smem& sm, const T* s_tile) {
+  constexpr int LPR = D / 8, RPP = 32 / LPR, PASSES = 16 / RPP;
+  const int nt = a.s.n_ktiles();
+  const int tile = kv % nt, bh = kv / nt;
+  const int b = bh / a.s.Hkv, h = bh % a.s.Hkv;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int rsub = lane / LPR, c8 = lane % LPR;
+  const int t0 = tile * kCtaK;
+  stage_tile<D, T>(const_cast<T*>(s_tile), static_cast<const T*>(a.k) + (int64_t)b * a.k_sb + (int64_t)h * a.k_sh,
+                   a.k_ss, t0, min(kCtaK, a.s.Skv - t0));
+  reduce_partials_v6<D>(a, b, h, true, sm.vec);
+  cp_async_wait_all();
+  __syncthreads();
+  if (tile == 0 && threadIdx.x < D) a.k_mean[(int64_t)bh * D + threadIdx.x] = sm.vec[threadIdx.x];
+  float mean[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) mean[i] = sm.vec[c8 * 8 + i];
+#pragma unroll
+  for (int ps = 0; ps < PASSES; ++ps) {
+    const int r = warp * 16 + ps * RPP + rsub;
+    float x[8];
+    unpack8<T>(*reinterpret_cast<const uint4*>(s_tile + r * D + c8 * 8), x);
+    float mx = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) mx = max_nan(mx, fabsf(__fsub_rn(x[i], mean[i])));
+#pragma unroll
+    for (int off = LPR / 2; off > 0; off /= 2) mx = max_nan(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    if (c8 == 0) sm.row_amax[r] = t0 + r < a.s.Skv ? mx : 0.f;  // padding rows (0 - mean) must not count
+  }
+  __syncthreads();
+  if (threadIdx.x < 4) {
+    const int j = threadIdx.x;  // group j: tokens with (t % 8) // 2 == j
+    float mx = 0.f;
+    for (int r8 = 0; r8 < kCtaK; r8 += 8) mx = max_nan(mx, max_nan(sm.row_amax[r8 + 2 * j], sm.row_amax[r8 + 2 * j + 1]));
+    const float scale = mx / 127.f;
+    sm.grp[j] = make_float2(scale, fast_rcp(scale));
+    a.k_scale[(int64_t)bh * nt * 4 + tile * 4 + j] = scale;
+  }
+  __syncthreads();
+  int8_t* ko = a.k_i8 + (int64_t)bh * a.s.Skv * D + c8 * 8;
+#pragma unroll
+  for (int ps = 0; ps < PASSES; ++ps) {
+    const int r = warp * 16 + ps * RPP + rsub;
+    const int t = t0 + r;
+    if (t < a.s.Skv) {
+      const float2 g = sm.grp[(r % 8) / 2];
+      float x[8];
+      unpack8<T>(*reinterpret_cast<const uint4*>(s_tile + r * D + c8 * 8), x);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) x[i] = __fsub_rn(x[i], mean[i]);
+      *reinterpret_cast<uint2*>(ko + (int64_t)t * D) = quant_i8x8(x, g.x, g.y);
+    }
+  }
+}
+
+// V: each thread owns one channel pair (2c, 2c+1) and 16-token groups; a warp reads 32 consecutive channel pairs
+// of one token row (128 contiguous bytes, conflict-free) and writes 16 bytes per channel row.
+// Fast path per output pair: y = fl(v * rcp); the exact value is f = fl(v / sc) with |f - y| <= 3.01 * 2^-24 |y|
+// (y normal; for |y| < 2^-126 every candidate rounds to a signed zero of v's sign). lo = fl(y - y 2^-20) and
+// hi = fl(y + y 2^-20) bracket f (margin 15 * 2^-24 |y| after their own rounding); e4m3 RNE with saturation is
+// monotone, so e4m3(lo) == e4m3(hi) implies e4m3(f) == e4m3(lo). A mismatch anywhere in the thread's 16-token
+// group (or rcp NaN: channel scale 0 / subnormal / inf / NaN) redoes the group with __fdiv_rn as v5.
+template <int D, typename T>
+__device__ void v_block(const QuantArgs& a, int kv, Smem& sm, const T* s_tile) {
+  constexpr int NP = D / 2;                                 // channel pairs
+  constexpr int NG = kCtaK * NP / kThreads / 16;             // 16-token groups per thread: 2 (D=128), 1 (D=64)
+  const int nt = a.s.n_ktiles();
+  const int tile = kv % nt, bh = kv / nt;
+  const int b = bh / a.s.Hkv, h = bh % a.s.Hkv;
+  const int t0 = tile * kCtaK;
+  stage_tile<D, T>(const_cast<T*>(s_tile), static_cast<const T*>(a.v) + (int64_t)b * a.v_sb + (int64_t)h * a.v_sh,
+                   a.v_ss, t0, min(kCtaK, a.s.Skv - t0));
+  reduce_partials_v6<D>(a, b, h, false, sm.vec);
+  cp_async_wait_all();
+  __syncthreads();
+  if (tile == 0 && threadIdx.x < D) a.v_scale[(int64_t)bh * D + threadIdx.x] = sm.vec[threadIdx.x];
+  const int cp = threadIdx.x % NP, gbase = threadIdx.x / NP * NG;  // channel pair, first 16-token group
+  const float sc[2] = {sm.vec[2 * cp], sm.vec[2 * cp + 1]};
+  const float rc[2] = {fast_rcp(sc[0]), fast_rcp(sc[1])};
+  const uint32_t* s_words = reinterpret_cast<const uint32_t*>(s_tile);
+  const int64_t pad = a.s.skv_pad();
+  uint8_t* vo = a.v_t + ((int64_t)bh * D + 2 * cp) * pad + t0;
+#pragma unroll
+  for (int g = 0; g < NG; ++g) {
+    const int r0 = (gbase + g) * 16;  // first token (tile row) of the group
+    uint32_t wv[16];  // raw words (2 channels each), unpacked at use: 16 registers instead of 32
+#pragma unroll
+    for (int k = 0; k < 16; ++k) wv[k] = s_words[(r0 + k) * NP + cp];
+    uint32_t out[2][4];
+    uint32_t diff = 0;
+#pragma unroll
+    for (int ch = 0; ch < 2; ++ch) {
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {  // output word w: positions 4w..4w+3 = tokens perm(4w), +1, perm(4w+2), +1
+        const int ta = perm_token(4 * w), tb = perm_token(4 * w + 2);
+        float lo[4], hi[4];
+        const int tok[4] = {ta, ta + 1, tb, tb + 1};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float v0, v1;
+          unpack2<T>(wv[tok[e]], v0, v1);
+          const float y = __fmul_rn(ch == 0 ? v0 : v1, rc[ch]);
+          lo[e] = __fmaf_rn(y, -0x1p-20f, y);
+          hi[e] = __fmaf_rn(y, 0x1p-20f, y);
+        }
+        const uint32_t wl = cvt_e4m3x2(lo[0], lo[1]) | (cvt_e4m3x2(lo[2], lo[3]) << 16);
+        const uint32_t wh = cvt_e4m3x2(hi[0], hi[1]) | (cvt_e4m3x2(hi[2], hi[3]) << 16);
+        diff |= wl ^ wh;
+        out[ch][w] = wl;
+      }
+    }
+    // A mismatch anywhere in the group, or a NaN reciprocal (scale 0 / subnormal / huge / inf / NaN; NaN lo and
+    // hi convert to the same NaN byte), redoes the thread's group exactly as v5. In a CPU emulation on bf16 data
+    // ~0.6% of elements miss the fast path (mostly exact ties), i.e. ~18% of threads per group: per-word or
+    // per-byte fallbacks were tried and spilled (the __fdiv_rn slow-path call clobbers registers).
+    if (__builtin_expect(diff != 0 || rc[0] != rc[0] || rc[1] != rc[1], 0)) {
+#pragma unroll
+      for (int ch = 0; ch < 2; ++ch) {
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          float q[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int tk = perm_token(4 * w + e);
+            float v0, v1;
+            unpack2<T>(wv[tk], v0, v1);
+            q[e] = (sc[ch] == 0.f || t0 + r0 + tk >= a.s.Skv) ? 0.f : __fdiv_rn(ch == 0 ? v0 : v1, sc[ch]);
+          }
+          out[ch][w] = pack_e4m3x4(q[0], q[1], q[2], q[3]);
+        }
+      }
+    }
+#pragma unroll
+    for (int ch = 0; ch < 2; ++ch)
+      *reinterpret_cast<uint4*>(vo + ch * pad + r0) = make_uint4(out[ch][0], out[ch][1], out[ch][2], out[ch][3]);
+  }
+}
+
+// Block order: K and V tiles interleaved, (batch, head) and tiles in reverse (kv_stats ends on the last heads,
+// which are then still in L2), then the Q tiles.
+template <int D, typename T>
+__global__ void __launch_bounds__(kThreads, 4) quantize_qkv_kernel(QuantArgs a, int n_q_blocks, int n_k_blocks) {
+  __shared__ Smem sm;
+  __shared__ __align__(16) T s_tile[kCtaK * D];
+  const int idx = blockIdx.x;
+  if (idx < 2 * n_k_blocks) {
+    const int kv = n_k_blocks - 1 - idx / 2;
+    if (idx % 2 == 0) k_block<D, T>(a, kv, sm, s_tile);
+    else v_block<D, T>(a, kv, sm, s_tile);
+  } else {
+    q_block<D, T>(a, idx - 2 * n_k_blocks, sm, s_tile);
+  }
+}
+
+template <int D, typename T>
+cudaError_t launch_quantize(const QuantArgs& a, cudaStream_t stream) {
   const QuantShapes& s = a.s;
   dim3 stats_grid(s.n_chunks(), s.Hkv, s.B);
   kv_stats_kernel<D, T><<<stats_grid, kStatsThreads, 0, stream>>>(a);
@@ -341,8 +753,21 @@ cudaError_t launch_quantize_typed(const QuantArgs& a, cudaStream_t stream) {
   const int64_t n_k = (int64_t)s.B * s.Hkv * s.n_ktiles();
   const int64_t total = n_q + 2 * n_k;
   if (total >= (int64_t)1 << 31) return cudaErrorInvalidValue;
-  quantize_qkv_kernel<D, T><<<(unsigned)total, kQuantThreads, 0, stream>>>(a, (int)n_q, (int)n_k);
+  quantize_qkv_kernel<D, T><<<(unsigned)total, kThreads, 0, stream>>>(a, (int)n_q, (int)n_k);
   return cudaGetLastError();
+}
+
+}  // namespace v6
+
+// SAGE3_SM90_QUANT=v5 selects the previous kernels (A/B timing); anything else: v6.
+bool use_v5() {
+  const char* e = std::getenv("SAGE3_SM90_QUANT");
+  return e != nullptr && std::strcmp(e, "v5") == 0;
+}
+
+template <int D, typename T>
+cudaError_t launch_quantize_typed(const QuantArgs& a, cudaStream_t stream) {
+  return use_v5() ? launch_quantize_v5<D, T>(a, stream) : v6::launch_quantize<D, T>(a, stream);
 }
 
 }  // namespace
