@@ -1,85 +1,111 @@
-"""Breakdown of the Triton INT8/FP8 path on one GPU: each quantization kernel, the attention kernel per config,
-cuDNN bf16 for reference, and a device copy for the bandwidth ceiling. Times: median of CUDA-graph replays.
-python bench/triton_int8fp8_profile.py [shape names, comma-separated]"""
+"""Breakdown of the Triton INT8/FP8 path on one GPU (< 2 min on one H200 with the default shapes).
+
+python bench/triton_int8fp8_profile.py [shape names, comma-separated] [--json out.json]
+Default shapes: Flux-1024 (1,24,4608,128), SD3.5-L-1024 (2,38,4429,64), grid-hd128-S{1,4,16}k.
+Per shape:
+  * SDPA cuDNN bf16, and a bf16 copy of Q, K, V (the bandwidth yardstick for quantization);
+  * quantization: `quantize_kv` (stats, finalize, K/V quant) and `quantize_q`, alone and together, in µs, as a
+    multiple of the copy, and as GB/s of the 13 B/element least traffic (read Q,K,V + K,V again, write int8/fp8);
+  * the attention kernel alone for each autotune candidate, plus the reference-order config (no fold), each with
+    its accuracy (cos sim, rel L1) against sage2pp_attention_reference on the first two heads;
+  * total = quantization + best attention, and the whole autotuned call `int8fp8_attention`, vs cuDNN.
+Times: median of CUDA-graph replays (sage3_diffusers.bench.time_ms).
+"""
+import json
 import sys
 
 import torch
+import torch.nn.functional as F
 import triton
 
 from sage3_diffusers.bench import dit_inputs, shapes_for, time_ms
 from sage3_diffusers.kernels.triton import int8fp8 as tk
-from sage3_diffusers.kernels.triton.int8fp8_quant import _kv_finalize_kernel, _kv_quant_kernel, _kv_stats_kernel
+from sage3_diffusers.numerics.metrics import accuracy_metrics
+from sage3_diffusers.numerics.sage2pp_reference import sage2pp_attention_reference
 
-C = tk.AttnConfig
-VARIANTS = {
-    64: [C(64, 4, 3, True), C(64, 4, 3, True, True), C(64, 4, 3, True, True, True), C(64, 4, 2, True, True),
-         C(64, 4, 4, True, True), C(128, 8, 3, True, True), C(64, 4, 3, False, True)],
-    128: [C(64, 4, 3, True), C(64, 4, 3, True, True), C(64, 4, 3, True, True, True), C(64, 4, 2, True, True),
-          C(64, 4, 4, True, True), C(128, 8, 3, True, True), C(64, 4, 3, False, True)],
-}
+DEFAULT_SHAPES = "Flux-1024,SD3.5-L-1024,grid-hd128-S1k,grid-hd128-S4k,grid-hd128-S16k"
+REF_HEADS = 2
 
 
-def main():
-    names = sys.argv[1] if len(sys.argv) > 1 else "Flux-1024,SD3.5-L-1024,grid-hd128-S16k,grid-hd64-S16k"
-    print("card:", torch.cuda.get_device_name(), "triton", triton.__version__)
-    x = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    ms, _ = time_ms(lambda: y.copy_(x), target_ms=20, replays=5)
-    print(f"device copy: {2 * x.numel() / ms / 1e6:.0f} GB/s (read+write)")
-    del x, y
+def attn_configs(d):
+    c0 = tk._CANDIDATES[d][0]
+    return list(tk._CANDIDATES[d]) + [tk.AttnConfig(c0.block_m, c0.num_warps, c0.num_stages, False, True, True)]
+
+
+def _t(fn):
+    return time_ms(fn, target_ms=20, replays=5)[0]
+
+
+def profile_shape(shape):
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    import torch.nn.functional as F
+    q, k, v = dit_inputs(shape)
+    b, h, s, d = q.shape
+    tf = lambda ms: shape.flops / ms / 1e9  # noqa: E731
+    row = {"shape": shape.name, "BHSD": [b, h, s, d], "attn_us": {}, "acc": {}}
+
+    def cudnn():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v)
+    ms_cudnn = _t(cudnn)
+    dst = [torch.empty_like(x) for x in (q, k, v)]
+    ms_copy = _t(lambda: [o.copy_(x) for o, x in zip(dst, (q, k, v))])
+    del dst
+    row.update(cudnn_us=ms_cudnn * 1e3, copy_qkv_us=ms_copy * 1e3)
+    print(f"\n{shape.name} {tuple(q.shape)}: SDPA cuDNN bf16 {ms_cudnn * 1e3:.0f} us ({tf(ms_cudnn):.0f} TF); "
+          f"bf16 copy of Q,K,V {ms_copy * 1e3:.1f} us ({2 * 3 * q.numel() * 2 / ms_copy / 1e6:.0f} GB/s)")
+
+    kv = tk.quantize_kv(k, v)
+    qq = tk.quantize_q(q)
+    ms_kv = _t(lambda: tk.quantize_kv(k, v))
+    ms_q = _t(lambda: tk.quantize_q(q))
+    ms_quant = _t(lambda: (tk.quantize_kv(k, v), tk.quantize_q(q)))
+    row.update(quant_kv_us=ms_kv * 1e3, quant_q_us=ms_q * 1e3, quant_us=ms_quant * 1e3)
+    print(f"  quant K/V {ms_kv * 1e3:.1f} us + Q {ms_q * 1e3:.1f} us; together {ms_quant * 1e3:.1f} us = "
+          f"{ms_quant / ms_copy:.2f}x copy ({13 * q.numel() / ms_quant / 1e6:.0f} GB/s of the 13 B/element minimum)")
+
+    hs = slice(0, min(REF_HEADS, h))
+    ref = sage2pp_attention_reference(q[:, hs], k[:, hs], v[:, hs])
+    print(f"  K-group fold: {kv.k_groups_per_tile()} K scales per key tile (0 = per-score K scale)")
+    for cfg in attn_configs(d):
+        try:
+            ms = _t(lambda: tk.attention_quantized(q, kv, config=cfg, q_quant=qq))
+            o, _ = tk.attention_quantized(q, kv, config=cfg, q_quant=qq)
+            met = accuracy_metrics(o[:, hs], ref)
+            flag = "" if met["cos_sim"] > 0.9995 and met["rel_l1"] < 5e-3 else "  <-- WRONG vs reference"
+            row["attn_us"][str(cfg)] = ms * 1e3
+            row["acc"][str(cfg)] = {kk: float(vv) for kk, vv in met.items()}
+            print(f"  attn {str(cfg):24s} {ms * 1e3:7.1f} us {tf(ms):5.0f} TF  cos {met['cos_sim']:.6f} "
+                  f"relL1 {met['rel_l1']:.2e}{flag}")
+        except Exception as e:  # noqa: BLE001
+            print(f"  attn {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}")
+    if row["attn_us"]:
+        an, aus = min(row["attn_us"].items(), key=lambda x: x[1])
+        tot = ms_quant + aus / 1e3
+        row["best"] = {"attn": an, "total_us": tot * 1e3, "x_cudnn": ms_cudnn / tot}
+        print(f"  quant + best attn ({an}) = {tot * 1e3:.0f} us, {tf(tot):.0f} TF, x cuDNN {ms_cudnn / tot:.2f}")
+    ms_call = _t(lambda: tk.int8fp8_attention(q, k, v))
+    row.update(call_us=ms_call * 1e3, call_config=str(tk.last_config))
+    print(f"  whole call int8fp8_attention ({tk.last_config}): {ms_call * 1e3:.0f} us, {tf(ms_call):.0f} TF, "
+          f"x cuDNN {ms_cudnn / ms_call:.2f}")
+    return row
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    json_path = None
+    if "--json" in argv:
+        i = argv.index("--json")
+        json_path = argv[i + 1]
+        del argv[i:i + 2]
+    names = argv[0] if argv else DEFAULT_SHAPES
+    print("card:", torch.cuda.get_device_name(), "| triton", triton.__version__, "| torch", torch.__version__)
+    rows = []
     for shape in shapes_for(False, names):
-        q, k, v = dit_inputs(shape)
-        b, h, s, d = q.shape
-        tf = lambda ms: shape.flops / ms / 1e9  # noqa: E731
-        def cudnn():
-            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                return F.scaled_dot_product_attention(q, k, v)
-        ms_cudnn, _ = time_ms(cudnn, target_ms=30, replays=5)
-        kv = tk.quantize_kv(k, v)
-        ms_q, _ = time_ms(lambda: tk.quantize_kv(k, v), target_ms=30, replays=5)
-        nbytes = 2 * k.numel() * k.element_size() * 2 + 2 * k.numel()  # read K,V twice, write int8 + fp8
-        print(f"\n{shape.name} {tuple(q.shape)}: cuDNN {ms_cudnn * 1e3:.0f} us ({tf(ms_cudnn):.0f} TF); "
-              f"quantize_kv {ms_q * 1e3:.1f} us ({nbytes / ms_q / 1e6:.0f} GB/s effective)")
-        # the pieces of quantize_kv
-        bh = b * h
-        n_chunks = max(1, min(tk._STATS_MAX_CHUNKS, triton.cdiv(tk._STATS_PROGRAMS, bh), triton.cdiv(s, 4 * tk._STATS_BLOCK_S)))
-        chunk = triton.cdiv(triton.cdiv(s, n_chunks), tk._STATS_BLOCK_S) * tk._STATS_BLOCK_S
-        n_chunks = triton.cdiv(s, chunk)
-        ksum = torch.empty((bh, n_chunks, d), device="cuda")
-        vmax = torch.empty_like(ksum)
-        st = (q.stride(0), q.stride(1), q.stride(2), q.stride(3))
-        t_stats, _ = time_ms(lambda: _kv_stats_kernel[(n_chunks, bh)](k, *st, v, *st, ksum, vmax, h, s, chunk,
-                             n_chunks, D=d, BLOCK_S=tk._STATS_BLOCK_S, num_warps=4), target_ms=20, replays=5)
-        t_fin, _ = time_ms(lambda: _kv_finalize_kernel[(bh,)](ksum, vmax, kv.k_mean, kv.v_scale, s, n_chunks, D=d,
-                           SMOOTH_K=True, CHUNKS_P2=triton.next_power_of_2(n_chunks), num_warps=4), target_ms=20, replays=5)
-        for sub, warps, unroll in ((32, 4, 1), (32, 4, 2), (32, 8, 4), (32, 4, 4)):
-            try:
-                t_quant, _ = time_ms(lambda: _kv_quant_kernel[(triton.cdiv(s, 128), bh, 2)](
-                    k, *st, v, *st, kv.k_int8, kv.k_scale, kv.k_mean, kv.v_q, kv.v_scale, h, s, kv.seq_pad, D=d,
-                    K_BLOCK=128, SUB=sub, K_PER_THREAD=True, V_FP8=True, UNROLL=unroll, num_warps=warps),
-                    target_ms=20, replays=5)
-                print(f"  quant kernel SUB={sub} warps={warps} unroll={unroll}: {t_quant * 1e3:.1f} us "
-                      f"({(k.numel() * 4 + k.numel() * 2) / t_quant / 1e6:.0f} GB/s)")
-            except Exception as e:  # noqa: BLE001
-                print(f"  quant kernel SUB={sub} warps={warps} unroll={unroll}: failed {type(e).__name__}: {e}")
-        print(f"  stats {t_stats * 1e3:.1f} us ({k.numel() * 4 / t_stats / 1e6:.0f} GB/s, {n_chunks} chunks of {chunk}); "
-              f"finalize {t_fin * 1e3:.1f} us")
-        res = []
-        t_qq, _ = time_ms(lambda: tk.quantize_q(q), target_ms=20, replays=5)
-        print(f"  quantize_q (separate kernel) {t_qq * 1e3:.1f} us")
-        for cfg in VARIANTS[d]:
-            try:
-                ms, _ = time_ms(lambda: tk.attention_quantized(q, kv, config=cfg), target_ms=30, replays=5)
-                res.append((tf(ms), str(cfg), ms))
-            except Exception as e:  # noqa: BLE001
-                print(f"  attn {cfg}: failed {type(e).__name__}: {str(e)[:200]}")
-        for t, c, ms in sorted(res, reverse=True):
-            print(f"  attn {c} (incl. Q quant): {ms * 1e3:.0f} us {t:.0f} TF  (+KV quant: {tf(ms + ms_q):.0f} TF, "
-                  f"x cuDNN {ms_cudnn / (ms + ms_q):.2f})")
-        del q, k, v, kv
+        rows.append(profile_shape(shape))
         torch.cuda.empty_cache()
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"card": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

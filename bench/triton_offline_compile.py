@@ -21,6 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from sage3_diffusers.kernels.triton import int8fp8 as I  # noqa: E402
 from sage3_diffusers.kernels.triton import int8fp8_attn as A  # noqa: E402
 from sage3_diffusers.kernels.triton import int8fp8_quant as Q  # noqa: E402
 
@@ -196,28 +197,26 @@ def quant_kernels():
                 vscale_ptr="*fp32")
     for d in (128, 64):
         t = dict(ptrs, **_strides("k"), **_strides("v"), **_strides("q"))
-        for pre in (True, False):
-            for fq in (True, False):
-                k = compile_kernel(Q._stats_q_kernel, t, dict(D=d, BLOCK_S=4096 // d, FUSE_Q=fq, QBM=64,
-                                                              Q_PER_THREAD=True, Q_BLOCK=128, PREFETCH=pre, STAGES=3),
-                                   num_warps=4)
-                res.append((f"v5 stats{'+Q' if fq else ''} {'prefetch' if pre else 'cp.async'} hd{d}", k, False))
-        k = compile_kernel(Q._qkv_quant_kernel, t, dict(D=d, K_BLOCK=128, SUB=128, K_PER_THREAD=True, VT=64,
-                                                        V_FP8=True, FUSE_Q=True, QBM=128, Q_PER_THREAD=True,
-                                                        Q_BLOCK=128), num_warps=8)
-        res.append((f"v5 qkv quant hd{d}", k, False))
-        k = compile_kernel(Q._kv_stats_kernel, t, dict(D=d, BLOCK_S=32), num_warps=4)
-        res.append((f"v4 stats hd{d}", k, False))
-        k = compile_kernel(Q._kv_quant_kernel, t, dict(D=d, K_BLOCK=128, SUB=32, K_PER_THREAD=True, V_FP8=True,
-                                                       UNROLL=1), num_warps=4)
-        res.append((f"v4 kv quant hd{d}", k, False))
+        # the launch parameters of `int8fp8.quantize_kv` / `quantize_q` (per_thread, k_block = q_block = 128)
+        k = compile_kernel(Q._kv_stats_kernel, t, dict(D=d, BLOCK_S=I._STATS_BLOCK_S), num_warps=4)
+        res.append((f"kv stats hd{d}", k, False))
+        k = compile_kernel(Q._kv_finalize_kernel, t, dict(D=d, SMOOTH_K=True, CHUNKS_P2=64), num_warps=4)
+        res.append((f"kv finalize hd{d}", k, False))
+        k = compile_kernel(Q._kv_quant_kernel, t, dict(D=d, K_BLOCK=128, SUB=I._QUANT_SUB, K_PER_THREAD=True,
+                                                       V_FP8=True, UNROLL=I._QUANT_UNROLL),
+                           num_warps=I._QUANT_WARPS)
+        res.append((f"kv quant hd{d}", k, False))
+        k = compile_kernel(Q._q_quant_kernel, t, dict(D=d, BM=64, PER_THREAD=True, Q_BLOCK=128), num_warps=4)
+        res.append((f"q quant hd{d}", k, False))
     return res
 
 
+# The default config (fold, preq, i2f) with K's three groupings: 4 K scales per key tile (per_thread, k_block 128:
+# the default), 1 (per_block, k_block a multiple of 128), 0 (the others: per-score K scale).
 ATTN_VARIANTS = {
-    "base": {},
     "kg4": dict(KG=4),
     "kg1": dict(KG=1),
+    "kg0": dict(KG=0),
 }
 
 

@@ -153,3 +153,22 @@ def test_bench_needs_cuda(monkeypatch):
 def test_bench_plot_subcommand_args():
     a = bench.parse_args(["plot", "r.json", "r.png"])
     assert (a.command, a.json_in, a.png_out) == ("plot", "r.json", "r.png")
+
+
+def test_forced_config_and_kgroup_fallback(monkeypatch):
+    """SAGE3_TRITON_CONFIG flags (the only config switch), and where the K-group fold applies by itself."""
+    pytest.importorskip("triton")
+    from sage3_diffusers.kernels.triton import int8fp8 as m
+    monkeypatch.setenv("SAGE3_TRITON_CONFIG", "64,4,3,fold+preq+i2f")
+    assert m._forced_config() == m._CANDIDATES[128][0] == m.AttnConfig(64, 4, 3, True, True, True)
+    for bad in ("64,4,3,kg", "64,4", "64,4,3,fold,x"):
+        monkeypatch.setenv("SAGE3_TRITON_CONFIG", bad)
+        with pytest.raises(ValueError, match="SAGE3_TRITON_CONFIG"):
+            m._forced_config()
+    assert not hasattr(m, "quantize_qkv") and not hasattr(m, "quant_mode")
+    t = torch.empty(0)
+
+    def groups(gran, k_block):
+        return m.QuantizedKV(t, t, t, t, t, 1, 1, 1, 16, 64, True, k_block, gran).k_groups_per_tile()
+    assert [groups("per_thread", 128), groups("per_block", 128), groups("per_block", 512)] == [4, 1, 1]
+    assert [groups("per_thread", 64), groups("per_thread", 256), groups("per_block", 64)] == [0, 0, 0]

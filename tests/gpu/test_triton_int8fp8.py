@@ -108,8 +108,9 @@ def test_matches_reference_all_configs(case):
     q, k, v = _dit_inputs(b, hq, hkv, sq, skv, d, dtype)
     m = _k()
     c0 = m._CANDIDATES[d][0]
-    for cfg in (*m._CANDIDATES[d], m._CANDIDATES_BASE[d][0],
-                m.AttnConfig(c0.block_m, c0.num_warps, c0.num_stages, not c0.fold_qs)):
+    # + the reference's product order (no fold), and the fold with the magic-number int -> fp32 conversion
+    for cfg in (*m._CANDIDATES[d], m.AttnConfig(c0.block_m, c0.num_warps, c0.num_stages, not c0.fold_qs),
+                m.AttnConfig(c0.block_m, c0.num_warps, c0.num_stages, True, True, False)):
         _check(q, k, v, layout=layout, causal=causal, config=cfg)
 
 
@@ -121,17 +122,20 @@ def test_granularities(gran, q_block, bm):
     for preq in (False, True):
         _check(q, k, v, gran=gran, q_block=q_block, config=m.AttnConfig(bm, 4 if bm == 64 else 8, 3, False, preq))
     # K-group fold (one K scale per tile for per_block, four for per_thread)
-    _check(q, k, v, gran=gran, q_block=q_block, config=m.AttnConfig(bm, 4 if bm == 64 else 8, 3, True, True, True,
-                                                                     True))
+    _check(q, k, v, gran=gran, q_block=q_block, config=m.AttnConfig(bm, 4 if bm == 64 else 8, 3, True, True, True))
 
 
-@pytest.mark.parametrize("gran,k_block", [("per_block", 256), ("per_block", 64), ("per_thread", 64)])
-def test_kgroup_fold_and_fallback(gran, k_block):
-    """The K-group fold where K's grouping allows it (per_block k_block 256) and its fallback (the others)."""
+@pytest.mark.parametrize("gran,k_block,groups", [("per_thread", 128, 4), ("per_block", 256, 1), ("per_block", 128, 1),
+                                                 ("per_block", 64, 0), ("per_thread", 64, 0)])
+def test_kgroup_fold_and_fallback(gran, k_block, groups):
+    """The K-group fold where K's grouping allows it (4 or 1 K scales per key tile) and the automatic fallback to
+    the per-score K scale (the others), each for the default config and the unfolded (reference-order) one."""
     m = _k()
     q, k, v = _dit_inputs(1, 4, 2, 300, 700, 128, torch.bfloat16)
+    assert m.quantize_kv(k, v, qk_quant_gran=gran, k_block=k_block).k_groups_per_tile() == groups
     ref = sage2pp_attention_reference(q, k, v, qk_quant_gran=gran, k_block=k_block)
-    for cfg in (m._CANDIDATES_KG[128][0], m._CANDIDATES_BASE[128][0]):
+    c0 = m._CANDIDATES[128][0]
+    for cfg in (c0, m.AttnConfig(c0.block_m, c0.num_warps, c0.num_stages, False, True, True)):
         o, _ = m.int8fp8_attention(q, k, v, qk_quant_gran=gran, k_block=k_block, config=cfg)
         mk = accuracy_metrics(o, ref)
         assert mk["cos_sim"] > 0.9995 and mk["rel_l1"] < 5e-3, (cfg, mk)
@@ -274,28 +278,3 @@ def test_nonfinite_inputs_propagate_per_head():
         assert torch.isnan(o[0, 0]).any(), which
         assert not torch.isnan(o[0, 1]).any(), which
 
-
-@pytest.mark.parametrize("mode", ["v5", "v5s", "v4"])
-@pytest.mark.parametrize("stats", ["cpasync", "prefetch"])
-def test_quant_modes(mode, stats, monkeypatch):
-    """Every quantization path (SAGE3_TRITON_QUANT / SAGE3_TRITON_STATS) gives the v4 path's Q, V and scales
-    exactly and K within one rounding step (the K mean is summed in another order), and passes the full check."""
-    if mode == "v4" and stats == "prefetch":
-        pytest.skip("v4 has no stats variants")
-    m = _k()
-    monkeypatch.setenv("SAGE3_TRITON_QUANT", mode)
-    monkeypatch.setenv("SAGE3_TRITON_STATS", stats)
-    for gran, qb, kb in (("per_thread", 128, 128), ("per_block", 256, 64), ("per_block", 64, 256)):
-        q, k, v = _dit_inputs(2, 4, 2, 333, 401, 128, torch.bfloat16, k_offset=30.0)
-        kv4 = m.quantize_kv(k, v, qk_quant_gran=gran, k_block=kb)
-        q4 = m.quantize_q(q, qk_quant_gran=gran, q_block=qb)
-        kv, qq = m.quantize_qkv(q, k, v, qk_quant_gran=gran, q_block=qb, k_block=kb)
-        assert torch.equal(qq[0], q4[0]) and torch.equal(qq[1], q4[1])
-        assert torch.equal(kv.v_q.float(), kv4.v_q.float()) and torch.equal(kv.v_scale, kv4.v_scale)
-        torch.testing.assert_close(kv.k_mean, kv4.k_mean, rtol=1e-6, atol=1e-5)
-        assert (kv.k_int8.int() - kv4.k_int8.int()).abs().max() <= 1
-        torch.testing.assert_close(kv.k_scale, kv4.k_scale, rtol=1e-5, atol=0)
-    q, k, v = _dit_inputs(2, 8, 2, 300, 520, 64, torch.bfloat16)
-    _check(q, k, v, layout="NHD", causal=True)
-    q, k, v = _dit_inputs(1, 2, 2, 1, 77, 128, torch.float16)
-    _check(q, k, v)

@@ -16,8 +16,7 @@ import triton
 from ...numerics.attention_common import LOG2E
 from ...numerics.int8 import QK_QUANT_GRANULARITIES
 from .int8fp8_attn import _int8fp8_attn_kernel
-from .int8fp8_quant import (_kv_finalize_kernel, _kv_quant_kernel, _kv_stats_kernel, _q_quant_kernel,
-                            _qkv_quant_kernel, _stats_q_kernel)
+from .int8fp8_quant import _kv_finalize_kernel, _kv_quant_kernel, _kv_stats_kernel, _q_quant_kernel
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -32,36 +31,6 @@ _QUANT_SUB = 32  # rows per chunk in the K/V quantization kernel (register budge
 _QUANT_UNROLL = 1  # chunk-loop unroll factor of that kernel
 _QUANT_WARPS = 4
 
-# v5 quantization (bench/NOTES.md, Triton section). SAGE3_TRITON_QUANT selects the path, for A/B runs:
-#   "v5"  (default) stats with two tiles in flight per program, then one launch for K, V and Q tiles;
-#   "v5s" the same, but the Q tiles ride in the stats launch instead (Q needs no statistics);
-#   "v4"  the previous path: stats, K/V quant, and Q quantized by its own kernel inside `attention_quantized`.
-QUANT_MODES = ("v5", "v5s", "v4")
-# SAGE3_TRITON_STATS: "cpasync" (default; the stats loop left to Triton's pipeliner: cp.async, 3 stages) or
-# "prefetch" (next tile loaded into registers by hand). SAGE3_TRITON_STATS_PROGRAMS: target number of stats
-# programs (default 2048; it sets the chunking, so the K mean's summation order, never the GPU).
-STATS_MODES = ("cpasync", "prefetch")
-_V5_STATS_ELEMS = 4096   # BLOCK_S * D of the v5 stats tile (32 rows at D=128, 64 at D=64)
-_V5_TILE = 128           # the largest K chunk loaded at once, and the Q tile, in the v5 quant kernel
-_V5_VT = 64              # V tile rows (the transposed store needs twice the registers of a K tile)
-_V5_WARPS = 8            # v5 quant kernel: ~100 registers at D=128 (offline sm_90 compile): 2 programs per SM
-_V5_STATS_QBM = 64       # Q tile rows when Q rides in the stats launch (4 warps)
-
-
-def quant_mode() -> str:
-    mode = os.environ.get("SAGE3_TRITON_QUANT", "v5")
-    if mode not in QUANT_MODES:
-        raise ValueError(f"SAGE3_TRITON_QUANT={mode!r}: expected one of {QUANT_MODES}")
-    return mode
-
-
-def _stats_mode() -> tuple[bool, int]:
-    mode = os.environ.get("SAGE3_TRITON_STATS", "cpasync")
-    if mode not in STATS_MODES:
-        raise ValueError(f"SAGE3_TRITON_STATS={mode!r}: expected one of {STATS_MODES}")
-    programs = int(os.environ.get("SAGE3_TRITON_STATS_PROGRAMS", str(_STATS_PROGRAMS)))
-    return mode == "prefetch", max(1, programs)
-
 
 @dataclass(frozen=True)
 class AttnConfig:
@@ -71,40 +40,23 @@ class AttnConfig:
     fold_qs: bool = False    # exp2 argument as one FMA (rounding differs from the reference's order by ~1 ulp)
     q_prequant: bool = False  # INT8 Q from a separate kernel (TMA-loaded) instead of quantized in the kernel
     i2f: bool = False         # int32 -> fp32 by cvt (else the exact magic-number add)
-    kgroup: bool = False      # K scale folded into the exp2 FMA per scale group (v5; falls back where K's
-    #                           grouping does not allow it: per_thread needs k_block 128, per_block a multiple)
+    # With fold_qs the K scale is folded into the exp2 FMA too wherever K's grouping allows it (per_thread with
+    # k_block 128: 4 scales per key tile; per_block with k_block a multiple of 128: 1); other groupings take the
+    # plain fold automatically (`QuantizedKV.k_groups_per_tile`).
 
     def __str__(self):
         return (f"BM{self.block_m}_w{self.num_warps}_s{self.num_stages}" + ("_fold" if self.fold_qs else "")
-                + ("_preq" if self.q_prequant else "") + ("_i2f" if self.i2f else "")
-                + ("_kg" if self.kgroup else ""))
+                + ("_preq" if self.q_prequant else "") + ("_i2f" if self.i2f else ""))
 
 
 # Small per-head-dim candidate sets (first call compiles and times each once; results are cached per key).
 # Measured on H200 (bench/NOTES.md): BM=64 / 4 warps / 3 stages with the exp2 argument folded into one FMA,
 # INT8 Q from its own kernel and I2F conversion was fastest on every shape tried; BM=128 / 8 warps was 25-45% slower.
-# SAGE3_TRITON_ATTN=base restores the pre-v5 candidates (no K-group fold) for A/B runs.
-_CANDIDATES_BASE = {
+# The K-group fold (part of fold_qs) gained 4-7% on the attention kernel (H200, 2026-11-27, device run 4).
+_CANDIDATES = {
     64: (AttnConfig(64, 4, 3, True, True, True), AttnConfig(64, 4, 4, True, True, True)),
     128: (AttnConfig(64, 4, 3, True, True, True), AttnConfig(64, 4, 2, True, True, True)),
 }
-_CANDIDATES_KG = {d: tuple(AttnConfig(c.block_m, c.num_warps, c.num_stages, True, True, True, True) for c in cs)
-                  for d, cs in _CANDIDATES_BASE.items()}
-ATTN_MODES = ("kg", "base")
-
-
-def _attn_mode() -> str:
-    mode = os.environ.get("SAGE3_TRITON_ATTN", "kg")
-    if mode not in ATTN_MODES:
-        raise ValueError(f"SAGE3_TRITON_ATTN={mode!r}: expected one of {ATTN_MODES}")
-    return mode
-
-
-def candidates(d: int):
-    return (_CANDIDATES_KG if _attn_mode() == "kg" else _CANDIDATES_BASE)[d]
-
-
-_CANDIDATES = _CANDIDATES_KG  # the default set (tests iterate it)
 _tuned: dict = {}
 last_config: AttnConfig | None = None  # the config of the latest launch (reported by the benchmark)
 
@@ -194,78 +146,6 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, *, layout: str = "HND", qk_qua
                        qk_quant_gran)
 
 
-def _v5_stats_layout(skv: int, d: int, bh: int, programs: int = _STATS_PROGRAMS):
-    block_s = _V5_STATS_ELEMS // d
-    n_chunks = max(1, min(_STATS_MAX_CHUNKS, triton.cdiv(programs, bh), triton.cdiv(skv, block_s)))
-    chunk = triton.cdiv(triton.cdiv(skv, n_chunks), block_s) * block_s
-    return block_s, chunk, triton.cdiv(skv, chunk)
-
-
-def quantize_qkv(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, *, layout: str = "HND",
-                 qk_quant_gran: str = "per_thread", q_block: int = 128, k_block: int = 128, smooth_k: bool = True,
-                 pv_fp8: bool | None = None, mode: str | None = None):
-    """K/V (and Q, unless q is None) quantization in the v5 layout of launches. Returns (QuantizedKV,
-    (q int8 [B, Hq, Sq, D], q scale [B, Hq, Sq]) or None). Same results as `quantize_kv` + `quantize_q`.
-    mode: "v5" (Q tiles in the K/V quant launch) or "v5s" (Q tiles in the stats launch); default from the env."""
-    mode = mode or quant_mode()
-    if mode == "v4":
-        kv = quantize_kv(k, v, layout=layout, qk_quant_gran=qk_quant_gran, k_block=k_block, smooth_k=smooth_k,
-                         pv_fp8=pv_fp8)
-        qq = None if q is None else quantize_q(q, layout=layout, qk_quant_gran=qk_quant_gran, q_block=q_block)
-        return kv, qq
-    _check_gran(qk_quant_gran, k_block, "k_block")
-    _check_gran(qk_quant_gran, q_block, "q_block")
-    b, hkv, skv, d = _bhsd_shape(k, layout)
-    dev = k.device
-    if pv_fp8 is None:
-        pv_fp8 = has_fp8_dot(dev)
-    bh = b * hkv
-    prefetch, programs = _stats_mode()
-    block_s, chunk, n_chunks = _v5_stats_layout(skv, d, bh, programs)
-    seq_pad = triton.cdiv(skv, 16) * 16
-    f32 = dict(dtype=torch.float32, device=dev)
-    ksum = torch.empty((bh, n_chunks, d), **f32)
-    vmax = torch.empty((bh, n_chunks, d), **f32)
-    k_int8 = torch.empty((bh * skv, d), dtype=torch.int8, device=dev)
-    k_scale = torch.empty((bh * skv,), **f32)
-    k_mean = torch.empty((bh, d), **f32)
-    v_q = torch.empty((bh * d, seq_pad), dtype=torch.float8_e4m3fn if pv_fp8 else torch.float16, device=dev)
-    v_scale = torch.empty((bh, d), **f32)
-    ks, vs = _bhsd_strides(k, layout), _bhsd_strides(v, layout)
-    q_per_thread = qk_quant_gran == "per_thread"
-    if q is not None:
-        qb, hq, sq, qd = _bhsd_shape(q, layout)
-        if qd != d or qb != b:
-            raise ValueError(f"q {tuple(q.shape)} does not match k {tuple(k.shape)} ({layout})")
-        qi = torch.empty((qb, hq, sq, d), dtype=torch.int8, device=dev)
-        qsc = torch.empty((qb, hq, sq), **f32)
-        qargs = (q, *_bhsd_strides(q, layout), qi, qsc, hq, sq)
-    else:
-        hq = sq = 0
-        qargs = (k, *ks, k_int8, k_scale, 1, 0)  # unused (FUSE_Q off)
-    fuse_stats = q is not None and mode == "v5s"
-    fuse_quant = q is not None and mode == "v5"
-    n_stats = n_chunks * bh
-    qt_stats = triton.cdiv(sq, _V5_STATS_QBM) if fuse_stats else 1
-    _stats_q_kernel[(n_stats + (qt_stats * b * hq if fuse_stats else 0),)](
-        k, *ks, v, *vs, ksum, vmax, hkv, skv, chunk, n_chunks, n_stats, *qargs, qt_stats,
-        D=d, BLOCK_S=block_s, FUSE_Q=fuse_stats, QBM=_V5_STATS_QBM, Q_PER_THREAD=q_per_thread, Q_BLOCK=q_block,
-        PREFETCH=prefetch, STAGES=3, num_warps=4)
-    _kv_finalize_kernel[(bh,)](ksum, vmax, k_mean, v_scale, skv, n_chunks, D=d, SMOOTH_K=smooth_k,
-                               CHUNKS_P2=triton.next_power_of_2(n_chunks), num_warps=4)
-    n_kt = triton.cdiv(skv, k_block)
-    n_vt = triton.cdiv(skv, _V5_VT)
-    qt_quant = triton.cdiv(sq, _V5_TILE) if fuse_quant else 1
-    _qkv_quant_kernel[(n_kt * bh + n_vt * bh + (qt_quant * b * hq if fuse_quant else 0),)](
-        k, *ks, v, *vs, k_int8, k_scale, k_mean, v_q, v_scale, hkv, skv, seq_pad, n_kt, n_vt, n_kt * bh, n_vt * bh,
-        *qargs, qt_quant,
-        D=d, K_BLOCK=k_block, SUB=min(k_block, _V5_TILE), K_PER_THREAD=q_per_thread, VT=_V5_VT, V_FP8=pv_fp8,
-        FUSE_Q=fuse_quant, QBM=_V5_TILE, Q_PER_THREAD=q_per_thread, Q_BLOCK=q_block, num_warps=_V5_WARPS)
-    kv = QuantizedKV(k_int8, k_scale, k_mean, v_q, v_scale, b, hkv, skv, seq_pad, d, pv_fp8, k_block,
-                     qk_quant_gran)
-    return kv, (None if q is None else (qi, qsc))
-
-
 def quantize_q(q: torch.Tensor, *, layout: str = "HND", qk_quant_gran: str = "per_thread", q_block: int = 128,
                block_m: int = 64):
     """The attention kernel's Q quantization, run alone: (int8 [B, H, Sq, D], scale [B, H, Sq] fp32)."""
@@ -311,23 +191,23 @@ def _launch(q, kv: QuantizedKV, out, lse, *, layout, is_causal, sm_scale, return
         D=d, BM=cfg.block_m, BN=KV_TILE, Q_PER_THREAD=qk_quant_gran == "per_thread", Q_BLOCK=q_block,
         IS_CAUSAL=bool(is_causal), RETURN_LSE=bool(return_lse), PV_FP8=kv.pv_fp8, USE_TMA=use_tma,
         STAGES=cfg.num_stages, FOLD_QS=cfg.fold_qs, Q_PREQUANT=cfg.q_prequant, I2F=cfg.i2f,
-        KG=kv.k_groups_per_tile() if cfg.kgroup else 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        KG=kv.k_groups_per_tile() if cfg.fold_qs else 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _forced_config() -> AttnConfig | None:
-    spec = os.environ.get("SAGE3_TRITON_CONFIG")  # "BM,warps,stages[,flags]", e.g. "64,4,3" or "64,4,3,fold+preq+i2f+kg"
+    spec = os.environ.get("SAGE3_TRITON_CONFIG")  # "BM,warps,stages[,flags]", e.g. "64,4,3" or "64,4,3,fold+preq+i2f"
     if not spec:
         return None
     parts = spec.split(",")
     try:
         bm, w, s = (int(x) for x in parts[:3])
         flags = set(parts[3].split("+")) if len(parts) > 3 and parts[3] else set()
-        if len(parts) > 4 or flags - {"fold", "preq", "i2f", "kg"}:
+        if len(parts) > 4 or flags - {"fold", "preq", "i2f"}:
             raise ValueError
     except ValueError:
         raise ValueError(f"SAGE3_TRITON_CONFIG={spec!r}: expected 'block_m,num_warps,num_stages[,flag+flag]' with "
-                         "flags from fold, preq, i2f, kg") from None
-    return AttnConfig(bm, w, s, "fold" in flags, "preq" in flags, "i2f" in flags, "kg" in flags)
+                         "flags from fold, preq, i2f") from None
+    return AttnConfig(bm, w, s, "fold" in flags, "preq" in flags, "i2f" in flags)
 
 
 def _bucket(n: int) -> int:
@@ -353,11 +233,11 @@ def pick_config(q, kv, out, lse, *, layout, is_causal, sm_scale, return_lse, qk_
             raise ValueError(f"SAGE3_TRITON_CONFIG block_m={forced.block_m} does not fit q_block={q_block}")
         return forced
     b, hq, sq, d = _bhsd_shape(q, layout)
-    cands = [c for c in candidates(d) if _config_ok(c, qk_quant_gran, q_block)]
+    cands = [c for c in _CANDIDATES[d] if _config_ok(c, qk_quant_gran, q_block)]
     if not cands:
         raise ValueError(f"no kernel config fits qk_quant_gran={qk_quant_gran!r}, q_block={q_block}")
     key = (q.device.index, torch.cuda.get_device_capability(q.device), d, bool(is_causal), kv.pv_fp8, use_tma,
-           _attn_mode(), kv.k_groups_per_tile(),
+           kv.k_groups_per_tile(),
            q.dtype, qk_quant_gran, q_block, _bucket(sq), _bucket(kv.seq_kv), _bucket(b * hq))
     cfg = _tuned.get(key)
     if cfg is not None:
@@ -420,14 +300,9 @@ def int8fp8_attention(q, k, v, *, layout: str = "HND", is_causal: bool = False, 
     """SageAttention2++ attention. q/k/v in `layout` ("HND" (B,H,S,D) or "NHD" (B,S,H,D)), fp16/bf16, any
     strides (read in place, never modified). Returns (out, lse or None); out is a new tensor in q's layout
     and dtype, lse fp32 (B, Hq, Sq) natural log."""
-    mode = quant_mode()
-    if mode == "v4":
-        kv = quantize_kv(k, v, layout=layout, qk_quant_gran=qk_quant_gran, k_block=k_block, smooth_k=smooth_k,
-                         pv_fp8=pv_fp8)
-        q_quant = None  # quantized by `attention_quantized` (own kernel) or in the attention kernel
-    else:
-        kv, q_quant = quantize_qkv(q, k, v, layout=layout, qk_quant_gran=qk_quant_gran, q_block=q_block,
-                                   k_block=k_block, smooth_k=smooth_k, pv_fp8=pv_fp8, mode=mode)
+    kv = quantize_kv(k, v, layout=layout, qk_quant_gran=qk_quant_gran, k_block=k_block, smooth_k=smooth_k,
+                     pv_fp8=pv_fp8)
+    # Q is quantized by `attention_quantized` (its own kernel, or inside the attention kernel, per config)
     return attention_quantized(q, kv, layout=layout, is_causal=is_causal, sm_scale=sm_scale,
                                return_lse=return_lse, qk_quant_gran=qk_quant_gran, q_block=q_block,
-                               use_tma=use_tma, config=config, out=out, lse=lse, q_quant=q_quant)
+                               use_tma=use_tma, config=config, out=out, lse=lse)

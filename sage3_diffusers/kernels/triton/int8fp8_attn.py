@@ -1,11 +1,13 @@
 """Triton attention kernel for SageAttention2++ numerics: INT8 QKᵀ, FP8 E4M3 P·V, online softmax in exp2.
 
-One program = BM query rows of one (batch, query head). Q is read through the caller's strides and
-INT8-quantized in registers (`quantize_q_tile`); K (INT8, [B*Hkv*Skv, D]) and V (FP8, transposed
-[B*Hkv*D, S_pad]) come from `int8fp8_quant.py`. Key tiles are BN = 128 tokens aligned at 0, as the
+One program = BM query rows of one (batch, query head). INT8 Q comes from `_q_quant_kernel` (Q_PREQUANT, the
+default configs) or is quantized here in registers (`quantize_q_tile`); K (INT8, [B*Hkv*Skv, D]) and V (FP8,
+transposed [B*Hkv*D, S_pad]) come from `int8fp8_quant.py`. Key tiles are BN = 128 tokens aligned at 0, as the
 reference's `kv_tile`, so the running max, P̃ and its FP8 rounding are those of the reference.
 Per tile: t = int_dot·δq·δk (sm_scale·log2e folded into δq), P̃ = exp2(t − m + 8.807) ≤ 448, l += ΣP̃ (fp32),
 acc = acc·α + dot(fp8(P̃), V̂) (fresh fp32 accumulator per tile, added on CUDA cores: two-level accumulation).
+With FOLD_QS the product is one FMA per score: δq·δk folded into the exp2 coefficient per K scale group where K's
+grouping allows (KG = 4 or 1 scales per key tile), else δk multiplied per score first (KG = 0).
 Epilogue: O = acc / l · δv; LSE = (m + log2 l − 8.807)·ln2 + sm_scale·q·k̄.
 On sm_90+ K and V tiles arrive by TMA (host tensor descriptors); elsewhere by pointer loads. Without FP8
 dot support (sm_80/86) P and V are FP16 (V still divided by its per-channel scale).
@@ -81,7 +83,8 @@ def _attn_tile(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, 
 def _attn_tile_kgroup(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, S_PAD,
                       k_ptr, k_desc, ks_ptr, v_ptr, v_desc,
                       D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr,
-                      IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, USE_TMA: tl.constexpr, KG4: tl.constexpr):
+                      IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, USE_TMA: tl.constexpr, KG4: tl.constexpr,
+                      I2F: tl.constexpr):
     """`_attn_tile` with the K scale folded into the exp2 FMA's coefficient: one FFMA per score instead of FMUL +
     FFMA. Valid when the tile's K scales take 4 or 1 distinct values laid out as the quantizer makes them:
     KG4 (per_thread, k_block = BN: key j of the tile has group (j % 8) // 2), else one scale per tile (per_block
@@ -100,7 +103,11 @@ def _attn_tile_kgroup(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0
         # group g's scale sits on its first token, key start_n + 2g (valid whenever any key of the group is)
         offs_g = start_n + 2 * tl.arange(0, 4)
         ks = tl.load(ks_ptr + kh_row0 + offs_g, mask=offs_g < Skv, other=0.0)
-    sf = tl.dot(q_i8, tl.trans(k)).to(tl.float32)  # exact integers
+    s = tl.dot(q_i8, tl.trans(k))  # int32, exact
+    if I2F:
+        sf = s.to(tl.float32)
+    else:
+        sf = (s + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0  # as in `_attn_tile`
     if MASK:
         valid = offs_n[None, :] < Skv
         if IS_CAUSAL:
@@ -157,6 +164,8 @@ def _int8fp8_attn_kernel(q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
                          RETURN_LSE: tl.constexpr, PV_FP8: tl.constexpr, USE_TMA: tl.constexpr,
                          STAGES: tl.constexpr, FOLD_QS: tl.constexpr, Q_PREQUANT: tl.constexpr,
                          I2F: tl.constexpr, KG: tl.constexpr = 0):
+    # KG (host: `QuantizedKV.k_groups_per_tile()` for FOLD_QS configs, else 0): 4 or 1 distinct K scales per key
+    # tile -> `_attn_tile_kgroup` (K scale folded into the exp2 FMA); 0 -> `_attn_tile`.
     n_m = tl.num_programs(0)
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
@@ -212,11 +221,11 @@ def _int8fp8_attn_kernel(q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
         for start_n in tl.range(0, full_hi, BN, num_stages=STAGES):
             acc, l_i, m_i = _attn_tile_kgroup(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv,
                                               S_PAD, k_ptr, k_desc, ks_ptr, v_ptr, v_desc, D, BM, BN, False,
-                                              IS_CAUSAL, PV_FP8, USE_TMA, KG == 4)
+                                              IS_CAUSAL, PV_FP8, USE_TMA, KG == 4, I2F)
         for start_n in range(full_hi, hi, BN):
             acc, l_i, m_i = _attn_tile_kgroup(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv,
                                               S_PAD, k_ptr, k_desc, ks_ptr, v_ptr, v_desc, D, BM, BN, True,
-                                              IS_CAUSAL, PV_FP8, USE_TMA, KG == 4)
+                                              IS_CAUSAL, PV_FP8, USE_TMA, KG == 4, I2F)
     else:
         for start_n in tl.range(0, full_hi, BN, num_stages=STAGES):
             acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, S_PAD,
