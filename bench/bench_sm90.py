@@ -34,10 +34,10 @@ def tflops(b, h, s, d, causal, ms):
     return f / (ms * 1e-3) / 1e12
 
 
-VARIANTS = {  # name: (SAGE3_SM90_PINGPONG, SAGE3_SM90_STAGES)
-    "pp1s3": ("1", "3"),  # default: warpgroup ping-pong, 3-stage K/V ring
-    "pp1s2": ("1", "2"),
-    "pp2s3": ("2", "3"),  # both PV halves in one turn
+VARIANTS = {  # name: SAGE3_SM90_STAGES (depth of the K/V shared-memory ring)
+    "s3": "3",  # default
+    "s2": "2",
+    "s4": "4",
 }
 
 
@@ -58,12 +58,11 @@ def main():
 
         qz = ext.quantize(q, k, v, False, True)  # q_kmean defined: the list passes back as Sequence[Tensor]
         ms = {"cudnn": time_ms(cudnn)[0]}
-        for var, (pp, st) in VARIANTS.items():
-            os.environ["SAGE3_SM90_PINGPONG"], os.environ["SAGE3_SM90_STAGES"] = pp, st
+        for var, st in VARIANTS.items():
+            os.environ["SAGE3_SM90_STAGES"] = st
             ms["full_" + var] = time_ms(lambda: ext.forward(q, k, v, False, causal, scale, False))[0]
             ms["kernel_" + var] = time_ms(
                 lambda: ext.forward_quantized(q, qz, s, h, False, causal, scale, False))[0]
-        os.environ.pop("SAGE3_SM90_PINGPONG")
         os.environ.pop("SAGE3_SM90_STAGES")
         quant_ms = time_ms(lambda: ext.quantize(q, k, v, False, False))[0]  # v6 (default)
         os.environ["SAGE3_SM90_QUANT"] = "v5"  # previous quantizer, for A/B (same outputs bit for bit)
@@ -80,10 +79,8 @@ def main():
         del q, k, v, qz
         torch.cuda.empty_cache()
     print("\nTFLOPS; ratios against SDPA cuDNN bf16 in the same run. full = incl. quantization; kernel = attention "
-          "launch alone. Variants: pp = warpgroup ping-pong mode (1 default, 2 both PV halves in one turn; 0 = no "
-          "ping-pong, not timed), "
-          "s = K/V ring stages.")
-    cols = ["full_pp1s3", "kernel_pp1s3"] + [f"kernel_{v}" for v in VARIANTS if v != "pp1s3"]
+          "launch alone. Variants: s = K/V ring stages (3 default).")
+    cols = ["full_s3", "kernel_s3"] + [f"kernel_{v}" for v in VARIANTS if v != "s3"]
     print("| shape | cuDNN bf16 | " + " | ".join(cols) + " | quant ms | best full/cuDNN | best kernel/cuDNN |")
     print("|---|---|" + "---|" * len(cols) + "---|---|---|")
     for name, t, qms in rows:

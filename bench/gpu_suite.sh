@@ -2,26 +2,36 @@
 # Everything we verify on a GPU, in one device call: build the sm_90a extensions (INT8/FP8 kernel, and the
 # FP4 kernel's emulated-MMA test build), run every GPU test, probe the extensions' error paths in a child
 # process, then the kernel benchmark and an end-to-end transformer benchmark.
-# Usage (GPU machine, repo root): OUT=/some/dir bash bench/gpu_suite.sh [quick|full]
+# Usage (GPU machine, repo root): OUT=/some/dir bash bench/gpu_suite.sh [quick|full] [fp4]
+#   fp4: also build the FP4 kernel's emulated-MMA sm_90a test build (+~2.5 min on 16 cores) and run its tests.
 set -uo pipefail
 OUT=${OUT:-/tmp/sage3_out}
 mkdir -p "$OUT"
 mode=${1:-quick}
+with_fp4=${2:-}
 log() { echo "== $* ($(date +%H:%M:%S))" | tee -a "$OUT/suite.txt"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/card.txt"
 
-log "build: _C_sm90 (sm_90a) + _C_fp4 (emulated MMA, sm_90a)"
-SAGE3_FP4_EMULATED=1 TORCH_CUDA_ARCH_LIST="9.0a" MAX_JOBS=16 timeout 400 python3 setup.py build_ext --inplace \
-  > "$OUT/build.txt" 2>&1 || { tail -40 "$OUT/build.txt"; log "BUILD FAILED"; }
+if [ "$with_fp4" = fp4 ]; then
+  log "build: _C_sm90 (sm_90a) + _C_fp4 (emulated MMA, sm_90a)"
+  SAGE3_FP4_EMULATED=1 TORCH_CUDA_ARCH_LIST="9.0a" MAX_JOBS=16 timeout 400 python3 setup.py build_ext --inplace \
+    > "$OUT/build.txt" 2>&1 || { tail -40 "$OUT/build.txt"; log "BUILD FAILED"; }
+else
+  log "build: _C_sm90 (sm_90a)"
+  SAGE3_EXTENSIONS=sm90 TORCH_CUDA_ARCH_LIST="9.0a" MAX_JOBS=16 timeout 400 python3 setup.py build_ext --inplace \
+    > "$OUT/build.txt" 2>&1 || { tail -40 "$OUT/build.txt"; log "BUILD FAILED"; }
+fi
 grep -cE "[1-9][0-9]* bytes spill" "$OUT/build.txt" | sed 's/^/ptxas lines reporting spills: /' | tee -a "$OUT/suite.txt"
 python3 -m sage3_diffusers env > "$OUT/env.txt" 2>&1; grep -E "GPU 0|_C_|kernel='" "$OUT/env.txt" | tee -a "$OUT/suite.txt"
 
 log "GPU tests"
-PYTHONUNBUFFERED=1 timeout 300 python3 -m pytest -q -rs tests/gpu 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
+tests=tests/gpu; [ "$with_fp4" = fp4 ] || tests="tests/gpu/test_cuda_sm90.py tests/gpu/test_triton_int8fp8.py"
+PYTHONUNBUFFERED=1 timeout 300 python3 -m pytest -q -rs $tests 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
 
 log "extension error paths (child processes; a crash shows as a signal)"
-for ext in _C_sm90 _C_fp4; do
+exts=_C_sm90; [ "$with_fp4" = fp4 ] && exts="_C_sm90 _C_fp4"
+for ext in $exts; do
   timeout 60 python3 bench/probe_error_paths.py "$ext" > "$OUT/probe_$ext.txt" 2>&1
   echo "$ext: exit $? $(tail -1 "$OUT/probe_$ext.txt")" | tee -a "$OUT/suite.txt"
 done
@@ -34,4 +44,7 @@ PYTHONUNBUFFERED=1 timeout 240 python3 -m sage3_diffusers bench kernels $q --jso
 log "end-to-end: Flux 1024x1024 (2 double + 4 single blocks, real shapes, random weights)"
 PYTHONUNBUFFERED=1 timeout 150 python3 -m sage3_diffusers bench e2e --model flux --layers 2,4 \
   --variants sdpa_default,sdpa,int8_fp8,triton_int8_fp8,cuda_sm90_int8_fp8 --json "$OUT/e2e_flux.json" 2>&1 | tee "$OUT/e2e.txt" | tail -7
+log "end-to-end: HunyuanVideo 720p x 129 frames (1 double + 1 single block, real shapes, random weights)"
+PYTHONUNBUFFERED=1 timeout 200 python3 -m sage3_diffusers bench e2e --model hunyuan_video --layers 1,1 --iters 3 --warmup 1 \
+  --variants sdpa,int8_fp8,triton_int8_fp8,cuda_sm90_int8_fp8 --json "$OUT/e2e_hunyuan.json" 2>&1 | tee "$OUT/e2e_hunyuan.txt" | tail -7
 log "done"

@@ -1,9 +1,9 @@
 """Measured speed of each backend on Hopper, so kernel="auto" (and a family with several kernels) picks the
 fastest one for a call instead of a fixed order.
 
-The table is the kernel benchmark of bench/RESULTS.md ("Triton INT8/FP8" section): NVIDIA H200, 2026-11-27
-01:56 UTC, `python -m sage3_diffusers.bench kernels`, all backends in the same run, bf16, non-causal, TFLOPS of
-the whole call (quantization included). Points are (sequence length, TFLOPS) per head dim; estimates
+The table is the kernel benchmark bench/kernels_h200_2026-11-27_0326.json (bench/RESULTS.md): NVIDIA H200,
+2026-11-27 03:26 UTC, `python -m sage3_diffusers bench kernels`, all backends in the same run, bf16, non-causal,
+TFLOPS of the whole call (quantization included); printed by `python bench/perf_table_from_json.py <json>`. Points are (sequence length, TFLOPS) per head dim; estimates
 interpolate linearly in log(sequence length) and hold the end values outside the measured range. Only sm_90
 has measurements; elsewhere every estimate is None and the dispatcher falls back to the static priorities.
 """
@@ -15,19 +15,19 @@ from .backends.base import AttentionProblem
 
 HOPPER_TFLOPS: dict[str, dict[int, tuple[tuple[int, float], ...]]] = {
     "sdpa": {  # torch SDPA, cuDNN backend
-        128: ((1024, 553), (4096, 612), (4608, 599), (16384, 612), (44776, 582), (119056, 575)),
-        64: ((1024, 419), (4096, 455), (4429, 402), (16384, 463), (17776, 424)),
+        128: ((1024, 540), (4096, 598), (4608, 588), (16384, 616), (44776, 564), (119056, 563)),
+        64: ((1024, 415), (4096, 453), (4429, 395), (16384, 461), (17776, 419)),
     },
     "triton_int8_fp8": {
-        128: ((1024, 318), (4096, 533), (4608, 517), (16384, 644), (44776, 658), (119056, 662)),
-        64: ((1024, 270), (4096, 400), (4429, 380), (16384, 448), (17776, 457)),
+        128: ((1024, 332), (4096, 555), (4608, 541), (16384, 670), (44776, 718), (119056, 697)),
+        64: ((1024, 283), (4096, 424), (4429, 404), (16384, 482), (17776, 494)),
     },
     "cuda_sm90_int8_fp8": {
-        128: ((1024, 247), (4096, 498), (4608, 482), (16384, 670), (44776, 753), (119056, 759)),
-        64: ((1024, 214), (4096, 359), (4429, 351), (16384, 438), (17776, 444)),
+        128: ((1024, 348), (4096, 636), (4608, 628), (16384, 792), (44776, 832), (119056, 859)),
+        64: ((1024, 262), (4096, 406), (4429, 396), (16384, 472), (17776, 480)),
     },
 }
-SOURCE = "bench/RESULTS.md, NVIDIA H200, 2026-11-27"
+SOURCE = "bench/kernels_h200_2026-11-27_0326.json, NVIDIA H200, 2026-11-27 03:26 UTC"
 
 
 def _interp(points, seq: int) -> float:

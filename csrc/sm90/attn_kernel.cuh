@@ -78,13 +78,13 @@ __device__ __forceinline__ void pv_wgmma(float (&o)[D / 2], const uint32_t (&a)[
   }
 }
 
-template <int D, int STAGES, bool CAUSAL, bool RETURN_LSE, int PP, typename OutT>
+template <int D, int STAGES, bool CAUSAL, bool RETURN_LSE, typename OutT>
 __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q, uint8_t* s_k, uint8_t* s_v,
                                               const float* s_kscale, uint64_t* q_full, uint64_t* k_full, uint64_t* v_full,
                                               uint64_t* k_empty, uint64_t* v_empty, int q0, int hq, int b, int hkv,
                                               int n_tiles, int wg);
 
-template <int D, int STAGES, bool CAUSAL, bool RETURN_LSE, int PP, typename OutT>
+template <int D, int STAGES, bool CAUSAL, bool RETURN_LSE, typename OutT>
 __global__ void __launch_bounds__(384, 1)
     attn_int8_fp8_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                          const __grid_constant__ CUtensorMap tm_v, const AttnParams p) {
@@ -154,19 +154,18 @@ __global__ void __launch_bounds__(384, 1)
     }
   } else {
     setmaxnreg_inc<240>();
-    consumer_loop<D, STAGES, CAUSAL, RETURN_LSE, PP, OutT>(p, s_q, s_k, s_v, s_kscale, q_full, k_full, v_full, k_empty,
+    consumer_loop<D, STAGES, CAUSAL, RETURN_LSE, OutT>(p, s_q, s_k, s_v, s_kscale, q_full, k_full, v_full, k_empty,
                                                            v_empty, q0, hq, b, hkv, n_tiles, wg);
   }
 }
 
-template <int D, int STAGES, bool CAUSAL, bool RETURN_LSE, int PP, typename OutT>
+template <int D, int STAGES, bool CAUSAL, bool RETURN_LSE, typename OutT>
 __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q, uint8_t* s_k, uint8_t* s_v,
                                               const float* s_kscale, uint64_t* q_full, uint64_t* k_full, uint64_t* v_full,
                                               uint64_t* k_empty, uint64_t* v_empty, int q0, int hq, int b, int hkv,
                                               int n_tiles, int wg) {
   using T = AttnTraits<D, STAGES>;
   constexpr int S = T::kStages;
-  constexpr bool PINGPONG = PP > 0;
   // ------------------------------ consumers ------------------------------
   const int cw = wg - 1;               // consumer warpgroup: rows q0 + 64*cw ...
   const int t = threadIdx.x % 128;
@@ -211,11 +210,9 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
     wgmma_commit();
   };
   issue_qk(0);
-  // Ping-pong (PINGPONG): the two consumer warpgroups take turns issuing their tensor-core work (named
-  // barriers 1 and 2), so one warpgroup's softmax runs while the other's GEMMs occupy the tensor cores.
-  if constexpr (PINGPONG) {
-    if (cw == 1) named_barrier_arrive(1, 256);  // warpgroup 0 goes first
-  }
+  // Ping-pong: the two consumer warpgroups take turns issuing their tensor-core work (named barriers 1 and
+  // 2), so one warpgroup's softmax runs while the other's GEMMs occupy the tensor cores.
+  if (cw == 1) named_barrier_arrive(1, 256);  // warpgroup 0 goes first
   wgmma_wait<0>();
 #pragma unroll
   for (int i = 0; i < 64; ++i) reg_fence(sacc[i]);
@@ -259,8 +256,6 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
     float sf[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) sf[i] = __int2float_rn(sacc[i]);
-
-    if constexpr (has_next && !PINGPONG) issue_qk(j + 1);  // async: overlaps the softmax below
 
     // All-masked (INT_MIN) thread rows contribute -inf, as a masked score does in the reference.
     float mx_a = fmaxf(m_a, imx_a == INT_MIN ? -INFINITY : __int2float_rn(imx_a) * qk_scale);
@@ -338,64 +333,17 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
       }
       wgmma_commit();
     };
-    if constexpr (PP == 2) {
-      // One turn on the tensor cores issues PV half 0, S_{j+1} = Q K_{j+1}^T and PV half 1, in that order:
-      // half 1 is issued (after half 0 is added) while S_{j+1} still runs, so it never queues behind the
-      // other warpgroup's turn.
-      named_barrier_sync(1 + cw, 256);
-      mbar_wait(&v_full[s], (j / S) & 1);
-      float o[32];
-      issue_pv_half(o, 0);
-      if constexpr (has_next) issue_qk(j + 1);
-      if constexpr (D == 128) {
-        if constexpr (has_next) {
-          wgmma_wait<1>();  // PV half 0 done; S_{j+1} may still run
-        } else {
-          wgmma_wait<0>();
-        }
-#pragma unroll
-        for (int i = 0; i < 32; ++i) reg_fence(o[i]);
-        add_half(o, 0);
-        issue_pv_half(o, 1);
-      }
-      if (has_next || cw == 0) named_barrier_arrive(2 - cw, 256);  // see the PP == 1 hand-over below
-      wgmma_wait<0>();
-#pragma unroll
-      for (int i = 0; i < 32; ++i) reg_fence(o[i]);
-#pragma unroll
-      for (int i = 0; i < 64; ++i) reg_fence(sacc[i]);
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) reg_fence(pa[kk][r]);
-      __syncwarp();
-      if (lane == 0) {
-        if (has_next) mbar_arrive(&k_empty[(j + 1) % S]);
-        mbar_arrive(&v_empty[s]);
-      }
-      add_half(o, D / 64 - 1);
-      return;
-    }
-    if constexpr (PINGPONG) {
-      named_barrier_sync(1 + cw, 256);  // my turn on the tensor cores
-      if constexpr (has_next) issue_qk(j + 1);
-    }
+    // Ping-pong turn: S_{j+1} = Q K_{j+1}^T and PV half 0, then the tensor cores go to the other warpgroup
+    // (warpgroup 1 skips its last hand-over, which warpgroup 0 would never wait for: it got one extra at the
+    // start). Half 1 is issued after half 0 has landed, outside the turn.
+    named_barrier_sync(1 + cw, 256);
+    if constexpr (has_next) issue_qk(j + 1);
     mbar_wait(&v_full[s], (j / S) & 1);
 #pragma unroll
     for (int half = 0; half < D / 64; ++half) {
       float o[32];
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        wgmma_m64n64k32_f32_e4m3_rs(
-            o, pa[kk], desc_advance(v_desc0, s * T::kVBytes + half * 64 * kCtaK + kk * 32), kk > 0);
-      }
-      wgmma_commit();
-      if constexpr (PINGPONG) {
-        // Hand the tensor cores to the other warpgroup (warpgroup 1 skips its last hand-over, which
-        // warpgroup 0 would never wait for; it got one extra at the start).
-        if (half == 0 && (has_next || cw == 0)) named_barrier_arrive(2 - cw, 256);
-      }
+      issue_pv_half(o, half);
+      if (half == 0 && (has_next || cw == 0)) named_barrier_arrive(2 - cw, 256);
       wgmma_wait<0>();  // (first half: also S_{j+1}, committed earlier)
 #pragma unroll
       for (int i = 0; i < 32; ++i) reg_fence(o[i]);
@@ -413,14 +361,7 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
         __syncwarp();
         if (lane == 0) mbar_arrive(&v_empty[s]);
       }
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int ai = 4 * (8 * half + i);
-        acc[ai + 0] = acc[ai + 0] * alpha_a + o[4 * i + 0];
-        acc[ai + 1] = acc[ai + 1] * alpha_a + o[4 * i + 1];
-        acc[ai + 2] = acc[ai + 2] * alpha_b + o[4 * i + 2];
-        acc[ai + 3] = acc[ai + 3] * alpha_b + o[4 * i + 3];
-      }
+      add_half(o, half);
     }
   };
   for (int j = 0; j + 1 < n_tiles; ++j) step(j, std::true_type{});
@@ -488,11 +429,11 @@ inline bool make_map_4d(CUtensorMap* map, const void* base, uint64_t d0, uint64_
   return r == CUDA_SUCCESS;
 }
 
-template <int D, int STAGES, bool CAUSAL, bool LSE, int PP, typename OutT>
+template <int D, int STAGES, bool CAUSAL, bool LSE, typename OutT>
 cudaError_t launch_attn_variant(const AttnArgs& a, cudaStream_t stream, const CUtensorMap& tq, const CUtensorMap& tk,
                                 const CUtensorMap& tv, const AttnParams& prm) {
   using T = AttnTraits<D, STAGES>;
-  auto kernel = attn_int8_fp8_kernel<D, STAGES, CAUSAL, LSE, PP, OutT>;
+  auto kernel = attn_int8_fp8_kernel<D, STAGES, CAUSAL, LSE, OutT>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
   if (e != cudaSuccess) return e;
   dim3 grid(ceil_div(a.s.Sq, kCtaQ), a.s.Hq, a.s.B);
@@ -543,24 +484,16 @@ cudaError_t launch_attn(const AttnArgs& a, cudaStream_t stream, const char** err
     *err = "sm90 attention: return_lse needs lse and q_kmean buffers";
     return cudaErrorInvalidValue;
   }
-  // Variant switches for A/B timing: SAGE3_SM90_PINGPONG=0 (none) / 1 (default) / 2 (both PV halves in one
-  // tensor-core turn), SAGE3_SM90_STAGES=2 (2-deep K/V ring instead of the default 3).
-  const char* pp_env = std::getenv("SAGE3_SM90_PINGPONG");
-  const int pp = pp_env == nullptr || pp_env[0] < '0' || pp_env[0] > '2' ? 1 : pp_env[0] - '0';
+  // K/V ring depth: 3 stages (measured fastest on H200, device run 4); SAGE3_SM90_STAGES=2 or 4 for A/B timing.
   const char* st_env = std::getenv("SAGE3_SM90_STAGES");
-  const bool three_stages = !(st_env && st_env[0] == '2');  // 3 by default (measured faster on H200, run 4)
-#define SAGE3_LAUNCH_T(ST, C, L, PP)                                                              \
-  return a.out_bf16 ? launch_attn_variant<D, ST, C, L, PP, __nv_bfloat16>(a, stream, tq, tk, tv, prm) \
-                    : launch_attn_variant<D, ST, C, L, PP, __half>(a, stream, tq, tk, tv, prm)
-#define SAGE3_LAUNCH(C, L)                                 \
-  if (three_stages) {                                      \
-    if (pp == 2) { SAGE3_LAUNCH_T(3, C, L, 2); }           \
-    if (pp == 1) { SAGE3_LAUNCH_T(3, C, L, 1); }           \
-    SAGE3_LAUNCH_T(3, C, L, 0);                            \
-  }                                                        \
-  if (pp == 2) { SAGE3_LAUNCH_T(2, C, L, 2); }             \
-  if (pp == 1) { SAGE3_LAUNCH_T(2, C, L, 1); }             \
-  SAGE3_LAUNCH_T(2, C, L, 0)
+  const int stages = st_env && (st_env[0] == '2' || st_env[0] == '4') ? st_env[0] - '0' : 3;
+#define SAGE3_LAUNCH_T(ST, C, L)                                                              \
+  return a.out_bf16 ? launch_attn_variant<D, ST, C, L, __nv_bfloat16>(a, stream, tq, tk, tv, prm) \
+                    : launch_attn_variant<D, ST, C, L, __half>(a, stream, tq, tk, tv, prm)
+#define SAGE3_LAUNCH(C, L)                     \
+  if (stages == 2) { SAGE3_LAUNCH_T(2, C, L); } \
+  if (stages == 4) { SAGE3_LAUNCH_T(4, C, L); } \
+  SAGE3_LAUNCH_T(3, C, L)
   if (a.causal) {
     if (lse) { SAGE3_LAUNCH(true, true); } else { SAGE3_LAUNCH(true, false); }
   } else {
