@@ -2,8 +2,7 @@
 
 python bench/bench_sm90.py [--quick]  -> a table of TFLOPS (4*B*H*Sq*Skv*D, halved for causal), median of
 CUDA-graph replays (sage3_diffusers.bench.time_ms). Columns: cuDNN bf16; ours including quantization (3 launches); ours kernel alone
-(attention launch on pre-quantized inputs); the quantization launches alone (ms; v6 default, and the previous v5
-via SAGE3_SM90_QUANT=v5, with a byte-for-byte comparison of their 8 outputs).
+(attention launch on pre-quantized inputs); the quantization launches alone (ms).
 """
 import argparse
 import os
@@ -64,18 +63,11 @@ def main():
             ms["kernel_" + var] = time_ms(
                 lambda: ext.forward_quantized(q, qz, s, h, False, causal, scale, False))[0]
         os.environ.pop("SAGE3_SM90_STAGES")
-        quant_ms = time_ms(lambda: ext.quantize(q, k, v, False, False))[0]  # v6 (default)
-        os.environ["SAGE3_SM90_QUANT"] = "v5"  # previous quantizer, for A/B (same outputs bit for bit)
-        quant_v5_ms = time_ms(lambda: ext.quantize(q, k, v, False, False))[0]
-        qz5 = ext.quantize(q, k, v, False, True)
-        os.environ.pop("SAGE3_SM90_QUANT")
-        qz6 = ext.quantize(q, k, v, False, True)
-        same = all(torch.equal(x5.view(torch.uint8), x6.view(torch.uint8)) for x5, x6 in zip(qz5, qz6))
-        del qz5, qz6
+        quant_ms = time_ms(lambda: ext.quantize(q, k, v, False, False))[0]
         t = {key: tflops(b, h, s, d, causal, m) for key, m in ms.items()}
         rows.append((name, t, quant_ms))
         print(f"{name}: " + "  ".join(f"{key} {val:.0f}" for key, val in t.items()) +
-              f"  quant {quant_ms:.3f} ms (v5 {quant_v5_ms:.3f} ms, outputs v6==v5 bytes: {same})", flush=True)
+              f"  quant {quant_ms:.3f} ms", flush=True)
         del q, k, v, qz
         torch.cuda.empty_cache()
     print("\nTFLOPS; ratios against SDPA cuDNN bf16 in the same run. full = incl. quantization; kernel = attention "
