@@ -9,18 +9,16 @@ import warnings
 
 import torch
 
-from .backends.base import AttentionProblem
+from .backends.base import AttentionProblem, CompiledExtension
+from .backends.cuda_fp4 import FP4_EXT
+from .backends.cuda_sm90 import SM90_EXT
 from .dispatch import backend_reasons, get_fallback, list_backends, select_backend
 
-_EXTENSIONS = ("sage3_diffusers._C_sm90", "sage3_diffusers._C_fp4")
+_EXTENSIONS = (SM90_EXT, FP4_EXT)
 
 
-def _extension_status(name: str) -> str:
-    try:
-        importlib.import_module(name)
-        return "built"
-    except ImportError as e:
-        return f"not built ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})"
+def _extension_status(ext: CompiledExtension) -> str:
+    return "built" if ext.module() is not None else f"not built ({ext.error})"
 
 
 def _probe_problem(head_dim: int) -> AttentionProblem:
@@ -52,7 +50,7 @@ def env_report() -> str:
     else:
         lines.append("GPU: none visible to torch (CUDA not available)")
     lines.append("compiled extensions:")
-    lines += [f"  {name}: {_extension_status(name)}" for name in _EXTENSIONS]
+    lines += [f"  {ext.name}: {_extension_status(ext)}" for ext in _EXTENSIONS]
     lines.append(f"fallback when a family has no kernel: {get_fallback()} (SAGE3_FALLBACK)")
     for hd in (128, 64):
         p = _probe_problem(hd)

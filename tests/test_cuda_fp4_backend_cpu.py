@@ -27,8 +27,8 @@ class _FakeExt:
 @pytest.fixture
 def fake_ext(monkeypatch):
     def install(**images):
-        monkeypatch.setattr(cuda_fp4, "_ext", _FakeExt(**images))
-        monkeypatch.setattr(cuda_fp4, "_ext_error", None)
+        monkeypatch.setattr(cuda_fp4.FP4_EXT, "_module", _FakeExt(**images))
+        monkeypatch.setattr(cuda_fp4.FP4_EXT, "error", None)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     return install
 
@@ -46,8 +46,8 @@ def test_registered_in_dispatcher():
 
 
 def test_unbuilt_extension_reason(monkeypatch):
-    monkeypatch.setattr(cuda_fp4, "_ext", None)
-    monkeypatch.setattr(cuda_fp4, "_ext_error", "ModuleNotFoundError: No module named 'sage3_diffusers._C_fp4'")
+    monkeypatch.setattr(cuda_fp4.FP4_EXT, "_module", None)
+    monkeypatch.setattr(cuda_fp4.FP4_EXT, "error", "ModuleNotFoundError: No module named 'sage3_diffusers._C_fp4'")
     for backend in (CudaSm120Fp4Backend(), CudaFp4EmulatedBackend()):
         reasons = backend.unavailable_reasons()
         assert len(reasons) == 1 and reasons[0].startswith("extension _C_fp4 not built ("), reasons

@@ -46,8 +46,8 @@ def test_other_input_reasons():
 
 
 def test_unbuilt_extension_reason(monkeypatch):
-    monkeypatch.setattr(cuda_sm90, "_ext", None)
-    monkeypatch.setattr(cuda_sm90, "_ext_error", "ModuleNotFoundError: No module named 'sage3_diffusers._C_sm90'")
+    monkeypatch.setattr(cuda_sm90.SM90_EXT, "_module", None)
+    monkeypatch.setattr(cuda_sm90.SM90_EXT, "error", "ModuleNotFoundError: No module named 'sage3_diffusers._C_sm90'")
     reasons = CudaSm90Int8Fp8Backend().unavailable_reasons()
     assert len(reasons) == 1 and reasons[0].startswith("extension _C_sm90 not built (")
 
@@ -74,8 +74,8 @@ def test_custom_op_registered_with_fake_impl():
 
 
 def test_op_without_extension_raises_clearly(monkeypatch):
-    monkeypatch.setattr(cuda_sm90, "_ext", None)
-    monkeypatch.setattr(cuda_sm90, "_ext_error", "not built for test")
+    monkeypatch.setattr(cuda_sm90.SM90_EXT, "_module", None)
+    monkeypatch.setattr(cuda_sm90.SM90_EXT, "error", "not built for test")
     q = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="not built"):
         torch.ops.sage3.sm90_int8fp8_attn(q, q, q, "HND", False, 0.1, False)

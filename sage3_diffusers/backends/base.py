@@ -1,6 +1,7 @@
 """What every attention backend declares, and the problem description it is judged against."""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -95,3 +96,29 @@ def fake_attention_outputs(q: torch.Tensor, layout: str, return_lse: bool) -> tu
     out like q, and lse [B, Hq, Sq] fp32 (an empty [0] tensor when return_lse is False)."""
     b, h, s = (q.shape[0], q.shape[2], q.shape[1]) if layout == "NHD" else q.shape[:3]
     return q.new_empty(q.shape), q.new_empty((b, h, s) if return_lse else (0,), dtype=torch.float32)
+
+
+class CompiledExtension:
+    """A compiled extension module imported on first use; `module()` is None when it is not built (or was built
+    against another torch), and `error` then says why. One instance per extension, shared by its backends and
+    `python -m sage3_diffusers env`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._module = None
+        self.error: str | None = None
+
+    def module(self):
+        if self._module is None and self.error is None:
+            try:
+                self._module = importlib.import_module(self.name)
+            except ImportError as e:
+                self.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return self._module
+
+    def require(self):
+        """The module, or RuntimeError naming why it is missing."""
+        mod = self.module()
+        if mod is None:
+            raise RuntimeError(f"{self.name} is not built ({self.error})")
+        return mod

@@ -14,37 +14,22 @@ implementation for torch.compile) and as the backends `cuda_sm120_fp4` and `cuda
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from ..numerics.attention_common import LN2, expand_kv_heads
 from ..numerics.sage3_reference import SAGE3_Q_BLOCK, block_means
-from .base import AttentionBackend, AttentionProblem, to_hnd, fake_attention_outputs
+from .base import AttentionBackend, AttentionProblem, CompiledExtension, fake_attention_outputs, to_hnd
 
-_EXT_NAME = "sage3_diffusers._C_fp4"
-_ext = None
-_ext_error: str | None = None
+FP4_EXT = CompiledExtension("sage3_diffusers._C_fp4")
 _NATIVE_CAPS = ((12, 0), (12, 1))
 _BUILD_HINT_NATIVE = "SAGE3_EXTENSIONS=fp4 TORCH_CUDA_ARCH_LIST=12.0a python setup.py build_ext --inplace"
 _BUILD_HINT_EMULATED = ("SAGE3_EXTENSIONS=fp4 SAGE3_FP4_EMULATED=1 TORCH_CUDA_ARCH_LIST=9.0a "
                         "python setup.py build_ext --inplace")
 
 
-def _load_ext():
-    """The compiled extension, or None (the reason is kept in _ext_error)."""
-    global _ext, _ext_error
-    if _ext is None and _ext_error is None:
-        try:
-            _ext = importlib.import_module(_EXT_NAME)
-        except ImportError as e:  # not built, or built against another torch
-            _ext_error = f"{type(e).__name__}: {e}"
-    return _ext
-
-
 def build_info() -> dict[str, bool]:
     """Device images compiled into _C_fp4 ({} when it is not built)."""
-    ext = _load_ext()
+    ext = FP4_EXT.module()
     return dict(ext.build_info()) if ext is not None else {}
 
 
@@ -62,9 +47,7 @@ def smoothing_terms(q: torch.Tensor, k: torch.Tensor):
 def quantize_debug(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
     """The kernels' quantized Q', K', V in the specification's plain order (HND inputs), for bit-exact tests:
     packed codes (`pack_fp4` of `sage3_quantize(...).x.codes`), scales as fp32 E4M3 values, tile scales."""
-    ext = _load_ext()
-    if ext is None:
-        raise RuntimeError(f"{_EXT_NAME} is not built ({_ext_error})")
+    ext = FP4_EXT.require()
     q_mean, k_mean, delta_s = smoothing_terms(q, k)
     qc, qs, qg, kc, ks, kg, vc, vs, vg = ext.quantize(q, k, v, q_mean, k_mean)
     b, hkv, skv, d = k.shape
@@ -84,15 +67,13 @@ def quantize_debug(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[st
 
 def mma_probe(a, b, sfa, sfb, c, tid_a: int = 0, tid_b: int = 0) -> torch.Tensor:
     """Run the block-scaled FP4 MMA device function once (see csrc/sm120/fp4_api.h for the operand layout)."""
-    ext = _load_ext()
-    if ext is None:
-        raise RuntimeError(f"{_EXT_NAME} is not built ({_ext_error})")
+    ext = FP4_EXT.require()
     return ext.mma_probe(a, b, sfa, sfb, c, tid_a, tid_b)
 
 
 def mma_impl() -> tuple[int, bool]:
     """(__CUDA_ARCH__ of the device image loaded on the current GPU, True if it uses the hardware FP4 MMA)."""
-    arch, hw = _load_ext().mma_impl()
+    arch, hw = FP4_EXT.require().mma_impl()
     return int(arch), bool(hw)
 
 
@@ -140,9 +121,7 @@ def fp4_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_
              return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """SageAttention3 NVFP4 attention. out: q's shape, dtype and layout (contiguous); lse [B, Hq, Sq] fp32,
     natural log (an empty tensor unless return_lse)."""
-    ext = _load_ext()
-    if ext is None:
-        raise RuntimeError(f"{_EXT_NAME} is not built ({_ext_error})")
+    ext = FP4_EXT.require()
     if layout not in ("HND", "NHD"):
         raise ValueError(f"layout must be 'HND' or 'NHD', got {layout!r}")
     qh, kh, vh = to_hnd(q, layout), to_hnd(k, layout), to_hnd(v, layout)
@@ -190,8 +169,8 @@ class _CudaFp4Backend(AttentionBackend):
         return []
 
     def unavailable_reasons(self) -> list[str]:
-        if _load_ext() is None:
-            return [f"extension _C_fp4 not built ({_ext_error})"]
+        if FP4_EXT.module() is None:
+            return [f"extension _C_fp4 not built ({FP4_EXT.error})"]
         reasons = self._image_reasons()
         if not torch.cuda.is_available():
             reasons.append("no CUDA device available")

@@ -8,26 +8,11 @@ implementation, so torch.compile and CUDA graphs see through it) and as the disp
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
-from .base import AttentionBackend, AttentionProblem, fake_attention_outputs
+from .base import AttentionBackend, AttentionProblem, CompiledExtension, fake_attention_outputs
 
-_EXT_NAME = "sage3_diffusers._C_sm90"
-_ext = None
-_ext_error: str | None = None
-
-
-def _load_ext():
-    """The compiled extension, or None (the reason is kept in _ext_error)."""
-    global _ext, _ext_error
-    if _ext is None and _ext_error is None:
-        try:
-            _ext = importlib.import_module(_EXT_NAME)
-        except ImportError as e:  # not built, or built against another torch
-            _ext_error = f"{type(e).__name__}: {e}"
-    return _ext
+SM90_EXT = CompiledExtension("sage3_diffusers._C_sm90")
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> None:
@@ -72,14 +57,12 @@ def _kernel_ready(x: torch.Tensor) -> torch.Tensor:
 def sm90_int8fp8_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool,
                       sm_scale: float, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """out (q's layout and dtype, contiguous) and lse [B, Hq, Sq] fp32 (an empty tensor unless return_lse)."""
-    ext = _load_ext()
-    if ext is None:
-        raise RuntimeError(f"{_EXT_NAME} is not built ({_ext_error})")
+    ext = SM90_EXT.require()
     _check_inputs(q, k, v, layout)
     res = ext.forward(_kernel_ready(q), _kernel_ready(k), _kernel_ready(v), layout == "NHD", is_causal,
                       float(sm_scale), return_lse)
     if isinstance(res, str):  # the extension reports C++ errors as a message (see csrc/sm90/binding.cpp)
-        raise RuntimeError(f"{_EXT_NAME}: {res}")
+        raise RuntimeError(f"{SM90_EXT.name}: {res}")
     out, lse = res
     if not return_lse:
         lse = q.new_empty((0,), dtype=torch.float32)
@@ -108,8 +91,8 @@ class CudaSm90Int8Fp8Backend(AttentionBackend):
     supported_capabilities = ((9, 0),)
 
     def unavailable_reasons(self) -> list[str]:
-        if _load_ext() is None:
-            return [f"extension _C_sm90 not built ({_ext_error}); build with "
+        if SM90_EXT.module() is None:
+            return [f"extension _C_sm90 not built ({SM90_EXT.error}); build with "
                     "SAGE3_EXTENSIONS=sm90 TORCH_CUDA_ARCH_LIST=9.0a python setup.py build_ext --inplace"]
         if not torch.cuda.is_available():
             return ["no CUDA device available"]

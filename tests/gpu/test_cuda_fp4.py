@@ -21,9 +21,9 @@ from sage3_diffusers.numerics.sage3_reference import sage3_attention_reference, 
 
 @pytest.fixture(scope="module")
 def ext():
-    mod = cuda_fp4._load_ext()
+    mod = cuda_fp4.FP4_EXT.module()
     if mod is None:
-        pytest.skip(f"_C_fp4 not built: {cuda_fp4._ext_error}")
+        pytest.skip(f"_C_fp4 not built: {cuda_fp4.FP4_EXT.error}")
     cap = torch.cuda.get_device_capability()
     info = cuda_fp4.build_info()
     if cap == (9, 0) and not info.get("sm_90a_emulated"):
@@ -155,7 +155,7 @@ def test_quantization_bit_exact_extreme(ext, kind):
 
 def _run_kernel_poisoned(q, k, v, *, is_causal, sm_scale, return_lse):
     """The attention kernel writing into a NaN-filled output (HND inputs)."""
-    ext = cuda_fp4._load_ext()
+    ext = cuda_fp4.FP4_EXT.require()
     q_mean, k_mean, delta_s = cuda_fp4.smoothing_terms(q, k)
     quantized = ext.quantize(q, k, v, q_mean, k_mean)
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
