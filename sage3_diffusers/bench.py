@@ -145,9 +145,9 @@ def _sdpa_fn(q, k, v, backend):
 
 def other_backends(shape: Shape, q, k, v):
     """Every other runnable non-emulated int8_fp8 / fp4 backend of the registry for this problem."""
-    from .api import _problem
+    from .backends.base import describe_problem
     from .dispatch import backend_reasons, list_backends
-    problem = _problem(q, k, v, "HND", False, False, None)
+    problem = describe_problem(q, k, v, "HND", False, False, None)
     return [b for b in list_backends() if b.family in ("int8_fp8", "fp4") and b.auto_eligible
             and b.name != TRITON_BACKEND and not backend_reasons(b, problem)]
 

@@ -213,12 +213,3 @@ def backend_for(problem: AttentionProblem, kernel: str = "auto") -> tuple[Attent
     return sel.backend, sel.note
 
 
-@torch._dynamo.assume_constant_result
-def _cuda_capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
-def device_capability(device: torch.device) -> tuple[int, int] | None:
-    if device.type != "cuda":
-        return None
-    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())

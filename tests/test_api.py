@@ -125,8 +125,8 @@ def test_nan_inputs_give_nan_outputs_never_silent(kernel):
 def test_fp32_documented_routing():
     # fp32 runs in SDPA and the emulations; the quantized kernels take fp16/bf16 only and say so.
     q, k, v = qkv()
-    from sage3_diffusers.api import _problem
-    p = _problem(q, k, v, "HND", False, False, None)
+    from sage3_diffusers.backends.base import describe_problem
+    p = describe_problem(q, k, v, "HND", False, False, None)
     assert s3.resolve(q, k, v).backend.name == "sdpa"
     assert s3.resolve(q, k, v, "reference_fp4").backend.name == "reference_fp4"
     for b in s3.list_backends():

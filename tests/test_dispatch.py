@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sage3_diffusers import dispatch
-from sage3_diffusers.api import _problem, resolve, sage_attention
+from sage3_diffusers.api import resolve, sage_attention
 from sage3_diffusers.backends.base import AttentionBackend
 
 

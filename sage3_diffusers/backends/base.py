@@ -31,6 +31,59 @@ class AttentionProblem:
     has_mask: bool
 
 
+LAYOUTS = ("HND", "NHD")
+
+
+@torch._dynamo.assume_constant_result
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    if device.type != "cuda":
+        return None
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def describe_problem(q, k, v, layout: str, is_causal: bool, return_lse: bool, attn_mask) -> AttentionProblem:
+    """The call as an AttentionProblem, or TypeError / ValueError naming what is structurally wrong with it (the
+    one place input shapes are validated: the public API and the kernels' custom ops both use it)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D ({'(B, H, S, D)' if layout == 'HND' else '(B, S, H, D)'} for "
+                             f"tensor_layout={layout!r}), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"tensor_layout must be one of {LAYOUTS}, got {layout!r}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    hd = (1, 2) if layout == "HND" else (2, 1)  # (head dim index, seq dim index)
+    b, hq, sq, d = q.shape[0], q.shape[hd[0]], q.shape[hd[1]], q.shape[3]
+    hkv, skv = k.shape[hd[0]], k.shape[hd[1]]
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"batch sizes differ: q {b}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[3] != d:
+        raise ValueError(f"q and k head dims differ: {d} vs {k.shape[3]}")
+    if v.shape[hd[0]] != hkv or v.shape[hd[1]] != skv:
+        raise ValueError(f"k and v must have the same heads and sequence length, got k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)} ({layout})")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA")
+    if skv == 0 and sq > 0:
+        raise ValueError("key/value sequence length is 0: attention over no keys is undefined")
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+        raise TypeError("attn_mask must be a tensor (bool: True = attend, or additive float) or None")
+    return AttentionProblem(
+        batch=b, heads_q=hq, heads_kv=hkv, seq_q=sq, seq_kv=skv, head_dim=d, head_dim_v=v.shape[3],
+        dtype=q.dtype, device_type=q.device.type, capability=device_capability(q.device), layout=layout,
+        is_causal=bool(is_causal), return_lse=bool(return_lse), has_mask=attn_mask is not None)
+
+
 class AttentionBackend:
     """A way to compute attention. Subclasses fill the class attributes and implement `forward`.
 
@@ -73,6 +126,13 @@ class AttentionBackend:
         if p.heads_kv != p.heads_q and not self.supports_gqa:
             reasons.append(f"GQA ({p.heads_q} query heads, {p.heads_kv} kv heads) not supported")
         return reasons
+
+    def check_call(self, p: AttentionProblem) -> None:
+        """ValueError naming every reason this backend cannot take the call (a kernel's custom op runs it, so a
+        direct call with bad input gets the same clear message as the dispatcher and never reaches C++)."""
+        reasons = self.input_reasons(p)
+        if reasons:
+            raise ValueError(f"{self.name} cannot take this call: " + "; ".join(reasons))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str, is_causal: bool,
                 sm_scale: float, return_lse: bool, attn_mask: torch.Tensor | None = None):

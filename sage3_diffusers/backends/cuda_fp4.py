@@ -18,7 +18,7 @@ import torch
 
 from ..numerics.attention_common import LN2, expand_kv_heads
 from ..numerics.sage3_reference import SAGE3_Q_BLOCK, block_means
-from .base import AttentionBackend, AttentionProblem, CompiledExtension, fake_attention_outputs, to_hnd
+from .base import AttentionBackend, AttentionProblem, CompiledExtension, describe_problem, fake_attention_outputs, to_hnd
 
 FP4_EXT = CompiledExtension("sage3_diffusers._C_fp4")
 _NATIVE_CAPS = ((12, 0), (12, 1))
@@ -92,40 +92,16 @@ def _delta_s(q_mean: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
     return (grouped @ ks.transpose(-1, -2)).view(b, hq, n, skv)
 
 
-def check_inputs(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor) -> None:
-    """ValueError naming the problem for inputs the kernels do not take (HND views). Checked here, in Python,
-    so a bad call never reaches the C++ checks (on the sm90 helper's test machine a C++ exception thrown
-    inside an extension crashed the process instead of raising)."""
-    for name, t in (("q", qh), ("k", kh), ("v", vh)):
-        if t.dim() != 4:
-            raise ValueError(f"fp4_attn: {name} must be 4-D, got shape {tuple(t.shape)}")
-        if not t.is_cuda:
-            raise ValueError(f"fp4_attn: {name} is on {t.device}, needs a CUDA device")
-        if t.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"fp4_attn: {name} dtype {t.dtype} not supported (needs float16 or bfloat16)")
-    if not (qh.dtype == kh.dtype == vh.dtype) or not (qh.device == kh.device == vh.device):
-        raise ValueError("fp4_attn: q, k, v must share one dtype and one device")
-    b, hq, _, d = qh.shape
-    if d not in (64, 128) or kh.shape[3] != d or vh.shape[3] != d:
-        raise ValueError(f"fp4_attn: head dims q {d}, k {kh.shape[3]}, v {vh.shape[3]}; needs one of 64, 128")
-    if kh.shape != vh.shape or kh.shape[0] != b:
-        raise ValueError(f"fp4_attn: k {tuple(kh.shape)} and v {tuple(vh.shape)} must match, batch {b}")
-    if kh.shape[1] == 0 or hq % kh.shape[1]:
-        raise ValueError(f"fp4_attn: query heads ({hq}) must be a multiple of kv heads ({kh.shape[1]})")
-    if kh.shape[2] == 0:
-        raise ValueError("fp4_attn: needs at least one key token")
-
-
 @torch.library.custom_op("sage3::fp4_attn", mutates_args=())
 def fp4_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool, sm_scale: float,
              return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """SageAttention3 NVFP4 attention. out: q's shape, dtype and layout (contiguous); lse [B, Hq, Sq] fp32,
     natural log (an empty tensor unless return_lse)."""
     ext = FP4_EXT.require()
-    if layout not in ("HND", "NHD"):
-        raise ValueError(f"layout must be 'HND' or 'NHD', got {layout!r}")
+    p = describe_problem(q, k, v, layout, is_causal, return_lse, None)
+    # The op serves both device images: the emulated one on Hopper, the native one on Blackwell.
+    (CudaFp4EmulatedBackend() if p.capability == (9, 0) else CudaSm120Fp4Backend()).check_call(p)
     qh, kh, vh = to_hnd(q, layout), to_hnd(k, layout), to_hnd(v, layout)
-    check_inputs(qh, kh, vh)
     b, hq, sq, _ = qh.shape
     skv = kh.shape[2]
     # The specification's smoothing terms (same torch ops as sage3_quantize, so the quantization is bit-exact).

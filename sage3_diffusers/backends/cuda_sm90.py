@@ -10,40 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import AttentionBackend, AttentionProblem, CompiledExtension, fake_attention_outputs
+from .base import AttentionBackend, AttentionProblem, CompiledExtension, describe_problem, fake_attention_outputs
 
 SM90_EXT = CompiledExtension("sage3_diffusers._C_sm90")
-
-
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> None:
-    """Clear Python errors for bad input before anything reaches the extension."""
-    if layout not in ("HND", "NHD"):
-        raise ValueError(f"layout must be 'HND' or 'NHD', got {layout!r}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-D ({layout}), got shape {tuple(x.shape)}")
-        if not x.is_cuda:
-            raise ValueError(f"{name} must be a CUDA tensor, got device {x.device}")
-        if x.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"{name} must be float16 or bfloat16, got {x.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError("q, k, v must be on one device")
-    hd = 1 if layout == "HND" else 2
-    sd = 3 - hd
-    b, hq, sq, d = q.shape[0], q.shape[hd], q.shape[sd], q.shape[3]
-    hkv, skv = k.shape[hd], k.shape[sd]
-    if d not in (64, 128) or k.shape[3] != d or v.shape[3] != d:
-        raise ValueError(f"head_dim must be 64 or 128 for q, k and v, got {d}, {k.shape[3]}, {v.shape[3]}")
-    if k.shape[0] != b or v.shape[0] != b:
-        raise ValueError(f"batch sizes differ: q {b}, k {k.shape[0]}, v {v.shape[0]}")
-    if v.shape[hd] != hkv or v.shape[sd] != skv:
-        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
-    if hkv < 1 or hq % hkv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({hkv})")
-    if sq < 1 or skv < 1:
-        raise ValueError(f"empty sequence: seq_q={sq}, seq_kv={skv}")
 
 
 def _kernel_ready(x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +27,7 @@ def sm90_int8fp8_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
                       sm_scale: float, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """out (q's layout and dtype, contiguous) and lse [B, Hq, Sq] fp32 (an empty tensor unless return_lse)."""
     ext = SM90_EXT.require()
-    _check_inputs(q, k, v, layout)
+    CudaSm90Int8Fp8Backend().check_call(describe_problem(q, k, v, layout, is_causal, return_lse, None))
     res = ext.forward(_kernel_ready(q), _kernel_ready(k), _kernel_ready(v), layout == "NHD", is_causal,
                       float(sm_scale), return_lse)
     if isinstance(res, str):  # the extension reports C++ errors as a message (see csrc/sm90/binding.cpp)
