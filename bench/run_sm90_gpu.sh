@@ -1,6 +1,8 @@
 #!/bin/bash
 # One device call: build _C_sm90, GPU tests, compute-sanitizer on a small shape, benchmark.
-# usage: bash bench/run_sm90_gpu.sh [tests|sanitize|bench|quick|ncu]...   (default: tests sanitize quick)
+# usage: bash bench/run_sm90_gpu.sh [smoke|tests|testsall|testss2|sanitize|bench|quick|ncu|ncustall|trace|profile|diag]...
+#        (default: smoke testsall sanitize quick). trace: the standalone kernel harness csrc/tools/sm90_attn_trace.cu,
+#        kernel-alone TFLOPS and the per-tile phase timeline (no torch needed).
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
@@ -59,6 +61,10 @@ torch.cuda.synchronize(); print('sanitizer run done')" 2>&1 | tail -8 | tee $OUT
          timeout 240 ncu --clock-control none --kernel-name regex:attn_int8 --launch-skip 3 --launch-count 1 \
            --section SourceCounters --page source --print-source sass --csv \
            python3 bench/ncu_sm90.py 4 16 4096 128 > $OUT/ncu_source.csv 2>&1; echo "ncu source rc=$? $(wc -l < $OUT/ncu_source.csv) lines" ;;
+    trace) nvcc -O3 -std=c++17 --expt-relaxed-constexpr -Icsrc -gencode=arch=compute_90a,code=sm_90a \
+           csrc/tools/sm90_attn_trace.cu -o /tmp/sm90_attn && /tmp/sm90_attn 4 16 4096 128 | tee $OUT/trace.txt
+         nvcc -O3 -std=c++17 --expt-relaxed-constexpr -Icsrc -gencode=arch=compute_90a,code=sm_90a -DSAGE3_SM90_TRACE=1 \
+           csrc/tools/sm90_attn_trace.cu -o /tmp/sm90_attn_trace && /tmp/sm90_attn_trace 4 16 4096 128 | tee -a $OUT/trace.txt | tail -30 ;;
     profile) PYTHONUNBUFFERED=1 timeout 120 python3 bench/bench_sm90.py --profile 2>&1 | tee $OUT/profile.txt | grep -v Warning | tail -30 ;;
     bench) PYTHONUNBUFFERED=1 timeout 300 python3 bench/bench_sm90.py 2>&1 | tee $OUT/bench.txt | tail -20 ;;
   esac

@@ -2,6 +2,7 @@
 # Compiles every pure-CUDA translation unit under csrc/ with nvcc alone (no torch headers, no GPU):
 #   csrc/sm90/*.cu  for sm_90a
 #   csrc/sm120/*.cu for sm_120a (hardware FP4 MMA) and sm_90a (emulated MMA test build)
+#   csrc/tools/*.cu for sm_90a, with the kernel trace hooks on (standalone profiling harnesses)
 # and fails if a .cu file includes torch; then syntax-checks the torch bindings (csrc/*/binding.cpp) against the
 # installed torch's headers. Used by .ci/run wherever nvcc exists.
 set -euo pipefail
@@ -22,13 +23,15 @@ fi
 jobs_list=()
 for f in csrc/sm90/*.cu; do [ -e "$f" ] && jobs_list+=("$f 90a"); done
 for f in csrc/sm120/*.cu; do [ -e "$f" ] && jobs_list+=("$f 120a" "$f 90a"); done
+for f in csrc/tools/*.cu; do [ -e "$f" ] && jobs_list+=("$f 90a"); done
 if [ ${#jobs_list[@]} -eq 0 ]; then echo "compile_check: no CUDA sources"; exit 0; fi
 
 compile_one() {
   local f=$1 arch=$2
-  local o="$out/$(echo "$f" | tr '/' '_').$arch.o"
+  local o="$out/$(echo "$f" | tr '/' '_').$arch.o" defs=()
+  [[ $f == csrc/tools/* ]] && defs=(-DSAGE3_SM90_TRACE=1)
   if "$NVCC" -std=c++17 -O3 --expt-relaxed-constexpr -gencode "arch=compute_$arch,code=sm_$arch" \
-      "${inc[@]}" -Xptxas -v -c "$f" -o "$o" > "$o.log" 2>&1; then
+      "${inc[@]}" "${defs[@]}" -Xptxas -v -c "$f" -o "$o" > "$o.log" 2>&1; then
     local spills
     spills=$(grep -E "[1-9][0-9]* bytes spill (stores|loads)" "$o.log" | head -3 || true)
     echo "ok   sm_$arch $f${spills:+  (SPILLS: $spills)}"

@@ -25,6 +25,7 @@
 #include "common/ptx_sm90.cuh"
 #include "common/wgmma_ops.cuh"
 #include "sm90/api.h"
+#include "sm90/trace.cuh"
 
 namespace sage3::sm90 {
 
@@ -226,6 +227,7 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
     const int s = j % S;
     const float k_sc = k_sc_next;  // before issue_qk(j + 1) overwrites it
 
+    SAGE3_TRACE(cw, j, kTraceStepStart);
     // ---- row max on the integer scores ----
     // One positive scale per thread (its Q group x its K group), so this thread's max of t = s * qk_scale
     // is its integer max times qk_scale, exactly (rounding is monotone): VIMNMX3 takes two scores per
@@ -274,6 +276,7 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
     // P~ = exp2(t - m + 8.807) = exp2(s * qk_scale + bias): dequantization and both constants in one FFMA
     // (one rounding where the reference rounds t, then t - m: within 1 ulp of the argument).
     const float bias_a = kPOffsetLog2 - ms_a, bias_b = kPOffsetLog2 - ms_b;
+    SAGE3_TRACE(cw, j, kTraceMaxDone);
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
       sf[4 * i + 0] = fmaf(sf[4 * i + 0], qk_scale, bias_a);
@@ -312,6 +315,7 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
       pa[kk][3] = pack_e4m3x4(sf[i2 + 2], sf[i2 + 3], sf[i3 + 2], sf[i3 + 3]);
     }
 
+    SAGE3_TRACE(cw, j, kTraceSoftmaxDone);
     // ---- O_tile = P V (fresh fp32 accumulator), then acc = acc * alpha + O_tile ----
     // Issued 64 output channels at a time so only 32 accumulator registers are live next to S_{j+1}.
     auto add_half = [&](const float (&o)[32], int half) {
@@ -337,6 +341,7 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
     // (warpgroup 1 skips its last hand-over, which warpgroup 0 would never wait for: it got one extra at the
     // start). Half 1 is issued after half 0 has landed, outside the turn.
     named_barrier_sync(1 + cw, 256);
+    SAGE3_TRACE(cw, j, kTraceTurnAcquired);
     if constexpr (has_next) issue_qk(j + 1);
     mbar_wait(&v_full[s], (j / S) & 1);
 #pragma unroll
@@ -344,7 +349,9 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
       float o[32];
       issue_pv_half(o, half);
       if (half == 0 && (has_next || cw == 0)) named_barrier_arrive(2 - cw, 256);
+      if (half == 0) SAGE3_TRACE(cw, j, kTraceTurnReleased);
       wgmma_wait<0>();  // (first half: also S_{j+1}, committed earlier)
+      if (half == 0) SAGE3_TRACE(cw, j, kTraceFirstWaitDone);
 #pragma unroll
       for (int i = 0; i < 32; ++i) reg_fence(o[i]);
       if (half == 0) {
@@ -363,6 +370,7 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
       }
       add_half(o, half);
     }
+    SAGE3_TRACE(cw, j, kTraceStepEnd);
   };
   for (int j = 0; j + 1 < n_tiles; ++j) step(j, std::true_type{});
   step(n_tiles - 1, std::false_type{});

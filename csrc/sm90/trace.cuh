@@ -1,0 +1,40 @@
+// Phase timeline of the attention consumers, for kernel work. Compiled out unless SAGE3_SM90_TRACE=1 (only the
+// standalone harness csrc/tools/sm90_attn_trace.cu sets it; the torch extension never does).
+// Lane 0 of the first warp of each consumer warpgroup of CTA (0, 0, 0) records clock64() at fixed points of
+// each key tile's step, so one run shows where a tile's cycles go (softmax, waiting for the tensor-core turn,
+// waiting for the wgmma groups).
+#pragma once
+
+#ifndef SAGE3_SM90_TRACE
+#define SAGE3_SM90_TRACE 0
+#endif
+
+namespace sage3::sm90 {
+
+enum TracePoint : int {
+  kTraceStepStart = 0,   // S_j available (previous step done)
+  kTraceMaxDone,         // row max reduced (integer max, shuffles) -> exponentials can start
+  kTraceSoftmaxDone,     // P_j packed to e4m3
+  kTraceTurnAcquired,    // named barrier: this warpgroup's turn on the tensor cores
+  kTraceTurnReleased,    // S_{j+1} and PV half 0 issued, turn handed over
+  kTraceFirstWaitDone,   // S_{j+1} and PV half 0 complete
+  kTraceStepEnd,         // all PV halves added
+  kTracePoints
+};
+constexpr int kTraceTiles = 48;
+
+#if SAGE3_SM90_TRACE
+__device__ unsigned long long g_attn_trace[2][kTraceTiles][kTracePoints];
+#define SAGE3_TRACE(cw, tile, point)                                                                   \
+  do {                                                                                                \
+    if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && (threadIdx.x % 128) == 0 &&        \
+        (tile) < ::sage3::sm90::kTraceTiles)                                                          \
+      ::sage3::sm90::g_attn_trace[(cw)][(tile)][(point)] = clock64();                                \
+  } while (0)
+#else
+#define SAGE3_TRACE(cw, tile, point) \
+  do {                               \
+  } while (0)
+#endif
+
+}  // namespace sage3::sm90
