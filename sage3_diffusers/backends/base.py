@@ -143,6 +143,28 @@ class AttentionBackend:
         return f"<{type(self).__name__} {self.name!r} family={self.family}>"
 
 
+class CudaKernelBackend(AttentionBackend):
+    """A compiled kernel built for an exact set of GPU architectures: besides the declared dtypes and shapes it
+    needs CUDA tensors on one of `cuda_capabilities` and at least one query and one key."""
+
+    cuda_capabilities: ClassVar[tuple[tuple[int, int], ...]] = ()
+
+    def _capability_reason(self, cap: str) -> str:
+        """Why a GPU of compute capability `cap` ("sm_89", or "unknown") cannot run this kernel."""
+        raise NotImplementedError
+
+    def input_reasons(self, p: AttentionProblem) -> list[str]:
+        reasons = super().input_reasons(p)
+        if p.device_type != "cuda":
+            reasons.append(f"tensors are on {p.device_type}, needs a CUDA device")
+        elif p.capability not in self.cuda_capabilities:
+            cap = "unknown" if p.capability is None else f"sm_{p.capability[0]}{p.capability[1]}"
+            reasons.append(self._capability_reason(cap))
+        if p.seq_q < 1 or p.seq_kv < 1:
+            reasons.append(f"empty sequence (seq_q={p.seq_q}, seq_kv={p.seq_kv})")
+        return reasons
+
+
 def to_hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x if layout == "HND" else x.transpose(1, 2)
 

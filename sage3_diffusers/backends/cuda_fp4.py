@@ -18,7 +18,7 @@ import torch
 
 from ..numerics.attention_common import LN2, expand_kv_heads
 from ..numerics.sage3_reference import SAGE3_Q_BLOCK, block_means
-from .base import AttentionBackend, AttentionProblem, CompiledExtension, describe_problem, fake_attention_outputs, to_hnd
+from .base import CompiledExtension, CudaKernelBackend, describe_problem, fake_attention_outputs, to_hnd
 
 FP4_EXT = CompiledExtension("sage3_diffusers._C_fp4")
 _NATIVE_CAPS = ((12, 0), (12, 1))
@@ -131,7 +131,7 @@ def _(q, k, v, layout, is_causal, sm_scale, return_lse):
     return fake_attention_outputs(q, layout, return_lse)
 
 
-class _CudaFp4Backend(AttentionBackend):
+class _CudaFp4Backend(CudaKernelBackend):
     family = "fp4"
     dtypes = (torch.float16, torch.bfloat16)
     head_dims = (64, 128)
@@ -139,7 +139,6 @@ class _CudaFp4Backend(AttentionBackend):
     supports_lse = True
     supports_mask = False
     supports_gqa = True
-    _capabilities: tuple[tuple[int, int], ...] = ()
 
     def _image_reasons(self) -> list[str]:
         return []
@@ -151,20 +150,6 @@ class _CudaFp4Backend(AttentionBackend):
         if not torch.cuda.is_available():
             reasons.append("no CUDA device available")
         return reasons
-
-    def input_reasons(self, p: AttentionProblem) -> list[str]:
-        reasons = super().input_reasons(p)
-        if p.device_type != "cuda":
-            reasons.append(f"tensors are on {p.device_type}, needs a CUDA device")
-        elif p.capability not in self._capabilities:
-            cap = "unknown" if p.capability is None else f"sm_{p.capability[0]}{p.capability[1]}"
-            reasons.append(self._capability_reason(cap))
-        if p.seq_q < 1 or p.seq_kv < 1:
-            reasons.append(f"empty sequence (seq_q={p.seq_q}, seq_kv={p.seq_kv})")
-        return reasons
-
-    def _capability_reason(self, cap: str) -> str:
-        raise NotImplementedError
 
     def forward(self, q, k, v, *, layout, is_causal, sm_scale, return_lse, attn_mask=None):
         if attn_mask is not None:
@@ -181,7 +166,7 @@ class CudaSm120Fp4Backend(_CudaFp4Backend):
     verified = ("compiled for sm_120a (SASS has OMMA.SF.16864.F32.E2M1.E2M1.UE4M3.4X, csrc/check_sass_fp4.sh); numerics "
                 "verified through the emulated build on Hopper (H200, tests/gpu/test_cuda_fp4.py); "
                 "not yet run on Blackwell hardware")
-    _capabilities = _NATIVE_CAPS
+    cuda_capabilities = _NATIVE_CAPS
 
     def _image_reasons(self) -> list[str]:
         info = build_info()
@@ -206,7 +191,7 @@ class CudaFp4EmulatedBackend(_CudaFp4Backend):
                    "(emulated MMA build: for numerics tests, not speed)")
     verified = ("run on H200 against the SageAttention3 reference (tests/gpu/test_cuda_fp4.py): quantized tensors "
                 "bit-exact, output cos sim >= 0.9999 on odd shapes")
-    _capabilities = ((9, 0),)
+    cuda_capabilities = ((9, 0),)
 
     def _image_reasons(self) -> list[str]:
         if not build_info().get("sm_90a_emulated"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import AttentionBackend, AttentionProblem, CompiledExtension, describe_problem, fake_attention_outputs
+from .base import CompiledExtension, CudaKernelBackend, describe_problem, fake_attention_outputs
 
 SM90_EXT = CompiledExtension("sage3_diffusers._C_sm90")
 
@@ -43,7 +43,7 @@ def _(q, k, v, layout, is_causal, sm_scale, return_lse):
     return fake_attention_outputs(q, layout, return_lse)
 
 
-class CudaSm90Int8Fp8Backend(AttentionBackend):
+class CudaSm90Int8Fp8Backend(CudaKernelBackend):
     name = "cuda_sm90_int8_fp8"
     family = "int8_fp8"
     priority = 100
@@ -57,7 +57,7 @@ class CudaSm90Int8Fp8Backend(AttentionBackend):
     supports_lse = True
     supports_mask = False
     supports_gqa = True
-    supported_capabilities = ((9, 0),)
+    cuda_capabilities = ((9, 0),)
 
     def unavailable_reasons(self) -> list[str]:
         if SM90_EXT.module() is None:
@@ -67,16 +67,8 @@ class CudaSm90Int8Fp8Backend(AttentionBackend):
             return ["no CUDA device available"]
         return []
 
-    def input_reasons(self, p: AttentionProblem) -> list[str]:
-        reasons = super().input_reasons(p)
-        if p.device_type != "cuda":
-            reasons.append(f"tensors are on {p.device_type}, needs a CUDA device")
-        elif p.capability not in self.supported_capabilities:
-            cap = "unknown" if p.capability is None else f"sm_{p.capability[0]}{p.capability[1]}"
-            reasons.append(f"needs sm_90 (Hopper), this GPU is {cap}")
-        if p.seq_q < 1 or p.seq_kv < 1:
-            reasons.append(f"empty sequence (seq_q={p.seq_q}, seq_kv={p.seq_kv})")
-        return reasons
+    def _capability_reason(self, cap: str) -> str:
+        return f"needs sm_90 (Hopper), this GPU is {cap}"
 
     def forward(self, q, k, v, *, layout, is_causal, sm_scale, return_lse, attn_mask=None):
         if attn_mask is not None:
