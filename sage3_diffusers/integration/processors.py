@@ -140,6 +140,22 @@ def _key_prefix_lengths(attention_mask: torch.Tensor, batch: int, total: int):
     return [int(n) for n in host[:batch]]
 
 
+def _heads(attn, x, projections, norms):
+    """`x` through the three projections `attn.<projections>` as (B, S, heads, head_dim), with the q and k norms
+    `attn.<norms>` applied where the module has them (HunyuanVideo and Mochi, joint and added streams)."""
+    q, k, v = (getattr(attn, name)(x).unflatten(2, (attn.heads, -1)) for name in projections)
+    norm_q, norm_k = (getattr(attn, name) for name in norms)
+    if norm_q is not None:
+        q = norm_q(q)
+    if norm_k is not None:
+        k = norm_k(k)
+    return q, k, v
+
+
+_JOINT = (("to_q", "to_k", "to_v"), ("norm_q", "norm_k"))
+_ADDED = (("add_q_proj", "add_k_proj", "add_v_proj"), ("norm_added_q", "norm_added_k"))
+
+
 # ================================================================================================= Flux
 
 class FluxSage3Processor(_Sage3Base):
@@ -293,13 +309,7 @@ class HunyuanVideoSage3Processor(_Sage3Base):
         single = attn.add_q_proj is None and encoder_hidden_states is not None
         if single:
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _heads(attn, hidden_states, *_JOINT)
         if image_rotary_emb is not None:
             if single:
                 n_txt = encoder_hidden_states.shape[1]
@@ -311,13 +321,7 @@ class HunyuanVideoSage3Processor(_Sage3Base):
                 query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
                 key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         if attn.add_q_proj is not None and encoder_hidden_states is not None:
-            eq = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            ek = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            ev = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            if attn.norm_added_q is not None:
-                eq = attn.norm_added_q(eq)
-            if attn.norm_added_k is not None:
-                ek = attn.norm_added_k(ek)
+            eq, ek, ev = _heads(attn, encoder_hidden_states, *_ADDED)
             query = torch.cat([query, eq], dim=1)
             key = torch.cat([key, ek], dim=1)
             value = torch.cat([value, ev], dim=1)
@@ -371,20 +375,8 @@ class MochiSage3Processor(_Sage3Base):
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask: torch.Tensor, image_rotary_emb=None):
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        eq = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        ek = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        ev = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_added_q is not None:
-            eq = attn.norm_added_q(eq)
-        if attn.norm_added_k is not None:
-            ek = attn.norm_added_k(ek)
+        query, key, value = _heads(attn, hidden_states, *_JOINT)
+        eq, ek, ev = _heads(attn, encoder_hidden_states, *_ADDED)
         if image_rotary_emb is not None:
             query = _mochi_rope(query, *image_rotary_emb)
             key = _mochi_rope(key, *image_rotary_emb)
