@@ -12,6 +12,7 @@
 #include <cuda_fp16.h>
 
 #include "common/fp4_convert.cuh"
+#include "common/store_pair.cuh"
 #include "sm120/fp4_api.h"
 #include "sm120/fp4_mma.cuh"
 
@@ -27,17 +28,6 @@ __device__ __forceinline__ uint32_t ld32(const uint8_t* p) { return *reinterpret
 __device__ __forceinline__ int chunk_key_of_column(int c) {
   const int j = c >> 3, g = c & 7;  // n-tile, column within the n-tile (= 2t + e)
   return 32 * (j >> 2) + 8 * (g >> 1) + 2 * (j & 3) + (g & 1);
-}
-
-template <typename T>
-__device__ __forceinline__ void store2(T* dst, float a, float b);
-template <>
-__device__ __forceinline__ void store2<__half>(__half* dst, float a, float b) {
-  *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(a, b);
-}
-template <>
-__device__ __forceinline__ void store2<__nv_bfloat16>(__nv_bfloat16* dst, float a, float b) {
-  *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(a, b);
 }
 
 template <int D>
@@ -285,7 +275,7 @@ __global__ void __launch_bounds__(kAttnThreads) fp4_attention_kernel(const Fp4At
     if (row >= p.Sq) continue;
 #pragma unroll
     for (int n = 0; n < kOutTiles; ++n) {
-      store2<T>(out + row * p.oss + 8 * n + 2 * t, __fdiv_rn(o[n][2 * r], l_run[r]),
+      store_pair<T>(out + row * p.oss + 8 * n + 2 * t, __fdiv_rn(o[n][2 * r], l_run[r]),
                 __fdiv_rn(o[n][2 * r + 1], l_run[r]));
     }
     if (p.lse_log2 != nullptr && t == 0)

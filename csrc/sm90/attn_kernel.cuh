@@ -23,6 +23,7 @@
 #include <type_traits>
 
 #include "common/ptx_sm90.cuh"
+#include "common/store_pair.cuh"
 #include "common/wgmma_ops.cuh"
 #include "sm90/api.h"
 #include "sm90/trace.cuh"
@@ -58,17 +59,6 @@ struct AttnTraits {
   static constexpr int kSmemBytes = 1024 /*alignment slack*/ + kQBytes + kStages * (kKBytes + kVBytes) + kBarrierBytes;
   static constexpr int kThreads = 384;
 };
-
-template <typename OutT>
-__device__ __forceinline__ void store_pair(OutT* p, float x, float y);
-template <>
-__device__ __forceinline__ void store_pair<__nv_bfloat16>(__nv_bfloat16* p, float x, float y) {
-  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(x, y);
-}
-template <>
-__device__ __forceinline__ void store_pair<__half>(__half* p, float x, float y) {
-  *reinterpret_cast<__half2*>(p) = __floats2half2_rn(x, y);
-}
 
 template <int D>
 __device__ __forceinline__ void pv_wgmma(float (&o)[D / 2], const uint32_t (&a)[4], uint64_t desc, int scale_d) {
