@@ -24,45 +24,43 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _attn_tile(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, S_PAD,
-               k_ptr, k_desc, ks_ptr, v_ptr, v_desc,
-               D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-               PV_FP8: tl.constexpr, USE_TMA: tl.constexpr, FOLD_QS: tl.constexpr, I2F: tl.constexpr):
-    offs_n = start_n + tl.arange(0, BN)
+def _load_k(k_ptr, k_desc, kh_row0, start_n, offs_n, Skv, D: tl.constexpr, USE_TMA: tl.constexpr):
+    """INT8 K tile [BN, D] of keys start_n.. (rows past Skv read as 0 without TMA; TMA zero-fills them)."""
     if USE_TMA:
         k = k_desc.load([kh_row0 + start_n, 0])
     else:
         offs_d = tl.arange(0, D)
         k = tl.load(k_ptr + (kh_row0 + offs_n)[:, None] * D + offs_d[None, :], mask=offs_n[:, None] < Skv,
                     other=0)
-    ks = tl.load(ks_ptr + kh_row0 + offs_n, mask=offs_n < Skv, other=0.0)
-    s = tl.dot(q_i8, tl.trans(k))  # int32, exact
-    # int32 -> fp32 without I2F (a quarter-rate conversion, shared with exp2's unit): |s| <= 127*127*D < 2**22, so
-    # the bits of 1.5*2**23 + s are the fp32 value 1.5*2**23 + s exactly; subtracting 1.5*2**23 leaves float(s).
+    return k
+
+
+@triton.jit
+def _scores_f32(s, I2F: tl.constexpr):
+    """int32 scores -> fp32, exactly. Without I2F (a quarter-rate conversion, shared with exp2's unit):
+    |s| <= 127*127*D < 2**22, so the bits of 1.5*2**23 + s are the fp32 value 1.5*2**23 + s exactly;
+    subtracting 1.5*2**23 leaves float(s)."""
     if I2F:
         sf = s.to(tl.float32)
     else:
         sf = (s + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-    if FOLD_QS:
-        # qs >= 0 per row: max_j(u·qs) = qs·max_j(u), and exp2's argument is one FMA u·qs + (8.807 - m)
-        u = sf * ks[None, :]
-        if MASK:
-            valid = offs_n[None, :] < Skv
-            if IS_CAUSAL:
-                valid = valid & (offs_n[None, :] <= offs_m[:, None])
-            u = tl.where(valid, u, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(u, axis=1) * qs)
-        bias = P_OFFSET_LOG2 + (0.0 - m_new)
-        p = tl.math.exp2(u * qs[:, None] + bias[:, None])
-    else:
-        t = sf * qs[:, None] * ks[None, :]  # the reference's product order
-        if MASK:
-            valid = offs_n[None, :] < Skv
-            if IS_CAUSAL:
-                valid = valid & (offs_n[None, :] <= offs_m[:, None])
-            t = tl.where(valid, t, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(t, axis=1))
-        p = tl.math.exp2(t - m_new[:, None] + P_OFFSET_LOG2)
+    return sf
+
+
+@triton.jit
+def _valid_keys(offs_m, offs_n, Skv, IS_CAUSAL: tl.constexpr):
+    """[BM, BN] mask of the keys each query row may attend to (in range, and at or before the row if causal)."""
+    valid = offs_n[None, :] < Skv
+    if IS_CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None])
+    return valid
+
+
+@triton.jit
+def _accumulate_pv(acc, l_i, m_i, m_new, p, vh_row0, start_n, offs_n, S_PAD, v_ptr, v_desc,
+                   D: tl.constexpr, PV_FP8: tl.constexpr, USE_TMA: tl.constexpr):
+    """Online-softmax update with this tile's P̃: l = l·α + ΣP̃, acc = acc·α + dot(P̃, V̂) (fresh fp32 accumulator
+    for the tile's product, added on CUDA cores: the two-level accumulation)."""
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if USE_TMA:
@@ -76,6 +74,35 @@ def _attn_tile(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, 
     else:
         pv = tl.dot(p.to(tl.float16), tl.trans(vt))
     acc = acc * alpha[:, None] + pv
+    return acc, l_i
+
+
+@triton.jit
+def _attn_tile(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0, Skv, S_PAD,
+               k_ptr, k_desc, ks_ptr, v_ptr, v_desc,
+               D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               PV_FP8: tl.constexpr, USE_TMA: tl.constexpr, FOLD_QS: tl.constexpr, I2F: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BN)
+    k = _load_k(k_ptr, k_desc, kh_row0, start_n, offs_n, Skv, D, USE_TMA)
+    ks = tl.load(ks_ptr + kh_row0 + offs_n, mask=offs_n < Skv, other=0.0)
+    s = tl.dot(q_i8, tl.trans(k))  # int32, exact
+    sf = _scores_f32(s, I2F)
+    if FOLD_QS:
+        # qs >= 0 per row: max_j(u·qs) = qs·max_j(u), and exp2's argument is one FMA u·qs + (8.807 - m)
+        u = sf * ks[None, :]
+        if MASK:
+            u = tl.where(_valid_keys(offs_m, offs_n, Skv, IS_CAUSAL), u, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(u, axis=1) * qs)
+        bias = P_OFFSET_LOG2 + (0.0 - m_new)
+        p = tl.math.exp2(u * qs[:, None] + bias[:, None])
+    else:
+        t = sf * qs[:, None] * ks[None, :]  # the reference's product order
+        if MASK:
+            t = tl.where(_valid_keys(offs_m, offs_n, Skv, IS_CAUSAL), t, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(t, axis=1))
+        p = tl.math.exp2(t - m_new[:, None] + P_OFFSET_LOG2)
+    acc, l_i = _accumulate_pv(acc, l_i, m_i, m_new, p, vh_row0, start_n, offs_n, S_PAD, v_ptr, v_desc,
+                              D, PV_FP8, USE_TMA)
     return acc, l_i, m_new
 
 
@@ -91,12 +118,7 @@ def _attn_tile_kgroup(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0
     with k_block a multiple of BN). Coefficient c = qs·δk per (row, group) >= 0, so max_j(s_j·c) = c·max_j(s_j) exactly:
     the row max is taken on the integer-valued scores before any scaling."""
     offs_n = start_n + tl.arange(0, BN)
-    if USE_TMA:
-        k = k_desc.load([kh_row0 + start_n, 0])
-    else:
-        offs_d = tl.arange(0, D)
-        k = tl.load(k_ptr + (kh_row0 + offs_n)[:, None] * D + offs_d[None, :], mask=offs_n[:, None] < Skv,
-                    other=0)
+    k = _load_k(k_ptr, k_desc, kh_row0, start_n, offs_n, Skv, D, USE_TMA)
     if not KG4:
         ks1 = tl.load(ks_ptr + kh_row0 + start_n)  # start_n < Skv always
     else:
@@ -104,14 +126,9 @@ def _attn_tile_kgroup(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0
         offs_g = start_n + 2 * tl.arange(0, 4)
         ks = tl.load(ks_ptr + kh_row0 + offs_g, mask=offs_g < Skv, other=0.0)
     s = tl.dot(q_i8, tl.trans(k))  # int32, exact
-    if I2F:
-        sf = s.to(tl.float32)
-    else:
-        sf = (s + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0  # as in `_attn_tile`
+    sf = _scores_f32(s, I2F)
     if MASK:
-        valid = offs_n[None, :] < Skv
-        if IS_CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        valid = _valid_keys(offs_m, offs_n, Skv, IS_CAUSAL)
         sm = tl.where(valid, sf, float("-inf"))
     else:
         sm = sf
@@ -137,19 +154,8 @@ def _attn_tile_kgroup(acc, l_i, m_i, q_i8, qs, offs_m, start_n, kh_row0, vh_row0
         if MASK:
             x = tl.where(valid, x, float("-inf"))
         p = tl.math.exp2(x)
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    if USE_TMA:
-        vt = v_desc.load([vh_row0, start_n])
-    else:
-        offs_d = tl.arange(0, D)
-        vt = tl.load(v_ptr + (vh_row0 + offs_d)[:, None] * S_PAD + offs_n[None, :],
-                     mask=offs_n[None, :] < S_PAD, other=0.0)
-    if PV_FP8:
-        pv = tl.dot(p.to(tl.float8e4nv), tl.trans(vt))
-    else:
-        pv = tl.dot(p.to(tl.float16), tl.trans(vt))
-    acc = acc * alpha[:, None] + pv
+    acc, l_i = _accumulate_pv(acc, l_i, m_i, m_new, p, vh_row0, start_n, offs_n, S_PAD, v_ptr, v_desc,
+                              D, PV_FP8, USE_TMA)
     return acc, l_i, m_new
 
 
