@@ -5,11 +5,9 @@
 #include <cstdint>
 #include <cuda.h>
 
-namespace sage3 {
+#include "common/smem.cuh"
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+namespace sage3 {
 
 // ---- mbarrier -------------------------------------------------------------------------------
 __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {

@@ -12,6 +12,7 @@
 #include <cuda_fp16.h>
 
 #include "common/fp4_convert.cuh"
+#include "common/smem.cuh"
 #include "common/store_pair.cuh"
 #include "sm120/fp4_api.h"
 #include "sm120/fp4_mma.cuh"
@@ -43,9 +44,6 @@ struct TileSmem {
   alignas(16) float vg[D];
 };
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 template <int kBytes>
 __device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid = true) {
   static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16, "cp.async copies 4, 8 or 16 bytes");
