@@ -23,7 +23,7 @@ import re
 
 import torch
 
-E4M3_MAX = 448.0
+from sage3_diffusers.numerics.formats import E4M3_MAX
 _GRAPHS: dict = {}  # shape key -> (graph, descriptors, out_kind, info) | ("error", reason)
 _HANDLES: dict = {}  # device index -> cudnn.Handle
 _IMPORT: list = []  # [module or None, reason or None], filled once
