@@ -19,40 +19,51 @@ def regs(n, first):
     return ", ".join(f"%{first + i}" for i in range(n))
 
 
-def ss_int8(n):
+# Two flavours per shape: D (+)= A*B with a run-time scale_d (accumulator read: "+" constraints), and a
+# "_zero" one, D = A*B, whose accumulator is write-only ("=" constraints). The first k-step of a fresh
+# accumulator must use the latter: with "+" the compiler keeps the old accumulator values alive up to the
+# wgmma (it cannot know scale_d = 0 ignores them), which costs a whole accumulator of registers.
+def scale_operand(zero):
+    return '"n"(0)' if zero else '"r"(scale_d)'
+
+
+def ss_int8(n, zero=False):
     nreg = n // 2
-    out = [f"// D[64x{n}] (+)= A[64x32] (smem) * B[{n}x32]^T (smem), s8*s8 -> s32.",
-           f"__device__ __forceinline__ void wgmma_m64n{n}k32_s32_s8_ss(int32_t (&d)[{nreg}], uint64_t desc_a,",
-           f"                                                           uint64_t desc_b, int scale_d) {{",
+    name = f"wgmma_m64n{n}k32_s32_s8_ss" + ("_zero" if zero else "")
+    out = [f"// D[64x{n}] {'=' if zero else '(+)='} A[64x32] (smem) * B[{n}x32]^T (smem), s8*s8 -> s32.",
+           f"__device__ __forceinline__ void {name}(int32_t (&d)[{nreg}], uint64_t desc_a,",
+           f"    uint64_t desc_b{'' if zero else ', int scale_d'}) {{",
            "  asm volatile(",
            '      "{\\n.reg .pred p;\\n"',
            f'      "setp.ne.b32 p, %{nreg + 2}, 0;\\n"',
            f'      "wgmma.mma_async.sync.aligned.m64n{n}k32.s32.s8.s8 "',
            f'      "{{{regs(nreg, 0)}}}, %{nreg}, %{nreg + 1}, p;\\n}}\\n"',
-           "      : " + ", ".join(f'"+r"(d[{i}])' for i in range(nreg)),
-           '      : "l"(desc_a), "l"(desc_b), "r"(scale_d));',
+           "      : " + ", ".join(f'"{"=" if zero else "+"}r"(d[{i}])' for i in range(nreg)),
+           f'      : "l"(desc_a), "l"(desc_b), {scale_operand(zero)});',
            "}", ""]
     return "\n".join(out)
 
 
-def rs_e4m3(n):
+def rs_e4m3(n, zero=False):
     nreg = n // 2
-    out = [f"// D[64x{n}] (+)= A[64x32] (registers, e4m3) * B[{n}x32]^T (smem, e4m3) -> f32.",
-           f"__device__ __forceinline__ void wgmma_m64n{n}k32_f32_e4m3_rs(float (&d)[{nreg}], const uint32_t (&a)[4],",
-           f"                                                            uint64_t desc_b, int scale_d) {{",
+    name = f"wgmma_m64n{n}k32_f32_e4m3_rs" + ("_zero" if zero else "")
+    out = [f"// D[64x{n}] {'=' if zero else '(+)='} A[64x32] (registers, e4m3) * B[{n}x32]^T (smem, e4m3) -> f32.",
+           f"__device__ __forceinline__ void {name}(float (&d)[{nreg}], const uint32_t (&a)[4],",
+           f"    uint64_t desc_b{'' if zero else ', int scale_d'}) {{",
            "  asm volatile(",
            '      "{\\n.reg .pred p;\\n"',
            f'      "setp.ne.b32 p, %{nreg + 5}, 0;\\n"',
            f'      "wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3 "',
            f'      "{{{regs(nreg, 0)}}}, {{{regs(4, nreg)}}}, %{nreg + 4}, p, 1, 1;\\n}}\\n"',
-           "      : " + ", ".join(f'"+f"(d[{i}])' for i in range(nreg)),
-           '      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));',
+           "      : " + ", ".join(f'"{"=" if zero else "+"}f"(d[{i}])' for i in range(nreg)),
+           f'      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), {scale_operand(zero)});',
            "}", ""]
     return "\n".join(out)
 
 
 def main():
-    parts = [HEADER, ss_int8(128), ss_int8(64), rs_e4m3(128), rs_e4m3(64), "}  // namespace sage3\n"]
+    parts = [HEADER] + [f(n, zero) for f in (ss_int8, rs_e4m3) for n in (128, 64) for zero in (False, True)]
+    parts.append("}  // namespace sage3\n")
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wgmma_ops.cuh")
     with open(path, "w") as f:
         f.write("\n".join(parts))

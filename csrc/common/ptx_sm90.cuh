@@ -119,6 +119,7 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int count) {
   asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(count) : "memory");
 }
 
+
 // ---- conversions ----------------------------------------------------------------------------
 // Four fp32 -> four e4m3 (RNE, saturating to +-448) packed little-endian: x0 in the lowest byte.
 __device__ __forceinline__ uint32_t pack_e4m3x4(float x0, float x1, float x2, float x3) {

@@ -8,7 +8,9 @@
 //                dequantize with one Q scale per thread and one K scale per thread (the "per_thread"
 //                groups match the accumulator layout), online softmax in the log2 domain with the fixed
 //                +8.807 offset, P -> e4m3 in registers, O_tile = P V (e4m3 wgmma, A from registers),
-//                acc = acc * alpha + O_tile (two-level fp32 accumulation).
+//                acc = acc * alpha + O_tile (two-level fp32 accumulation). Each consumer is software-pipelined
+//                by one tile (the softmax of tile j+1 runs while its O_j = P_j V_j is on the tensor cores) and
+//                the two consumers take turns on the exponentials (ping-pong on the MUFU): see consumer_loop.
 // P stays in registers because V^T's tokens were permuted [0,1,8,9,2,3,10,11,4,5,12,13,6,7,14,15] within
 // each 16-token group by the quantization kernel: the accumulator columns a thread holds then line up
 // with the A-fragment k positions it must supply.
@@ -33,6 +35,20 @@ namespace sage3::sm90 {
 constexpr float kPOffsetLog2 = 8.807f;  // exp2 offset: the row max maps to ~447.8 <= 448 (E4M3 max)
 constexpr float kLn2 = 0.69314718055994531f;
 
+// ptxas moves arithmetic freely across bar.sync / bar.arrive, but not memory operations: storing a value to
+// shared memory right before a named barrier keeps the work that produced it on its side of the barrier.
+__device__ __forceinline__ void pin_before_barrier(float* slot, float value) {
+  asm volatile("st.shared.f32 [%0], %1;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(slot))), "f"(value)
+               : "memory");
+}
+
+// The two consumer warpgroups take turns on the exponentials of a tile (the MUFU-bound part of the softmax:
+// 16 exp2/clk/SM, as much time as the tile's two GEMMs on the tensor cores), so their exp2 phases alternate
+// instead of competing. Warpgroup cw waits on named barrier 1 + cw for its turn and hands over on 2 - cw.
+// (Measured against FlashAttention-3's turn over the wgmma issue and no turn at all: bench/NOTES.md, v8.)
+__device__ __forceinline__ void exp_turn_wait(int cw) { named_barrier_sync(1 + cw, 256); }
+__device__ __forceinline__ void exp_turn_handover(int cw) { named_barrier_arrive(2 - cw, 256); }
+
 struct AttnParams {
   const float* q_scale;
   const float* k_scale;
@@ -56,22 +72,25 @@ struct AttnTraits {
   static constexpr int kKBytes = kCtaK * D;
   static constexpr int kVBytes = D * kCtaK;
   static constexpr int kBarrierBytes = 256;
-  static constexpr int kSmemBytes = 1024 /*alignment slack*/ + kQBytes + kStages * (kKBytes + kVBytes) + kBarrierBytes;
+  static constexpr int kPinBytes = 256 * 4;  // one float per consumer thread, see pin_before_barrier
+  static constexpr int kSmemBytes =
+      1024 /*alignment slack*/ + kQBytes + kStages * (kKBytes + kVBytes) + kBarrierBytes + kPinBytes;
   static constexpr int kThreads = 384;
 };
 
-template <int D>
-__device__ __forceinline__ void pv_wgmma(float (&o)[D / 2], const uint32_t (&a)[4], uint64_t desc, int scale_d) {
+// O (+)= P V^T for one 32-key step; kFirst starts a fresh accumulator (write-only registers, see gen_wgmma.py).
+template <int D, bool kFirst>
+__device__ __forceinline__ void pv_wgmma(float (&o)[D / 2], const uint32_t (&a)[4], uint64_t desc) {
   if constexpr (D == 128) {
-    wgmma_m64n128k32_f32_e4m3_rs(o, a, desc, scale_d);
+    if constexpr (kFirst) wgmma_m64n128k32_f32_e4m3_rs_zero(o, a, desc); else wgmma_m64n128k32_f32_e4m3_rs(o, a, desc, 1);
   } else {
-    wgmma_m64n64k32_f32_e4m3_rs(o, a, desc, scale_d);
+    if constexpr (kFirst) wgmma_m64n64k32_f32_e4m3_rs_zero(o, a, desc); else wgmma_m64n64k32_f32_e4m3_rs(o, a, desc, 1);
   }
 }
 
 template <int D, int STAGES, bool CAUSAL, bool RETURN_LSE, typename OutT>
 __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q, uint8_t* s_k, uint8_t* s_v,
-                                              const float* s_kscale, uint64_t* q_full, uint64_t* k_full, uint64_t* v_full,
+                                              const float* s_kscale, float* s_pin, uint64_t* q_full, uint64_t* k_full, uint64_t* v_full,
                                               uint64_t* k_empty, uint64_t* v_empty, int q0, int hq, int b, int hkv,
                                               int n_tiles, int wg);
 
@@ -93,6 +112,7 @@ __global__ void __launch_bounds__(384, 1)
   uint64_t* k_empty = v_full + S;
   uint64_t* v_empty = k_empty + S;
   float* s_kscale = reinterpret_cast<float*>(bars + 16);  // [S][4]: the K-group scales of the tile in each stage
+  float* s_pin = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(bars) + T::kBarrierBytes);  // [256]
 
   const int q_tile = CAUSAL ? (gridDim.x - 1 - blockIdx.x) : blockIdx.x;  // causal: longest rows first
   const int hq = blockIdx.y;
@@ -145,14 +165,14 @@ __global__ void __launch_bounds__(384, 1)
     }
   } else {
     setmaxnreg_inc<240>();
-    consumer_loop<D, STAGES, CAUSAL, RETURN_LSE, OutT>(p, s_q, s_k, s_v, s_kscale, q_full, k_full, v_full, k_empty,
+    consumer_loop<D, STAGES, CAUSAL, RETURN_LSE, OutT>(p, s_q, s_k, s_v, s_kscale, s_pin + (threadIdx.x - 128), q_full, k_full, v_full, k_empty,
                                                            v_empty, q0, hq, b, hkv, n_tiles, wg);
   }
 }
 
 template <int D, int STAGES, bool CAUSAL, bool RETURN_LSE, typename OutT>
 __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q, uint8_t* s_k, uint8_t* s_v,
-                                              const float* s_kscale, uint64_t* q_full, uint64_t* k_full, uint64_t* v_full,
+                                              const float* s_kscale, float* s_pin, uint64_t* q_full, uint64_t* k_full, uint64_t* v_full,
                                               uint64_t* k_empty, uint64_t* v_empty, int q0, int hq, int b, int hkv,
                                               int n_tiles, int wg) {
   using T = AttnTraits<D, STAGES>;
@@ -184,8 +204,6 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
 
   mbar_wait(q_full, 0);
 
-  // Pipelined per warpgroup: while the softmax of tile j runs on the CUDA cores, the tensor cores compute
-  // S_{j+1} = Q K_{j+1}^T; then P_j V_j is issued and both are awaited together.
   int32_t sacc[64];
   float k_sc_next;  // K-group scale (group (t%8)//2 == tg of this thread's columns) of the tile last issued
   auto issue_qk = [&](int j) {
@@ -193,30 +211,24 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
     mbar_wait(&k_full[s], (j / S) & 1);
     k_sc_next = ld_shared_f32(s_kscale + 4 * s + tg);  // read before this stage's k_empty arrival (which releases it)
     wgmma_fence();
+    const uint64_t k_desc = desc_advance(k_desc0, s * T::kKBytes);
+    wgmma_m64n128k32_s32_s8_ss_zero(sacc, q_desc, k_desc);
 #pragma unroll
-    for (int kk = 0; kk < D / 32; ++kk) {
-      wgmma_m64n128k32_s32_s8_ss(sacc, desc_advance(q_desc, kk * 32),
-                                 desc_advance(k_desc0, s * T::kKBytes + kk * 32), kk > 0);
-    }
+    for (int kk = 1; kk < D / 32; ++kk)
+      wgmma_m64n128k32_s32_s8_ss(sacc, desc_advance(q_desc, kk * 32), desc_advance(k_desc, kk * 32), 1);
     wgmma_commit();
   };
-  issue_qk(0);
-  // Ping-pong: the two consumer warpgroups take turns issuing their tensor-core work (named barriers 1 and
-  // 2), so one warpgroup's softmax runs while the other's GEMMs occupy the tensor cores.
-  if (cw == 1) named_barrier_arrive(1, 256);  // warpgroup 0 goes first
-  wgmma_wait<0>();
+  // S_j has landed in sacc: fence its registers against the wgmma and release K stage j.
+  auto s_landed = [&](int j) {
 #pragma unroll
-  for (int i = 0; i < 64; ++i) reg_fence(sacc[i]);
-  __syncwarp();
-  if (lane == 0) mbar_arrive(&k_empty[0]);
+    for (int i = 0; i < 64; ++i) reg_fence(sacc[i]);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&k_empty[j % S]);
+  };
 
-  // has_next is a compile-time constant: an asm that writes sacc under a run-time branch makes ptxas
-  // serialize the wgmma pipeline (register merges at the join), so the last tile is peeled.
-  auto step = [&](const int j, auto has_next_c) {
-    constexpr bool has_next = decltype(has_next_c)::value;
-    const int s = j % S;
-    const float k_sc = k_sc_next;  // before issue_qk(j + 1) overwrites it
-
+  // Softmax of tile j (scores in sacc, K-group scale k_sc): updates m and l, leaves P~_j = exp2(...) in sf
+  // (fp32) and the factor alpha = exp2(m_{j-1} - m_j) that rescales the accumulator before O_j is added.
+  auto softmax = [&](const int j, const float k_sc, float (&sf)[64], float& alpha_a, float& alpha_b) {
     SAGE3_TRACE(cw, j, kTraceStepStart);
     // ---- row max on the integer scores ----
     // One positive scale per thread (its Q group x its K group), so this thread's max of t = s * qk_scale
@@ -229,23 +241,25 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
       const int col = kv0 + 8 * i + 2 * tg + (e & 1);
       return col >= p.Skv || (CAUSAL && col > (e < 2 ? row_a : row_b));
     };
-    int imx_a = INT_MIN, imx_b = INT_MIN;
+    // Four independent VIMNMX3 chains per row (then combined), so the dependent chain is 4 + 2 deep, not 16.
+    int ma[4] = {INT_MIN, INT_MIN, INT_MIN, INT_MIN}, mb[4] = {INT_MIN, INT_MIN, INT_MIN, INT_MIN};
     if (need_mask) {
 #pragma unroll
       for (int i = 0; i < 16; ++i) {
-        imx_a = __vimax3_s32(imx_a, masked(i, 0) ? INT_MIN : sacc[4 * i], masked(i, 1) ? INT_MIN : sacc[4 * i + 1]);
-        imx_b = __vimax3_s32(imx_b, masked(i, 2) ? INT_MIN : sacc[4 * i + 2], masked(i, 3) ? INT_MIN : sacc[4 * i + 3]);
+        ma[i % 4] = __vimax3_s32(ma[i % 4], masked(i, 0) ? INT_MIN : sacc[4 * i], masked(i, 1) ? INT_MIN : sacc[4 * i + 1]);
+        mb[i % 4] = __vimax3_s32(mb[i % 4], masked(i, 2) ? INT_MIN : sacc[4 * i + 2], masked(i, 3) ? INT_MIN : sacc[4 * i + 3]);
       }
     } else {
 #pragma unroll
       for (int i = 0; i < 16; ++i) {
-        imx_a = __vimax3_s32(imx_a, sacc[4 * i], sacc[4 * i + 1]);
-        imx_b = __vimax3_s32(imx_b, sacc[4 * i + 2], sacc[4 * i + 3]);
+        ma[i % 4] = __vimax3_s32(ma[i % 4], sacc[4 * i], sacc[4 * i + 1]);
+        mb[i % 4] = __vimax3_s32(mb[i % 4], sacc[4 * i + 2], sacc[4 * i + 3]);
       }
     }
+    const int imx_a = __vimax3_s32(__vimax3_s32(ma[0], ma[1], ma[2]), ma[3], INT_MIN);
+    const int imx_b = __vimax3_s32(__vimax3_s32(mb[0], mb[1], mb[2]), mb[3], INT_MIN);
     // int -> fp32 is exact (|s| <= 127*127*128 < 2^24); on sm_90 it is I2FP, an ALU op (not the MUFU/XU
     // pipe that exp2 saturates), and one instruction where the magic-number trick needed two.
-    float sf[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) sf[i] = __int2float_rn(sacc[i]);
 
@@ -259,14 +273,16 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
     // Rows that have seen only masked keys keep m = -inf; their P and alpha are 0 (as the reference).
     const float ms_a = mx_a == -INFINITY ? 0.f : mx_a;
     const float ms_b = mx_b == -INFINITY ? 0.f : mx_b;
-    const float alpha_a = exp2_approx(m_a - ms_a);
-    const float alpha_b = exp2_approx(m_b - ms_b);
+    alpha_a = exp2_approx(m_a - ms_a);
+    alpha_b = exp2_approx(m_b - ms_b);
     m_a = mx_a;
     m_b = mx_b;
     // P~ = exp2(t - m + 8.807) = exp2(s * qk_scale + bias): dequantization and both constants in one FFMA
     // (one rounding where the reference rounds t, then t - m: within 1 ulp of the argument).
     const float bias_a = kPOffsetLog2 - ms_a, bias_b = kPOffsetLog2 - ms_b;
     SAGE3_TRACE(cw, j, kTraceMaxDone);
+    pin_before_barrier(s_pin, bias_a + bias_b);  // the row max is done before the turn is taken
+    exp_turn_wait(cw);
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
       sf[4 * i + 0] = fmaf(sf[4 * i + 0], qk_scale, bias_a);
@@ -281,21 +297,23 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
         for (int e = 0; e < 4; ++e)
           if (masked(i, e)) sf[4 * i + e] = -INFINITY;
     }
+#pragma unroll
+    for (int i = 0; i < 64; ++i) sf[i] = exp2_approx(sf[i]);
     float ps_a = 0.f, ps_b = 0.f;
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
-      sf[4 * i + 0] = exp2_approx(sf[4 * i + 0]);
-      sf[4 * i + 1] = exp2_approx(sf[4 * i + 1]);
-      sf[4 * i + 2] = exp2_approx(sf[4 * i + 2]);
-      sf[4 * i + 3] = exp2_approx(sf[4 * i + 3]);
       ps_a += sf[4 * i + 0] + sf[4 * i + 1];
       ps_b += sf[4 * i + 2] + sf[4 * i + 3];
     }
+    pin_before_barrier(s_pin, ps_a + ps_b);  // every exp2 of the tile is done before the hand-over
+    exp_turn_handover(cw);
     l_a = l_a * alpha_a + ps_a;
     l_b = l_b * alpha_b + ps_b;
 
-    // ---- P -> e4m3 A fragments: k-step kk covers accumulator column blocks 4kk..4kk+3 ----
-    uint32_t pa[4][4];
+    SAGE3_TRACE(cw, j, kTraceSoftmaxDone);
+  };
+  // P -> e4m3 A fragments: k-step kk covers accumulator column blocks 4kk..4kk+3.
+  auto pack_p = [&](const float (&sf)[64], uint32_t (&pa)[4][4]) {
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       const int i0 = 4 * (4 * kk), i1 = 4 * (4 * kk + 1), i2 = 4 * (4 * kk + 2), i3 = 4 * (4 * kk + 3);
@@ -304,67 +322,87 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
       pa[kk][2] = pack_e4m3x4(sf[i2 + 0], sf[i2 + 1], sf[i3 + 0], sf[i3 + 1]);
       pa[kk][3] = pack_e4m3x4(sf[i2 + 2], sf[i2 + 3], sf[i3 + 2], sf[i3 + 3]);
     }
-
-    SAGE3_TRACE(cw, j, kTraceSoftmaxDone);
-    // ---- O_tile = P V (fresh fp32 accumulator), then acc = acc * alpha + O_tile ----
-    // Issued 64 output channels at a time so only 32 accumulator registers are live next to S_{j+1}.
-    auto add_half = [&](const float (&o)[32], int half) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int ai = 4 * (8 * half + i);
-        acc[ai + 0] = acc[ai + 0] * alpha_a + o[4 * i + 0];
-        acc[ai + 1] = acc[ai + 1] * alpha_a + o[4 * i + 1];
-        acc[ai + 2] = acc[ai + 2] * alpha_b + o[4 * i + 2];
-        acc[ai + 3] = acc[ai + 3] * alpha_b + o[4 * i + 3];
-      }
-    };
-    auto issue_pv_half = [&](float (&o)[32], int half) {
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        wgmma_m64n64k32_f32_e4m3_rs(
-            o, pa[kk], desc_advance(v_desc0, s * T::kVBytes + half * 64 * kCtaK + kk * 32), kk > 0);
-      }
-      wgmma_commit();
-    };
-    // Ping-pong turn: S_{j+1} = Q K_{j+1}^T and PV half 0, then the tensor cores go to the other warpgroup
-    // (warpgroup 1 skips its last hand-over, which warpgroup 0 would never wait for: it got one extra at the
-    // start). Half 1 is issued after half 0 has landed, outside the turn.
-    named_barrier_sync(1 + cw, 256);
-    SAGE3_TRACE(cw, j, kTraceTurnAcquired);
-    if constexpr (has_next) issue_qk(j + 1);
-    mbar_wait(&v_full[s], (j / S) & 1);
-#pragma unroll
-    for (int half = 0; half < D / 64; ++half) {
-      float o[32];
-      issue_pv_half(o, half);
-      if (half == 0 && (has_next || cw == 0)) named_barrier_arrive(2 - cw, 256);
-      if (half == 0) SAGE3_TRACE(cw, j, kTraceTurnReleased);
-      wgmma_wait<0>();  // (first half: also S_{j+1}, committed earlier)
-      if (half == 0) SAGE3_TRACE(cw, j, kTraceFirstWaitDone);
-#pragma unroll
-      for (int i = 0; i < 32; ++i) reg_fence(o[i]);
-      if (half == 0) {
-#pragma unroll
-        for (int i = 0; i < 64; ++i) reg_fence(sacc[i]);
-        __syncwarp();
-        if (lane == 0 && has_next) mbar_arrive(&k_empty[(j + 1) % S]);
-      }
-      if (half == D / 64 - 1) {
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) reg_fence(pa[kk][r]);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&v_empty[s]);
-      }
-      add_half(o, half);
-    }
-    SAGE3_TRACE(cw, j, kTraceStepEnd);
   };
-  for (int j = 0; j + 1 < n_tiles; ++j) step(j, std::true_type{});
-  step(n_tiles - 1, std::false_type{});
 
+  // O_j = P_j V_j into a fresh fp32 accumulator (the first level of the two-level accumulation).
+  auto issue_pv = [&](const int j, const uint32_t (&pa)[4][4], float (&o)[D / 2]) {
+    const int s = j % S;
+    mbar_wait(&v_full[s], (j / S) & 1);
+    wgmma_fence();
+    const uint64_t v_desc = desc_advance(v_desc0, s * T::kVBytes);
+    pv_wgmma<D, true>(o, pa[0], v_desc);
+#pragma unroll
+    for (int kk = 1; kk < 4; ++kk) pv_wgmma<D, false>(o, pa[kk], desc_advance(v_desc, kk * 32));
+    wgmma_commit();
+  };
+  // O_j has landed: release V stage j (and P_j's registers), then acc = acc * alpha_j + O_j.
+  auto add_pv = [&](const int j, float (&o)[D / 2], uint32_t (&pa)[4][4], float alpha_a, float alpha_b) {
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) reg_fence(o[i]);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) reg_fence(pa[kk][r]);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&v_empty[j % S]);
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      acc[4 * i + 0] = acc[4 * i + 0] * alpha_a + o[4 * i + 0];
+      acc[4 * i + 1] = acc[4 * i + 1] * alpha_a + o[4 * i + 1];
+      acc[4 * i + 2] = acc[4 * i + 2] * alpha_b + o[4 * i + 2];
+      acc[4 * i + 3] = acc[4 * i + 3] * alpha_b + o[4 * i + 3];
+    }
+  };
+
+  // Schedule per consumer warpgroup, software-pipelined by one tile (FlashAttention-3's intra-warpgroup overlap):
+  //   issue S_{j+1} = Q K_{j+1}^T and O_j = P_j V_j; wait for S_{j+1} only; softmax of tile j+1 (its
+  //   exponentials in this warpgroup's turn, see exp_turn_wait) while O_j is on the tensor cores; then wait
+  //   for O_j, fold it into acc and pack P_{j+1}.
+  // P_{j+1} is packed into the A-fragment registers only after O_j has landed (until then the wgmma reads P_j
+  // from those registers; softmax(j+1) leaves its values in fp32), so one register set holds P. (A second
+  // set plus a copy lets ptxas coalesce the two and serialize every wgmma, C7513; two sets without a copy,
+  // i.e. the loop unrolled by two, spill at the 240-register budget.)
+  uint32_t pa[4][4];
+  float alpha_a, alpha_b;  // rescale of acc for the pending O_j
+  issue_qk(0);
+  if (cw == 1) exp_turn_handover(cw);  // warpgroup 0 takes the first turn
+  wgmma_wait<0>();
+  s_landed(0);
+  {
+    float sf[64];
+    softmax(0, k_sc_next, sf, alpha_a, alpha_b);
+    pack_p(sf, pa);
+  }
+  // The last tile is peeled: an asm that writes sacc under a run-time branch makes ptxas serialize the wgmma
+  // pipeline (register merges at the join).
+  for (int j = 0; j + 1 < n_tiles; ++j) {
+    float o[D / 2];
+    SAGE3_TRACE(cw, j, kTraceIssueStart);
+    issue_qk(j + 1);
+    issue_pv(j, pa, o);
+    SAGE3_TRACE(cw, j, kTraceIssueDone);
+    wgmma_wait<1>();  // S_{j+1}; O_j may still run
+    SAGE3_TRACE(cw, j, kTraceNextScoresLanded);
+    s_landed(j + 1);
+    float sf[64], alpha_next_a, alpha_next_b;
+    softmax(j + 1, k_sc_next, sf, alpha_next_a, alpha_next_b);
+    wgmma_wait<0>();  // O_j
+    add_pv(j, o, pa, alpha_a, alpha_b);
+    pack_p(sf, pa);
+    SAGE3_TRACE(cw, j, kTraceStepEnd);
+    alpha_a = alpha_next_a;
+    alpha_b = alpha_next_b;
+  }
+  {
+    const int j = n_tiles - 1;
+    float o[D / 2];
+    issue_pv(j, pa, o);
+    wgmma_wait<0>();
+    add_pv(j, o, pa, alpha_a, alpha_b);
+  }
+  // Warpgroup 1 handed over once before its first turn (so warpgroup 0 could start): warpgroup 0 takes that
+  // extra hand-over here, so no barrier is left with a pending arrival.
+  if (cw == 0) exp_turn_wait(cw);
   // ------------------------------ epilogue ------------------------------
   // V channel scales of this thread's columns, all loaded before any store (the compiler cannot move a
   // load above a store it might alias, which serialized 16 global-load latencies here).
@@ -379,12 +417,15 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
 
   OutT* out = static_cast<OutT*>(p.out) + (int64_t)b * p.o_sb + (int64_t)hq * p.o_sh;
   const bool ok_a = row_a < p.Sq, ok_b = row_b < p.Sq;
+  // One IEEE division per row, then multiplies (a division per element compiled to a MUFU.RCP + Newton + slow-path
+  // branch each: ~10 instructions x D/2 per thread in the epilogue).
+  const float inv_l_a = 1.f / l_a, inv_l_b = 1.f / l_b;
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) {
     const int col = 8 * i + 2 * tg;
     const float2 v_sc = v_sc_pairs[i];
-    if (ok_a) store_pair<OutT>(out + (int64_t)row_a * p.o_ss + col, acc[4 * i] / l_a * v_sc.x, acc[4 * i + 1] / l_a * v_sc.y);
-    if (ok_b) store_pair<OutT>(out + (int64_t)row_b * p.o_ss + col, acc[4 * i + 2] / l_b * v_sc.x, acc[4 * i + 3] / l_b * v_sc.y);
+    if (ok_a) store_pair<OutT>(out + (int64_t)row_a * p.o_ss + col, acc[4 * i] * inv_l_a * v_sc.x, acc[4 * i + 1] * inv_l_a * v_sc.y);
+    if (ok_b) store_pair<OutT>(out + (int64_t)row_b * p.o_ss + col, acc[4 * i + 2] * inv_l_b * v_sc.x, acc[4 * i + 3] * inv_l_b * v_sc.y);
   }
   if constexpr (RETURN_LSE) {
     if (tg == 0) {

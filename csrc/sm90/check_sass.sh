@@ -20,11 +20,11 @@ for d in 64 128; do
     -c "$here/sm90/attn_hd$d.cu" -o "$out/attn_hd$d.o" > "$out/attn_hd$d.ptxas.log" 2>&1
   "$cuobjdump" -sass "$out/attn_hd$d.o" > "$out/attn_hd$d.sass"
   ig=$(grep -cE 'IGMMA\.64x128x32\.S8\.S8' "$out/attn_hd$d.sass" || true)
-  qg=$(grep -cE 'QGMMA\.64x64x32\.F32\.E4M3\.E4M3' "$out/attn_hd$d.sass" || true)
+  qg=$(grep -cE 'QGMMA\.64x(64|128)x32\.F32\.E4M3\.E4M3' "$out/attn_hd$d.sass" || true)
   tma=$(grep -cE 'UTMALDG' "$out/attn_hd$d.sass" || true)
   lmem=$(grep -cE '\b(LDL|STL)\b' "$out/attn_hd$d.sass" || true)
   spills=$(grep -cE '[1-9][0-9]* bytes spill' "$out/attn_hd$d.ptxas.log" || true)
-  serial=$(grep -c 'C7511' "$out/attn_hd$d.ptxas.log" || true)
+  serial=$(grep -cE 'C751[13]' "$out/attn_hd$d.ptxas.log" || true)
   echo "hd$d: IGMMA $ig, QGMMA(E4M3) $qg, UTMALDG $tma, LDL/STL $lmem, ptxas spill lines $spills, wgmma-serialized warnings $serial"
   if [[ $ig -eq 0 || $qg -eq 0 || $tma -eq 0 || $lmem -ne 0 || $spills -ne 0 || $serial -ne 0 ]]; then status=1; fi
 done

@@ -1,7 +1,7 @@
 // Phase timeline of the attention consumers, for kernel work. Compiled out unless SAGE3_SM90_TRACE=1 (only the
 // standalone harness csrc/tools/sm90_attn_trace.cu sets it; the torch extension never does).
 // Lane 0 of the first warp of each consumer warpgroup of CTA (0, 0, 0) records clock64() at fixed points of
-// each key tile's step, so one run shows where a tile's cycles go (softmax, waiting for the tensor-core turn,
+// each key tile's step, so one run shows where a tile's cycles go (softmax, waiting for the exp2 turn,
 // waiting for the wgmma groups).
 #pragma once
 
@@ -11,14 +11,14 @@
 
 namespace sage3::sm90 {
 
-enum TracePoint : int {
-  kTraceStepStart = 0,   // S_j available (previous step done)
-  kTraceMaxDone,         // row max reduced (integer max, shuffles) -> exponentials can start
-  kTraceSoftmaxDone,     // P_j packed to e4m3
-  kTraceTurnAcquired,    // named barrier: this warpgroup's turn on the tensor cores
-  kTraceTurnReleased,    // S_{j+1} and PV half 0 issued, turn handed over
-  kTraceFirstWaitDone,   // S_{j+1} and PV half 0 complete
-  kTraceStepEnd,         // all PV halves added
+enum TracePoint : int {     // for key tile j
+  kTraceStepStart = 0,      // softmax of tile j starts (S_j landed)
+  kTraceMaxDone,            // row max reduced (integer max, shuffles) -> waits for the exp2 turn
+  kTraceSoftmaxDone,        // exponentials (in the turn) and row sums of tile j done
+  kTraceIssueStart,         // O_{j-1} added, P_j packed: issuing S_{j+1} and O_j starts
+  kTraceIssueDone,          // S_{j+1} and O_j issued
+  kTraceNextScoresLanded,   // S_{j+1} landed (softmax of tile j+1 starts right after)
+  kTraceStepEnd,            // O_j landed and added, P_{j+1} packed
   kTracePoints
 };
 constexpr int kTraceTiles = 48;

@@ -6,8 +6,8 @@
 //        -DSAGE3_SM90_TRACE=1 csrc/tools/sm90_attn_trace.cu -o /tmp/sm90_attn_trace
 //   /tmp/sm90_attn_trace [B H S D [causal]]        (default 4 16 4096 128 0)
 //
-// Timing with the trace compiled in includes the clock reads (a few per tile per warp); build without
-// -DSAGE3_SM90_TRACE for a clean kernel-alone number. SAGE3_SM90_STAGES selects the ring depth as in the extension.
+// Timing with the trace compiled in includes the clock reads (a few per tile per warp, ~10% slower); build
+// without -DSAGE3_SM90_TRACE for a clean kernel-alone number. SAGE3_SM90_STAGES selects the ring depth as in the extension.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -134,13 +134,16 @@ int main(int argc, char** argv) {
   launch();
   CHECK_CUDA(cudaDeviceSynchronize());
   CHECK_CUDA(cudaMemcpyFromSymbol(tr.data(), g_attn_trace, tr.size() * sizeof(tr[0])));
-  const char* names[kTracePoints] = {"start", "max", "softmax", "turn+", "turn-", "wait1", "end"};
+  const char* names[kTracePoints] = {"start", "max", "exp2", "issue+", "issue-", "S_j+1", "O_j+="};
   const int n_tiles = std::min(s.n_ktiles(), kTraceTiles);
-  std::printf("CTA (0,0,0) phase timeline, cycles since the tile's start (per consumer warpgroup, lane 0 of its first warp)\n");
+  std::printf("CTA (0,0,0) phase timeline, cycles since the tile's start (per consumer warpgroup, lane 0 of its first warp;\n"
+              "t0 = the tile's start since the first start of either warpgroup)\n");
   for (int cw = 0; cw < 2; ++cw) {
     double sum[kTracePoints] = {0};
     int counted = 0;
-    unsigned long long origin = tr[(cw * kTraceTiles + 0) * kTracePoints + kTraceStepStart];
+    // One origin for both warpgroups (clock64 is per SM), so their t0 columns line up.
+    const unsigned long long origin = std::min(tr[(0 * kTraceTiles + 0) * kTracePoints + kTraceStepStart],
+                                               tr[(1 * kTraceTiles + 0) * kTracePoints + kTraceStepStart]);
     std::printf("warpgroup %d: tile  t0(abs)", cw);
     for (int p = 1; p < kTracePoints; ++p) std::printf(" %8s", names[p]);
     std::printf("   period\n");
