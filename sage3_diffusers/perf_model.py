@@ -1,8 +1,8 @@
 """Measured speed of each backend on Hopper, so kernel="auto" (and a family with several kernels) picks the
 fastest one for a call instead of a fixed order.
 
-The table is the kernel benchmark bench/kernels_h200_2026-11-27_0326.json (bench/RESULTS.md): NVIDIA H200,
-2026-11-27 03:26 UTC, `python -m sage3_diffusers bench kernels`, all backends in the same run, bf16, non-causal,
+The table is the kernel benchmark bench/kernels_h200_2026-11-27_0509.json (bench/RESULTS.md): NVIDIA H200,
+2026-11-27 05:09 UTC, `python -m sage3_diffusers bench kernels`, all backends in the same run, bf16, non-causal,
 TFLOPS of the whole call (quantization included); printed by `python bench/perf_table_from_json.py <json>`. Points are (sequence length, TFLOPS) per head dim; estimates
 interpolate linearly in log(sequence length) and hold the end values outside the measured range. Only sm_90
 has measurements; elsewhere every estimate is None and the dispatcher falls back to the static priorities.
@@ -14,20 +14,20 @@ import math
 from .backends.base import AttentionProblem
 
 HOPPER_TFLOPS: dict[str, dict[int, tuple[tuple[int, float], ...]]] = {
-    "sdpa": {  # torch SDPA, cuDNN backend
-        128: ((1024, 540), (4096, 598), (4608, 588), (16384, 616), (44776, 564), (119056, 563)),
-        64: ((1024, 415), (4096, 453), (4429, 395), (16384, 461), (17776, 419)),
+    "sdpa": {
+        128: ((1024, 547), (4096, 600), (4608, 594), (16384, 612), (44776, 578), (119056, 566)),
+        64: ((1024, 414), (4096, 454), (4429, 398), (16384, 460), (17776, 418)),
     },
     "triton_int8_fp8": {
-        128: ((1024, 332), (4096, 555), (4608, 541), (16384, 670), (44776, 718), (119056, 697)),
-        64: ((1024, 283), (4096, 424), (4429, 404), (16384, 482), (17776, 494)),
+        128: ((1024, 311), (4096, 558), (4608, 536), (16384, 651), (44776, 707), (119056, 685)),
+        64: ((1024, 284), (4096, 427), (4429, 406), (16384, 485), (17776, 491)),
     },
     "cuda_sm90_int8_fp8": {
-        128: ((1024, 348), (4096, 636), (4608, 628), (16384, 792), (44776, 832), (119056, 859)),
-        64: ((1024, 262), (4096, 406), (4429, 396), (16384, 472), (17776, 480)),
+        128: ((1024, 361), (4096, 655), (4608, 647), (16384, 780), (44776, 832), (119056, 856)),
+        64: ((1024, 271), (4096, 424), (4429, 409), (16384, 493), (17776, 498)),
     },
 }
-SOURCE = "bench/kernels_h200_2026-11-27_0326.json, NVIDIA H200, 2026-11-27 03:26 UTC"
+SOURCE = "bench/kernels_h200_2026-11-27_0509.json, NVIDIA H200, 2026-11-27 05:09 UTC"
 
 
 def _interp(points, seq: int) -> float:
