@@ -35,7 +35,6 @@ def tflops(b, h, s, d, causal, ms):
 
 VARIANTS = {  # name: SAGE3_SM90_STAGES (depth of the K/V shared-memory ring)
     "s3": "3",  # default
-    "s2": "2",
     "s4": "4",
 }
 

@@ -523,14 +523,14 @@ cudaError_t launch_attn(const AttnArgs& a, cudaStream_t stream, const char** err
     *err = "sm90 attention: return_lse needs lse and q_kmean buffers";
     return cudaErrorInvalidValue;
   }
-  // K/V ring depth: 3 stages (measured fastest on H200, device run 4); SAGE3_SM90_STAGES=2 or 4 for A/B timing.
+  // K/V ring depth: 3 stages (2 is 15-30% slower since v8, 4 = 3 within noise; H200, bench/RESULTS.md);
+  // SAGE3_SM90_STAGES=4 for A/B timing.
   const char* st_env = std::getenv("SAGE3_SM90_STAGES");
-  const int stages = st_env && (st_env[0] == '2' || st_env[0] == '4') ? st_env[0] - '0' : 3;
+  const int stages = st_env && st_env[0] == '4' ? 4 : 3;
 #define SAGE3_LAUNCH_T(ST, C, L)                                                              \
   return a.out_bf16 ? launch_attn_variant<D, ST, C, L, __nv_bfloat16>(a, stream, tq, tk, tv, prm) \
                     : launch_attn_variant<D, ST, C, L, __half>(a, stream, tq, tk, tv, prm)
 #define SAGE3_LAUNCH(C, L)                     \
-  if (stages == 2) { SAGE3_LAUNCH_T(2, C, L); } \
   if (stages == 4) { SAGE3_LAUNCH_T(4, C, L); } \
   SAGE3_LAUNCH_T(3, C, L)
   if (a.causal) {
