@@ -59,8 +59,9 @@ __device__ __forceinline__ constexpr int perm_token(int p) { return (p >> 2) * 2
 // registers, then computed, then stored, so an SM had loads in flight only part of the time. v6:
 //   * every block stages its 128-token tile into shared memory with cp.async (no registers held by loads in
 //     flight), then reads it twice (amax pass, quantize pass); ~40 registers -> 4-6 blocks per SM.
-//   * the exact division x / scale (IEEE RNE, then RNE to int8 / e4m3) takes a reciprocal fast path with an
-//     exactness test; the few elements the test cannot prove fall back to __fdiv_rn (proof at quant_i8x8).
+//   * the exact division x / scale (IEEE RNE, then RNE to int8) of Q and K takes a reciprocal fast path with an
+//     exactness test; the few elements the test cannot prove fall back to __fdiv_rn (proof at quant_i8x8). V
+//     (e4m3) divides exactly everywhere (see v_block).
 //   * kv_stats keeps 4 token rows of K and V in flight per thread (same summation order).
 //   * the K/V blocks run first, in reverse (batch, head) order, so they start on what kv_stats read last (L2).
 namespace v6 {
@@ -137,12 +138,6 @@ __device__ __forceinline__ uint2 quant_i8x8(const float (&x)[8], float scale, fl
   const uint32_t w0 = __byte_perm(__byte_perm(tb[0], tb[1], 0x0040), __byte_perm(tb[2], tb[3], 0x0040), 0x5410);
   const uint32_t w1 = __byte_perm(__byte_perm(tb[4], tb[5], 0x0040), __byte_perm(tb[6], tb[7], 0x0040), 0x5410);
   return make_uint2(w0, w1);
-}
-
-__device__ __forceinline__ uint32_t cvt_e4m3x2(float lo_elem, float hi_elem) {
-  uint16_t r;
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi_elem), "f"(lo_elem));
-  return r;
 }
 
 template <typename T>
@@ -350,12 +345,10 @@ __device__ void k_block(const QuantArgs& a, int kv, Smem& sm, const T* s_tile) {
 }
 
 // V: each thread owns one channel pair (2c, 2c+1) and 16-token groups; a warp reads 32 consecutive channel pairs
-// of one token row (128 contiguous bytes, conflict-free) and writes 16 bytes per channel row.
-// Fast path per output pair: y = fl(v * rcp); the exact value is f = fl(v / sc) with |f - y| <= 3.01 * 2^-24 |y|
-// (y normal; for |y| < 2^-126 every candidate rounds to a signed zero of v's sign). lo = fl(y - y 2^-20) and
-// hi = fl(y + y 2^-20) bracket f (margin 15 * 2^-24 |y| after their own rounding); e4m3 RNE with saturation is
-// monotone, so e4m3(lo) == e4m3(hi) implies e4m3(f) == e4m3(lo). A mismatch anywhere in the thread's 16-token
-// group (or rcp NaN: channel scale 0 / subnormal / inf / NaN) redoes the group with __fdiv_rn as v5.
+// of one token row (128 contiguous bytes, conflict-free) and writes 16 bytes per channel row. Every value is
+// divided exactly (__fdiv_rn, as the reference). A reciprocal fast path with a bracketing test (lo/hi around
+// fl(v * rcp), redo the group on a mismatch) was measured 3-5% slower on the H200 (2026-11-27, outputs identical):
+// bf16 inputs hit exact e4m3 ties often enough (~0.6% of elements) that nearly every warp took the exact path too.
 template <int D, typename T>
 __device__ void v_block(const QuantArgs& a, int kv, Smem& sm, const T* s_tile) {
   constexpr int NP = D / 2;                                 // channel pairs
@@ -372,7 +365,6 @@ __device__ void v_block(const QuantArgs& a, int kv, Smem& sm, const T* s_tile) {
   if (tile == 0 && threadIdx.x < D) a.v_scale[(int64_t)bh * D + threadIdx.x] = sm.vec[threadIdx.x];
   const int cp = threadIdx.x % NP, gbase = threadIdx.x / NP * NG;  // channel pair, first 16-token group
   const float sc[2] = {sm.vec[2 * cp], sm.vec[2 * cp + 1]};
-  const float rc[2] = {fast_rcp(sc[0]), fast_rcp(sc[1])};
   const uint32_t* s_words = reinterpret_cast<const uint32_t*>(s_tile);
   const int64_t pad = a.s.skv_pad();
   uint8_t* vo = a.v_t + ((int64_t)bh * D + 2 * cp) * pad + t0;
@@ -383,47 +375,19 @@ __device__ void v_block(const QuantArgs& a, int kv, Smem& sm, const T* s_tile) {
 #pragma unroll
     for (int k = 0; k < 16; ++k) wv[k] = s_words[(r0 + k) * NP + cp];
     uint32_t out[2][4];
-    uint32_t diff = 0;
 #pragma unroll
     for (int ch = 0; ch < 2; ++ch) {
 #pragma unroll
-      for (int w = 0; w < 4; ++w) {  // output word w: positions 4w..4w+3 = tokens perm(4w), +1, perm(4w+2), +1
-        const int ta = perm_token(4 * w), tb = perm_token(4 * w + 2);
-        float lo[4], hi[4];
-        const int tok[4] = {ta, ta + 1, tb, tb + 1};
+      for (int w = 0; w < 4; ++w) {  // output word w: positions 4w..4w+3 = tokens perm(4w), ..., perm(4w+3)
+        float q[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
+          const int tk = perm_token(4 * w + e);
           float v0, v1;
-          unpack2<T>(wv[tok[e]], v0, v1);
-          const float y = __fmul_rn(ch == 0 ? v0 : v1, rc[ch]);
-          lo[e] = __fmaf_rn(y, -0x1p-20f, y);
-          hi[e] = __fmaf_rn(y, 0x1p-20f, y);
+          unpack2<T>(wv[tk], v0, v1);
+          q[e] = (sc[ch] == 0.f || t0 + r0 + tk >= a.s.Skv) ? 0.f : __fdiv_rn(ch == 0 ? v0 : v1, sc[ch]);
         }
-        const uint32_t wl = cvt_e4m3x2(lo[0], lo[1]) | (cvt_e4m3x2(lo[2], lo[3]) << 16);
-        const uint32_t wh = cvt_e4m3x2(hi[0], hi[1]) | (cvt_e4m3x2(hi[2], hi[3]) << 16);
-        diff |= wl ^ wh;
-        out[ch][w] = wl;
-      }
-    }
-    // A mismatch anywhere in the group, or a NaN reciprocal (scale 0 / subnormal / huge / inf / NaN; NaN lo and
-    // hi convert to the same NaN byte), redoes the thread's group exactly as v5. In a CPU emulation on bf16 data
-    // ~0.6% of elements miss the fast path (mostly exact ties), i.e. ~18% of threads per group: per-word or
-    // per-byte fallbacks were tried and spilled (the __fdiv_rn slow-path call clobbers registers).
-    if (__builtin_expect(diff != 0 || rc[0] != rc[0] || rc[1] != rc[1], 0)) {
-#pragma unroll
-      for (int ch = 0; ch < 2; ++ch) {
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {
-          float q[4];
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int tk = perm_token(4 * w + e);
-            float v0, v1;
-            unpack2<T>(wv[tk], v0, v1);
-            q[e] = (sc[ch] == 0.f || t0 + r0 + tk >= a.s.Skv) ? 0.f : __fdiv_rn(ch == 0 ? v0 : v1, sc[ch]);
-          }
-          out[ch][w] = pack_e4m3x4(q[0], q[1], q[2], q[3]);
-        }
+        out[ch][w] = pack_e4m3x4(q[0], q[1], q[2], q[3]);
       }
     }
 #pragma unroll
