@@ -31,6 +31,9 @@ __device__ __forceinline__ float ld_shared_f32(const float* p) {
   asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(smem_addr(p)) : "memory");
   return v;
 }
+__device__ __forceinline__ void st_shared_f32(float* p, float v) {
+  asm volatile("st.shared.f32 [%0], %1;" ::"r"(smem_addr(p)), "f"(v) : "memory");
+}
 __device__ __forceinline__ void st_shared_f32x4(float* p, float4 v) {
   asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(smem_addr(p)), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
                : "memory");
@@ -118,7 +121,6 @@ __device__ __forceinline__ void named_barrier_sync(int id, int count) {
 __device__ __forceinline__ void named_barrier_arrive(int id, int count) {
   asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(count) : "memory");
 }
-
 
 // ---- conversions ----------------------------------------------------------------------------
 // Four fp32 -> four e4m3 (RNE, saturating to +-448) packed little-endian: x0 in the lowest byte.

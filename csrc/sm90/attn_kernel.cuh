@@ -22,7 +22,6 @@
 
 #include <climits>
 #include <cstdlib>
-#include <type_traits>
 
 #include "common/ptx_sm90.cuh"
 #include "common/store_pair.cuh"
@@ -37,10 +36,7 @@ constexpr float kLn2 = 0.69314718055994531f;
 
 // ptxas moves arithmetic freely across bar.sync / bar.arrive, but not memory operations: storing a value to
 // shared memory right before a named barrier keeps the work that produced it on its side of the barrier.
-__device__ __forceinline__ void pin_before_barrier(float* slot, float value) {
-  asm volatile("st.shared.f32 [%0], %1;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(slot))), "f"(value)
-               : "memory");
-}
+__device__ __forceinline__ void pin_before_barrier(float* slot, float value) { st_shared_f32(slot, value); }
 
 // The two consumer warpgroups take turns on the exponentials of a tile (the MUFU-bound part of the softmax:
 // 16 exp2/clk/SM, as much time as the tile's two GEMMs on the tensor cores), so their exp2 phases alternate
