@@ -37,7 +37,7 @@ def inputs(shape, dit_like: bool):
     g = torch.Generator(device="cuda").manual_seed(0)
     b, h, s, d = shape
     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
-    if dit_like:  # as in sage3_diffusers.bench.dit_inputs: outlier Q channels, large per-channel K offset
+    if dit_like:  # dit_inputs' recipe (outlier Q channels, per-channel K offset); other draw order, other tensors
         q[..., : d // 16] *= 8
         k += (8.0 * torch.randn(h, 1, d, device="cuda", generator=g)).to(k.dtype)
     return q, k, v
