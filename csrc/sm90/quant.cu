@@ -98,8 +98,8 @@ __device__ __forceinline__ void stage_tile(T* s_tile, const T* base, int64_t ss,
   }
 }
 
-// Reciprocal used by the fast paths, or NaN where they are not allowed (scale 0, subnormal, huge, inf, NaN):
-// NaN makes every exactness test below fail, so those groups/channels take the exact __fdiv_rn path.
+// Reciprocal used by the INT8 (Q, K) fast path, or NaN where it is not allowed (scale 0, subnormal, huge, inf,
+// NaN): NaN makes the exactness test in quant_i8x8 fail, so those groups take the exact __fdiv_rn path.
 __device__ __forceinline__ float fast_rcp(float scale) {
   return (scale >= 0x1p-126f && scale <= 0x1p126f) ? __frcp_rn(scale) : __int_as_float(0x7fffffff);
 }
