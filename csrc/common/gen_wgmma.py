@@ -62,7 +62,9 @@ def rs_e4m3(n, zero=False):
 
 
 def main():
-    parts = [HEADER] + [f(n, zero) for f in (ss_int8, rs_e4m3) for n in (128, 64) for zero in (False, True)]
+    # PV has N = D + 8: the head dim plus 8 columns of ones in V^T, whose products are the rows sums of P.
+    parts = [HEADER] + [ss_int8(n, zero) for n in (128, 64) for zero in (False, True)]
+    parts += [rs_e4m3(n, zero) for n in (136, 72) for zero in (False, True)]
     parts.append("}  // namespace sage3\n")
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wgmma_ops.cuh")
     with open(path, "w") as f:

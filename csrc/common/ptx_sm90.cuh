@@ -39,6 +39,16 @@ __device__ __forceinline__ void st_shared_f32x4(float* p, float4 v) {
                : "memory");
 }
 
+// 16 bytes of shared memory, each 32-bit word = v.
+__device__ __forceinline__ void st_shared_splat_u32x4(void* p, uint32_t v) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};" ::"r"(smem_addr(p)), "r"(v) : "memory");
+}
+
+// Makes this thread's generic-proxy shared-memory writes visible to the async proxy (TMA, wgmma operand reads).
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }

@@ -7,10 +7,13 @@
 //   warpgroups 1, 2: consumers, 64 query rows each. Per 128-key tile: S = Q K^T (s8 wgmma, smem x smem),
 //                dequantize with one Q scale per thread and one K scale per thread (the "per_thread"
 //                groups match the accumulator layout), online softmax in the log2 domain with the fixed
-//                +8.807 offset, P -> e4m3 in registers, O_tile = P V (e4m3 wgmma, A from registers),
-//                acc = acc * alpha + O_tile (two-level fp32 accumulation). Each consumer is software-pipelined
-//                by one tile (the softmax of tile j+1 runs while its O_j = P_j V_j is on the tensor cores) and
-//                the two consumers take turns on the exponentials (ping-pong on the MUFU): see consumer_loop.
+//                +8.807 offset, P -> e4m3 in registers, O_tile = P [V | 1] (e4m3 wgmma, A from registers,
+//                N = D + 8: eight rows of ones under V^T in shared memory make the tensor core return the
+//                row sums of the e4m3 P with the tile, so the softmax adds no row sums itself),
+//                acc = acc * alpha + O_tile, l = l * alpha + rowsum (two-level fp32 accumulation).
+//                Each consumer is software-pipelined by one tile (the softmax of tile j+1 runs while its
+//                O_j = P_j V_j is on the tensor cores) and the two consumers take turns on the exponentials
+//                (ping-pong on the MUFU): see consumer_loop.
 // P stays in registers because V^T's tokens were permuted [0,1,8,9,2,3,10,11,4,5,12,13,6,7,14,15] within
 // each 16-token group by the quantization kernel: the accumulator columns a thread holds then line up
 // with the A-fragment k positions it must supply.
@@ -66,7 +69,10 @@ struct AttnTraits {
   static constexpr int kStages = STAGES;  // depth of the K / V^T shared-memory ring
   static constexpr int kQBytes = kCtaQ * D;
   static constexpr int kKBytes = kCtaK * D;
-  static constexpr int kVBytes = D * kCtaK;
+  static constexpr int kVRows = D + 8;                 // V^T rows in a stage: D channels, then 8 rows of ones
+  static constexpr int kVBytes = kVRows * kCtaK;       // stage stride of the V^T ring
+  static constexpr int kVLoadBytes = D * kCtaK;        // what TMA writes per stage (the ones stay)
+  static constexpr int kPvN = D + 8;                   // N of the PV wgmma; column D of its output is the row sum
   static constexpr int kBarrierBytes = 256;
   static constexpr int kPinBytes = 256 * 4;  // one float per consumer thread, see pin_before_barrier
   static constexpr int kSmemBytes =
@@ -74,13 +80,14 @@ struct AttnTraits {
   static constexpr int kThreads = 384;
 };
 
-// O (+)= P V^T for one 32-key step; kFirst starts a fresh accumulator (write-only registers, see gen_wgmma.py).
+// O (+)= P [V | 1]^T for one 32-key step (N = D + 8); kFirst starts a fresh accumulator (write-only registers,
+// see gen_wgmma.py).
 template <int D, bool kFirst>
-__device__ __forceinline__ void pv_wgmma(float (&o)[D / 2], const uint32_t (&a)[4], uint64_t desc) {
+__device__ __forceinline__ void pv_wgmma(float (&o)[D / 2 + 4], const uint32_t (&a)[4], uint64_t desc) {
   if constexpr (D == 128) {
-    if constexpr (kFirst) wgmma_m64n128k32_f32_e4m3_rs_zero(o, a, desc); else wgmma_m64n128k32_f32_e4m3_rs(o, a, desc, 1);
+    if constexpr (kFirst) wgmma_m64n136k32_f32_e4m3_rs_zero(o, a, desc); else wgmma_m64n136k32_f32_e4m3_rs(o, a, desc, 1);
   } else {
-    if constexpr (kFirst) wgmma_m64n64k32_f32_e4m3_rs_zero(o, a, desc); else wgmma_m64n64k32_f32_e4m3_rs(o, a, desc, 1);
+    if constexpr (kFirst) wgmma_m64n72k32_f32_e4m3_rs_zero(o, a, desc); else wgmma_m64n72k32_f32_e4m3_rs(o, a, desc, 1);
   }
 }
 
@@ -129,6 +136,13 @@ __global__ void __launch_bounds__(384, 1)
     }
     fence_barrier_init();
   }
+  // The rows of ones under each V^T stage (e4m3 1.0 = 0x38; the 128B swizzle permutes 16-byte chunks within a
+  // row, so a row of equal bytes needs none). TMA never writes them; made visible to wgmma (async proxy) here.
+  for (int i = threadIdx.x; i < S * 8 * kCtaK / 16; i += blockDim.x) {
+    const int s = i / (8 * kCtaK / 16), c = i % (8 * kCtaK / 16);
+    st_shared_splat_u32x4(s_v + s * T::kVBytes + T::kVLoadBytes + 16 * c, 0x38383838u);
+  }
+  fence_proxy_async_smem();
   __syncthreads();
 
   const int wg = threadIdx.x / 128;
@@ -153,7 +167,7 @@ __global__ void __launch_bounds__(384, 1)
         mbar_arrive_expect_tx(&k_full[s], T::kKBytes);
         tma_load_4d(s_k + s * T::kKBytes, &tm_k, &k_full[s], 0, j * kCtaK, hkv, b);
         if (j >= S) mbar_wait(&v_empty[s], empty_parity);
-        mbar_arrive_expect_tx(&v_full[s], T::kVBytes);
+        mbar_arrive_expect_tx(&v_full[s], T::kVLoadBytes);
         tma_load_4d(s_v + s * T::kVBytes, &tm_v, &v_full[s], j * kCtaK, 0, hkv, b);
         st_shared_f32x4(s_kscale + 4 * s, ks);
         mbar_arrive(&k_full[s]);  // release: the store above is visible to whoever waits on k_full[s]
@@ -193,7 +207,7 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
   const uint64_t v_desc0 = make_smem_desc<T::kVSwizzle>(smem_addr(s_v));
 
   float m_a = -INFINITY, m_b = -INFINITY;  // running row max (log2 domain)
-  float l_a = 0.f, l_b = 0.f;              // this thread's share of the row sums
+  float l_a = 0.f, l_b = 0.f;              // row sums of the e4m3 P (whole rows: from the PV wgmma's ones columns)
   float acc[D / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
@@ -222,8 +236,8 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
     if (lane == 0) mbar_arrive(&k_empty[j % S]);
   };
 
-  // Softmax of tile j (scores in sacc, K-group scale k_sc): updates m and l, leaves P~_j = exp2(...) in sf
-  // (fp32) and the factor alpha = exp2(m_{j-1} - m_j) that rescales the accumulator before O_j is added.
+  // Softmax of tile j (scores in sacc, K-group scale k_sc): updates m, leaves P~_j = exp2(...) in sf (fp32) and
+  // the factor alpha = exp2(m_{j-1} - m_j) that rescales acc and l before O_j and its row sums are added.
   auto softmax = [&](const int j, const float k_sc, float (&sf)[64], float& alpha_a, float& alpha_b) {
     SAGE3_TRACE(cw, j, kTraceStepStart);
     // ---- row max on the integer scores ----
@@ -295,16 +309,17 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
     }
 #pragma unroll
     for (int i = 0; i < 64; ++i) sf[i] = exp2_approx(sf[i]);
-    float ps_a = 0.f, ps_b = 0.f;
+    {
+      // Every exp2 of the tile is done before the hand-over: pinned by a store of the XOR of their bits (the
+      // row sums used to be the pin; they now come from the PV wgmma). Measured against a second packing of P
+      // and an integer max as the pin, and no pin at all (ptxas then hands over after the first MUFU): -1% to
+      // -15%, bench/NOTES.md.
+      uint32_t x = 0;
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      ps_a += sf[4 * i + 0] + sf[4 * i + 1];
-      ps_b += sf[4 * i + 2] + sf[4 * i + 3];
+      for (int i = 0; i < 64; i += 2) x ^= __float_as_uint(sf[i]) ^ __float_as_uint(sf[i + 1]);
+      pin_before_barrier(s_pin, __uint_as_float(x));
     }
-    pin_before_barrier(s_pin, ps_a + ps_b);  // every exp2 of the tile is done before the hand-over
     exp_turn_handover(cw);
-    l_a = l_a * alpha_a + ps_a;
-    l_b = l_b * alpha_b + ps_b;
 
     SAGE3_TRACE(cw, j, kTraceSoftmaxDone);
   };
@@ -321,7 +336,7 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
   };
 
   // O_j = P_j V_j into a fresh fp32 accumulator (the first level of the two-level accumulation).
-  auto issue_pv = [&](const int j, const uint32_t (&pa)[4][4], float (&o)[D / 2]) {
+  auto issue_pv = [&](const int j, const uint32_t (&pa)[4][4], float (&o)[T::kPvN / 2]) {
     const int s = j % S;
     mbar_wait(&v_full[s], (j / S) & 1);
     wgmma_fence();
@@ -331,10 +346,11 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
     for (int kk = 1; kk < 4; ++kk) pv_wgmma<D, false>(o, pa[kk], desc_advance(v_desc, kk * 32));
     wgmma_commit();
   };
-  // O_j has landed: release V stage j (and P_j's registers), then acc = acc * alpha_j + O_j.
-  auto add_pv = [&](const int j, float (&o)[D / 2], uint32_t (&pa)[4][4], float alpha_a, float alpha_b) {
+  // O_j has landed: release V stage j (and P_j's registers), then acc = acc * alpha_j + O_j and
+  // l = l * alpha_j + rowsum(P_j) (output column D, the first ones column: o[D/2] row a, o[D/2 + 2] row b).
+  auto add_pv = [&](const int j, float (&o)[T::kPvN / 2], uint32_t (&pa)[4][4], float alpha_a, float alpha_b) {
 #pragma unroll
-    for (int i = 0; i < D / 2; ++i) reg_fence(o[i]);
+    for (int i = 0; i < T::kPvN / 2; ++i) reg_fence(o[i]);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
@@ -348,6 +364,8 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
       acc[4 * i + 2] = acc[4 * i + 2] * alpha_b + o[4 * i + 2];
       acc[4 * i + 3] = acc[4 * i + 3] * alpha_b + o[4 * i + 3];
     }
+    l_a = l_a * alpha_a + o[D / 2];
+    l_b = l_b * alpha_b + o[D / 2 + 2];
   };
 
   // Schedule per consumer warpgroup, software-pipelined by one tile (FlashAttention-3's intra-warpgroup overlap):
@@ -372,7 +390,7 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
   // The last tile is peeled: an asm that writes sacc under a run-time branch makes ptxas serialize the wgmma
   // pipeline (register merges at the join).
   for (int j = 0; j + 1 < n_tiles; ++j) {
-    float o[D / 2];
+    float o[T::kPvN / 2];
     SAGE3_TRACE(cw, j, kTraceIssueStart);
     issue_qk(j + 1);
     issue_pv(j, pa, o);
@@ -391,7 +409,7 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
   }
   {
     const int j = n_tiles - 1;
-    float o[D / 2];
+    float o[T::kPvN / 2];
     issue_pv(j, pa, o);
     wgmma_wait<0>();
     add_pv(j, o, pa, alpha_a, alpha_b);
@@ -406,10 +424,6 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
   float2 v_sc_pairs[D / 8];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) v_sc_pairs[i] = vs[4 * i + tg];
-  l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
-  l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
-  l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
-  l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
 
   OutT* out = static_cast<OutT*>(p.out) + (int64_t)b * p.o_sb + (int64_t)hq * p.o_sh;
   const bool ok_a = row_a < p.Sq, ok_b = row_b < p.Sq;

@@ -20,7 +20,7 @@ for d in 64 128; do
     -c "$here/sm90/attn_hd$d.cu" -o "$out/attn_hd$d.o" > "$out/attn_hd$d.ptxas.log" 2>&1
   "$cuobjdump" -sass "$out/attn_hd$d.o" > "$out/attn_hd$d.sass"
   ig=$(grep -cE 'IGMMA\.64x128x32\.S8\.S8' "$out/attn_hd$d.sass" || true)
-  qg=$(grep -cE 'QGMMA\.64x(64|128)x32\.F32\.E4M3\.E4M3' "$out/attn_hd$d.sass" || true)
+  qg=$(grep -cE 'QGMMA\.64x(72|136)x32\.F32\.E4M3\.E4M3' "$out/attn_hd$d.sass" || true)
   tma=$(grep -cE 'UTMALDG' "$out/attn_hd$d.sass" || true)
   lmem=$(grep -cE '\b(LDL|STL)\b' "$out/attn_hd$d.sass" || true)
   spills=$(grep -cE '[1-9][0-9]* bytes spill' "$out/attn_hd$d.ptxas.log" || true)

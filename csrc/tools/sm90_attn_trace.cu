@@ -8,6 +8,8 @@
 //
 // Timing with the trace compiled in includes the clock reads (a few per tile per warp, ~10% slower); build
 // without -DSAGE3_SM90_TRACE for a clean kernel-alone number. SAGE3_SM90_STAGES selects the ring depth as in the extension.
+// The output line ends with an FNV-1a hash of the output bytes (equal hashes: bit-identical outputs across two
+// builds); SAGE3_SM90_DUMP=path also writes the raw bf16 output there.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -124,8 +126,20 @@ int main(int argc, char** argv) {
   const double flops = 4.0 * B * H * static_cast<double>(S) * S * D * (causal ? 0.5 : 1.0);
   cudaDeviceProp prop{};
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
-  std::printf("%s  B=%d H=%d S=%d D=%d causal=%d  kernel alone %.3f ms = %.0f TFLOPS%s\n", prop.name, B, H, S, D,
-              causal ? 1 : 0, ms, flops / (ms * 1e-3) / 1e12,
+  // FNV-1a of the output bytes: two builds of the kernel (A/B macros) that must compute the same numbers print
+  // the same hash for the same arguments (the inputs come from a fixed-seed generator).
+  std::vector<uint8_t> host_out(n_qk * 2);
+  CHECK_CUDA(cudaMemcpy(host_out.data(), out, host_out.size(), cudaMemcpyDeviceToHost));
+  if (const char* dump = std::getenv("SAGE3_SM90_DUMP")) {  // raw bf16 output, for comparing two builds offline
+    if (FILE* fh = std::fopen(dump, "wb")) {
+      std::fwrite(host_out.data(), 1, host_out.size(), fh);
+      std::fclose(fh);
+    }
+  }
+  unsigned long long hash = 1469598103934665603ull;
+  for (uint8_t byte : host_out) hash = (hash ^ byte) * 1099511628211ull;
+  std::printf("%s  B=%d H=%d S=%d D=%d causal=%d  kernel alone %.3f ms = %.0f TFLOPS  output %016llx%s\n", prop.name, B,
+              H, S, D, causal ? 1 : 0, ms, flops / (ms * 1e-3) / 1e12, hash,
               SAGE3_SM90_TRACE ? "  (trace compiled in: includes clock reads)" : "");
 
 #if SAGE3_SM90_TRACE

@@ -27,13 +27,16 @@ def online_softmax_attention(
     p_offset_log2: float,
     is_causal: bool,
     device,
+    row_sum_of_quantized_p: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flash-style forward over key tiles of `kv_tile` tokens, exactly as a tiled kernel computes it.
 
     scores_log2(start, end) -> [B, H, Sq, end-start] scores already scaled into the log2 domain.
     With m the running row max (including the current tile) the probabilities of a tile are
-    P̃ = exp2(t - m + p_offset_log2), so the row maximum maps to 2**p_offset_log2. The row sum l
-    accumulates the unquantized fp32 P̃; the PV product uses quantize_p(P̃) (the kernel's P operand).
+    P̃ = exp2(t - m + p_offset_log2), so the row maximum maps to 2**p_offset_log2. The PV product uses
+    quantize_p(P̃) (the kernel's P operand); the row sum l accumulates the fp32 P̃, or with
+    row_sum_of_quantized_p the quantized P itself (what a kernel gets by multiplying P with a column of ones
+    on the tensor core: numerator and denominator then use the same P).
     Returns (acc, l, m): the output is acc / l, the log2-sum-exp is m + log2(l) - p_offset_log2.
     """
     acc = m = l = None
@@ -54,7 +57,8 @@ def online_softmax_attention(
         m_safe = torch.where(torch.isinf(m_new) & (m_new < 0), torch.zeros_like(m_new), m_new)
         p = torch.exp2(t - m_safe.unsqueeze(-1) + p_offset_log2)
         alpha = torch.exp2(m - m_safe)
-        l = l * alpha + p.sum(dim=-1)
-        acc = acc * alpha.unsqueeze(-1) + quantize_p(p) @ v_tile(start, end)
+        p_q = quantize_p(p)
+        l = l * alpha + (p_q if row_sum_of_quantized_p else p).sum(dim=-1)
+        acc = acc * alpha.unsqueeze(-1) + p_q @ v_tile(start, end)
         m = m_new
     return acc, l, m

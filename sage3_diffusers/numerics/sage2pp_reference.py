@@ -5,7 +5,9 @@ Per (batch, head), inputs HND [B, H, S, D], everything computed in fp32:
 2. INT8 Q and K' with one scale per token group (`int8.py`; default granularity "per_thread").
 3. Scores in the log2 domain: t = (Q̂·K̂ᵀ) · δ_Q · δ_K · sm_scale · log2(e)   (integer dot products are exact).
 4. Online softmax over key tiles of `kv_tile` tokens (`attention_common.py`) with the fixed offset
-   P̃ = exp2(t - m + 8.807) ≤ 448, P̂ = e4m3_round(P̃); the row sum uses the unquantized P̃.
+   P̃ = exp2(t - m + 8.807) ≤ 448, P̂ = e4m3_round(P̃); the row sum l is the fp32 sum of P̂ (the sm90 kernel
+   gets it from the tensor core as P̂ times a column of ones; slightly more accurate than summing P̃ against
+   fp64 SDPA, bench/NOTES.md).
 5. V in FP8 E4M3 with one scale per channel (`fp8.py`); each tile's P̂·V̂ accumulates into a fresh fp32
    accumulator that is added to the running one (two-level FP32 accumulation).
 6. O = acc / l · δ_V. LSE (natural log, of sm_scale·Q·Kᵀ with the unsmoothed K) = (m + log2 l - 8.807)·ln2
@@ -68,7 +70,7 @@ def sage2pp_attention_reference(q, k, v, *, is_causal: bool = False, sm_scale: f
 
     acc, l, m = online_softmax_attention(
         scores_log2, e4m3_round, lambda s, e: v_f8[..., s:e, :], seq_q=seq_q, seq_kv=seq_kv, kv_tile=kv_tile,
-        p_offset_log2=P_FP8_OFFSET_LOG2, is_causal=is_causal, device=q.device)
+        p_offset_log2=P_FP8_OFFSET_LOG2, is_causal=is_causal, device=q.device, row_sum_of_quantized_p=True)
     v_scale = expand_kv_heads(qz.v_scale.unsqueeze(-2), heads_q)
     out = (acc / l.unsqueeze(-1) * v_scale).to(q.dtype)
     if not return_lse:
