@@ -21,6 +21,12 @@
 #include "common/ptx_sm90.cuh"
 #include "sm90/api.h"
 
+// Blocks per SM that quantize_qkv v7 is compiled for (register cap 65536 / (256 * blocks)); 0: per head dim,
+// 5 for D=64 (48 registers, no spills; H200: 6-11% faster than 4) and 4 for D=128 (5 spills there).
+#ifndef SAGE3_QUANT_V7_MINB
+#define SAGE3_QUANT_V7_MINB 0
+#endif
+
 namespace sage3::sm90 {
 namespace {
 
@@ -52,7 +58,7 @@ __device__ __forceinline__ void unpack8(const uint4& raw, float (&x)[8]) {
 // Token at permuted position p (0..15) of a 16-token group: [0,1,8,9,2,3,10,11,4,5,12,13,6,7,14,15].
 __device__ __forceinline__ constexpr int perm_token(int p) { return (p >> 2) * 2 + (p & 1) + ((p & 2) ? 8 : 0); }
 
-// ====================================== v6 (default) ======================================
+// ============================ v6 (previous; build with -DSAGE3_QUANT_V6=1) ============================
 // Same outputs, bit for bit, as the previous v5 kernels (removed after the H200 run of 2026-11-27 03:24 UTC showed
 // v6 byte-identical on 10 shapes and 1.5-2x faster; see bench/NOTES.md).
 // v5 was latency-bound: 100 registers/thread -> 2 blocks (16 warps) per SM, and each block loaded its tile into
@@ -412,26 +418,202 @@ __global__ void __launch_bounds__(kThreads, 4) quantize_qkv_kernel(QuantArgs a, 
   }
 }
 
+// The two launches separately (the A/B harness csrc/tools/sm90_quant_ab.cu times each).
+template <int D, typename T>
+cudaError_t launch_stats(const QuantArgs& a, cudaStream_t stream) {
+  dim3 stats_grid(a.s.n_chunks(), a.s.Hkv, a.s.B);
+  kv_stats_kernel<D, T><<<stats_grid, kStatsThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+// Block counts of quantize_qkv: Q tiles, K tiles (= V tiles); false if the grid does not fit.
+inline bool qkv_blocks(const QuantShapes& s, int& n_q, int& n_k) {
+  const int64_t q = (int64_t)s.B * s.Hq * (s.n_qgroups() / 8 * 16 / kQuantQRows);
+  const int64_t k = (int64_t)s.B * s.Hkv * s.n_ktiles();
+  if (q + 2 * k >= (int64_t)1 << 31) return false;
+  n_q = (int)q;
+  n_k = (int)k;
+  return true;
+}
+
+template <int D, typename T>
+cudaError_t launch_qkv(const QuantArgs& a, cudaStream_t stream) {
+  int n_q, n_k;
+  if (!qkv_blocks(a.s, n_q, n_k)) return cudaErrorInvalidValue;
+  quantize_qkv_kernel<D, T><<<(unsigned)(n_q + 2 * n_k), kThreads, 0, stream>>>(a, n_q, n_k);
+  return cudaGetLastError();
+}
+
 template <int D, typename T>
 cudaError_t launch_quantize(const QuantArgs& a, cudaStream_t stream) {
-  const QuantShapes& s = a.s;
-  dim3 stats_grid(s.n_chunks(), s.Hkv, s.B);
-  kv_stats_kernel<D, T><<<stats_grid, kStatsThreads, 0, stream>>>(a);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return e;
-  const int64_t n_q = (int64_t)s.B * s.Hq * (s.n_qgroups() / 8 * 16 / kQuantQRows);
-  const int64_t n_k = (int64_t)s.B * s.Hkv * s.n_ktiles();
-  const int64_t total = n_q + 2 * n_k;
-  if (total >= (int64_t)1 << 31) return cudaErrorInvalidValue;
-  quantize_qkv_kernel<D, T><<<(unsigned)total, kThreads, 0, stream>>>(a, (int)n_q, (int)n_k);
-  return cudaGetLastError();
+  cudaError_t e = launch_stats<D, T>(a, stream);
+  return e != cudaSuccess ? e : launch_qkv<D, T>(a, stream);
 }
 
 }  // namespace v6
 
+// ====================================== v7 (default) ======================================
+// Same outputs, bit for bit, as v6: kv_stats and the Q and K blocks are v6's code; only the V block changes.
+// v6's quantize_qkv was issue-bound rather than DRAM-bound (H200 ncu: 47% of DRAM bandwidth, 62% SM
+// throughput), mostly in its V block: ~25 instructions per element, because each __fdiv_rn sat in its own branch
+// region (scale == 0 / padding guard) and ptxas expanded every one in full (MUFU.RCP, 5 FFMA, FCHK, call).
+// v7's V block brackets the quotient instead (proof at e4m3_bracket): two FMUL and one cvt per element, plus an
+// exact __fdiv_rn for the rare element whose bracket straddles an e4m3 rounding boundary.
+namespace v7 {
+
+using v6::kThreads;
+
+// Reciprocal bracket for the V fast path: y = fl(1/scale) and y * (1 -+ 2^-20) rounded, or fast = false where the
+// proof's range assumption fails (scale 0, subnormal, huge, inf, NaN).
+struct RcpBracket {
+  float lo, hi;
+  bool fast;
+};
+__device__ __forceinline__ RcpBracket rcp_bracket(float scale) {
+  RcpBracket r;
+  r.fast = scale >= 0x1p-120f && scale <= 0x1p120f;  // false for NaN too
+  const float y = __frcp_rn(r.fast ? scale : 1.f);
+  r.lo = __fmul_rn(y, 1.f - 0x1p-20f);
+  r.hi = __fmul_rn(y, 1.f + 0x1p-20f);
+  return r;
+}
+
+// Exact e4m3(__fdiv_rn(x[e], scale)) of the elements whose byte is set in `redo` (0xff per byte), merged into w;
+// elements with bit e of `zero` set give 0x00 (v6's padding / scale-0 value). Out of line: rarely run, and the
+// inlined __fdiv_rn expansions would make the kernel (three block kinds sharing the instruction cache) larger.
+__device__ __noinline__ uint32_t e4m3_exact(uint32_t w, uint32_t redo, float x0, float x1, float x2, float x3,
+                                            float scale, uint32_t zero) {
+  const float x[4] = {x0, x1, x2, x3};
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    if ((redo >> (8 * e)) & 0xffu) {
+      const float q = (zero >> e) & 1u ? 0.f : __fdiv_rn(x[e], scale);
+      w = (w & ~(0xffu << (8 * e))) | ((pack_e4m3x4(q, 0.f, 0.f, 0.f) & 0xffu) << (8 * e));
+    }
+  }
+  return w;
+}
+
+// Four values -> e4m3(fl(x / scale)) (fl = __fdiv_rn, then RNE to e4m3, satfinite), as v6, packed little-endian.
+// Let z = x / scale (real), f = fl(z), and y = fl(1/scale) with 2^-120 <= scale <= 2^120 (|y - 1/scale| <= 2^-24 / scale).
+// |x| <= amax (the channel's |max|) and scale = fl(amax / 448), so |z| <= 448 (1 + 2^-23): nothing overflows.
+//   lo = fl(x * fl(y (1 - 2^-20))), hi = fl(x * fl(y (1 + 2^-20))).
+//   If |z| >= 2^-12, every product is normal and each of the four roundings is relative <= 2^-24, so
+//   |lo| <= |z| (1 - 2^-20 + 2^-22) < |z| (1 - 2^-24) <= |f| <= |z| (1 + 2^-24) < |z| (1 + 2^-20 - 2^-22) <= |hi|,
+//   all with z's sign: f lies between lo and hi. e4m3 rounding (RNE + satfinite) is monotone, so
+//   e4m3(lo) == e4m3(hi) implies e4m3(f) == e4m3(lo).
+//   If |z| < 2^-12, |lo|, |hi|, |f| < 2^-11 (absolute rounding errors <= 2^-149) are all below the smallest e4m3
+//   rounding boundary 2^-10, so all three give the signed zero of x's sign: again e4m3(f) == e4m3(lo).
+// Where the bytes differ (an e4m3 tie or near tie inside the 2^-19-wide bracket: exact ties are common with bf16
+// data, ~0.6% of elements in a CPU emulation) that element is redone with __fdiv_rn; the warp pays for slot e only
+// if some lane needs it.
+// Padding tokens are +0 in shared memory -> lo = hi = +0 -> 0x00, as v6.
+__device__ __forceinline__ uint32_t e4m3_bracket(const float (&x)[4], const RcpBracket& r, float scale) {
+  const uint32_t wl = pack_e4m3x4(__fmul_rn(x[0], r.lo), __fmul_rn(x[1], r.lo), __fmul_rn(x[2], r.lo), __fmul_rn(x[3], r.lo));
+  const uint32_t wh = pack_e4m3x4(__fmul_rn(x[0], r.hi), __fmul_rn(x[1], r.hi), __fmul_rn(x[2], r.hi), __fmul_rn(x[3], r.hi));
+  if (__builtin_expect(wl != wh, 0)) return e4m3_exact(wl, wl ^ wh, x[0], x[1], x[2], x[3], scale, 0u);
+  return wl;
+}
+
+template <int D, typename T>
+__device__ void v_block(const QuantArgs& a, int kv, v6::Smem& sm, const T* s_tile) {
+  constexpr int NP = D / 2;                                 // channel pairs
+  constexpr int NG = kCtaK * NP / kThreads / 16;             // 16-token groups per thread: 2 (D=128), 1 (D=64)
+  const int nt = a.s.n_ktiles();
+  const int tile = kv % nt, bh = kv / nt;
+  const int b = bh / a.s.Hkv, h = bh % a.s.Hkv;
+  const int t0 = tile * kCtaK;
+  v6::stage_tile<D, T>(const_cast<T*>(s_tile), static_cast<const T*>(a.v) + (int64_t)b * a.v_sb + (int64_t)h * a.v_sh,
+                       a.v_ss, t0, min(kCtaK, a.s.Skv - t0));
+  v6::reduce_partials_v6<D>(a, b, h, false, sm.vec);
+  v6::cp_async_wait_all();
+  __syncthreads();
+  if (tile == 0 && threadIdx.x < D) a.v_scale[(int64_t)bh * D + threadIdx.x] = sm.vec[threadIdx.x];
+  const int cp = threadIdx.x % NP, gbase = threadIdx.x / NP * NG;  // channel pair, first 16-token group
+  const float sc[2] = {sm.vec[2 * cp], sm.vec[2 * cp + 1]};
+  const RcpBracket rb[2] = {rcp_bracket(sc[0]), rcp_bracket(sc[1])};
+  const bool fast = rb[0].fast && rb[1].fast;  // per thread; false only for degenerate channels (scale 0, inf, NaN)
+  const uint32_t* s_words = reinterpret_cast<const uint32_t*>(s_tile);
+  const int64_t pad = a.s.skv_pad();
+  uint8_t* vo = a.v_t + ((int64_t)bh * D + 2 * cp) * pad + t0;
+#pragma unroll
+  for (int g = 0; g < NG; ++g) {
+    const int r0 = (gbase + g) * 16;  // first token (tile row) of the group
+    uint32_t wv[16];  // raw words (2 channels each), unpacked at use: 16 registers instead of 32
+#pragma unroll
+    for (int k = 0; k < 16; ++k) wv[k] = s_words[(r0 + k) * NP + cp];
+    uint32_t out[2][4];
+#pragma unroll
+    for (int ch = 0; ch < 2; ++ch) {
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {  // output word w: positions 4w..4w+3 = tokens perm(4w), ..., perm(4w+3)
+        float xv[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float v0, v1;
+          v6::unpack2<T>(wv[perm_token(4 * w + e)], v0, v1);
+          xv[e] = ch == 0 ? v0 : v1;
+        }
+        if (__builtin_expect(fast, 1)) {
+          out[ch][w] = e4m3_bracket(xv, rb[ch], sc[ch]);
+        } else {  // v6's expression: 0 for scale 0 and padding tokens, else e4m3(__fdiv_rn(x, scale))
+          uint32_t zero = 0;
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            zero |= (uint32_t)(sc[ch] == 0.f || t0 + r0 + perm_token(4 * w + e) >= a.s.Skv) << e;
+          out[ch][w] = e4m3_exact(0u, 0xffffffffu, xv[0], xv[1], xv[2], xv[3], sc[ch], zero);
+        }
+      }
+    }
+#pragma unroll
+    for (int ch = 0; ch < 2; ++ch)
+      *reinterpret_cast<uint4*>(vo + ch * pad + r0) = make_uint4(out[ch][0], out[ch][1], out[ch][2], out[ch][3]);
+  }
+}
+
+// v6's block order and Q / K blocks.
+template <int D>
+constexpr int kMinBlocks = SAGE3_QUANT_V7_MINB > 0 ? SAGE3_QUANT_V7_MINB : (D == 64 ? 5 : 4);
+
+template <int D, typename T>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<D>) quantize_qkv_kernel(QuantArgs a, int n_q_blocks, int n_k_blocks) {
+  __shared__ v6::Smem sm;
+  __shared__ __align__(16) T s_tile[kCtaK * D];
+  const int idx = blockIdx.x;
+  if (idx < 2 * n_k_blocks) {
+    const int kv = n_k_blocks - 1 - idx / 2;
+    if (idx % 2 == 0) v6::k_block<D, T>(a, kv, sm, s_tile);
+    else v7::v_block<D, T>(a, kv, sm, s_tile);  // qualified: ADL (v6::Smem) also finds v6::v_block
+  } else {
+    v6::q_block<D, T>(a, idx - 2 * n_k_blocks, sm, s_tile);
+  }
+}
+
+using v6::launch_stats;
+
+template <int D, typename T>
+cudaError_t launch_qkv(const QuantArgs& a, cudaStream_t stream) {
+  int n_q, n_k;
+  if (!v6::qkv_blocks(a.s, n_q, n_k)) return cudaErrorInvalidValue;
+  quantize_qkv_kernel<D, T><<<(unsigned)(n_q + 2 * n_k), kThreads, 0, stream>>>(a, n_q, n_k);
+  return cudaGetLastError();
+}
+
+template <int D, typename T>
+cudaError_t launch_quantize(const QuantArgs& a, cudaStream_t stream) {
+  cudaError_t e = launch_stats<D, T>(a, stream);
+  return e != cudaSuccess ? e : launch_qkv<D, T>(a, stream);
+}
+
+}  // namespace v7
+
 template <int D, typename T>
 cudaError_t launch_quantize_typed(const QuantArgs& a, cudaStream_t stream) {
+#if SAGE3_QUANT_V6
   return v6::launch_quantize<D, T>(a, stream);
+#else
+  return v7::launch_quantize<D, T>(a, stream);
+#endif
 }
 
 }  // namespace
