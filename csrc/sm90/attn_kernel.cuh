@@ -12,8 +12,8 @@
 //                row sums of the e4m3 P with the tile, so the softmax adds no row sums itself),
 //                acc = acc * alpha + O_tile, l = l * alpha + rowsum (two-level fp32 accumulation).
 //                Each consumer is software-pipelined by one tile (the softmax of tile j+1 runs while its
-//                O_j = P_j V_j is on the tensor cores) and the two consumers take turns on the exponentials
-//                (ping-pong on the MUFU): see consumer_loop.
+//                O_j = P_j V_j is on the tensor cores); at hd64 the two consumers also take turns on the
+//                exponentials (ping-pong on the MUFU): see consumer_loop.
 // P stays in registers because V^T's tokens were permuted [0,1,8,9,2,3,10,11,4,5,12,13,6,7,14,15] within
 // each 16-token group by the quantization kernel: the accumulator columns a thread holds then line up
 // with the A-fragment k positions it must supply.
@@ -37,16 +37,29 @@ namespace sage3::sm90 {
 constexpr float kPOffsetLog2 = 8.807f;  // exp2 offset: the row max maps to ~447.8 <= 448 (E4M3 max)
 constexpr float kLn2 = 0.69314718055994531f;
 
+// A/B switch (kernel work only): -1 takes AttnTraits::kExpTurn, 0 / 1 force no turn / the turn.
+#ifndef SAGE3_SM90_EXP_TURN
+#define SAGE3_SM90_EXP_TURN -1
+#endif
+
+// The two consumer warpgroups can take turns on the exponentials of a tile (the MUFU-bound part of the
+// softmax: 16 exp2/clk/SM, as much time as the tile's two GEMMs on the tensor cores), so their exp2 phases
+// alternate instead of competing. Warpgroup cw waits on named barrier 1 + cw for its turn and hands over on
+// 2 - cw. Whether it pays depends on the head dim (AttnTraits::kExpTurn; bench/NOTES.md, v8 and v9).
+template <bool kTurn>
+__device__ __forceinline__ void exp_turn_wait(int cw) {
+  if constexpr (kTurn) named_barrier_sync(1 + cw, 256);
+}
+template <bool kTurn>
+__device__ __forceinline__ void exp_turn_handover(int cw) {
+  if constexpr (kTurn) named_barrier_arrive(2 - cw, 256);
+}
 // ptxas moves arithmetic freely across bar.sync / bar.arrive, but not memory operations: storing a value to
 // shared memory right before a named barrier keeps the work that produced it on its side of the barrier.
-__device__ __forceinline__ void pin_before_barrier(float* slot, float value) { st_shared_f32(slot, value); }
-
-// The two consumer warpgroups take turns on the exponentials of a tile (the MUFU-bound part of the softmax:
-// 16 exp2/clk/SM, as much time as the tile's two GEMMs on the tensor cores), so their exp2 phases alternate
-// instead of competing. Warpgroup cw waits on named barrier 1 + cw for its turn and hands over on 2 - cw.
-// (Measured against FlashAttention-3's turn over the wgmma issue and no turn at all: bench/NOTES.md, v8.)
-__device__ __forceinline__ void exp_turn_wait(int cw) { named_barrier_sync(1 + cw, 256); }
-__device__ __forceinline__ void exp_turn_handover(int cw) { named_barrier_arrive(2 - cw, 256); }
+template <bool kTurn>
+__device__ __forceinline__ void pin_before_barrier(float* slot, float value) {
+  if constexpr (kTurn) st_shared_f32(slot, value);
+}
 
 struct AttnParams {
   const float* q_scale;
@@ -78,6 +91,9 @@ struct AttnTraits {
   static constexpr int kSmemBytes =
       1024 /*alignment slack*/ + kQBytes + kStages * (kKBytes + kVBytes) + kBarrierBytes + kPinBytes;
   static constexpr int kThreads = 384;
+  // Turns on the exponentials (exp_turn_wait): H200, kernel alone, v9 (row sums from the tensor core): hd64
+  // +5% with them (4k: 502 vs 476 TFLOPS), hd128 +3-10% without (4k: 880 vs 808; 16k: 977 vs 887).
+  static constexpr bool kExpTurn = SAGE3_SM90_EXP_TURN < 0 ? D == 64 : SAGE3_SM90_EXP_TURN == 1;
 };
 
 // O (+)= P [V | 1]^T for one 32-key step (N = D + 8); kFirst starts a fresh accumulator (write-only registers,
@@ -291,8 +307,9 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
     // (one rounding where the reference rounds t, then t - m: within 1 ulp of the argument).
     const float bias_a = kPOffsetLog2 - ms_a, bias_b = kPOffsetLog2 - ms_b;
     SAGE3_TRACE(cw, j, kTraceMaxDone);
-    pin_before_barrier(s_pin, bias_a + bias_b);  // the row max is done before the turn is taken
-    exp_turn_wait(cw);
+    pin_before_barrier<T::kExpTurn>(s_pin, bias_a + bias_b);  // the row max is done before the turn is taken
+    exp_turn_wait<T::kExpTurn>(cw);
+    SAGE3_TRACE(cw, j, kTraceTurnAcquired);
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
       sf[4 * i + 0] = fmaf(sf[4 * i + 0], qk_scale, bias_a);
@@ -309,7 +326,7 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
     }
 #pragma unroll
     for (int i = 0; i < 64; ++i) sf[i] = exp2_approx(sf[i]);
-    {
+    if constexpr (T::kExpTurn) {
       // Every exp2 of the tile is done before the hand-over: pinned by a store of the XOR of their bits (the
       // row sums used to be the pin; they now come from the PV wgmma). Measured against a second packing of P
       // and an integer max as the pin, and no pin at all (ptxas then hands over after the first MUFU): -1% to
@@ -317,9 +334,9 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
       uint32_t x = 0;
 #pragma unroll
       for (int i = 0; i < 64; i += 2) x ^= __float_as_uint(sf[i]) ^ __float_as_uint(sf[i + 1]);
-      pin_before_barrier(s_pin, __uint_as_float(x));
+      pin_before_barrier<T::kExpTurn>(s_pin, __uint_as_float(x));
     }
-    exp_turn_handover(cw);
+    exp_turn_handover<T::kExpTurn>(cw);
 
     SAGE3_TRACE(cw, j, kTraceSoftmaxDone);
   };
@@ -370,7 +387,7 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
 
   // Schedule per consumer warpgroup, software-pipelined by one tile (FlashAttention-3's intra-warpgroup overlap):
   //   issue S_{j+1} = Q K_{j+1}^T and O_j = P_j V_j; wait for S_{j+1} only; softmax of tile j+1 (its
-  //   exponentials in this warpgroup's turn, see exp_turn_wait) while O_j is on the tensor cores; then wait
+  //   exponentials in this warpgroup's turn at hd64, see exp_turn_wait) while O_j is on the tensor cores; then wait
   //   for O_j, fold it into acc and pack P_{j+1}.
   // P_{j+1} is packed into the A-fragment registers only after O_j has landed (until then the wgmma reads P_j
   // from those registers; softmax(j+1) leaves its values in fp32), so one register set holds P. (A second
@@ -379,7 +396,7 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
   uint32_t pa[4][4];
   float alpha_a, alpha_b;  // rescale of acc for the pending O_j
   issue_qk(0);
-  if (cw == 1) exp_turn_handover(cw);  // warpgroup 0 takes the first turn
+  if (cw == 1) exp_turn_handover<T::kExpTurn>(cw);  // warpgroup 0 takes the first turn
   wgmma_wait<0>();
   s_landed(0);
   {
@@ -416,7 +433,7 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
   }
   // Warpgroup 1 handed over once before its first turn (so warpgroup 0 could start): warpgroup 0 takes that
   // extra hand-over here, so no barrier is left with a pending arrival.
-  if (cw == 0) exp_turn_wait(cw);
+  if (cw == 0) exp_turn_wait<T::kExpTurn>(cw);
   // ------------------------------ epilogue ------------------------------
   // V channel scales of this thread's columns, all loaded before any store (the compiler cannot move a
   // load above a store it might alias, which serialized 16 global-load latencies here).

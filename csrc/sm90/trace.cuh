@@ -14,7 +14,8 @@ namespace sage3::sm90 {
 enum TracePoint : int {     // for key tile j
   kTraceStepStart = 0,      // softmax of tile j starts (S_j landed)
   kTraceMaxDone,            // row max reduced (integer max, shuffles) -> waits for the exp2 turn
-  kTraceSoftmaxDone,        // exponentials (in the turn) and row sums of tile j done
+  kTraceTurnAcquired,       // the exp2 turn is this warpgroup's (the other one handed over)
+  kTraceSoftmaxDone,        // exponentials of tile j done, turn handed over
   kTraceIssueStart,         // O_{j-1} added, P_j packed: issuing S_{j+1} and O_j starts
   kTraceIssueDone,          // S_{j+1} and O_j issued
   kTraceNextScoresLanded,   // S_{j+1} landed (softmax of tile j+1 starts right after)

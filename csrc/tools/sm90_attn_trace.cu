@@ -148,7 +148,7 @@ int main(int argc, char** argv) {
   launch();
   CHECK_CUDA(cudaDeviceSynchronize());
   CHECK_CUDA(cudaMemcpyFromSymbol(tr.data(), g_attn_trace, tr.size() * sizeof(tr[0])));
-  const char* names[kTracePoints] = {"start", "max", "exp2", "issue+", "issue-", "S_j+1", "O_j+="};
+  const char* names[kTracePoints] = {"start", "max", "turn", "exp2", "issue+", "issue-", "S_j+1", "O_j+="};
   const int n_tiles = std::min(s.n_ktiles(), kTraceTiles);
   std::printf("CTA (0,0,0) phase timeline, cycles since the tile's start (per consumer warpgroup, lane 0 of its first warp;\n"
               "t0 = the tile's start since the first start of either warpgroup)\n");
