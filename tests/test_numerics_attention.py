@@ -111,3 +111,15 @@ def test_saturated_softmax_stays_a_convex_combination():
         out = fn(q * 30, k * 30, v * 1000)
         assert torch.isfinite(out).all()
         assert out.abs().max() <= (v * 1000).abs().max() * 1.01
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sage2pp_normalizes_by_the_row_sum_of_the_quantized_p(is_causal):
+    # l is the sum of the e4m3 P that multiplies V (what the sm90 kernel gets from a column of ones on the tensor
+    # core), so V constant over tokens comes back exactly: every row's weights sum to one. Normalizing by the
+    # unrounded P̃ instead would be off by the e4m3 rounding of P (~1e-2 here).
+    g, seed = fresh_generator()
+    q, k, _ = dit_like_qkv(2, 3, 300, 64, generator=g)
+    v = (torch.randn(2, 3, 1, 64, generator=g) * 3).expand(2, 3, 300, 64).contiguous()
+    out = sage2pp_attention_reference(q, k, v, is_causal=is_causal)
+    assert torch.allclose(out, v, rtol=1e-5, atol=1e-6), (seed, (out - v).abs().max().item())
