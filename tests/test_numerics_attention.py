@@ -123,3 +123,8 @@ def test_sage2pp_normalizes_by_the_row_sum_of_the_quantized_p(is_causal):
     v = (torch.randn(2, 3, 1, 64, generator=g) * 3).expand(2, 3, 300, 64).contiguous()
     out = sage2pp_attention_reference(q, k, v, is_causal=is_causal)
     assert torch.allclose(out, v, rtol=1e-5, atol=1e-6), (seed, (out - v).abs().max().item())
+    # The Triton kernel's variant (row_sum="p_tilde") normalizes by the fp32 P̃: off by the rounding of P.
+    out_pt = sage2pp_attention_reference(q, k, v, is_causal=is_causal, row_sum="p_tilde")
+    assert (out_pt - v).abs().max().item() > 1e-4, seed
+    with pytest.raises(ValueError, match="row_sum"):
+        sage2pp_attention_reference(q, k, v, row_sum="fp32")

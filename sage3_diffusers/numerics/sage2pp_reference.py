@@ -5,9 +5,10 @@ Per (batch, head), inputs HND [B, H, S, D], everything computed in fp32:
 2. INT8 Q and K' with one scale per token group (`int8.py`; default granularity "per_thread").
 3. Scores in the log2 domain: t = (Q̂·K̂ᵀ) · δ_Q · δ_K · sm_scale · log2(e)   (integer dot products are exact).
 4. Online softmax over key tiles of `kv_tile` tokens (`attention_common.py`) with the fixed offset
-   P̃ = exp2(t - m + 8.807) ≤ 448, P̂ = e4m3_round(P̃); the row sum l is the fp32 sum of P̂ (the sm90 kernel
-   gets it from the tensor core as P̂ times a column of ones; slightly more accurate than summing P̃ against
-   fp64 SDPA, bench/NOTES.md).
+   P̃ = exp2(t - m + 8.807) ≤ 448, P̂ = e4m3_round(P̃); the row sum l is the fp32 sum of P̂ (row_sum=
+   "quantized_p", the default: the sm90 kernel gets it from the tensor core as P̂ times a column of ones;
+   slightly more accurate than summing P̃ against fp64 SDPA, bench/NOTES.md) or of P̃ (row_sum="p_tilde": the
+   Triton kernel, where the sum of P̂ costs ~10% speed).
 5. V in FP8 E4M3 with one scale per channel (`fp8.py`); each tile's P̂·V̂ accumulates into a fresh fp32
    accumulator that is added to the running one (two-level FP32 accumulation).
 6. O = acc / l · δ_V. LSE (natural log, of sm_scale·Q·Kᵀ with the unsmoothed K) = (m + log2 l - 8.807)·ln2
@@ -52,8 +53,11 @@ def sage2pp_quantize(q, k, v, *, qk_quant_gran: str = "per_thread", q_block: int
 def sage2pp_attention_reference(q, k, v, *, is_causal: bool = False, sm_scale: float | None = None,
                                 return_lse: bool = False, qk_quant_gran: str = "per_thread",
                                 q_block: int = 128, k_block: int = 128, kv_tile: int = 128,
-                                smooth_k: bool = True):
-    """q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] (HND). Returns out (q's dtype) or (out, lse fp32 [B, Hq, Sq])."""
+                                smooth_k: bool = True, row_sum: str = "quantized_p"):
+    """q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] (HND). Returns out (q's dtype) or (out, lse fp32 [B, Hq, Sq]).
+    row_sum: "quantized_p" (l sums the e4m3 P that multiplies V) or "p_tilde" (l sums the fp32 P̃)."""
+    if row_sum not in ("quantized_p", "p_tilde"):
+        raise ValueError(f"row_sum must be 'quantized_p' or 'p_tilde', got {row_sum!r}")
     heads_q, seq_q, head_dim = q.shape[1], q.shape[2], q.shape[3]
     seq_kv = k.shape[2]
     scale = head_dim ** -0.5 if sm_scale is None else sm_scale
@@ -70,7 +74,8 @@ def sage2pp_attention_reference(q, k, v, *, is_causal: bool = False, sm_scale: f
 
     acc, l, m = online_softmax_attention(
         scores_log2, e4m3_round, lambda s, e: v_f8[..., s:e, :], seq_q=seq_q, seq_kv=seq_kv, kv_tile=kv_tile,
-        p_offset_log2=P_FP8_OFFSET_LOG2, is_causal=is_causal, device=q.device, row_sum_of_quantized_p=True)
+        p_offset_log2=P_FP8_OFFSET_LOG2, is_causal=is_causal, device=q.device,
+        row_sum_of_quantized_p=row_sum == "quantized_p")
     v_scale = expand_kv_heads(qz.v_scale.unsqueeze(-2), heads_q)
     out = (acc / l.unsqueeze(-1) * v_scale).to(q.dtype)
     if not return_lse:

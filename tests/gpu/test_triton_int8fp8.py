@@ -14,6 +14,8 @@ from sage3_diffusers.backends.sdpa import exact_lse
 from sage3_diffusers.numerics.metrics import accuracy_metrics
 from sage3_diffusers.numerics.sage2pp_reference import sage2pp_attention_reference, sage2pp_quantize
 
+ROW_SUM = "p_tilde"  # the Triton kernel's softmax denominator: the fp32 sum of P̃ (see _accumulate_pv)
+
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
     pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton"),
@@ -71,7 +73,7 @@ def _check(q, k, v, *, layout="HND", causal=False, gran="per_thread", q_block=12
     exact = _exact(q, k, v, causal)
     e_lse = exact_lse(q.float(), k.float(), scale=d ** -0.5, is_causal=causal)
     ref, ref_lse = sage2pp_attention_reference(q, k, v, is_causal=causal, return_lse=True, qk_quant_gran=gran,
-                                               q_block=q_block)
+                                               q_block=q_block, row_sum=ROW_SUM)
     m_ker = accuracy_metrics(o, exact)
     m_ref = accuracy_metrics(ref, exact)
     if check_ref:
@@ -133,7 +135,7 @@ def test_kgroup_fold_and_fallback(gran, k_block, groups):
     m = _k()
     q, k, v = _dit_inputs(1, 4, 2, 300, 700, 128, torch.bfloat16)
     assert m.quantize_kv(k, v, qk_quant_gran=gran, k_block=k_block).k_groups_per_tile() == groups
-    ref = sage2pp_attention_reference(q, k, v, qk_quant_gran=gran, k_block=k_block)
+    ref = sage2pp_attention_reference(q, k, v, qk_quant_gran=gran, k_block=k_block, row_sum=ROW_SUM)
     c0 = m._CANDIDATES[128][0]
     for cfg in (c0, m.AttnConfig(c0.block_m, c0.num_warps, c0.num_stages, False, True, True)):
         o, _ = m.int8fp8_attention(q, k, v, qk_quant_gran=gran, k_block=k_block, config=cfg)
@@ -210,7 +212,7 @@ def test_backend_and_dispatch():
     assert resolve(q, k, v, "triton_int8_fp8").backend is be
     assert resolve(q, k, v, "int8_fp8").backend.family == "int8_fp8"
     out, lse = sage_attention(q, k, v, "triton_int8_fp8", return_lse=True, is_causal=True)
-    ref, ref_lse = sage2pp_attention_reference(q, k, v, is_causal=True, return_lse=True)
+    ref, ref_lse = sage2pp_attention_reference(q, k, v, is_causal=True, return_lse=True, row_sum=ROW_SUM)
     assert accuracy_metrics(out, ref)["rel_l1"] < 5e-3
     o_nhd = sage_attention(*(x.transpose(1, 2) for x in (q, k, v)), "triton_int8_fp8", tensor_layout="NHD")
     assert o_nhd.shape == (1, 100, 4, 64)

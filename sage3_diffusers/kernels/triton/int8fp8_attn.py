@@ -4,7 +4,7 @@ One program = BM query rows of one (batch, query head). INT8 Q comes from `_q_qu
 default configs) or is quantized here in registers (`quantize_q_tile`); K (INT8, [B*Hkv*Skv, D]) and V (FP8,
 transposed [B*Hkv*D, S_pad]) come from `int8fp8_quant.py`. Key tiles are BN = 128 tokens aligned at 0, as the
 reference's `kv_tile`, so the running max, P̃ and its FP8 rounding are those of the reference.
-Per tile: t = int_dot·δq·δk (sm_scale·log2e folded into δq), P̃ = exp2(t − m + 8.807) ≤ 448, l += ΣP (fp32 sum of the fp8 P),
+Per tile: t = int_dot·δq·δk (sm_scale·log2e folded into δq), P̃ = exp2(t − m + 8.807) ≤ 448, l += ΣP̃ (fp32),
 acc = acc·α + dot(fp8(P̃), V̂) (fresh fp32 accumulator per tile, added on CUDA cores: two-level accumulation).
 With FOLD_QS the product is one FMA per score: δq·δk folded into the exp2 coefficient per K scale group where K's
 grouping allows (KG = 4 or 1 scales per key tile), else δk multiplied per score first (KG = 0).
@@ -59,22 +59,24 @@ def _valid_keys(offs_m, offs_n, Skv, IS_CAUSAL: tl.constexpr):
 @triton.jit
 def _accumulate_pv(acc, l_i, m_i, m_new, p, vh_row0, start_n, offs_n, S_PAD, v_ptr, v_desc,
                    D: tl.constexpr, PV_FP8: tl.constexpr, USE_TMA: tl.constexpr):
-    """Online-softmax update with this tile's P̃ rounded to the PV operand type (P): l = l·α + ΣP,
-    acc = acc·α + dot(P, V̂) (fresh fp32 accumulator for the tile's product, added on CUDA cores: the two-level
-    accumulation)."""
+    """Online-softmax update with this tile's P̃: l = l·α + ΣP̃ (fp32; the reference's row_sum="p_tilde"),
+    acc = acc·α + dot(P, V̂) with P = P̃ rounded to the PV operand type (fresh fp32 accumulator for the tile's
+    product, added on CUDA cores: the two-level accumulation). Summing the rounded P instead (row_sum=
+    "quantized_p", what the sm90 CUDA kernel gets from its tensor core) costs +20% instructions per key tile here
+    (fp8 -> fp32 conversions; 772 vs 645 SASS instructions at hd128) and measured ~10% slower on an H200; a dot
+    with a ones tile +8% (bench/NOTES.md)."""
     alpha = tl.math.exp2(m_i - m_new)
-    if PV_FP8:
-        p_op = p.to(tl.float8e4nv)
-    else:
-        p_op = p.to(tl.float16)
-    l_i = l_i * alpha + tl.sum(p_op.to(tl.float32), axis=1)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
     if USE_TMA:
         vt = v_desc.load([vh_row0, start_n])
     else:
         offs_d = tl.arange(0, D)
         vt = tl.load(v_ptr + (vh_row0 + offs_d)[:, None] * S_PAD + offs_n[None, :],
                      mask=offs_n[None, :] < S_PAD, other=0.0)
-    pv = tl.dot(p_op, tl.trans(vt))
+    if PV_FP8:
+        pv = tl.dot(p.to(tl.float8e4nv), tl.trans(vt))
+    else:
+        pv = tl.dot(p.to(tl.float16), tl.trans(vt))
     acc = acc * alpha[:, None] + pv
     return acc, l_i
 
