@@ -1,8 +1,8 @@
 """Measured speed of each backend on Hopper, so kernel="auto" (and a family with several kernels) picks the
 fastest one for a call instead of a fixed order.
 
-The table is the kernel benchmark bench/kernels_h200_2026-11-27_0509.json (bench/RESULTS.md): NVIDIA H200,
-2026-11-27 05:09 UTC, `python -m sage3_diffusers bench kernels`, all backends in the same run, bf16, non-causal,
+The table is the kernel benchmark bench/kernels_h200_2026-11-27_0657.json (bench/RESULTS.md): NVIDIA H200,
+2026-11-27 06:57 UTC, `python -m sage3_diffusers bench kernels`, all backends in the same run, bf16, non-causal,
 TFLOPS of the whole call (quantization included); printed by `python bench/perf_table_from_json.py <json>`. Points are (sequence length, TFLOPS) per head dim; estimates
 interpolate linearly in log(sequence length) and hold the end values outside the measured range. Only sm_90
 has measurements; elsewhere every estimate is None and the dispatcher falls back to the static priorities.
@@ -15,19 +15,19 @@ from .backends.base import AttentionProblem
 
 HOPPER_TFLOPS: dict[str, dict[int, tuple[tuple[int, float], ...]]] = {
     "sdpa": {
-        128: ((1024, 547), (4096, 600), (4608, 594), (16384, 612), (44776, 578), (119056, 566)),
-        64: ((1024, 414), (4096, 454), (4429, 398), (16384, 460), (17776, 418)),
+        128: ((1024, 546), (4096, 597), (4608, 587), (16384, 616), (44776, 573), (119056, 563)),
+        64: ((1024, 418), (4096, 455), (4429, 398), (16384, 463), (17776, 419)),
     },
     "triton_int8_fp8": {
-        128: ((1024, 311), (4096, 558), (4608, 536), (16384, 651), (44776, 707), (119056, 685)),
-        64: ((1024, 284), (4096, 427), (4429, 406), (16384, 485), (17776, 491)),
+        128: ((1024, 333), (4096, 557), (4608, 538), (16384, 675), (44776, 704), (119056, 691)),
+        64: ((1024, 283), (4096, 424), (4429, 407), (16384, 489), (17776, 492)),
     },
     "cuda_sm90_int8_fp8": {
-        128: ((1024, 361), (4096, 655), (4608, 647), (16384, 780), (44776, 832), (119056, 856)),
-        64: ((1024, 271), (4096, 424), (4429, 409), (16384, 493), (17776, 498)),
+        128: ((1024, 385), (4096, 691), (4608, 700), (16384, 854), (44776, 905), (119056, 931)),
+        64: ((1024, 287), (4096, 455), (4429, 432), (16384, 523), (17776, 531)),
     },
 }
-SOURCE = "bench/kernels_h200_2026-11-27_0509.json, NVIDIA H200, 2026-11-27 05:09 UTC"
+SOURCE = "bench/kernels_h200_2026-11-27_0657.json, NVIDIA H200, 2026-11-27 06:57 UTC"
 
 
 def _interp(points, seq: int) -> float:

@@ -48,9 +48,10 @@ class CudaSm90Int8Fp8Backend(CudaKernelBackend):
     family = "int8_fp8"
     priority = 100
     description = "Hopper sm_90a CUDA kernel: INT8 QK^T + FP8 PV wgmma, TMA, warp-specialized (SageAttention2++)"
-    verified = ("run on H200 (sm_90, 2026-11-27 05:09 UTC, kernel v8) against the SageAttention2++ reference: "
-                "tests/gpu/test_cuda_sm90.py, 32 tests incl. odd shapes, GQA, causal, NHD, non-contiguous, 128k tokens, "
-                "quantizer bit-exactness; compute-sanitizer memcheck clean; never run on an H100")
+    verified = ("run on H200 (sm_90, 2026-11-27 06:49 and 06:57 UTC, kernel v10, quantizer v7) against the "
+                "SageAttention2++ reference (row_sum='quantized_p'): tests/gpu/test_cuda_sm90.py, 32 tests incl. odd "
+                "shapes, GQA, causal, NHD, non-contiguous, 128k tokens, quantizer bit-exactness; compute-sanitizer "
+                "memcheck clean; never run on an H100")
     dtypes = (torch.float16, torch.bfloat16)
     head_dims = (64, 128)
     supports_causal = True

@@ -20,8 +20,8 @@ class TritonInt8Fp8Backend(AttentionBackend):
     description = ("Triton INT8 QK / FP8 E4M3 PV, SageAttention2++ numerics with fused quantization (K smoothing, "
                    "per-thread INT8 Q/K, per-channel FP8 V); on sm_80/86 (no FP8 dot) P·V in FP16 with the same "
                    "INT8 Q/K")
-    verified = ("run on H200 (2026-11-27 03:26 UTC): tests/gpu/test_triton_int8fp8.py vs the torch reference, 28 "
-                "passing; sm_80/86 FP16 P·V path only exercised by forcing it on H200")
+    verified = ("run on H200 (2026-11-27 06:57 UTC): tests/gpu/test_triton_int8fp8.py vs the torch reference "
+                "(row_sum='p_tilde'), 28 passing; sm_80/86 FP16 P·V path only exercised by forcing it on H200")
     dtypes = (torch.float16, torch.bfloat16)
     head_dims = (64, 128)
     _unavailable: list[str] | None = None
