@@ -130,8 +130,7 @@ __global__ void __launch_bounds__(384, 1)
   uint64_t* v_full = k_full + S;
   uint64_t* k_empty = v_full + S;
   uint64_t* v_empty = k_empty + S;
-  // [S][4]: the K-group scales of the tile in each stage, after the 1 + 4S barriers (bars + 16 overlapped v_empty[3]
-  // of the 4-stage build until 2026-11-27 session 4).
+  // [S][4]: the K-group scales of the tile in each stage, after the 1 + 4S barriers (17 at S = 4).
   float* s_kscale = reinterpret_cast<float*>(bars + 20);
   static_assert(20 * 8 + S * 16 <= T::kBarrierBytes && 1 + 4 * S <= 20, "barriers and K scales overlap");
   float* s_pin = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(bars) + T::kBarrierBytes);  // [256]

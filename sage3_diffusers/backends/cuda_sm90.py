@@ -48,7 +48,7 @@ class CudaSm90Int8Fp8Backend(CudaKernelBackend):
     family = "int8_fp8"
     priority = 100
     description = "Hopper sm_90a CUDA kernel: INT8 QK^T + FP8 PV wgmma, TMA, warp-specialized (SageAttention2++)"
-    verified = ("run on H200 (sm_90, 2026-11-27 06:49 and 06:57 UTC, kernel v10, quantizer v7) against the "
+    verified = ("run on H200 (sm_90, 2026-11-27 06:49-07:10 UTC, kernel v10, quantizer v7) against the "
                 "SageAttention2++ reference (row_sum='quantized_p'): tests/gpu/test_cuda_sm90.py, 32 tests incl. odd "
                 "shapes, GQA, causal, NHD, non-contiguous, 128k tokens, quantizer bit-exactness; compute-sanitizer "
                 "memcheck clean; never run on an H100")
