@@ -51,7 +51,7 @@ class CudaSm90Int8Fp8Backend(CudaKernelBackend):
     verified = ("run on H200 (sm_90, 2026-11-27 06:49-07:10 UTC, kernel v10, quantizer v7) against the "
                 "SageAttention2++ reference (row_sum='quantized_p'): tests/gpu/test_cuda_sm90.py, 32 tests incl. odd "
                 "shapes, GQA, causal, NHD, non-contiguous, 128k tokens, quantizer bit-exactness; compute-sanitizer "
-                "memcheck clean; never run on an H100")
+                "memcheck clean; on an H100 80GB HBM3 (07:22 UTC) the same 32 tests passed")
     dtypes = (torch.float16, torch.bfloat16)
     head_dims = (64, 128)
     supports_causal = True
