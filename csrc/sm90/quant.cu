@@ -58,7 +58,7 @@ __device__ __forceinline__ void unpack8(const uint4& raw, float (&x)[8]) {
 // Token at permuted position p (0..15) of a 16-token group: [0,1,8,9,2,3,10,11,4,5,12,13,6,7,14,15].
 __device__ __forceinline__ constexpr int perm_token(int p) { return (p >> 2) * 2 + (p & 1) + ((p & 2) ? 8 : 0); }
 
-// ============================ v6 (previous; build with -DSAGE3_QUANT_V6=1) ============================
+// ============ v6: the kernels, shared with v7 (-DSAGE3_QUANT_V6=1 builds v6's V division) ============
 // Same outputs, bit for bit, as the previous v5 kernels (removed after the H200 run of 2026-11-27 03:24 UTC showed
 // v6 byte-identical on 10 shapes and 1.5-2x faster; see bench/NOTES.md).
 // v5 was latency-bound: 100 registers/thread -> 2 blocks (16 warps) per SM, and each block loaded its tile into
@@ -67,7 +67,7 @@ __device__ __forceinline__ constexpr int perm_token(int p) { return (p >> 2) * 2
 //     flight), then reads it twice (amax pass, quantize pass); ~40 registers -> 4-6 blocks per SM.
 //   * the exact division x / scale (IEEE RNE, then RNE to int8) of Q and K takes a reciprocal fast path with an
 //     exactness test; the few elements the test cannot prove fall back to __fdiv_rn (proof at quant_i8x8). V
-//     (e4m3) divides exactly everywhere (see v_block).
+//     (e4m3) divides exactly everywhere (v7: by bracket, see v_block).
 //   * kv_stats keeps 4 token rows of K and V in flight per thread (same summation order).
 //   * the K/V blocks run first, in reverse (batch, head) order, so they start on what kv_stats read last (L2).
 namespace v6 {
@@ -350,119 +350,7 @@ __device__ void k_block(const QuantArgs& a, int kv, Smem& sm, const T* s_tile) {
   }
 }
 
-// V: each thread owns one channel pair (2c, 2c+1) and 16-token groups; a warp reads 32 consecutive channel pairs
-// of one token row (128 contiguous bytes, conflict-free) and writes 16 bytes per channel row. Every value is
-// divided exactly (__fdiv_rn, as the reference). A reciprocal fast path with a bracketing test (lo/hi around
-// fl(v * rcp), redo the group on a mismatch) was measured 3-5% slower on the H200 (2026-11-27, outputs identical):
-// bf16 inputs hit exact e4m3 ties often enough (~0.6% of elements) that nearly every warp took the exact path too.
-template <int D, typename T>
-__device__ void v_block(const QuantArgs& a, int kv, Smem& sm, const T* s_tile) {
-  constexpr int NP = D / 2;                                 // channel pairs
-  constexpr int NG = kCtaK * NP / kThreads / 16;             // 16-token groups per thread: 2 (D=128), 1 (D=64)
-  const int nt = a.s.n_ktiles();
-  const int tile = kv % nt, bh = kv / nt;
-  const int b = bh / a.s.Hkv, h = bh % a.s.Hkv;
-  const int t0 = tile * kCtaK;
-  stage_tile<D, T>(const_cast<T*>(s_tile), static_cast<const T*>(a.v) + (int64_t)b * a.v_sb + (int64_t)h * a.v_sh,
-                   a.v_ss, t0, min(kCtaK, a.s.Skv - t0));
-  reduce_partials_v6<D>(a, b, h, false, sm.vec);
-  cp_async_wait_all();
-  __syncthreads();
-  if (tile == 0 && threadIdx.x < D) a.v_scale[(int64_t)bh * D + threadIdx.x] = sm.vec[threadIdx.x];
-  const int cp = threadIdx.x % NP, gbase = threadIdx.x / NP * NG;  // channel pair, first 16-token group
-  const float sc[2] = {sm.vec[2 * cp], sm.vec[2 * cp + 1]};
-  const uint32_t* s_words = reinterpret_cast<const uint32_t*>(s_tile);
-  const int64_t pad = a.s.skv_pad();
-  uint8_t* vo = a.v_t + ((int64_t)bh * D + 2 * cp) * pad + t0;
-#pragma unroll
-  for (int g = 0; g < NG; ++g) {
-    const int r0 = (gbase + g) * 16;  // first token (tile row) of the group
-    uint32_t wv[16];  // raw words (2 channels each), unpacked at use: 16 registers instead of 32
-#pragma unroll
-    for (int k = 0; k < 16; ++k) wv[k] = s_words[(r0 + k) * NP + cp];
-    uint32_t out[2][4];
-#pragma unroll
-    for (int ch = 0; ch < 2; ++ch) {
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {  // output word w: positions 4w..4w+3 = tokens perm(4w), ..., perm(4w+3)
-        float q[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int tk = perm_token(4 * w + e);
-          float v0, v1;
-          unpack2<T>(wv[tk], v0, v1);
-          q[e] = (sc[ch] == 0.f || t0 + r0 + tk >= a.s.Skv) ? 0.f : __fdiv_rn(ch == 0 ? v0 : v1, sc[ch]);
-        }
-        out[ch][w] = pack_e4m3x4(q[0], q[1], q[2], q[3]);
-      }
-    }
-#pragma unroll
-    for (int ch = 0; ch < 2; ++ch)
-      *reinterpret_cast<uint4*>(vo + ch * pad + r0) = make_uint4(out[ch][0], out[ch][1], out[ch][2], out[ch][3]);
-  }
-}
-
-// Block order: K and V tiles interleaved, (batch, head) and tiles in reverse (kv_stats ends on the last heads,
-// which are then still in L2), then the Q tiles.
-template <int D, typename T>
-__global__ void __launch_bounds__(kThreads, 4) quantize_qkv_kernel(QuantArgs a, int n_q_blocks, int n_k_blocks) {
-  __shared__ Smem sm;
-  __shared__ __align__(16) T s_tile[kCtaK * D];
-  const int idx = blockIdx.x;
-  if (idx < 2 * n_k_blocks) {
-    const int kv = n_k_blocks - 1 - idx / 2;
-    if (idx % 2 == 0) k_block<D, T>(a, kv, sm, s_tile);
-    else v_block<D, T>(a, kv, sm, s_tile);
-  } else {
-    q_block<D, T>(a, idx - 2 * n_k_blocks, sm, s_tile);
-  }
-}
-
-// The two launches separately (the A/B harness csrc/tools/sm90_quant_ab.cu times each).
-template <int D, typename T>
-cudaError_t launch_stats(const QuantArgs& a, cudaStream_t stream) {
-  dim3 stats_grid(a.s.n_chunks(), a.s.Hkv, a.s.B);
-  kv_stats_kernel<D, T><<<stats_grid, kStatsThreads, 0, stream>>>(a);
-  return cudaGetLastError();
-}
-
-// Block counts of quantize_qkv: Q tiles, K tiles (= V tiles); false if the grid does not fit.
-inline bool qkv_blocks(const QuantShapes& s, int& n_q, int& n_k) {
-  const int64_t q = (int64_t)s.B * s.Hq * (s.n_qgroups() / 8 * 16 / kQuantQRows);
-  const int64_t k = (int64_t)s.B * s.Hkv * s.n_ktiles();
-  if (q + 2 * k >= (int64_t)1 << 31) return false;
-  n_q = (int)q;
-  n_k = (int)k;
-  return true;
-}
-
-template <int D, typename T>
-cudaError_t launch_qkv(const QuantArgs& a, cudaStream_t stream) {
-  int n_q, n_k;
-  if (!qkv_blocks(a.s, n_q, n_k)) return cudaErrorInvalidValue;
-  quantize_qkv_kernel<D, T><<<(unsigned)(n_q + 2 * n_k), kThreads, 0, stream>>>(a, n_q, n_k);
-  return cudaGetLastError();
-}
-
-template <int D, typename T>
-cudaError_t launch_quantize(const QuantArgs& a, cudaStream_t stream) {
-  cudaError_t e = launch_stats<D, T>(a, stream);
-  return e != cudaSuccess ? e : launch_qkv<D, T>(a, stream);
-}
-
-}  // namespace v6
-
-// ====================================== v7 (default) ======================================
-// Same outputs, bit for bit, as v6: kv_stats and the Q and K blocks are v6's code; only the V block changes.
-// v6's quantize_qkv was issue-bound rather than DRAM-bound (H200 ncu: 47% of DRAM bandwidth, 62% SM
-// throughput), mostly in its V block: ~25 instructions per element, because each __fdiv_rn sat in its own branch
-// region (scale == 0 / padding guard) and ptxas expanded every one in full (MUFU.RCP, 5 FFMA, FCHK, call).
-// v7's V block brackets the quotient instead (proof at e4m3_bracket): two FMUL and one cvt per element, plus an
-// exact __fdiv_rn for the rare element whose bracket straddles an e4m3 rounding boundary.
-namespace v7 {
-
-using v6::kThreads;
-
+// ---- V by bracket (v7's V block: v_block with kBracket) ----
 // Reciprocal bracket for the V fast path: y = fl(1/scale) and y * (1 -+ 2^-20) rounded, or fast = false where the
 // proof's range assumption fails (scale 0, subnormal, huge, inf, NaN).
 struct RcpBracket {
@@ -515,18 +403,24 @@ __device__ __forceinline__ uint32_t e4m3_bracket(const float (&x)[4], const RcpB
   return wl;
 }
 
-template <int D, typename T>
-__device__ void v_block(const QuantArgs& a, int kv, v6::Smem& sm, const T* s_tile) {
+// V: each thread owns one channel pair (2c, 2c+1) and 16-token groups; a warp reads 32 consecutive channel pairs
+// of one token row (128 contiguous bytes, conflict-free) and writes 16 bytes per channel row. The same bytes two
+// ways: v6 divides every value with __fdiv_rn (as the reference); v7 (kBracket) brackets the quotient with two
+// multiplies and redoes only the element whose bracket straddles an e4m3 boundary, out of line (e4m3_bracket).
+// (v6 once had a reciprocal test that redid a whole group inline on a mismatch: 3-5% slower on the H200, since bf16
+// inputs hit exact e4m3 ties in ~0.6% of elements and nearly every warp took the exact path too.)
+template <int D, typename T, bool kBracket>
+__device__ void v_block(const QuantArgs& a, int kv, Smem& sm, const T* s_tile) {
   constexpr int NP = D / 2;                                 // channel pairs
   constexpr int NG = kCtaK * NP / kThreads / 16;             // 16-token groups per thread: 2 (D=128), 1 (D=64)
   const int nt = a.s.n_ktiles();
   const int tile = kv % nt, bh = kv / nt;
   const int b = bh / a.s.Hkv, h = bh % a.s.Hkv;
   const int t0 = tile * kCtaK;
-  v6::stage_tile<D, T>(const_cast<T*>(s_tile), static_cast<const T*>(a.v) + (int64_t)b * a.v_sb + (int64_t)h * a.v_sh,
-                       a.v_ss, t0, min(kCtaK, a.s.Skv - t0));
-  v6::reduce_partials_v6<D>(a, b, h, false, sm.vec);
-  v6::cp_async_wait_all();
+  stage_tile<D, T>(const_cast<T*>(s_tile), static_cast<const T*>(a.v) + (int64_t)b * a.v_sb + (int64_t)h * a.v_sh,
+                   a.v_ss, t0, min(kCtaK, a.s.Skv - t0));
+  reduce_partials_v6<D>(a, b, h, false, sm.vec);
+  cp_async_wait_all();
   __syncthreads();
   if (tile == 0 && threadIdx.x < D) a.v_scale[(int64_t)bh * D + threadIdx.x] = sm.vec[threadIdx.x];
   const int cp = threadIdx.x % NP, gbase = threadIdx.x / NP * NG;  // channel pair, first 16-token group
@@ -551,17 +445,27 @@ __device__ void v_block(const QuantArgs& a, int kv, v6::Smem& sm, const T* s_til
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           float v0, v1;
-          v6::unpack2<T>(wv[perm_token(4 * w + e)], v0, v1);
+          unpack2<T>(wv[perm_token(4 * w + e)], v0, v1);
           xv[e] = ch == 0 ? v0 : v1;
         }
-        if (__builtin_expect(fast, 1)) {
-          out[ch][w] = e4m3_bracket(xv, rb[ch], sc[ch]);
-        } else {  // v6's expression: 0 for scale 0 and padding tokens, else e4m3(__fdiv_rn(x, scale))
-          uint32_t zero = 0;
+        // v6's expression: 0 for scale 0 and padding tokens, else e4m3(__fdiv_rn(x, scale)); v7 takes it (out of
+        // line) only for degenerate channels and otherwise brackets the quotient.
+        if constexpr (kBracket) {
+          if (__builtin_expect(fast, 1)) {
+            out[ch][w] = e4m3_bracket(xv, rb[ch], sc[ch]);
+          } else {
+            uint32_t zero = 0;
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              zero |= (uint32_t)(sc[ch] == 0.f || t0 + r0 + perm_token(4 * w + e) >= a.s.Skv) << e;
+            out[ch][w] = e4m3_exact(0u, 0xffffffffu, xv[0], xv[1], xv[2], xv[3], sc[ch], zero);
+          }
+        } else {
+          float q[4];
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            zero |= (uint32_t)(sc[ch] == 0.f || t0 + r0 + perm_token(4 * w + e) >= a.s.Skv) << e;
-          out[ch][w] = e4m3_exact(0u, 0xffffffffu, xv[0], xv[1], xv[2], xv[3], sc[ch], zero);
+            q[e] = (sc[ch] == 0.f || t0 + r0 + perm_token(4 * w + e) >= a.s.Skv) ? 0.f : __fdiv_rn(xv[e], sc[ch]);
+          out[ch][w] = pack_e4m3x4(q[0], q[1], q[2], q[3]);
         }
       }
     }
@@ -571,48 +475,79 @@ __device__ void v_block(const QuantArgs& a, int kv, v6::Smem& sm, const T* s_til
   }
 }
 
-// v6's block order and Q / K blocks.
-template <int D>
-constexpr int kMinBlocks = SAGE3_QUANT_V7_MINB > 0 ? SAGE3_QUANT_V7_MINB : (D == 64 ? 5 : 4);
-
-template <int D, typename T>
-__global__ void __launch_bounds__(kThreads, kMinBlocks<D>) quantize_qkv_kernel(QuantArgs a, int n_q_blocks, int n_k_blocks) {
-  __shared__ v6::Smem sm;
+// Block order: K and V tiles interleaved, (batch, head) and tiles in reverse (kv_stats ends on the last heads,
+// which are then still in L2), then the Q tiles.
+template <int D, typename T, bool kBracket, int kMinBlocks>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) quantize_qkv_kernel(QuantArgs a, int n_q_blocks, int n_k_blocks) {
+  __shared__ Smem sm;
   __shared__ __align__(16) T s_tile[kCtaK * D];
   const int idx = blockIdx.x;
   if (idx < 2 * n_k_blocks) {
     const int kv = n_k_blocks - 1 - idx / 2;
-    if (idx % 2 == 0) v6::k_block<D, T>(a, kv, sm, s_tile);
-    else v7::v_block<D, T>(a, kv, sm, s_tile);  // qualified: ADL (v6::Smem) also finds v6::v_block
+    if (idx % 2 == 0) k_block<D, T>(a, kv, sm, s_tile);
+    else v_block<D, T, kBracket>(a, kv, sm, s_tile);
   } else {
-    v6::q_block<D, T>(a, idx - 2 * n_k_blocks, sm, s_tile);
+    q_block<D, T>(a, idx - 2 * n_k_blocks, sm, s_tile);
   }
 }
 
-using v6::launch_stats;
-
+// The two launches separately (the A/B harness csrc/tools/sm90_quant_ab.cu times each).
 template <int D, typename T>
-cudaError_t launch_qkv(const QuantArgs& a, cudaStream_t stream) {
-  int n_q, n_k;
-  if (!v6::qkv_blocks(a.s, n_q, n_k)) return cudaErrorInvalidValue;
-  quantize_qkv_kernel<D, T><<<(unsigned)(n_q + 2 * n_k), kThreads, 0, stream>>>(a, n_q, n_k);
+cudaError_t launch_stats(const QuantArgs& a, cudaStream_t stream) {
+  dim3 stats_grid(a.s.n_chunks(), a.s.Hkv, a.s.B);
+  kv_stats_kernel<D, T><<<stats_grid, kStatsThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
+// Block counts of quantize_qkv: Q tiles, K tiles (= V tiles); false if the grid does not fit.
+inline bool qkv_blocks(const QuantShapes& s, int& n_q, int& n_k) {
+  const int64_t q = (int64_t)s.B * s.Hq * (s.n_qgroups() / 8 * 16 / kQuantQRows);
+  const int64_t k = (int64_t)s.B * s.Hkv * s.n_ktiles();
+  if (q + 2 * k >= (int64_t)1 << 31) return false;
+  n_q = (int)q;
+  n_k = (int)k;
+  return true;
+}
+
+// v6 by default; v7::launch_qkv is the same kernel with kBracket and its own blocks per SM.
+template <int D, typename T, bool kBracket = false, int kMinBlocks = 4>
+cudaError_t launch_qkv(const QuantArgs& a, cudaStream_t stream) {
+  int n_q, n_k;
+  if (!qkv_blocks(a.s, n_q, n_k)) return cudaErrorInvalidValue;
+  quantize_qkv_kernel<D, T, kBracket, kMinBlocks><<<(unsigned)(n_q + 2 * n_k), kThreads, 0, stream>>>(a, n_q, n_k);
+  return cudaGetLastError();
+}
+
+}  // namespace v6
+
+// ====================================== v7 (default) ======================================
+// Same outputs, bit for bit, as v6: the same kernels with v_block's kBracket (and its own blocks per SM).
+// v6's quantize_qkv was issue-bound rather than DRAM-bound (H200 ncu: 47% of DRAM bandwidth, 62% SM
+// throughput), mostly in its V block: ~25 instructions per element, because each __fdiv_rn sat in its own branch
+// region (scale == 0 / padding guard) and ptxas expanded every one in full (MUFU.RCP, 5 FFMA, FCHK, call).
+// v7's V block brackets the quotient instead (proof at e4m3_bracket): two FMUL and one cvt per element, plus an
+// exact __fdiv_rn for the rare element whose bracket straddles an e4m3 rounding boundary.
+namespace v7 {
+
+template <int D>
+constexpr int kMinBlocks = SAGE3_QUANT_V7_MINB > 0 ? SAGE3_QUANT_V7_MINB : (D == 64 ? 5 : 4);
+
+using v6::launch_stats;
 template <int D, typename T>
-cudaError_t launch_quantize(const QuantArgs& a, cudaStream_t stream) {
-  cudaError_t e = launch_stats<D, T>(a, stream);
-  return e != cudaSuccess ? e : launch_qkv<D, T>(a, stream);
+cudaError_t launch_qkv(const QuantArgs& a, cudaStream_t stream) {
+  return v6::launch_qkv<D, T, /*kBracket=*/true, kMinBlocks<D>>(a, stream);
 }
 
 }  // namespace v7
 
 template <int D, typename T>
 cudaError_t launch_quantize_typed(const QuantArgs& a, cudaStream_t stream) {
+  const cudaError_t e = v6::launch_stats<D, T>(a, stream);
+  if (e != cudaSuccess) return e;
 #if SAGE3_QUANT_V6
-  return v6::launch_quantize<D, T>(a, stream);
+  return v6::launch_qkv<D, T>(a, stream);
 #else
-  return v7::launch_quantize<D, T>(a, stream);
+  return v7::launch_qkv<D, T>(a, stream);
 #endif
 }
 
