@@ -18,19 +18,11 @@
 #include <vector>
 
 #include "sm90/attn_kernel.cuh"
+#include "tools/check_cuda.h"
 
 using namespace sage3::sm90;
 
 namespace {
-
-#define CHECK_CUDA(x)                                                                     \
-  do {                                                                                    \
-    cudaError_t e_ = (x);                                                                 \
-    if (e_ != cudaSuccess) {                                                              \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                       \
-    }                                                                                     \
-  } while (0)
 
 uint32_t g_rng = 12345u;
 uint32_t next_u32() {

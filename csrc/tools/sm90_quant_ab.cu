@@ -19,20 +19,12 @@
 #include <vector>
 
 #include "sm90/quant.cu"
+#include "tools/check_cuda.h"
 
 // A named namespace: an anonymous one here would make the kernel stubs' references to quant.cu's anonymous
 // namespace (sage3::sm90::<anon>) ambiguous once `using namespace` is in effect.
 namespace qab {
 using namespace sage3::sm90;
-
-#define CHECK_CUDA(x)                                                                         \
-  do {                                                                                        \
-    cudaError_t e_ = (x);                                                                     \
-    if (e_ != cudaSuccess) {                                                                  \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                           \
-    }                                                                                         \
-  } while (0)
 
 __device__ __forceinline__ uint32_t hash32(uint64_t x) {
   x ^= x >> 33; x *= 0xff51afd7ed558ccdull; x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ull; x ^= x >> 33;
