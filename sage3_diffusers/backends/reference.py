@@ -17,8 +17,10 @@ class _ReferenceBackend(AttentionBackend):
     _fn = None
 
     def forward(self, q, k, v, *, layout, is_causal, sm_scale, return_lse, attn_mask=None):
-        res = type(self)._fn(to_hnd(q, layout), to_hnd(k, layout), to_hnd(v, layout), is_causal=is_causal,
-                             sm_scale=sm_scale, return_lse=return_lse)
+        # Contiguous copies: the fp32 reductions then see one memory order whatever the caller's strides, so the
+        # quantization (rounding boundaries amplify a last-bit difference to an e4m3/int8 step) is layout-invariant.
+        q, k, v = (to_hnd(t, layout).contiguous() for t in (q, k, v))
+        res = type(self)._fn(q, k, v, is_causal=is_causal, sm_scale=sm_scale, return_lse=return_lse)
         if return_lse:
             return from_hnd(res[0], layout), res[1]
         return from_hnd(res, layout)
