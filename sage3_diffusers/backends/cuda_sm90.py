@@ -51,7 +51,8 @@ class CudaSm90Int8Fp8Backend(CudaKernelBackend):
     verified = ("run on H200 (sm_90, 2026-11-27 06:49-07:10 UTC, kernel v10, quantizer v7) against the "
                 "SageAttention2++ reference (row_sum='quantized_p'): tests/gpu/test_cuda_sm90.py, 32 tests incl. odd "
                 "shapes, GQA, causal, NHD, non-contiguous, 128k tokens, quantizer bit-exactness; compute-sanitizer "
-                "memcheck clean; on an H100 80GB HBM3 (07:22 UTC) the same 32 tests passed")
+                "memcheck clean; on an H100 80GB HBM3 the same 32 tests passed (07:22 UTC; again with the causal-mask "
+                "change of commit 7b73a75 at 08:13 UTC, plus compute-sanitizer memcheck clean)")
     dtypes = (torch.float16, torch.bfloat16)
     head_dims = (64, 128)
     supports_causal = True
