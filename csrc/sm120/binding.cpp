@@ -1,27 +1,36 @@
 // Torch binding of the NVFP4 (SageAttention3) kernels: the only file of _C_fp4 that includes torch.
 // Python (sage3_diffusers/backends/cuda_fp4.py) computes the smoothing means and ΔS with the specification's
-// own torch code, then calls `quantize` and `attention` here.
+// own torch code, then calls `quantize` and `attention` here. Argument and launch errors come back to Python as a
+// str ("error: ..."), never as a C++ exception (common/binding_errors.h says why); the wrapper raises them.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include "common/binding_errors.h"
 #include "sm120/fp4_api.h"
 
 namespace {
 
+using sage3::binding::to_python;
+
 using sage3::Fp4InDtype;
 constexpr int kTile = sage3::kFp4Tile;
 
-#define SAGE3_CUDA_CHECK(expr)                                                                   \
-  do {                                                                                           \
-    cudaError_t err__ = (expr);                                                                  \
-    TORCH_CHECK(err__ == cudaSuccess, "_C_fp4: ", #expr, " failed: ", cudaGetErrorString(err__)); \
+#define SAGE3_CUDA_CHECK(expr)                                                                 \
+  do {                                                                                         \
+    const cudaError_t err__ = (expr);                                                          \
+    SAGE3_CHECK(err__ == cudaSuccess, "_C_fp4: ", #expr, " failed: ", cudaGetErrorString(err__)); \
   } while (0)
 
-Fp4InDtype in_dtype(const at::Tensor& x) {
-  if (x.scalar_type() == at::kHalf) return Fp4InDtype::kFloat16;
-  if (x.scalar_type() == at::kBFloat16) return Fp4InDtype::kBFloat16;
-  TORCH_CHECK(false, "_C_fp4: dtype ", x.scalar_type(), " not supported (needs float16 or bfloat16)");
+std::string in_dtype(const at::Tensor& x, Fp4InDtype& dt) {
+  if (x.scalar_type() == at::kHalf) {
+    dt = Fp4InDtype::kFloat16;
+  } else if (x.scalar_type() == at::kBFloat16) {
+    dt = Fp4InDtype::kBFloat16;
+  } else {
+    return sage3::binding::message("_C_fp4: dtype ", x.scalar_type(), " not supported (needs float16 or bfloat16)");
+  }
+  return {};
 }
 
 // The row kernels read 16 elements as two 16-byte loads: rows must start 16-byte aligned.
@@ -31,24 +40,26 @@ at::Tensor aligned_rows(const at::Tensor& x) {
   return ok ? x : x.contiguous();
 }
 
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+std::string check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   for (const auto* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->is_cuda(), "_C_fp4: inputs must be CUDA tensors");
-    TORCH_CHECK(t->dim() == 4, "_C_fp4: inputs must be 4-D [B, H, S, D] (HND), got ", t->sizes());
+    SAGE3_CHECK(t->is_cuda(), "_C_fp4: inputs must be CUDA tensors");
+    SAGE3_CHECK(t->dim() == 4, "_C_fp4: inputs must be 4-D [B, H, S, D] (HND), got ", t->sizes());
   }
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+  SAGE3_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "_C_fp4: q, k, v must share one dtype");
-  in_dtype(q);
+  Fp4InDtype dt;
+  SAGE3_TRY(in_dtype(q, dt));
   const int64_t D = q.size(3);
-  TORCH_CHECK(D == 64 || D == 128, "_C_fp4: head_dim ", D, " not supported (needs 64 or 128)");
-  TORCH_CHECK(k.size(3) == D && v.size(3) == D, "_C_fp4: q, k, v head dims differ");
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "_C_fp4: batch sizes differ");
-  TORCH_CHECK(k.sizes() == v.sizes(), "_C_fp4: k and v shapes differ: ", k.sizes(), " vs ", v.sizes());
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "_C_fp4: query heads (", q.size(1),
+  SAGE3_CHECK(D == 64 || D == 128, "_C_fp4: head_dim ", D, " not supported (needs 64 or 128)");
+  SAGE3_CHECK(k.size(3) == D && v.size(3) == D, "_C_fp4: q, k, v head dims differ");
+  SAGE3_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "_C_fp4: batch sizes differ");
+  SAGE3_CHECK(k.sizes() == v.sizes(), "_C_fp4: k and v shapes differ: ", k.sizes(), " vs ", v.sizes());
+  SAGE3_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "_C_fp4: query heads (", q.size(1),
               ") must be a multiple of kv heads (", k.size(1), ")");
-  TORCH_CHECK(k.size(2) > 0, "_C_fp4: needs at least one key token");
-  TORCH_CHECK(q.get_device() == k.get_device() && q.get_device() == v.get_device(),
+  SAGE3_CHECK(k.size(2) > 0, "_C_fp4: needs at least one key token");
+  SAGE3_CHECK(q.get_device() == k.get_device() && q.get_device() == v.get_device(),
               "_C_fp4: q, k, v on different devices");
+  return {};
 }
 
 int64_t tiles(int64_t s) { return (s + kTile - 1) / kTile; }
@@ -58,17 +69,17 @@ int64_t tiles(int64_t s) { return (s + kTile - 1) / kTile; }
 // Returns (q_codes [B,Hq,Sq_pad,D/2] u8, q_scales [B,Hq,Sq_pad,D/16] u8 (E4M3 bits), q_g [B,Hq,nQT] f32,
 //          k_codes, k_scales, k_g [B,Hkv,nKT], v_codes [B,Hkv,D,Skv_pad/2], v_scales [B,Hkv,D,Skv_pad/16],
 //          v_g [B,Hkv,nKT,D]).
-std::vector<at::Tensor> quantize(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                                 const at::Tensor& q_mean_in, const at::Tensor& k_mean_in) {
-  check_qkv(q_in, k_in, v_in);
+std::string quantize(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& q_mean_in,
+                     const at::Tensor& k_mean_in, std::vector<at::Tensor>& result) {
+  SAGE3_TRY(check_qkv(q_in, k_in, v_in));
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in);
   const at::Tensor v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();  // the V kernel reads channels unit-stride
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3), Hkv = k.size(1), Skv = k.size(2);
   const at::Tensor q_mean = q_mean_in.to(at::kFloat).contiguous(), k_mean = k_mean_in.to(at::kFloat).contiguous();
-  TORCH_CHECK(q_mean.sizes() == at::IntArrayRef({B, Hq, tiles(Sq), D}), "_C_fp4: q_mean shape ", q_mean.sizes());
-  TORCH_CHECK(k_mean.sizes() == at::IntArrayRef({B, Hkv, 1, D}), "_C_fp4: k_mean shape ", k_mean.sizes());
-  TORCH_CHECK(q_mean.device() == q.device() && k_mean.device() == q.device(), "_C_fp4: means on another device");
+  SAGE3_CHECK(q_mean.sizes() == at::IntArrayRef({B, Hq, tiles(Sq), D}), "_C_fp4: q_mean shape ", q_mean.sizes());
+  SAGE3_CHECK(k_mean.sizes() == at::IntArrayRef({B, Hkv, 1, D}), "_C_fp4: k_mean shape ", k_mean.sizes());
+  SAGE3_CHECK(q_mean.device() == q.device() && k_mean.device() == q.device(), "_C_fp4: means on another device");
   const auto u8 = q.options().dtype(at::kByte), f32 = q.options().dtype(at::kFloat);
   const int64_t sq_pad = tiles(Sq) * kTile, skv_pad = tiles(Skv) * kTile;
   auto q_codes = at::empty({B, Hq, sq_pad, D / 2}, u8), q_scales = at::empty({B, Hq, sq_pad, D / 16}, u8);
@@ -78,7 +89,8 @@ std::vector<at::Tensor> quantize(const at::Tensor& q_in, const at::Tensor& k_in,
   auto v_codes = at::empty({B, Hkv, D, skv_pad / 2}, u8), v_scales = at::empty({B, Hkv, D, skv_pad / 16}, u8);
   auto v_g = at::empty({B, Hkv, tiles(Skv), D}, f32);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const Fp4InDtype dt = in_dtype(q);
+  Fp4InDtype dt;
+  SAGE3_TRY(in_dtype(q, dt));
   if (Sq > 0) {
     SAGE3_CUDA_CHECK(sage3::fp4_quantize_rows(q.data_ptr(), dt, q.stride(0), q.stride(1), q.stride(2), B, Hq, Sq, D,
                                               q_mean.data_ptr<float>(), tiles(Sq), true, q_codes.data_ptr<uint8_t>(),
@@ -90,34 +102,36 @@ std::vector<at::Tensor> quantize(const at::Tensor& q_in, const at::Tensor& k_in,
   SAGE3_CUDA_CHECK(sage3::fp4_quantize_v(v.data_ptr(), dt, v.stride(0), v.stride(1), v.stride(2), B, Hkv, Skv, D,
                                          v_codes.data_ptr<uint8_t>(), v_scales.data_ptr<uint8_t>(),
                                          v_g.data_ptr<float>(), stream));
-  return {q_codes, q_scales, q_g, k_codes, k_scales, k_g, v_codes, v_scales, v_g};
+  result = {q_codes, q_scales, q_g, k_codes, k_scales, k_g, v_codes, v_scales, v_g};
+  return {};
 }
 
 // Attention on quantized operands (from `quantize`) for the query tiles q_tile0 .. q_tile0 + delta_s.size(2) - 1
 // (one call, or several chunks so ΔS stays small). Writes in place: `out` [B, Hq, Sq, D] of q's dtype, stride 1
 // along D; `lse_log2` [B, Hq, Sq] fp32 contiguous (m + log2(l) - log2(2688)) or an empty tensor for none.
-void attention(const std::vector<at::Tensor>& qz, const at::Tensor& delta_s_in, at::Tensor out, at::Tensor lse_log2,
-               int64_t Skv, bool causal, double sm_scale, int64_t q_tile0) {
-  TORCH_CHECK(qz.size() == 9, "_C_fp4: attention expects the 9 tensors returned by quantize");
+std::string attention(const std::vector<at::Tensor>& qz, const at::Tensor& delta_s_in, at::Tensor out,
+                      at::Tensor lse_log2, int64_t Skv, bool causal, double sm_scale, int64_t q_tile0) {
+  SAGE3_CHECK(qz.size() == 9, "_C_fp4: attention expects the 9 tensors returned by quantize");
   const at::Tensor& q_codes = qz[0];
   const int64_t B = q_codes.size(0), Hq = q_codes.size(1), D = q_codes.size(3) * 2, Hkv = qz[3].size(1);
-  TORCH_CHECK(out.is_cuda() && out.dim() == 4 && out.size(0) == B && out.size(1) == Hq && out.size(3) == D,
+  SAGE3_CHECK(out.is_cuda() && out.dim() == 4 && out.size(0) == B && out.size(1) == Hq && out.size(3) == D,
               "_C_fp4: out shape ", out.sizes());
-  TORCH_CHECK(out.stride(3) == 1, "_C_fp4: out must be contiguous along D");
-  in_dtype(out);
+  SAGE3_CHECK(out.stride(3) == 1, "_C_fp4: out must be contiguous along D");
+  Fp4InDtype out_dt;
+  SAGE3_TRY(in_dtype(out, out_dt));
   const int64_t Sq = out.size(2);
-  TORCH_CHECK(tiles(Sq) * kTile == q_codes.size(2), "_C_fp4: out rows do not match the quantized Q");
-  TORCH_CHECK(Skv > 0 && tiles(Skv) * kTile == qz[3].size(2), "_C_fp4: Skv does not match the quantized K");
+  SAGE3_CHECK(tiles(Sq) * kTile == q_codes.size(2), "_C_fp4: out rows do not match the quantized Q");
+  SAGE3_CHECK(Skv > 0 && tiles(Skv) * kTile == qz[3].size(2), "_C_fp4: Skv does not match the quantized K");
   const c10::cuda::CUDAGuard guard(out.device());
   const at::Tensor delta_s = delta_s_in.to(at::kFloat).contiguous();
-  TORCH_CHECK(delta_s.dim() == 4 && delta_s.size(0) == B && delta_s.size(1) == Hq && delta_s.size(3) == Skv,
+  SAGE3_CHECK(delta_s.dim() == 4 && delta_s.size(0) == B && delta_s.size(1) == Hq && delta_s.size(3) == Skv,
               "_C_fp4: delta_s shape ", delta_s.sizes());
   const int64_t q_tiles = delta_s.size(2);
-  TORCH_CHECK(q_tile0 >= 0 && q_tile0 + q_tiles <= tiles(Sq), "_C_fp4: query tiles [", q_tile0, ", ",
+  SAGE3_CHECK(q_tile0 >= 0 && q_tile0 + q_tiles <= tiles(Sq), "_C_fp4: query tiles [", q_tile0, ", ",
               q_tile0 + q_tiles, ") outside [0, ", tiles(Sq), ")");
   const bool with_lse = lse_log2.numel() > 0;
   if (with_lse) {
-    TORCH_CHECK(lse_log2.scalar_type() == at::kFloat && lse_log2.is_contiguous() &&
+    SAGE3_CHECK(lse_log2.scalar_type() == at::kFloat && lse_log2.is_contiguous() &&
                     lse_log2.sizes() == at::IntArrayRef({B, Hq, Sq}) && lse_log2.device() == out.device(),
                 "_C_fp4: lse_log2 must be fp32 contiguous [B, Hq, Sq], got ", lse_log2.sizes());
   }
@@ -135,31 +149,33 @@ void attention(const std::vector<at::Tensor>& qz, const at::Tensor& delta_s_in, 
   p.causal = causal;
   p.score_scale_log2 = static_cast<float>(sm_scale * 1.4426950408889634);
   p.p_offset_log2 = static_cast<float>(std::log2(448.0 * 6.0));
-  SAGE3_CUDA_CHECK(sage3::fp4_attention(p, in_dtype(out), c10::cuda::getCurrentCUDAStream()));
+  SAGE3_CUDA_CHECK(sage3::fp4_attention(p, out_dt, c10::cuda::getCurrentCUDAStream()));
+  return {};
 }
 
-at::Tensor mma_probe(const at::Tensor& a, const at::Tensor& b, const at::Tensor& sfa, const at::Tensor& sfb,
-                     const at::Tensor& c, int64_t tid_a, int64_t tid_b) {
-  TORCH_CHECK(a.is_cuda() && a.scalar_type() == at::kByte && a.numel() == 16 * 32 && a.is_contiguous(), "a: 16x32 u8");
-  TORCH_CHECK(b.is_cuda() && b.scalar_type() == at::kByte && b.numel() == 8 * 32 && b.is_contiguous(), "b: 8x32 u8");
-  TORCH_CHECK(sfa.is_cuda() && sfa.scalar_type() == at::kByte && sfa.numel() == 16 * 4 && sfa.is_contiguous(), "sfa");
-  TORCH_CHECK(sfb.is_cuda() && sfb.scalar_type() == at::kByte && sfb.numel() == 8 * 4 && sfb.is_contiguous(), "sfb");
-  TORCH_CHECK(c.is_cuda() && c.scalar_type() == at::kFloat && c.numel() == 16 * 8 && c.is_contiguous(), "c: 16x8 f32");
+std::string mma_probe(const at::Tensor& a, const at::Tensor& b, const at::Tensor& sfa, const at::Tensor& sfb,
+                      const at::Tensor& c, int64_t tid_a, int64_t tid_b, std::vector<at::Tensor>& result) {
+  SAGE3_CHECK(a.is_cuda() && a.scalar_type() == at::kByte && a.numel() == 16 * 32 && a.is_contiguous(), "a: 16x32 u8");
+  SAGE3_CHECK(b.is_cuda() && b.scalar_type() == at::kByte && b.numel() == 8 * 32 && b.is_contiguous(), "b: 8x32 u8");
+  SAGE3_CHECK(sfa.is_cuda() && sfa.scalar_type() == at::kByte && sfa.numel() == 16 * 4 && sfa.is_contiguous(), "sfa");
+  SAGE3_CHECK(sfb.is_cuda() && sfb.scalar_type() == at::kByte && sfb.numel() == 8 * 4 && sfb.is_contiguous(), "sfb");
+  SAGE3_CHECK(c.is_cuda() && c.scalar_type() == at::kFloat && c.numel() == 16 * 8 && c.is_contiguous(), "c: 16x8 f32");
   const c10::cuda::CUDAGuard guard(a.device());
   auto d = at::full({16, 8}, std::numeric_limits<float>::quiet_NaN(), c.options());
   SAGE3_CUDA_CHECK(sage3::fp4_mma_probe(a.data_ptr<uint8_t>(), b.data_ptr<uint8_t>(), sfa.data_ptr<uint8_t>(),
                                         sfb.data_ptr<uint8_t>(), c.data_ptr<float>(), d.data_ptr<float>(),
                                         static_cast<int>(tid_a), static_cast<int>(tid_b),
                                         c10::cuda::getCurrentCUDAStream()));
-  return d;
+  result = {d};
+  return {};
 }
 
 // (__CUDA_ARCH__ of the device image loaded on the current GPU, 1 if it uses the hardware FP4 MMA).
-std::vector<int64_t> mma_impl() {
+std::string mma_impl(std::vector<at::Tensor>& result) {
   auto buf = at::zeros({2}, at::TensorOptions().dtype(at::kInt).device(at::kCUDA));
   SAGE3_CUDA_CHECK(sage3::fp4_mma_impl(buf.data_ptr<int>(), c10::cuda::getCurrentCUDAStream()));
-  auto h = buf.cpu();
-  return {h[0].item<int64_t>(), h[1].item<int64_t>()};
+  result = {buf.cpu()};
+  return {};
 }
 
 // Device images compiled into this module (setup.py passes the gencodes as defines).
@@ -187,10 +203,41 @@ std::map<std::string, bool> build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "SageAttention3 NVFP4 attention (sm_120a hardware FP4 MMA; sm_90a emulated-MMA test build)";
-  m.def("quantize", &quantize, "Quantize Q', K', V to NVFP4 in the attention kernel's layouts");
-  m.def("attention", &attention, "NVFP4 attention on quantized operands for a range of query tiles; writes out "
-        "(and lse_log2) in place");
-  m.def("mma_probe", &mma_probe, "Run the block-scaled FP4 MMA device function once on plain operands");
-  m.def("mma_impl", &mma_impl, "(__CUDA_ARCH__, hardware MMA?) of the loaded device image");
+  // Each entry point returns its result, or the error message as a str ("error: ...").
+  m.def(
+      "quantize",
+      [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_mean,
+         const at::Tensor& k_mean) {
+        std::vector<at::Tensor> res;
+        const std::string err = quantize(q, k, v, q_mean, k_mean, res);
+        return to_python(err, res);
+      },
+      "Quantize Q', K', V to NVFP4 in the attention kernel's layouts -> 9 tensors");
+  m.def(
+      "attention",
+      [](const std::vector<at::Tensor>& qz, const at::Tensor& delta_s, at::Tensor out, at::Tensor lse_log2,
+         int64_t Skv, bool causal, double sm_scale, int64_t q_tile0) -> py::object {
+        const std::string err = attention(qz, delta_s, out, lse_log2, Skv, causal, sm_scale, q_tile0);
+        if (!err.empty()) return py::str("error: " + err);
+        return py::none();
+      },
+      "NVFP4 attention on quantized operands for a range of query tiles; writes out (and lse_log2) in place");
+  m.def(
+      "mma_probe",
+      [](const at::Tensor& a, const at::Tensor& b, const at::Tensor& sfa, const at::Tensor& sfb, const at::Tensor& c,
+         int64_t tid_a, int64_t tid_b) {
+        std::vector<at::Tensor> res;
+        const std::string err = mma_probe(a, b, sfa, sfb, c, tid_a, tid_b, res);
+        return to_python(err, res);
+      },
+      "Run the block-scaled FP4 MMA device function once on plain operands -> [d]");
+  m.def(
+      "mma_impl",
+      []() {
+        std::vector<at::Tensor> res;
+        const std::string err = mma_impl(res);
+        return to_python(err, res);
+      },
+      "[int32 (__CUDA_ARCH__, hardware MMA?)] of the loaded device image");
   m.def("build_info", &build_info, "Device images compiled into this module");
 }

@@ -8,50 +8,12 @@
 #include <string>
 #include <vector>
 
+#include "common/binding_errors.h"
 #include "sm90/api.h"
 
 namespace {
 
-// Error messages are built with snprintf and returned, never thrown and never formatted with iostreams: on
-// the H200 test machine every error path of this module killed the process with SIGSEGV -- a failing
-// TORCH_CHECK, a thrown std::invalid_argument, one caught again inside the module, and finally a plain
-// returned message built with std::ostringstream (no exception at all). The common factor is std::ostringstream
-// instantiated in this module (c10::str uses it too); errors formatted inside libtorch (CUDAGuard's) were
-// fine. Probably a libstdc++ mismatch between the build toolchain and the process (bench/NOTES.md).
-// Entry points hand the message to Python as a str and the Python wrapper raises it.
-inline void append(std::string& s, const char* x) { s += x; }
-inline void append(std::string& s, const std::string& x) { s += x; }
-inline void append(std::string& s, long long x) {
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), "%lld", x);
-  s += buf;
-}
-inline void append(std::string& s, long x) { append(s, static_cast<long long>(x)); }
-inline void append(std::string& s, int x) { append(s, static_cast<long long>(x)); }
-inline void append(std::string& s, c10::ScalarType t) { s += c10::toString(t); }
-inline void append(std::string& s, c10::IntArrayRef a) {
-  s += "[";
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (i) s += ", ";
-    append(s, static_cast<long long>(a[i]));
-  }
-  s += "]";
-}
-template <typename... Args>
-std::string message(const Args&... args) {
-  std::string s;
-  (append(s, args), ...);
-  return s;
-}
-#define SM90_CHECK(cond, ...)                          \
-  do {                                                 \
-    if (!(cond)) return message(__VA_ARGS__);          \
-  } while (0)
-#define SM90_TRY(expr)                                 \
-  do {                                                 \
-    std::string err_ = (expr);                         \
-    if (!err_.empty()) return err_;                    \
-  } while (0)
+using sage3::binding::to_python;
 
 using sage3::sm90::QuantArgs;
 using sage3::sm90::QuantShapes;
@@ -62,16 +24,16 @@ struct Quantized {
 };
 
 std::string check_input(const at::Tensor& x, const char* name) {
-  SM90_CHECK(x.is_cuda(), "sm90 attention: ", name, " must be a CUDA tensor");
-  SM90_CHECK(x.dim() == 4, "sm90 attention: ", name, " must be 4-D, got ", x.dim(), "-D");
-  SM90_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+  SAGE3_CHECK(x.is_cuda(), "sm90 attention: ", name, " must be a CUDA tensor");
+  SAGE3_CHECK(x.dim() == 4, "sm90 attention: ", name, " must be 4-D, got ", x.dim(), "-D");
+  SAGE3_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "sm90 attention: ", name, " must be float16 or bfloat16, got ", x.scalar_type());
-  SM90_CHECK(x.stride(3) == 1, "sm90 attention: ", name, " needs a contiguous last (channel) dimension");
+  SAGE3_CHECK(x.stride(3) == 1, "sm90 attention: ", name, " needs a contiguous last (channel) dimension");
   for (int d = 0; d < 3; ++d) {
-    SM90_CHECK(x.stride(d) % 8 == 0 || x.size(d) == 1, "sm90 attention: ", name,
+    SAGE3_CHECK(x.stride(d) % 8 == 0 || x.size(d) == 1, "sm90 attention: ", name,
                 " strides must be multiples of 8 elements (16-byte rows), got ", x.strides());
   }
-  SM90_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "sm90 attention: ", name,
+  SAGE3_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "sm90 attention: ", name,
               " data pointer must be 16-byte aligned");
   return {};
 }
@@ -87,21 +49,21 @@ View view_of(const at::Tensor& x, bool nhd) {
 
 std::string quantize_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool nhd, bool want_qk_mean,
                           Quantized& r) {
-  SM90_TRY(check_input(q, "q"));
-  SM90_TRY(check_input(k, "k"));
-  SM90_TRY(check_input(v, "v"));
-  SM90_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+  SAGE3_TRY(check_input(q, "q"));
+  SAGE3_TRY(check_input(k, "k"));
+  SAGE3_TRY(check_input(v, "v"));
+  SAGE3_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "sm90 attention: q, k, v must share one dtype");
-  SM90_CHECK(q.device() == k.device() && q.device() == v.device(), "sm90 attention: q, k, v on different devices");
+  SAGE3_CHECK(q.device() == k.device() && q.device() == v.device(), "sm90 attention: q, k, v on different devices");
   const View vq = view_of(q, nhd), vk = view_of(k, nhd), vv = view_of(v, nhd);
-  SM90_CHECK(vq.D == 64 || vq.D == 128, "sm90 attention: head_dim must be 64 or 128, got ", vq.D);
-  SM90_CHECK(vk.D == vq.D && vv.D == vq.D, "sm90 attention: q, k, v head_dim differ");
-  SM90_CHECK(vk.B == vq.B && vv.B == vq.B, "sm90 attention: batch sizes differ");
-  SM90_CHECK(vk.H == vv.H && vk.S == vv.S, "sm90 attention: k and v shapes differ");
-  SM90_CHECK(vk.H > 0 && vq.H % vk.H == 0, "sm90 attention: query heads (", vq.H,
+  SAGE3_CHECK(vq.D == 64 || vq.D == 128, "sm90 attention: head_dim must be 64 or 128, got ", vq.D);
+  SAGE3_CHECK(vk.D == vq.D && vv.D == vq.D, "sm90 attention: q, k, v head_dim differ");
+  SAGE3_CHECK(vk.B == vq.B && vv.B == vq.B, "sm90 attention: batch sizes differ");
+  SAGE3_CHECK(vk.H == vv.H && vk.S == vv.S, "sm90 attention: k and v shapes differ");
+  SAGE3_CHECK(vk.H > 0 && vq.H % vk.H == 0, "sm90 attention: query heads (", vq.H,
               ") must be a multiple of kv heads (", vk.H, ")");
-  SM90_CHECK(vq.S >= 1 && vk.S >= 1, "sm90 attention: empty sequence");
-  SM90_CHECK(vq.S < (1LL << 30) && vk.S < (1LL << 30) && vq.B <= 65535 && vq.H <= 65535,
+  SAGE3_CHECK(vq.S >= 1 && vk.S >= 1, "sm90 attention: empty sequence");
+  SAGE3_CHECK(vq.S < (1LL << 30) && vk.S < (1LL << 30) && vq.B <= 65535 && vq.H <= 65535,
               "sm90 attention: sizes out of range");
 
   r.s = QuantShapes{(int)vq.B, (int)vq.H, (int)vk.H, (int)vq.S, (int)vk.S, (int)vq.D};
@@ -137,17 +99,17 @@ std::string quantize_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   a.v_t = r.v_t.data_ptr<uint8_t>();
   a.v_scale = r.v_scale.data_ptr<float>();
   cudaError_t e = sage3::sm90::launch_quantize(a, c10::cuda::getCurrentCUDAStream());
-  SM90_CHECK(e == cudaSuccess, "sm90 quantization launch failed: ", cudaGetErrorString(e));
+  SAGE3_CHECK(e == cudaSuccess, "sm90 quantization launch failed: ", cudaGetErrorString(e));
   return {};
 }
 
 // Returns the kernels' intermediates (for tests): q_i8, q_scale, k_i8, k_scale, k_mean, v_t, v_scale, q_kmean.
 std::string quantize(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool nhd, bool with_qk_mean,
                      std::vector<at::Tensor>& result) {
-  SM90_CHECK(q.is_cuda(), "sm90 attention: q must be a CUDA tensor");
+  SAGE3_CHECK(q.is_cuda(), "sm90 attention: q must be a CUDA tensor");
   c10::cuda::CUDAGuard guard(q.device());
   Quantized r;
-  SM90_TRY(quantize_impl(q, k, v, nhd, with_qk_mean, r));
+  SAGE3_TRY(quantize_impl(q, k, v, nhd, with_qk_mean, r));
   result = {r.q_i8, r.q_scale, r.k_i8, r.k_scale, r.k_mean, r.v_t, r.v_scale, r.q_kmean};
   return {};
 }
@@ -161,10 +123,10 @@ std::string run_attention(const Quantized& r, const at::Tensor& q, bool nhd, boo
 std::string forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool nhd, bool is_causal,
                     double sm_scale, bool return_lse, c10::optional<at::Tensor> out_opt,
                     c10::optional<at::Tensor> lse_opt, std::vector<at::Tensor>& result) {
-  SM90_CHECK(q.is_cuda(), "sm90 attention: q must be a CUDA tensor");
+  SAGE3_CHECK(q.is_cuda(), "sm90 attention: q must be a CUDA tensor");
   c10::cuda::CUDAGuard guard(q.device());
   Quantized r;
-  SM90_TRY(quantize_impl(q, k, v, nhd, return_lse, r));
+  SAGE3_TRY(quantize_impl(q, k, v, nhd, return_lse, r));
   return run_attention(r, q, nhd, is_causal, sm_scale, return_lse, out_opt, lse_opt, result);
 }
 
@@ -172,19 +134,19 @@ std::string forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 std::string forward_quantized(const at::Tensor& q, const std::vector<at::Tensor>& qz, int64_t seq_kv,
                               int64_t heads_kv, bool nhd, bool is_causal, double sm_scale, bool return_lse,
                               std::vector<at::Tensor>& result) {
-  SM90_CHECK(q.is_cuda() && q.dim() == 4, "forward_quantized: q must be a 4-D CUDA tensor");
+  SAGE3_CHECK(q.is_cuda() && q.dim() == 4, "forward_quantized: q must be a 4-D CUDA tensor");
   c10::cuda::CUDAGuard guard(q.device());
-  SM90_CHECK(qz.size() == 8, "forward_quantized: expects the 8 tensors returned by quantize()");
+  SAGE3_CHECK(qz.size() == 8, "forward_quantized: expects the 8 tensors returned by quantize()");
   const View vq = view_of(q, nhd);
   Quantized r;
   r.s = QuantShapes{(int)vq.B, (int)vq.H, (int)heads_kv, (int)vq.S, (int)seq_kv, (int)vq.D};
   r.q_i8 = qz[0]; r.q_scale = qz[1]; r.k_i8 = qz[2]; r.k_scale = qz[3]; r.k_mean = qz[4];
   r.v_t = qz[5]; r.v_scale = qz[6]; r.q_kmean = qz[7];
-  SM90_CHECK(!return_lse || r.q_kmean.defined(), "forward_quantized: return_lse needs quantize(..., with_qk_mean=True)");
-  SM90_CHECK(r.k_scale.is_contiguous() && reinterpret_cast<uintptr_t>(r.k_scale.data_ptr()) % 16 == 0 &&
+  SAGE3_CHECK(!return_lse || r.q_kmean.defined(), "forward_quantized: return_lse needs quantize(..., with_qk_mean=True)");
+  SAGE3_CHECK(r.k_scale.is_contiguous() && reinterpret_cast<uintptr_t>(r.k_scale.data_ptr()) % 16 == 0 &&
                  r.v_scale.is_contiguous() && reinterpret_cast<uintptr_t>(r.v_scale.data_ptr()) % 8 == 0,
              "forward_quantized: k_scale / v_scale must be contiguous and aligned as quantize() returns them");
-  SM90_CHECK(r.k_i8.size(2) == seq_kv && r.k_i8.size(1) == heads_kv && r.q_i8.sizes() == at::IntArrayRef({vq.B, vq.H, vq.S, vq.D}),
+  SAGE3_CHECK(r.k_i8.size(2) == seq_kv && r.k_i8.size(1) == heads_kv && r.q_i8.sizes() == at::IntArrayRef({vq.B, vq.H, vq.S, vq.D}),
               "forward_quantized: shapes do not match the quantized tensors");
   return run_attention(r, q, nhd, is_causal, sm_scale, return_lse, c10::nullopt, c10::nullopt, result);
 }
@@ -196,7 +158,7 @@ std::string run_attention(const Quantized& r, const at::Tensor& q, bool nhd, boo
   at::Tensor out;
   if (out_opt.has_value() && out_opt->defined()) {
     out = *out_opt;
-    SM90_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.device() == q.device() &&
+    SAGE3_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.device() == q.device() &&
                     out.stride(3) == 1 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 == 0 && out.stride(0) % 2 == 0 && out.stride(1) % 2 == 0 && out.stride(2) % 2 == 0,
                 "sm90 attention: out must match q's shape, dtype and device, with even strides and contiguous channels");
   } else {
@@ -206,7 +168,7 @@ std::string run_attention(const Quantized& r, const at::Tensor& q, bool nhd, boo
   if (return_lse) {
     if (lse_opt.has_value() && lse_opt->defined()) {
       lse = *lse_opt;
-      SM90_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat && lse.numel() == (int64_t)s.B * s.Hq * s.Sq &&
+      SAGE3_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat && lse.numel() == (int64_t)s.B * s.Hq * s.Sq &&
                       lse.device() == q.device(),
                   "sm90 attention: lse must be a contiguous float32 [B, Hq, Sq] tensor on q's device");
     } else {
@@ -235,15 +197,9 @@ std::string run_attention(const Quantized& r, const at::Tensor& q, bool nhd, boo
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaError_t e = s.D == 128 ? sage3::sm90::launch_attn_hd128(a, stream, &err)
                              : sage3::sm90::launch_attn_hd64(a, stream, &err);
-  SM90_CHECK(e == cudaSuccess, "sm90 attention launch failed: ", e == cudaErrorInvalidValue ? err : cudaGetErrorString(e));
+  SAGE3_CHECK(e == cudaSuccess, "sm90 attention launch failed: ", e == cudaErrorInvalidValue ? err : cudaGetErrorString(e));
   result = {out, lse};
   return {};
-}
-
-// Entry points return the result list, or the error message as a Python str (the wrapper raises it).
-py::object to_python(const std::string& err, const std::vector<at::Tensor>& result) {
-  if (!err.empty()) return py::str("error: " + err);
-  return py::cast(result);
 }
 
 }  // namespace

@@ -27,6 +27,13 @@ _BUILD_HINT_EMULATED = ("SAGE3_EXTENSIONS=fp4 SAGE3_FP4_EMULATED=1 TORCH_CUDA_AR
                         "python setup.py build_ext --inplace")
 
 
+def _checked(result):
+    """The extension's entry points return their result, or an error message str (csrc/common/binding_errors.h)."""
+    if isinstance(result, str):
+        raise RuntimeError(f"{FP4_EXT.name}: {result}")
+    return result
+
+
 def build_info() -> dict[str, bool]:
     """Device images compiled into _C_fp4 ({} when it is not built)."""
     ext = FP4_EXT.module()
@@ -49,7 +56,7 @@ def quantize_debug(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[st
     packed codes (`pack_fp4` of `sage3_quantize(...).x.codes`), scales as fp32 E4M3 values, tile scales."""
     ext = FP4_EXT.require()
     q_mean, k_mean, delta_s = smoothing_terms(q, k)
-    qc, qs, qg, kc, ks, kg, vc, vs, vg = ext.quantize(q, k, v, q_mean, k_mean)
+    qc, qs, qg, kc, ks, kg, vc, vs, vg = _checked(ext.quantize(q, k, v, q_mean, k_mean))
     b, hkv, skv, d = k.shape
     sq = q.shape[2]
     n_kt = vg.shape[2]
@@ -68,12 +75,14 @@ def quantize_debug(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[st
 def mma_probe(a, b, sfa, sfb, c, tid_a: int = 0, tid_b: int = 0) -> torch.Tensor:
     """Run the block-scaled FP4 MMA device function once (see csrc/sm120/fp4_api.h for the operand layout)."""
     ext = FP4_EXT.require()
-    return ext.mma_probe(a, b, sfa, sfb, c, tid_a, tid_b)
+    (d,) = _checked(ext.mma_probe(a, b, sfa, sfb, c, tid_a, tid_b))
+    return d
 
 
 def mma_impl() -> tuple[int, bool]:
     """(__CUDA_ARCH__ of the device image loaded on the current GPU, True if it uses the hardware FP4 MMA)."""
-    arch, hw = FP4_EXT.require().mma_impl()
+    (impl,) = _checked(FP4_EXT.require().mma_impl())
+    arch, hw = impl.tolist()
     return int(arch), bool(hw)
 
 
@@ -107,7 +116,7 @@ def fp4_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_
     # The specification's smoothing terms (same torch ops as sage3_quantize, so the quantization is bit-exact).
     k_mean = kh.float().mean(dim=-2, keepdim=True)
     q_mean = block_means(qh.float(), SAGE3_Q_BLOCK)
-    quantized = ext.quantize(qh, kh, vh, q_mean, k_mean)
+    quantized = _checked(ext.quantize(qh, kh, vh, q_mean, k_mean))
     ks = kh.float() - k_mean
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous in the caller's layout
     lse2 = torch.empty((b, hq, sq) if return_lse else (0,), dtype=torch.float32, device=q.device)
@@ -116,8 +125,8 @@ def fp4_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_
     chunk = max(1, min(n_qt, DELTA_S_CHUNK_BYTES // per_tile))
     for t0 in range(0, n_qt, chunk):
         t1 = min(n_qt, t0 + chunk)
-        ext.attention(quantized, _delta_s(q_mean[:, :, t0:t1], ks), to_hnd(out, layout), lse2, skv, bool(is_causal),
-                      float(sm_scale), t0)
+        _checked(ext.attention(quantized, _delta_s(q_mean[:, :, t0:t1], ks), to_hnd(out, layout), lse2, skv,
+                               bool(is_causal), float(sm_scale), t0))
     if not return_lse:
         return out, lse2
     # Natural-log LSE of sm_scale·Q·Kᵀ with the unsmoothed K: the kernel's log2 part plus sm_scale·q·k̄ᵀ.

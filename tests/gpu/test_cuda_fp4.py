@@ -158,10 +158,29 @@ def _run_kernel_poisoned(q, k, v, *, is_causal, sm_scale, return_lse):
     ext = cuda_fp4.FP4_EXT.require()
     q_mean, k_mean, delta_s = cuda_fp4.smoothing_terms(q, k)
     quantized = ext.quantize(q, k, v, q_mean, k_mean)
+    assert not isinstance(quantized, str), quantized
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
     lse2 = torch.full(q.shape[:3] if return_lse else (0,), float("nan"), device=q.device)
-    ext.attention(quantized, delta_s, out, lse2, k.shape[2], is_causal, sm_scale, 0)
+    err = ext.attention(quantized, delta_s, out, lse2, k.shape[2], is_causal, sm_scale, 0)
+    assert err is None, err
     return out, lse2
+
+
+def test_extension_checks_report_errors(ext):
+    """C++ argument checks come back as an error message (never a C++ exception, which crashed the process on the
+    lent machine); the Python wrappers raise them."""
+    q, k, v = _inputs((1, 2, 2, 64, 64, 128), torch.bfloat16)
+    q_mean, k_mean, delta_s = cuda_fp4.smoothing_terms(q, k)
+    res = ext.quantize(q.float(), k.float(), v.float(), q_mean, k_mean)
+    assert isinstance(res, str) and "not supported" in res, res
+    res = ext.quantize(q, k[:, :1].expand(1, 3, 64, 128), v, q_mean, k_mean)
+    assert isinstance(res, str) and "differ" in res, res
+    quantized = ext.quantize(q, k, v, q_mean, k_mean)
+    bad_out = torch.empty(1, 2, 64, 64, dtype=q.dtype, device=q.device)
+    res = ext.attention(quantized, delta_s, bad_out, torch.empty(0, device=q.device), 64, False, 0.1, 0)
+    assert isinstance(res, str) and "out shape" in res, res
+    with pytest.raises(RuntimeError, match="not supported"):
+        cuda_fp4.quantize_debug(q.float(), k.float(), v.float())
 
 
 def _check_attention(q, k, v, *, is_causal, min_cos=0.9999):

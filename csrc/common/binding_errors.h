@@ -1,0 +1,59 @@
+// Argument checks for the torch bindings (_C_sm90, _C_fp4) that never throw: a failed check returns its message,
+// the entry point hands it to Python as a str ("error: ..."), and the Python wrapper raises it.
+// Why: on the lent GPU machine every C++ error path of these modules killed the process with SIGSEGV -- a failing
+// TORCH_CHECK, a thrown std::invalid_argument, one caught again inside the module, and a plain returned message
+// built with std::ostringstream (no exception at all). The common factor is std::ostringstream instantiated in the
+// module (c10::str uses it too); errors formatted inside libtorch (CUDAGuard's) were fine. Probably a libstdc++
+// mismatch between the build toolchain and the process (bench/NOTES.md). So messages are built with snprintf.
+// Binding files only (includes torch headers).
+#pragma once
+#include <torch/extension.h>
+
+#include <cstdio>
+#include <string>
+
+namespace sage3::binding {
+
+inline void append(std::string& s, const char* x) { s += x; }
+inline void append(std::string& s, const std::string& x) { s += x; }
+inline void append(std::string& s, long long x) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%lld", x);
+  s += buf;
+}
+inline void append(std::string& s, long x) { append(s, static_cast<long long>(x)); }
+inline void append(std::string& s, int x) { append(s, static_cast<long long>(x)); }
+inline void append(std::string& s, c10::ScalarType t) { s += c10::toString(t); }
+inline void append(std::string& s, c10::IntArrayRef a) {
+  s += "[";
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (i) s += ", ";
+    append(s, static_cast<long long>(a[i]));
+  }
+  s += "]";
+}
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string s;
+  (append(s, args), ...);
+  return s;
+}
+
+// The result list, or the error message as a Python str.
+inline py::object to_python(const std::string& err, const std::vector<at::Tensor>& result) {
+  if (!err.empty()) return py::str("error: " + err);
+  return py::cast(result);
+}
+
+}  // namespace sage3::binding
+
+// Inside a function returning std::string (the error message; empty = success).
+#define SAGE3_CHECK(cond, ...)                                  \
+  do {                                                          \
+    if (!(cond)) return ::sage3::binding::message(__VA_ARGS__); \
+  } while (0)
+#define SAGE3_TRY(expr)             \
+  do {                              \
+    std::string err_ = (expr);      \
+    if (!err_.empty()) return err_; \
+  } while (0)
