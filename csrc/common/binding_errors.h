@@ -39,9 +39,14 @@ std::string message(const Args&... args) {
   return s;
 }
 
+// None, or the error message as a Python str (entry points without a result).
+inline py::object to_python(const std::string& err) {
+  if (!err.empty()) return py::str("error: " + err);
+  return py::none();
+}
 // The result list, or the error message as a Python str.
 inline py::object to_python(const std::string& err, const std::vector<at::Tensor>& result) {
-  if (!err.empty()) return py::str("error: " + err);
+  if (!err.empty()) return to_python(err);
   return py::cast(result);
 }
 

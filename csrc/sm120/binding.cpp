@@ -40,14 +40,14 @@ at::Tensor aligned_rows(const at::Tensor& x) {
   return ok ? x : x.contiguous();
 }
 
-std::string check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+// Also returns the inputs' dtype in dt.
+std::string check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, Fp4InDtype& dt) {
   for (const auto* t : {&q, &k, &v}) {
     SAGE3_CHECK(t->is_cuda(), "_C_fp4: inputs must be CUDA tensors");
     SAGE3_CHECK(t->dim() == 4, "_C_fp4: inputs must be 4-D [B, H, S, D] (HND), got ", t->sizes());
   }
   SAGE3_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "_C_fp4: q, k, v must share one dtype");
-  Fp4InDtype dt;
   SAGE3_TRY(in_dtype(q, dt));
   const int64_t D = q.size(3);
   SAGE3_CHECK(D == 64 || D == 128, "_C_fp4: head_dim ", D, " not supported (needs 64 or 128)");
@@ -71,7 +71,8 @@ int64_t tiles(int64_t s) { return (s + kTile - 1) / kTile; }
 //          v_g [B,Hkv,nKT,D]).
 std::string quantize(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& q_mean_in,
                      const at::Tensor& k_mean_in, std::vector<at::Tensor>& result) {
-  SAGE3_TRY(check_qkv(q_in, k_in, v_in));
+  Fp4InDtype dt;
+  SAGE3_TRY(check_qkv(q_in, k_in, v_in, dt));
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in);
   const at::Tensor v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();  // the V kernel reads channels unit-stride
@@ -89,8 +90,6 @@ std::string quantize(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
   auto v_codes = at::empty({B, Hkv, D, skv_pad / 2}, u8), v_scales = at::empty({B, Hkv, D, skv_pad / 16}, u8);
   auto v_g = at::empty({B, Hkv, tiles(Skv), D}, f32);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  Fp4InDtype dt;
-  SAGE3_TRY(in_dtype(q, dt));
   if (Sq > 0) {
     SAGE3_CUDA_CHECK(sage3::fp4_quantize_rows(q.data_ptr(), dt, q.stride(0), q.stride(1), q.stride(2), B, Hq, Sq, D,
                                               q_mean.data_ptr<float>(), tiles(Sq), true, q_codes.data_ptr<uint8_t>(),
@@ -216,10 +215,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "attention",
       [](const std::vector<at::Tensor>& qz, const at::Tensor& delta_s, at::Tensor out, at::Tensor lse_log2,
-         int64_t Skv, bool causal, double sm_scale, int64_t q_tile0) -> py::object {
-        const std::string err = attention(qz, delta_s, out, lse_log2, Skv, causal, sm_scale, q_tile0);
-        if (!err.empty()) return py::str("error: " + err);
-        return py::none();
+         int64_t Skv, bool causal, double sm_scale, int64_t q_tile0) {
+        return to_python(attention(qz, delta_s, out, lse_log2, Skv, causal, sm_scale, q_tile0));
       },
       "NVFP4 attention on quantized operands for a range of query tiles; writes out (and lse_log2) in place");
   m.def(
