@@ -429,6 +429,9 @@ __device__ void v_block(const QuantArgs& a, int kv, Smem& sm, const T* s_tile) {
   const bool fast = rb[0].fast && rb[1].fast;  // per thread; false only for degenerate channels (scale 0, inf, NaN)
   const uint32_t* s_words = reinterpret_cast<const uint32_t*>(s_tile);
   const int64_t pad = a.s.skv_pad();
+  // Elements v6 sets to 0 instead of dividing: channel scale 0, or a padding token (permuted position pos of the
+  // 16-token group at tile row r0).
+  auto zeroed = [&](int ch, int r0, int pos) { return sc[ch] == 0.f || t0 + r0 + perm_token(pos) >= a.s.Skv; };
   uint8_t* vo = a.v_t + ((int64_t)bh * D + 2 * cp) * pad + t0;
 #pragma unroll
   for (int g = 0; g < NG; ++g) {
@@ -456,15 +459,14 @@ __device__ void v_block(const QuantArgs& a, int kv, Smem& sm, const T* s_tile) {
           } else {
             uint32_t zero = 0;
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-              zero |= (uint32_t)(sc[ch] == 0.f || t0 + r0 + perm_token(4 * w + e) >= a.s.Skv) << e;
+            for (int e = 0; e < 4; ++e) zero |= (uint32_t)zeroed(ch, r0, 4 * w + e) << e;
             out[ch][w] = e4m3_exact(0u, 0xffffffffu, xv[0], xv[1], xv[2], xv[3], sc[ch], zero);
           }
         } else {
           float q[4];
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            q[e] = (sc[ch] == 0.f || t0 + r0 + perm_token(4 * w + e) >= a.s.Skv) ? 0.f : __fdiv_rn(xv[e], sc[ch]);
+            q[e] = zeroed(ch, r0, 4 * w + e) ? 0.f : __fdiv_rn(xv[e], sc[ch]);
           out[ch][w] = pack_e4m3x4(q[0], q[1], q[2], q[3]);
         }
       }
