@@ -42,7 +42,7 @@ DEFAULT_PROMPT = {
 def parse_args(family: str, argv=None):
     ap = argparse.ArgumentParser(description=f"{family} with Sage3 attention (SageAttention3 / SageAttention2++)")
     ap.add_argument("--tiny", action="store_true", help="tiny random components built from config: CPU, offline")
-    ap.add_argument("--policy", default=str(REPO / "configs" / f"{family}.yaml"),
+    ap.add_argument("--policy", default=str(REPO / "sage3_diffusers" / "configs" / f"{family}.yaml"),
                     help="policy YAML (default: configs/%(prog)s one); see docs/diffusers.md")
     ap.add_argument("--kernel", help="one kernel for every layer and step instead of the policy (fp4, int8_fp8, "
                                      "sdpa or a backend name)")

@@ -1,7 +1,7 @@
 """FLUX.1-dev text-to-image with Sage3 attention.
 
     python examples/flux.py --tiny                      # tiny random components, CPU, offline
-    python examples/flux.py --policy configs/flux.yaml    # hub weights on a GPU
+    python examples/flux.py --policy flux    # hub weights on a GPU
     python examples/flux.py --kernel int8_fp8          # one kernel everywhere
 """
 import sys

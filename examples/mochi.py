@@ -1,7 +1,7 @@
 """Mochi 1 preview text-to-video with Sage3 attention (per-sample valid text handled without a mask).
 
     python examples/mochi.py --tiny                      # tiny random components, CPU, offline
-    python examples/mochi.py --policy configs/mochi.yaml    # hub weights on a GPU
+    python examples/mochi.py --policy mochi    # hub weights on a GPU
     python examples/mochi.py --kernel int8_fp8          # one kernel everywhere
 """
 import sys

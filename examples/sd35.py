@@ -1,7 +1,7 @@
 """Stable Diffusion 3.5 Large text-to-image with Sage3 attention (SD3 / SD3.5 Medium work the same, --model).
 
     python examples/sd35.py --tiny                      # tiny random components, CPU, offline
-    python examples/sd35.py --policy configs/sd35.yaml    # hub weights on a GPU
+    python examples/sd35.py --policy sd35    # hub weights on a GPU
     python examples/sd35.py --kernel int8_fp8          # one kernel everywhere
 """
 import sys

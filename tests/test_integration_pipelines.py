@@ -37,7 +37,7 @@ def test_hybrid_policy_picks_int8_fp8_on_first_and_last_step_only(family, true_c
     pipe.set_progress_bar_config(disable=True)
     forwards = []
     pipe.transformer.register_forward_pre_hook(lambda *a: forwards.append(1))
-    runtime = apply(pipe, REPO / "configs" / f"{family}.yaml", log_summary=False)
+    runtime = apply(pipe, REPO / "sage3_diffusers" / "configs" / f"{family}.yaml", log_summary=False)
     for gen in range(2):  # the second call must start a new generation at step 0
         forwards.clear()
         out = pipe(**pipeline_call_kwargs(family, prompt=PROMPTS, steps=STEPS, true_cfg=true_cfg, output_type="pt"))

@@ -6,7 +6,7 @@ import pytest
 from sage3_diffusers.integration.policy import (Policy, PolicyError, Rule, default_policy, layer_block,
                                                 load_policy)
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "sage3_diffusers" / "configs").glob("*.yaml"))
 
 
 def test_every_config_loads_and_is_the_recommended_hybrid():

@@ -142,6 +142,15 @@ class Policy:
         return _parse(data, source)
 
 
+# Policies shipped with the package, addressable by name (`apply(pipe, "flux")`).
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def bundled_policies() -> tuple[str, ...]:
+    """Names of the policies shipped with the package (the YAML files in `sage3_diffusers/configs/`)."""
+    return tuple(sorted(p.stem for p in BUNDLED_DIR.glob("*.yaml")))
+
+
 def default_policy() -> Policy:
     """What the SageAttention3 authors recommend: SageAttention2++ (int8_fp8) on the first and last
     denoising steps, SageAttention3 (fp4) elsewhere."""
@@ -167,6 +176,8 @@ def load_policy(policy=None) -> Policy:
         text = str(policy)
         if isinstance(policy, str) and not text.endswith((".yaml", ".yml")) and "/" not in text and \
                 not Path(text).exists():
+            if text in bundled_policies():
+                return load_policy(BUNDLED_DIR / f"{text}.yaml")
             return fixed_policy(text)
         path = Path(policy)
         if not path.is_file():
