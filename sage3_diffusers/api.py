@@ -10,36 +10,47 @@ from __future__ import annotations
 
 import torch
 
-from .backends.base import AttentionProblem
 from .backends.base import describe_problem
-from .dispatch import Selection, backend_for, select_backend
+from .dispatch import Selection, decide, select_backend
+
 
 def resolve(q, k, v, kernel: str = "auto", *, is_causal: bool = False, tensor_layout: str = "HND",
-            return_lse: bool = False, attn_mask=None) -> Selection:
+            return_lse: bool = False, attn_mask=None, kv_lens=None) -> Selection:
     """Which backend `sage_attention` would run for these inputs, and why the others were rejected."""
-    return select_backend(describe_problem(q, k, v, tensor_layout, is_causal, return_lse, attn_mask), kernel)
+    return select_backend(describe_problem(q, k, v, tensor_layout, is_causal, return_lse, attn_mask, kv_lens),
+                          kernel)
 
 
 def choose(q, k, v, kernel: str = "auto", *, is_causal: bool = False, tensor_layout: str = "HND",
-           return_lse: bool = False, attn_mask=None):
-    """(backend, fallback note or None) for these inputs; unlike `resolve`, safe inside torch.compile."""
-    return backend_for(describe_problem(q, k, v, tensor_layout, is_causal, return_lse, attn_mask), kernel)
+           return_lse: bool = False, attn_mask=None, kv_lens=None):
+    """(backend, fallback note or None) for these inputs; unlike `resolve`, safe inside torch.compile and cached
+    per call signature (see `dispatch.decide`)."""
+    backend, note, _ = decide(q, k, v, kernel, tensor_layout, is_causal, return_lse, attn_mask, kv_lens)
+    return backend, note
 
 
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "auto", *,
                    is_causal: bool = False, tensor_layout: str = "HND", sm_scale: float | None = None,
-                   return_lse: bool = False, attn_mask: torch.Tensor | None = None):
+                   return_lse: bool = False, attn_mask: torch.Tensor | None = None,
+                   kv_lens: torch.Tensor | None = None):
     """Attention through the best backend for `kernel` ("auto", "fp4", "int8_fp8", "sdpa" or a backend
-    name). Returns out (q's layout and dtype) or (out, lse) with lse fp32 (B, Hq, Sq), natural log."""
-    problem = describe_problem(q, k, v, tensor_layout, is_causal, return_lse, attn_mask)
-    scale = problem.head_dim ** -0.5 if sm_scale is None else float(sm_scale)
-    if problem.seq_q == 0 or problem.batch == 0 or problem.heads_q == 0:
+    name). Returns out (q's layout and dtype) or (out, lse) with lse fp32 (B, Hq, Sq), natural log.
+
+    kv_lens: int32 [B] on q's device, per-sample key lengths of right-padded keys (sample b attends to its first
+    kv_lens[b] keys, every query row included); read on the device by the backend, never on the host. Backends
+    without `supports_kv_lens` are not chosen for such calls (the dispatcher says why)."""
+    backend, _, empty = decide(q, k, v, kernel, tensor_layout, is_causal, return_lse, attn_mask, kv_lens)
+    scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
+    if empty:
         out = q.new_empty(q.shape[:3] + (v.shape[3],))
-        lse = torch.empty((problem.batch, problem.heads_q, problem.seq_q), dtype=torch.float32, device=q.device)
+        b, h, s = (q.shape[0], q.shape[2], q.shape[1]) if tensor_layout == "NHD" else q.shape[:3]
+        lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
         return (out, lse) if return_lse else out
-    backend, _ = backend_for(problem, kernel)
+    if kv_lens is None:
+        return backend.forward(q, k, v, layout=tensor_layout, is_causal=is_causal, sm_scale=scale,
+                               return_lse=return_lse, attn_mask=attn_mask)
     return backend.forward(q, k, v, layout=tensor_layout, is_causal=is_causal, sm_scale=scale,
-                           return_lse=return_lse, attn_mask=attn_mask)
+                           return_lse=return_lse, attn_mask=attn_mask, kv_lens=kv_lens)
 
 
 def sageattn3(q, k, v, is_causal: bool = False, tensor_layout: str = "HND", sm_scale: float | None = None,

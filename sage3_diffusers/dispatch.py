@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backends.base import FAMILIES, AttentionBackend, AttentionProblem
+from .backends.base import FAMILIES, AttentionBackend, AttentionProblem, describe_problem
 from .perf_model import SOURCE as PERF_SOURCE, estimated_tflops
 
 FALLBACKS = ("auto", "emulate", "error")
@@ -39,6 +39,8 @@ _BACKEND_MODULES = [
 _registry: dict[str, AttentionBackend] = {}
 _loaded = False
 _cache: dict = {}
+_call_cache: dict = {}  # `decide`: call signature -> (backend, note, empty)
+_CALL_CACHE_SIZE = 4096
 _warned: set = set()
 _fallback_override: str | None = None
 
@@ -61,6 +63,7 @@ def register_backend(backend: AttentionBackend) -> None:
         raise ValueError(f"backend {backend.name!r} has unknown family {backend.family!r}; allowed: {FAMILIES}")
     _registry[backend.name] = backend
     _cache.clear()
+    _call_cache.clear()
 
 
 def _ensure_loaded() -> None:
@@ -92,6 +95,7 @@ def set_fallback(mode: str | None) -> None:
         raise ValueError(f"unknown fallback {mode!r}; allowed: {FALLBACKS}")
     _fallback_override = mode
     _cache.clear()
+    _call_cache.clear()
 
 
 def get_fallback() -> str:
@@ -193,23 +197,100 @@ def select_backend(problem: AttentionProblem, kernel: str = "auto") -> Selection
     return sel
 
 
+# Representative sequence lengths for calls whose lengths are symbolic under torch.compile (dynamic shapes).
+_SEGMENT_LENGTHS = tuple(2 ** i for i in range(21))
+
+
+def _problem_at(fields: tuple, seq: int) -> AttentionProblem:
+    p = AttentionProblem(*fields)
+    return AttentionProblem(p.batch, p.heads_q, p.heads_kv, seq, seq, p.head_dim, p.head_dim_v, p.dtype,
+                            p.device_type, p.capability, p.layout, p.is_causal, p.return_lse, p.has_mask,
+                            p.has_kv_lens)
+
+
 @torch._dynamo.assume_constant_result
 def _selected_name_and_note(fields: tuple, kernel: str) -> tuple[str, str | None]:
     sel = select_backend(AttentionProblem(*fields), kernel)
     return sel.backend.name, sel.note
 
 
+@torch._dynamo.assume_constant_result
+def _length_segments(fields: tuple, kernel: str) -> tuple:
+    """((smallest seq_q*seq_kv, backend name, note), ...): the choice for every representative length, runs of equal
+    choices merged. One segment (the common case: no measured table, or one backend wins everywhere) means the
+    choice does not depend on the lengths at all."""
+    segments: list = []
+    for seq in _SEGMENT_LENGTHS:
+        sel = select_backend(_problem_at(fields, seq), kernel)
+        if not segments or segments[-1][1:] != (sel.backend.name, sel.note):
+            segments.append((0 if not segments else seq * seq, sel.backend.name, sel.note))
+    return tuple(segments)
+
+
+def _static(x, symbolic_value=None):
+    """A size as a plain int: itself if static; for a symbolic size, `symbolic_value`, or (None) its value with a
+    guard (model constants such as head counts and head dims: never a new graph in practice)."""
+    if isinstance(x, torch.SymInt):
+        return int(x) if symbolic_value is None else symbolic_value
+    return x
+
+
 def backend_for(problem: AttentionProblem, kernel: str = "auto") -> tuple[AttentionBackend, str | None]:
-    """(backend, fallback note) as `select_backend` chooses them, safe inside torch.compile: while tracing,
-    the choice is made once (shapes, dtype and settings are fixed per graph) and the graph holds no dispatch
-    code; changing settings later does not retrace (call torch.compiler.reset() or recompile)."""
-    if torch.compiler.is_compiling():
-        p = problem  # plain values: dynamo passes them to the constant-result call as they are
-        fields = (p.batch, p.heads_q, p.heads_kv, p.seq_q, p.seq_kv, p.head_dim, p.head_dim_v, p.dtype,
-                  p.device_type, p.capability, p.layout, p.is_causal, p.return_lse, p.has_mask)
-        name, note = _selected_name_and_note(fields, kernel)
+    """(backend, fallback note) as `select_backend` chooses them, safe inside torch.compile: while tracing, the
+    choice is made once per graph (the graph holds only the chosen backend's op) and changing settings later
+    does not retrace (call torch.compiler.reset() or recompile).
+
+    Under torch.compile, static sizes give exactly the eager choice. Symbolic sizes (dynamic shapes) never reach
+    the choice as values: the batch counts as 1 (no backend depends on it); the sequence lengths choose through
+    `_length_segments`: the choice is computed at seq_q = seq_kv = 2**i (i = 0..20) and the graph compares
+    seq_q*seq_kv with the boundaries where that choice changes, so dynamo guards only on those boundaries (on a
+    machine where one backend wins at every length, e.g. any CPU, there is no guard at all and one graph serves
+    every length; with a measured table, one graph per length range with a different winner)."""
+    if not torch.compiler.is_compiling():
+        sel = select_backend(problem, kernel)
+        return sel.backend, sel.note
+    p = problem
+    head = (_static(p.batch, 1), _static(p.heads_q), _static(p.heads_kv))
+    tail = (_static(p.head_dim), _static(p.head_dim_v), p.dtype, p.device_type, p.capability, p.layout,
+            p.is_causal, p.return_lse, p.has_mask, p.has_kv_lens)
+    if not isinstance(p.seq_q, torch.SymInt) and not isinstance(p.seq_kv, torch.SymInt):
+        name, note = _selected_name_and_note(head + (p.seq_q, p.seq_kv) + tail, kernel)
         return _registry[name], note
-    sel = select_backend(problem, kernel)
-    return sel.backend, sel.note
+    segments = _length_segments(head + (1, 1) + tail, kernel)
+    _, name, note = segments[0]
+    if len(segments) > 1:
+        area = p.seq_q * p.seq_kv
+        for bound, seg_name, seg_note in segments[1:]:
+            if area >= bound:
+                name, note = seg_name, seg_note
+    return _registry[name], note
 
 
+def _call_key(q, k, v, kernel, layout, is_causal, return_lse, attn_mask, kv_lens):
+    return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, kernel, layout,
+            is_causal, return_lse, None if attn_mask is None else type(attn_mask),
+            None if kv_lens is None else (type(kv_lens), kv_lens.dtype, kv_lens.shape, kv_lens.device),
+            os.environ.get("SAGE3_BACKEND"), _fallback_override or os.environ.get("SAGE3_FALLBACK"))
+
+
+def decide(q, k, v, kernel: str, layout: str, is_causal: bool, return_lse: bool, attn_mask=None, kv_lens=None):
+    """(backend, fallback note or None, empty) for one call: what `sage_attention` and the processors run.
+    empty: the call has no query, batch or head, and needs no kernel.
+
+    Eagerly the answer is cached per call signature (shapes, dtypes, devices, flags, settings), so a repeated call
+    costs one dict lookup: inputs are validated (`describe_problem`) and the backend chosen on a miss only.
+    Under torch.compile it is traced: the validation becomes guards, the choice `backend_for`'s."""
+    if torch.compiler.is_compiling():
+        p = describe_problem(q, k, v, layout, is_causal, return_lse, attn_mask, kv_lens)
+        backend, note = backend_for(p, kernel)
+        return backend, note, p.seq_q == 0 or p.batch == 0 or p.heads_q == 0
+    key = _call_key(q, k, v, kernel, layout, is_causal, return_lse, attn_mask, kv_lens)
+    hit = _call_cache.get(key)
+    if hit is None:
+        _ensure_loaded()
+        p = describe_problem(q, k, v, layout, is_causal, return_lse, attn_mask, kv_lens)
+        backend, note = backend_for(p, kernel)
+        if len(_call_cache) >= _CALL_CACHE_SIZE:
+            _call_cache.clear()
+        hit = _call_cache[key] = (backend, note, p.seq_q == 0 or p.batch == 0 or p.heads_q == 0)
+    return hit

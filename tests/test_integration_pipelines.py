@@ -61,9 +61,10 @@ def test_hybrid_policy_picks_int8_fp8_on_first_and_last_step_only(family, true_c
     remove(pipe)
 
 
-def test_torch_compile_with_hybrid_policy_matches_eager():
-    """torch.compile(transformer) with inductor on CPU: same outputs as eager at every step, the policy's
-    kernel switches (int8_fp8 -> fp4 -> int8_fp8) work, and a second generation does not recompile."""
+def test_torch_compile_bare_transformer_steps_from_set_step_match_eager():
+    """torch.compile(transformer, fullgraph=True) with inductor on CPU, no pipeline: the traced step hook reads
+    nothing, `runtime.set_step` sets the step; same outputs as eager at every step, the policy's kernel switches
+    (int8_fp8 -> fp4 -> int8_fp8) work, and a second generation does not recompile."""
     import torch._dynamo
     torch._dynamo.reset()
     model = tiny_transformer("flux", layers=1)
@@ -71,18 +72,21 @@ def test_torch_compile_with_hybrid_policy_matches_eager():
     ts = [1.0, 0.5, 0.25]
     with torch.no_grad():
         eager = [model(**transformer_inputs("flux", timestep=t, seed=i))[0] for i, t in enumerate(ts)]
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, fullgraph=True)
         for gen in range(2):
             for i, (t, ref) in enumerate(zip(ts, eager)):
                 if gen == 1 and i == 0:
                     frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-                out = compiled(**transformer_inputs("flux", timestep=t, seed=i))[0]
+                runtime.set_step(i, len(ts))
+                with torch._dynamo.config.patch(error_on_recompile=gen == 1):
+                    out = compiled(**transformer_inputs("flux", timestep=t, seed=i))[0]
                 torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-        assert frames_before > 0, "nothing was compiled"
+        assert frames_before == 2, "one graph per kernel choice (int8_fp8, fp4)"
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames_before, "recompiled in generation 2"
+    assert runtime.generation == 2  # eager generation 0, compiled generations 1 and 2
     by_step = runtime.stats.requested_by_step(runtime.stats.generation())
     assert {s: set(k) for s, k in by_step.items()} == {0: {"int8_fp8"}, 1: {"fp4"}, 2: {"int8_fp8"}}
-    assert len(runtime.stats.generation()) == 3 * 2  # compiled calls are counted too
+    assert len(runtime.stats.generation()) == 3 * 2  # compiled calls counted, once per layer and step
     remove(model)
 
 

@@ -179,20 +179,23 @@ def test_hunyuan_padded_rows_match_masked_sdpa(name, with_hook):
     remove(model)
 
 
-def test_hunyuan_mask_needs_no_per_layer_host_sync(monkeypatch):
-    model = tiny_transformer("hunyuan_video")
-    inputs = _inputs("hunyuan_video", 1)
-    ref = model(**inputs)[0]
-    apply(model, kernel="sdpa", log_summary=False)
+def test_hunyuan_and_mochi_masks_are_never_read_on_the_host(monkeypatch):
+    for family in ("hunyuan_video", "mochi"):
+        model = tiny_transformer(family)
+        inputs = _inputs(family, 1)
+        ref = model(**inputs)[0]
+        apply(model, kernel="sdpa", log_summary=False)
 
-    def forbidden(*a, **k):
-        raise AssertionError("per-layer mask read: the step hook should have provided the lengths")
-    monkeypatch.setattr(proc_mod, "_key_prefix_lengths", forbidden)
-    torch.testing.assert_close(model(**inputs)[0], ref, atol=ATOL, rtol=0)
-    remove(model)
+        def forbidden(*a, **k):
+            raise AssertionError("mask lengths read on the host")
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "tolist", forbidden)
+            out = model(**inputs)[0]
+        torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+        remove(model)
 
 
-def test_hunyuan_token_refiner_and_arbitrary_masks_go_exact_and_are_counted():
+def test_hunyuan_token_refiner_masks_with_holes_and_non_boolean_masks():
     model = tiny_transformer("hunyuan_video")
     inputs = _inputs("hunyuan_video", 2)
     runtime = apply(model, kernel="reference_fp4", log_summary=False)
@@ -201,21 +204,28 @@ def test_hunyuan_token_refiner_and_arbitrary_masks_go_exact_and_are_counted():
     assert refiner and all(c.backend == "sdpa" and "refiner" in c.reason for c in refiner)
     fb = runtime.stats.fallbacks(runtime.stats.calls)
     assert any("refiner" in why for (_, _, why) in fb)
-    # A mask that is not right-padding: exact SDPA with the mask, counted with its reason.
     name = "transformer_blocks.0.attn"
     args, kwargs = _capture_attention_call(model, name, inputs)
     remove(model)
     module = model.get_submodule(name)
+    default = module.processor
+    # A boolean key mask with holes (outside a HunyuanVideo forward): valid keys first, exact with SDPA.
     holes = kwargs["attention_mask"].clone()
     holes[0, ..., 3] = False
-    kwargs["attention_mask"] = holes
-    ref = module(*args, **kwargs)
+    ref = module(*args, **dict(kwargs, attention_mask=holes))
     GLOBAL_STATS.reset()
-    module.set_processor(HunyuanVideoSage3Processor(kernel="reference_fp4"))
-    out = module(*args, **kwargs)
-    for o, r in zip(out, ref):
+    module.set_processor(HunyuanVideoSage3Processor(kernel="sdpa"))
+    for o, r in zip(module(*args, **dict(kwargs, attention_mask=holes)), ref):
         torch.testing.assert_close(o, r, atol=ATOL, rtol=0)
-    assert GLOBAL_STATS.calls[-1].backend == "sdpa" and "right-padding" in GLOBAL_STATS.calls[-1].reason
+    assert GLOBAL_STATS.calls[-1].backend == "sdpa" and GLOBAL_STATS.calls[-1].reason is None
+    # An additive float mask: exact SDPA with the mask, counted with its reason.
+    module.set_processor(default)
+    additive = torch.zeros(holes.shape).masked_fill(~holes, float("-inf"))
+    ref = module(*args, **dict(kwargs, attention_mask=additive))
+    module.set_processor(HunyuanVideoSage3Processor(kernel="reference_fp4"))
+    for o, r in zip(module(*args, **dict(kwargs, attention_mask=additive)), ref):
+        torch.testing.assert_close(o, r, atol=ATOL, rtol=0)
+    assert GLOBAL_STATS.calls[-1].backend == "sdpa" and "not a boolean key mask" in GLOBAL_STATS.calls[-1].reason
 
 
 @pytest.mark.parametrize("holes", [False, True])
@@ -223,7 +233,7 @@ def test_mochi_per_sample_text_matches_default(holes):
     seed = fresh_seed()
     model = tiny_transformer("mochi")
     inputs = _inputs("mochi", seed)
-    if holes:  # valid tokens not a prefix: the gather path
+    if holes:  # valid tokens not a prefix: reordered valid-first on the device
         m = inputs["encoder_attention_mask"].clone()
         m[0, 2] = False
         m[1, 0] = False

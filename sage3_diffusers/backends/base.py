@@ -29,6 +29,7 @@ class AttentionProblem:
     is_causal: bool
     return_lse: bool
     has_mask: bool
+    has_kv_lens: bool = False  # per-sample key lengths (right-padding as a [B] int32 device tensor)
 
 
 LAYOUTS = ("HND", "NHD")
@@ -45,9 +46,14 @@ def device_capability(device: torch.device) -> tuple[int, int] | None:
     return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def describe_problem(q, k, v, layout: str, is_causal: bool, return_lse: bool, attn_mask) -> AttentionProblem:
+def describe_problem(q, k, v, layout: str, is_causal: bool, return_lse: bool, attn_mask,
+                     kv_lens=None) -> AttentionProblem:
     """The call as an AttentionProblem, or TypeError / ValueError naming what is structurally wrong with it (the
-    one place input shapes are validated: the public API and the kernels' custom ops both use it)."""
+    one place input shapes are validated: the public API and the kernels' custom ops both use it).
+
+    kv_lens: None or an int32 [B] tensor on q's device; sample b attends to its first kv_lens[b] keys, every query
+    row included (what a [B,1,1,N] right-padding key mask does). Its values (1 <= kv_lens[b] <= seq_kv) live on the
+    device and are not checked here: that would cost a host sync per call."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -78,10 +84,21 @@ def describe_problem(q, k, v, layout: str, is_causal: bool, return_lse: bool, at
         raise ValueError("key/value sequence length is 0: attention over no keys is undefined")
     if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
         raise TypeError("attn_mask must be a tensor (bool: True = attend, or additive float) or None")
+    if kv_lens is not None:
+        if not isinstance(kv_lens, torch.Tensor):
+            raise TypeError(f"kv_lens must be an int32 tensor of shape ({b},) or None, got {type(kv_lens).__name__}")
+        if kv_lens.dtype != torch.int32 or kv_lens.dim() != 1 or kv_lens.shape[0] != b:
+            raise ValueError(f"kv_lens must be an int32 tensor of shape ({b},) (one key length per sample), got "
+                             f"{kv_lens.dtype} of shape {tuple(kv_lens.shape)}")
+        if kv_lens.device != q.device:
+            raise ValueError(f"kv_lens must be on q's device {q.device}, got {kv_lens.device}")
+        if attn_mask is not None:
+            raise ValueError("pass attn_mask or kv_lens, not both")
     return AttentionProblem(
         batch=b, heads_q=hq, heads_kv=hkv, seq_q=sq, seq_kv=skv, head_dim=d, head_dim_v=v.shape[3],
         dtype=q.dtype, device_type=q.device.type, capability=device_capability(q.device), layout=layout,
-        is_causal=bool(is_causal), return_lse=bool(return_lse), has_mask=attn_mask is not None)
+        is_causal=bool(is_causal), return_lse=bool(return_lse), has_mask=attn_mask is not None,
+        has_kv_lens=kv_lens is not None)
 
 
 class AttentionBackend:
@@ -103,6 +120,7 @@ class AttentionBackend:
     supports_causal: ClassVar[bool] = True
     supports_lse: ClassVar[bool] = True
     supports_mask: ClassVar[bool] = False
+    supports_kv_lens: ClassVar[bool] = False  # takes per-sample key lengths (`kv_lens`, see `forward`)
     supports_gqa: ClassVar[bool] = True
 
     def unavailable_reasons(self) -> list[str]:
@@ -123,6 +141,8 @@ class AttentionBackend:
             reasons.append("return_lse=True not supported")
         if p.has_mask and not self.supports_mask:
             reasons.append("attn_mask not supported (only exact SDPA takes arbitrary masks)")
+        if p.has_kv_lens and not self.supports_kv_lens:
+            reasons.append("kv_lens (per-sample key lengths) not supported")
         if p.heads_kv != p.heads_q and not self.supports_gqa:
             reasons.append(f"GQA ({p.heads_q} query heads, {p.heads_kv} kv heads) not supported")
         return reasons
@@ -135,8 +155,15 @@ class AttentionBackend:
             raise ValueError(f"{self.name} cannot take this call: " + "; ".join(reasons))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str, is_causal: bool,
-                sm_scale: float, return_lse: bool, attn_mask: torch.Tensor | None = None):
-        """Returns out (same layout and dtype as q) or (out, lse [B, Hq, Sq] fp32, natural log)."""
+                sm_scale: float, return_lse: bool, attn_mask: torch.Tensor | None = None,
+                kv_lens: torch.Tensor | None = None):
+        """Returns out (same layout and dtype as q) or (out, lse [B, Hq, Sq] fp32, natural log).
+
+        kv_lens (backends with `supports_kv_lens`): int32 [B] on q's device; sample b attends to keys
+        0 .. kv_lens[b]-1 only, every query row included, as with a [B,1,1,N] right-padding key mask. The keys
+        beyond take part in nothing, quantization included: sample b's result is the result of the call on
+        k[b, :kv_lens[b]], v[b, :kv_lens[b]] (its K mean, key groups, V scales are over its valid keys only).
+        With is_causal, query i sees keys j <= i among them. Never given together with attn_mask."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

@@ -25,6 +25,13 @@ def _sdpa(q, k, v, attn_mask, is_causal, scale):
                                           enable_gqa=enable_gqa)
 
 
+def key_length_mask(kv_lens: torch.Tensor, seq_kv: int) -> torch.Tensor:
+    """[B,1,1,seq_kv] bool, True where key j < kv_lens[b]: the right-padding key mask that `kv_lens` stands for,
+    built on kv_lens' device (no host sync)."""
+    keys = torch.arange(seq_kv, device=kv_lens.device, dtype=kv_lens.dtype)
+    return (keys[None, :] < kv_lens[:, None])[:, None, None, :]
+
+
 def exact_lse(q, k, *, scale: float, is_causal: bool, attn_mask=None, chunk: int = 1024) -> torch.Tensor:
     """Natural-log LSE of scale·Q·Kᵀ (masked like SDPA), fp32 [B, Hq, Sq], in query chunks to bound memory."""
     heads_q = q.shape[1]
@@ -55,14 +62,17 @@ class SdpaBackend(AttentionBackend):
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     head_dims = None
     supports_mask = True
+    supports_kv_lens = True  # as the equivalent [B,1,1,N] boolean key mask, built on the device
 
     def input_reasons(self, p: AttentionProblem) -> list[str]:
         reasons = super().input_reasons(p)
         # SDPA handles differing value head dims itself.
         return [r for r in reasons if not r.startswith("value head_dim")]
 
-    def forward(self, q, k, v, *, layout, is_causal, sm_scale, return_lse, attn_mask=None):
+    def forward(self, q, k, v, *, layout, is_causal, sm_scale, return_lse, attn_mask=None, kv_lens=None):
         qh, kh, vh = to_hnd(q, layout), to_hnd(k, layout), to_hnd(v, layout)
+        if kv_lens is not None:
+            attn_mask = key_length_mask(kv_lens, kh.shape[2])
         out = from_hnd(_sdpa(qh, kh, vh, attn_mask, is_causal, sm_scale), layout)
         if not return_lse:
             return out

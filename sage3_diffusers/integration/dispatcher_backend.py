@@ -7,15 +7,18 @@ Limits (prefer `apply` / `Sage3Processor`):
 - Only dispatcher-based processors are reached: Flux and HunyuanVideo here. SD3/SD3.5, CogVideoX and
   Mochi call SDPA directly, so for them it is a silent no-op (diffusers' behaviour, not ours).
 - One kernel for every layer and step: no policy, no step hook. Calls are counted in
-  `stats.GLOBAL_STATS` under the layer name "<dispatcher:NAME>".
-- A right-padding key mask (HunyuanVideo) costs one host sync per layer here (the processors read it
-  once per forward); other masks go to exact SDPA. No context parallelism, no dropout, no LSE.
+  `stats.GLOBAL_STATS` under the layer name "<dispatcher:NAME>" (in compiled code: once per flush).
+- A boolean key mask becomes per-sample key lengths on the device (keys and values reordered valid-first,
+  which attention does not notice): no host sync, compiles with fullgraph. Other masks go to exact SDPA.
+  No context parallelism, no dropout, no LSE.
 - diffusers' backend names are a closed enum; registration extends it through private internals of
   diffusers 0.42 (`AttentionBackendName`, `_AttentionBackendRegistry`). `set_attention_backend` also
   sets diffusers' *global* active backend, which `reset_attention_backend()` does not undo:
   `attention_backend("native")` or `_AttentionBackendRegistry.set_active_backend(...)` does.
 """
 from __future__ import annotations
+
+import torch
 
 from ..api import choose
 from .stats import GLOBAL_STATS
@@ -38,9 +41,16 @@ def _extend_enum(enum_cls, member_name: str, value: str):
 
 
 def _make_backend_fn(name: str, kernel: str):
-    from .processors import _key_prefix_lengths, attend_valid_prefix
+    from .processors import attend_key_lengths, gather_tokens, key_lengths, valid_keys_first
 
     layer = f"<dispatcher:{name}>"
+    slot = GLOBAL_STATS.slot(layer)
+
+    def record(backend, reason):
+        if torch.compiler.is_compiling():
+            slot.call = (kernel, backend, reason)
+        else:
+            GLOBAL_STATS.record(0, None, layer, kernel, backend, reason)
 
     def sage_dispatch_backend(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
                               scale=None, enable_gqa: bool = False, return_lse: bool = False,
@@ -52,19 +62,21 @@ def _make_backend_fn(name: str, kernel: str):
         if return_lse:
             raise ValueError(f"attention backend {name!r} does not return the LSE through the dispatcher")
         sm_scale = query.shape[-1] ** -0.5 if scale is None else scale
-        valid = None
+        kv_lens = None
         if attn_mask is not None:
-            valid = _key_prefix_lengths(attn_mask, query.shape[0], key.shape[1])
-            if valid is None:
-                mask = attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask
+            batch, total = query.shape[0], key.shape[1]
+            mask = attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask
+            if is_causal or key_lengths(mask, batch, total) is None:
                 backend, _ = choose(query, key, value, "sdpa", tensor_layout="NHD", is_causal=is_causal,
                                     attn_mask=mask)
-                GLOBAL_STATS.record(0, None, layer, kernel, backend.name, "mask is not right-padding: exact SDPA")
+                record(backend.name, "mask is not a boolean key mask: exact SDPA")
                 return backend.forward(query, key, value, layout="NHD", is_causal=is_causal, sm_scale=sm_scale,
                                        return_lse=False, attn_mask=mask)
-        out, backend, note = attend_valid_prefix(query, key, value, kernel, "NHD", sm_scale, valid,
-                                                 is_causal=is_causal)
-        GLOBAL_STATS.record(0, None, layer, kernel, backend, note)
+            order, kv_lens = valid_keys_first(mask.reshape(batch, total))
+            key, value = gather_tokens(key, order, 1), gather_tokens(value, order, 1)
+        out, backend, note = attend_key_lengths(query, key, value, kernel, "NHD", sm_scale, kv_lens,
+                                                is_causal=is_causal)
+        record(backend, note)
         return out
 
     sage_dispatch_backend._sage3_kernel = kernel

@@ -6,6 +6,8 @@ Mochi has no `set_attn_processor`: its `attn1.processor` attributes are assigned
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .policy import fixed_policy, load_policy
@@ -31,7 +33,6 @@ _REPLACED = {
 }
 # Processors kept exact but wrapped so their calls are counted.
 _COUNTED_EXACT = {"hunyuan_video": {"AttnProcessor2_0"}}
-_MASK_KWARG = {"hunyuan_video": "encoder_attention_mask", "mochi": "encoder_attention_mask"}
 
 
 def detect_family(transformer) -> str:
@@ -104,13 +105,47 @@ def apply(target, policy=None, *, kernel: str | None = None, stats: KernelStats 
     if not originals:
         raise ValueError(f"sage3_diffusers.apply: no default attention processor found in {type(transformer).__name__}"
                          " (already replaced by another plugin?)")
-    runtime.register_layers(originals)
+    runtime.register_layers({name: transformer.get_submodule(name) for name in originals})
     from diffusers.hooks import HookRegistry
-    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(
-        step_hook(runtime, _MASK_KWARG.get(family)), HOOK_NAME)
+    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(step_hook(runtime), HOOK_NAME)
     transformer._sage3_installed = originals
     transformer._sage3_runtime = runtime
+    if pipe is not None:
+        _wrap_scheduler(pipe, runtime)
     return runtime
+
+
+def _wrap_scheduler(pipe, runtime) -> None:
+    """The scheduler's `set_timesteps` and `step` also tell the runtime (eagerly, between transformer calls), so
+    the step advances when the transformer is compiled as a whole (see `steps`). Instance attributes over the
+    class's methods; `remove` deletes them."""
+    sched = getattr(pipe, "scheduler", None)
+    if sched is None or getattr(sched, "_sage3_wrapped", None) is not None:
+        return
+    set_timesteps, step = sched.set_timesteps, sched.step
+
+    # functools.wraps: pipelines inspect set_timesteps' signature (e.g. whether it takes `sigmas`).
+    @functools.wraps(set_timesteps)
+    def sage3_set_timesteps(*args, **kwargs):
+        out = set_timesteps(*args, **kwargs)
+        runtime.on_set_timesteps()
+        return out
+
+    @functools.wraps(step)
+    def sage3_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        runtime.on_scheduler_step()
+        return out
+
+    sched.set_timesteps, sched.step = sage3_set_timesteps, sage3_step
+    sched._sage3_wrapped = runtime
+
+
+def _unwrap_scheduler(runtime) -> None:
+    sched = runtime.scheduler
+    if sched is not None and sched.__dict__.get("_sage3_wrapped") is runtime:
+        for attr in ("set_timesteps", "step", "_sage3_wrapped"):
+            sched.__dict__.pop(attr, None)
 
 
 def remove(target) -> None:
@@ -122,11 +157,12 @@ def remove(target) -> None:
     for name, processor in originals.items():
         module = transformer.get_submodule(name)
         _set(module, processor)
-        for attr in ("_sage3_family", "_sage3_layer", "_sage3_runtime"):
+        for attr in ("_sage3_family", "_sage3_layer", "_sage3_runtime", "_sage3_kernel", "_sage3_slot"):
             module.__dict__.pop(attr, None)
     registry = getattr(transformer, "_diffusers_hook", None)
     if registry is not None:
         registry.remove_hook(HOOK_NAME, recurse=False)
+    _unwrap_scheduler(transformer._sage3_runtime)
     del transformer._sage3_installed
     del transformer._sage3_runtime
 

@@ -9,14 +9,21 @@ of the five families: it dispatches on the module's family (tagged by `apply`, e
 | Flux          | FluxAttnProcessor                | [text, image]  | NHD    | a mask (never passed by Flux) -> SDPA |
 | SD3 / SD3.5   | JointAttnProcessor2_0 (+attn2)   | [image, text]  | HND    | ignored, as the default does          |
 | CogVideoX     | CogVideoXAttnProcessor2_0        | [text, video]  | HND    | a mask (never passed) -> SDPA         |
-| HunyuanVideo  | HunyuanVideoAttnProcessor2_0     | [video, text]  | NHD    | right-padding -> per-sample key prefix|
+| HunyuanVideo  | HunyuanVideoAttnProcessor2_0     | [video, text]  | NHD    | key mask -> per-sample key lengths    |
 | HunyuanVideo  | AttnProcessor2_0 (token refiner) | text           | HND    | [B,1,S,S] mask -> exact SDPA, counted |
-| Mochi         | MochiAttnProcessor2_0            | [video, text]  | HND    | per-sample valid text prefix          |
+| Mochi         | MochiAttnProcessor2_0            | [video, text]  | HND    | valid text first -> key lengths       |
+
+Masks stay on the device: a boolean key mask becomes per-sample key lengths (`kv_lens`, int32 [B]) with no host
+read, so masked batches compile with fullgraph and export. Backends that take `kv_lens` read them in the kernel;
+for one that does not, eager calls run it on per-sample slices (one host read of the lengths) and compiled calls
+run exact SDPA with the mask, the reason counted in the stats.
 
 Processors hold no per-layer or per-step state (SD3.5 shares one instance between `attn` and `attn2`):
-the layer name (`attn._sage3_layer`) and the runtime (`attn._sage3_runtime`: policy, step, stats, mask
-lengths) live on the attention module, set by `apply`. Without them, a processor runs its fixed
-`kernel` (default "fp4") and records into `stats.GLOBAL_STATS`.
+the layer name (`attn._sage3_layer`), the runtime (`attn._sage3_runtime`: policy, step, stats), the kernel of
+the current step (`attn._sage3_kernel`) and the slot for calls made in compiled code (`attn._sage3_slot`)
+live on the attention module, set by `apply`. Compiled code reads only `_sage3_kernel` and `_sage3_family`
+(strings equal across blocks: one graph serves every block with the same kernel). Without `apply`, a processor
+runs its fixed `kernel` (default "fp4") and records its eager calls into `stats.GLOBAL_STATS`.
 """
 from __future__ import annotations
 
@@ -50,94 +57,132 @@ class _Sage3Base:
         return f"{type(self).__name__}(kernel={self.kernel!r})"
 
     # -------------------------------------------------------------- attention op
-    def _decide(self, attn):
-        layer = getattr(attn, "_sage3_layer", None) or type(attn).__name__
-        runtime = getattr(attn, "_sage3_runtime", None)
+    def _decide(self, attn) -> str:
         if self.kernel is not None:
-            kernel = self.kernel
-        elif runtime is not None:
-            kernel = runtime.kernel_for(layer)
-        else:
-            kernel = "fp4"
-        return layer, runtime, kernel
+            return self.kernel
+        kernel = getattr(attn, "_sage3_kernel", None)
+        if kernel is not None:
+            return kernel
+        runtime = getattr(attn, "_sage3_runtime", None)
+        if runtime is not None and not torch.compiler.is_compiling():
+            return runtime.kernel_for(getattr(attn, "_sage3_layer", None) or type(attn).__name__)
+        return "fp4"
 
     @staticmethod
-    def _record(runtime, layer, requested, backend, reason):
+    def _record(attn, requested, backend, reason):
+        if torch.compiler.is_compiling():
+            slot = getattr(attn, "_sage3_slot", None)
+            if slot is not None:  # no slot (no apply): not counted in compiled code
+                slot.call = (requested, backend, reason)
+            return
+        layer = getattr(attn, "_sage3_layer", None) or type(attn).__name__
+        runtime = getattr(attn, "_sage3_runtime", None)
         if runtime is not None:
             runtime.record(layer, requested, backend, reason)
-        elif not torch.compiler.is_compiling():  # no runtime to flush compiled calls into: not counted
+        else:
             GLOBAL_STATS.record(0, None, layer, requested, backend, reason)
 
-    def _attend(self, attn, q, k, v, *, layout: str, valid: list[int] | None = None, rows: str = "all"):
-        """Attention with the layer's kernel; see `attend_valid_prefix` for `valid` and `rows`."""
-        layer, runtime, kernel = self._decide(attn)
-        out, backend, note = attend_valid_prefix(q, k, v, kernel, layout, q.shape[-1] ** -0.5, valid, rows)
-        self._record(runtime, layer, kernel, backend, note)
+    def _attend(self, attn, q, k, v, *, layout: str, kv_lens=None, rows: str = "all"):
+        """Attention with the layer's kernel; see `attend_key_lengths` for `kv_lens` and `rows`."""
+        kernel = self._decide(attn)
+        out, backend, note = attend_key_lengths(q, k, v, kernel, layout, q.shape[-1] ** -0.5, kv_lens, rows)
+        self._record(attn, kernel, backend, note)
         return out
 
     def _exact(self, attn, q, k, v, *, layout: str, attn_mask, reason: str):
-        layer, runtime, kernel = self._decide(attn)
+        kernel = self._decide(attn)
         out, backend, _ = _op(q, k, v, "sdpa", layout, q.shape[-1] ** -0.5, attn_mask=attn_mask)
-        self._record(runtime, layer, kernel, backend, reason)
+        self._record(attn, kernel, backend, reason)
         return out
 
     def _delegate_exact(self, attn, hidden_states, encoder_hidden_states, attention_mask):
         from diffusers.models.attention_processor import AttnProcessor2_0
-        layer, runtime, kernel = self._decide(attn)
+        kernel = self._decide(attn)
         out = AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                                  attention_mask=attention_mask)
-        self._record(runtime, layer, kernel, "sdpa", EXACT_REFINER_REASON)
+        self._record(attn, kernel, "sdpa", EXACT_REFINER_REASON)
         return out
 
 
-def _op(q, k, v, kernel, layout, sm_scale, attn_mask=None, is_causal=False):
-    backend, note = choose(q, k, v, kernel, tensor_layout=layout, attn_mask=attn_mask, is_causal=is_causal)
-    out = backend.forward(q, k, v, layout=layout, is_causal=is_causal, sm_scale=sm_scale, return_lse=False,
-                          attn_mask=attn_mask)
+def _op(q, k, v, kernel, layout, sm_scale, attn_mask=None, is_causal=False, kv_lens=None):
+    backend, note = choose(q, k, v, kernel, tensor_layout=layout, attn_mask=attn_mask, is_causal=is_causal,
+                           kv_lens=kv_lens)
+    if kv_lens is None:
+        out = backend.forward(q, k, v, layout=layout, is_causal=is_causal, sm_scale=sm_scale, return_lse=False,
+                              attn_mask=attn_mask)
+    else:
+        out = backend.forward(q, k, v, layout=layout, is_causal=is_causal, sm_scale=sm_scale, return_lse=False,
+                              kv_lens=kv_lens)
     return out, backend.name, note
 
 
-def attend_valid_prefix(q, k, v, kernel, layout, sm_scale, valid=None, rows="all", is_causal=False):
-    """Attention where sample b attends only to its first valid[b] keys (a right-padding key mask),
-    without passing a mask to the kernel. rows="all": every query row attends to the valid keys (what a
-    [B,1,1,N] key mask does); rows="valid": only the valid prefix attends among itself and the other rows
-    are zero (Mochi). Samples with equal valid length share one call. Returns (out, backend name, note)."""
-    seq_dim = 2 if layout == "HND" else 1
-    total = k.shape[seq_dim]
-    if valid is None or all(n == total for n in valid):
+def attend_key_lengths(q, k, v, kernel, layout, sm_scale, kv_lens=None, rows="all", is_causal=False):
+    """Attention where sample b attends only to its first kv_lens[b] keys (int32 [B] on the device; None: all).
+    rows="all": every query row attends to those keys (what a [B,1,1,N] key mask does); rows="valid": query
+    rows at positions >= kv_lens[b] are zero (Mochi: padded text rows). Returns (out, backend name, note).
+
+    The kernel is the one `kernel` gives for the unmasked call. If it takes `kv_lens`, it gets them. If not:
+    eagerly it runs on per-sample slices (samples with equal lengths share a call; one host read of the
+    lengths); under torch.compile the call is exact SDPA with the equivalent key mask. The note says which."""
+    if kv_lens is None:
         return _op(q, k, v, kernel, layout, sm_scale, is_causal=is_causal)
-    pieces, b = [], 0
-    while b < len(valid):
-        e = b
-        while e + 1 < len(valid) and valid[e + 1] == valid[b]:
+    backend, note = choose(q, k, v, kernel, tensor_layout=layout, is_causal=is_causal)
+    seq_dim = 2 if layout == "HND" else 1
+    if backend.supports_kv_lens:
+        out, name = backend.forward(q, k, v, layout=layout, is_causal=is_causal, sm_scale=sm_scale,
+                                    return_lse=False, kv_lens=kv_lens), backend.name
+    elif torch.compiler.is_compiling():
+        out, name, _ = _op(q, k, v, "sdpa", layout, sm_scale, is_causal=is_causal, kv_lens=kv_lens)
+        note = f"{backend.name} takes no kv_lens: under torch.compile the key mask runs as exact SDPA"
+    else:
+        out, name = _per_sample_slices(q, k, v, kernel, layout, sm_scale, kv_lens.tolist(), is_causal, seq_dim)
+        note = note or f"{backend.name} takes no kv_lens: per-sample key slices"
+    if rows == "valid":
+        positions = torch.arange(q.shape[seq_dim], device=q.device, dtype=kv_lens.dtype)
+        keep = positions[None, :] < kv_lens[:, None]  # [B, Sq]
+        keep = keep[:, None, :, None] if layout == "HND" else keep[:, :, None, None]
+        out = torch.where(keep, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out, name, note
+
+
+def _per_sample_slices(q, k, v, kernel, layout, sm_scale, lengths, is_causal, seq_dim):
+    pieces, b, name = [], 0, None
+    while b < len(lengths):
+        e = b + 1
+        while e < len(lengths) and lengths[e] == lengths[b]:
             e += 1
-        n = valid[b]
-        qb, kb, vb = q[b:e + 1], k[b:e + 1].narrow(seq_dim, 0, n), v[b:e + 1].narrow(seq_dim, 0, n)
-        if rows == "valid":
-            qb = qb.narrow(seq_dim, 0, n)
-        ob, backend, note = _op(qb, kb, vb, kernel, layout, sm_scale, is_causal=is_causal)
-        if rows == "valid" and n < total:
-            pad = list(ob.shape)
-            pad[seq_dim] = total - n
-            ob = torch.cat([ob, ob.new_zeros(pad)], dim=seq_dim)
+        n = lengths[b]
+        ob, name, _ = _op(q[b:e], k[b:e].narrow(seq_dim, 0, n), v[b:e].narrow(seq_dim, 0, n), kernel, layout,
+                          sm_scale, is_causal=is_causal)
         pieces.append(ob)
-        b = e + 1
-    return torch.cat(pieces, dim=0), backend, note
+        b = e
+    return torch.cat(pieces, dim=0), name
 
 
-def _key_prefix_lengths(attention_mask: torch.Tensor, batch: int, total: int):
-    """Per-sample valid key lengths of a right-padding key mask [B,1,1,N] / [B,N] (bool, True = keep), or
-    None when the mask is anything else. One host sync."""
+def key_lengths(attention_mask: torch.Tensor, batch: int, total: int):
+    """Per-sample key counts (int32 [B], on the mask's device, no host read) of a boolean key mask [B,N],
+    [B,1,N] or [B,1,1,N] (True = keep); None when the mask has another structure (decided from its dtype and
+    shape only). The counts are the key lengths of the call only if the mask is a right-padding mask (valid keys
+    first): true by construction for some models (see the callers), else make it so with `valid_keys_first`."""
     if attention_mask.dtype != torch.bool or attention_mask.shape[-1] != total or \
-            attention_mask.numel() != batch * total:
+            attention_mask.dim() not in (2, 3, 4) or attention_mask.numel() != batch * total:
         return None
-    m = attention_mask.reshape(batch, total)
-    valid = m.sum(dim=1)
-    prefix = (torch.arange(total, device=m.device)[None, :] < valid[:, None]) == m
-    host = torch.cat([valid, prefix.all(dim=1).long()]).tolist()
-    if not all(host[batch:]):
-        return None
-    return [int(n) for n in host[:batch]]
+    return attention_mask.reshape(batch, total).sum(dim=1, dtype=torch.int32)
+
+
+def valid_keys_first(valid: torch.Tensor):
+    """(order int64 [B, N], key counts int32 [B]) for a boolean key mask [B, N]: `order` lists each sample's valid
+    keys first, in their original order, then the others (a stable sort on the device). Gathering keys and values
+    along `order` turns any key mask into a right-padding one: attention does not depend on the order of keys."""
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+    return order, valid.sum(dim=1, dtype=torch.int32)
+
+
+def gather_tokens(x: torch.Tensor, order: torch.Tensor, seq_dim: int) -> torch.Tensor:
+    """x's tokens along `seq_dim` (1 or 2 of a 4-D tensor) in each sample's `order` [B, N]."""
+    shape = [x.shape[0], 1, 1, 1]
+    shape[seq_dim] = order.shape[1]
+    return x.gather(seq_dim, order.reshape(shape).expand(x.shape))
 
 
 def _heads(attn, x, projections, norms):
@@ -292,10 +337,9 @@ class CogVideoXSage3Processor(_Sage3Base):
 # ========================================================================================== HunyuanVideo
 
 class HunyuanVideoSage3Processor(_Sage3Base):
-    """Replaces `HunyuanVideoAttnProcessor2_0` (dual and single blocks). The right-padding key mask
-    becomes per-sample key-prefix lengths (from the step hook's one host sync per forward, else from
-    the mask); every query row, padded ones included, gets what masked SDPA gives it. Token-refiner
-    modules (`AttnProcessor2_0`, arbitrary [B,1,S,S] mask) run diffusers' own processor, counted."""
+    """Replaces `HunyuanVideoAttnProcessor2_0` (dual and single blocks). The boolean key mask becomes per-sample
+    key lengths on the device; every query row, padded ones included, gets what masked SDPA gives it.
+    Token-refiner modules (`AttnProcessor2_0`, arbitrary [B,1,S,S] mask) run diffusers' own processor, counted."""
 
     family = "hunyuan_video"
 
@@ -342,19 +386,17 @@ class HunyuanVideoSage3Processor(_Sage3Base):
         if attention_mask is None:
             return self._attend(attn, query, key, value, layout="NHD")
         batch, total = query.shape[0], key.shape[1]
-        valid = None
-        runtime = getattr(attn, "_sage3_runtime", None)
-        text = runtime.text_valid if runtime is not None else None
-        if text is not None and encoder_hidden_states is not None and len(text) == batch:
-            n_txt = encoder_hidden_states.shape[1]
-            # What HunyuanVideoTransformer3DModel.forward builds: keep idx < latent_len + text_valid.
-            valid = [total - n_txt + min(n, n_txt) for n in text]
-        else:
-            valid = _key_prefix_lengths(attention_mask, batch, total)
-        if valid is None:
+        kv_lens = key_lengths(attention_mask, batch, total)
+        if kv_lens is None:
             return self._exact(attn, query, key, value, layout="NHD", attn_mask=attention_mask,
-                               reason="attention mask is not a right-padding key mask: exact SDPA")
-        return self._attend(attn, query, key, value, layout="NHD", valid=valid, rows="all")
+                               reason="attention mask is not a boolean key mask: exact SDPA")
+        if getattr(attn, "_sage3_family", None) != "hunyuan_video":
+            # Not placed by `apply` in a HunyuanVideo transformer: the mask may have holes; valid keys first.
+            order, kv_lens = valid_keys_first(attention_mask.reshape(batch, total))
+            key, value = gather_tokens(key, order, 1), gather_tokens(value, order, 1)
+        # Else HunyuanVideoTransformer3DModel.forward built it as `index < video tokens + valid text tokens`: a
+        # right-padding key mask by construction, whose counts are the key lengths.
+        return self._attend(attn, query, key, value, layout="NHD", kv_lens=kv_lens, rows="all")
 
 
 # ================================================================================================= Mochi
@@ -368,8 +410,8 @@ def _mochi_rope(x, freqs_cos, freqs_sin):
 
 class MochiSage3Processor(_Sage3Base):
     """Replaces `MochiAttnProcessor2_0`. Per sample, video tokens plus that sample's valid text tokens
-    attend among themselves; rows of padded text are zero, as in the default's per-sample loop. Valid
-    lengths come from the step hook (one host sync per forward) or, without it, from the mask."""
+    attend among themselves; rows of padded text are zero, as in the default's per-sample loop. The text mask
+    (any pattern) becomes valid-text-first order and key lengths on the device."""
 
     family = "mochi"
 
@@ -382,36 +424,26 @@ class MochiSage3Processor(_Sage3Base):
             key = _mochi_rope(key, *image_rotary_emb)
 
         batch, n_vid, n_txt = query.shape[0], query.shape[1], eq.shape[1]
-        runtime = getattr(attn, "_sage3_runtime", None)
-        text = runtime.text_valid if runtime is not None and runtime.text_prefix else None
-        if text is None or len(text) != batch:
-            text = _key_prefix_lengths(attention_mask.bool(), batch, n_txt) if attention_mask is not None else None
-        if text is not None:
-            q = torch.cat([query, eq], dim=1).transpose(1, 2)
-            k = torch.cat([key, ek], dim=1).transpose(1, 2)
-            v = torch.cat([value, ev], dim=1).transpose(1, 2)
-            out = self._attend(attn, q, k, v, layout="HND", valid=[n_vid + min(n, n_txt) for n in text],
-                               rows="valid")
-        else:  # text mask with holes: gather the valid tokens per sample, as the default does
-            out = self._gathered(attn, query, key, value, eq, ek, ev, attention_mask)
+        kv_lens = None
+        if attention_mask is not None:
+            if attention_mask.numel() != batch * n_txt:
+                raise ValueError(f"Mochi attention_mask must hold one flag per text token and sample "
+                                 f"({batch}x{n_txt}), got shape {tuple(attention_mask.shape)}")
+            # The default gathers each sample's valid text tokens, attends over [video, valid text] and puts the
+            # text outputs first, zero rows after: valid text first (a stable sort on the device) is the same.
+            order, n_valid = valid_keys_first(attention_mask.reshape(batch, n_txt).bool())
+            eq, ek, ev = (gather_tokens(t, order, 1) for t in (eq, ek, ev))
+            kv_lens = n_valid + n_vid
+        q = torch.cat([query, eq], dim=1).transpose(1, 2)
+        k = torch.cat([key, ek], dim=1).transpose(1, 2)
+        v = torch.cat([value, ev], dim=1).transpose(1, 2)
+        out = self._attend(attn, q, k, v, layout="HND", kv_lens=kv_lens, rows="valid")
         out = out.transpose(1, 2).flatten(2, 3)
         out, encoder_out = out.split_with_sizes((n_vid, n_txt), dim=1)
         out = attn.to_out[1](attn.to_out[0](out))
         if hasattr(attn, "to_add_out"):
             encoder_out = attn.to_add_out(encoder_out)
         return out, encoder_out
-
-    def _gathered(self, attn, query, key, value, eq, ek, ev, attention_mask):
-        outs = []
-        total = query.shape[1] + eq.shape[1]
-        for b in range(query.shape[0]):
-            idx = torch.nonzero(attention_mask[b].flatten(), as_tuple=False).flatten()
-            q = torch.cat([query[b:b + 1], eq[b:b + 1, idx]], dim=1).transpose(1, 2)
-            k = torch.cat([key[b:b + 1], ek[b:b + 1, idx]], dim=1).transpose(1, 2)
-            v = torch.cat([value[b:b + 1], ev[b:b + 1, idx]], dim=1).transpose(1, 2)
-            o = self._attend(attn, q, k, v, layout="HND")
-            outs.append(torch.nn.functional.pad(o, (0, 0, 0, total - o.shape[2])))
-        return torch.cat(outs, dim=0)
 
 
 # ======================================================================================== entry point

@@ -3,18 +3,35 @@
 Every processor call records one entry: (generation, step, layer, requested kernel, backend that ran,
 reason when the backend is not what was requested or the call went to exact SDPA on purpose).
 `KernelStats.summary_line()` is the one log line per generation.
+
+Inside torch.compile'd code nothing is appended: a list append makes dynamo guard on the list's length (a new
+graph every call), and so would a dict keyed by layer name (a guard on the name: one graph per block under
+regional compile). Each layer instead has a `CallSlot` (`KernelStats.slot(layer)`, made eagerly: `apply` puts it
+on the attention module); compiled code sets the slot's `call` to constants (no guard), and
+`flush_compiled(generation, step)` turns the filled slots into calls: the runtime flushes after each eager
+forward and each scheduler step; reading `calls` flushes what is left. A compiled layer therefore counts once
+per flush, not once per call.
 """
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from typing import NamedTuple
 
 logger = logging.getLogger("sage3_diffusers")
 
 
-@dataclass(frozen=True)
-class AttentionCall:
+class CallSlot:
+    """The last call of one layer made inside compiled code: (requested, backend, reason), or None."""
+
+    __slots__ = ("layer", "call")
+
+    def __init__(self, layer: str):
+        self.layer = layer
+        self.call: tuple | None = None
+
+
+class AttentionCall(NamedTuple):
     generation: int
     step: int | None         # denoising step within the generation (None: unknown)
     layer: str               # module name, e.g. "transformer_blocks.3.attn"
@@ -27,16 +44,43 @@ class KernelStats:
     """Collected calls. `calls` is the raw list; helpers aggregate it."""
 
     def __init__(self, max_calls: int = 200_000):
-        self.calls: list[AttentionCall] = []
+        self._calls: list[AttentionCall] = []
+        self._slots: dict[str, CallSlot] = {}
+        # (generation, step) that calls still in slots belong to: the runtime sets its own.
+        self.position_of = lambda: (0, None)
         self.max_calls = max_calls  # bound memory in long-running processes: the oldest half is dropped
 
+    @property
+    def calls(self) -> list[AttentionCall]:
+        if any(slot.call is not None for slot in self._slots.values()):
+            self.flush_compiled(*self.position_of())
+        return self._calls
+
     def record(self, generation, step, layer, requested, backend, reason=None) -> None:
-        if len(self.calls) >= self.max_calls:
-            del self.calls[: len(self.calls) // 2]
-        self.calls.append(AttentionCall(generation, step, layer, requested, backend, reason))
+        """One eager call (in compiled code, set the layer's slot instead)."""
+        calls = self._calls
+        if len(calls) >= self.max_calls:
+            del calls[: len(calls) // 2]
+        calls.append(AttentionCall(generation, step, layer, requested, backend, reason))
+
+    def slot(self, layer: str) -> CallSlot:
+        """The layer's slot for calls made in compiled code (made here, eagerly, on first request)."""
+        slot = self._slots.get(layer)
+        if slot is None:
+            slot = self._slots[layer] = CallSlot(layer)
+        return slot
+
+    def flush_compiled(self, generation, step) -> None:
+        """The filled slots as calls of (generation, step), one per layer; the slots are emptied."""
+        for slot in self._slots.values():
+            if slot.call is not None:
+                call, slot.call = slot.call, None
+                self.record(generation, step, slot.layer, *call)
 
     def reset(self) -> None:
-        self.calls.clear()
+        self._calls.clear()
+        for slot in self._slots.values():
+            slot.call = None
 
     def generation(self, gen: int | None = None) -> list[AttentionCall]:
         """Calls of one generation (default: the latest one recorded)."""

@@ -9,10 +9,22 @@ in order of preference:
    in `scheduler.timesteps`; this also gives the number of steps, so "last N steps" rules work;
 3. the timestep value alone: a new value starts the next step, a value above the previous one (more
    noise) starts a new generation.
-Calls with the same step (cond and uncond under true CFG) count as one step. Per forward it also reads
-the text masks of HunyuanVideo and Mochi once (`encoder_attention_mask` -> per-sample valid lengths),
-so processors need no host sync per layer. All of this runs outside `torch.compile` regions
-(`torch.compiler.disable`): one host sync per transformer call.
+Calls with the same step (cond and uncond under true CFG) count as one step. Reading the timestep is the one
+host sync per eager forward; masks are not read on the host at all (the processors turn them into per-sample key
+lengths on the device).
+
+Under torch.compile:
+- Regional compile (`compile_repeated_blocks`): the transformer's forward, and so this hook, runs eagerly;
+  only the blocks are compiled.
+- The whole transformer compiled (`torch.compile(transformer, fullgraph=True)`, `transformer.compile()`): the
+  hook is traced and does nothing there (no host reads). The step then comes from the pipeline side:
+  `apply(pipe)` wraps the scheduler's `set_timesteps` (a new generation, step 0) and `step` (the next step),
+  which run eagerly between transformer calls. A bare compiled transformer without a pipeline keeps the step
+  it has until `runtime.set_step(step, num_steps)` is called (before each step, by the user).
+- Kernel choices reach the compiled code as one string attribute per attention module (`_sage3_kernel`),
+  rewritten in place when a step changes them: dynamo guards on that string, so there is one graph per kernel
+  choice, shared by every block with the same choice, and no recompile when the step changes but the kernels
+  do not. Calls made in compiled code fill a per-layer slot (`stats.CallSlot`), counted at the next flush.
 """
 from __future__ import annotations
 
@@ -21,7 +33,7 @@ import inspect
 import torch
 
 from .policy import Policy, layer_block, load_policy
-from .stats import KernelStats, logger
+from .stats import CallSlot, KernelStats, logger
 
 HOOK_NAME = "sage3_step"
 
@@ -45,6 +57,7 @@ class Sage3Runtime:
         self.scheduler = scheduler
         self.num_inference_steps = num_inference_steps  # user override when no scheduler tells us
         self.log_summary = log_summary
+        self.stats.position_of = lambda: (max(self.generation, 0), self.step)
         self.reset()
 
     # ------------------------------------------------------------------ step tracking
@@ -62,15 +75,14 @@ class Sage3Runtime:
         self._calls_this_step = 0
         self._calls_per_step: int | None = None
         self._summary_done = True
-        # Kernel per layer for the current step, updated in place (same dict, same keys) so compiled
-        # processors guard only on the kernel string each layer reads: one graph per kernel choice.
+        # Kernel per layer for the current step; each attention module also carries its own as `_sage3_kernel`
+        # (what compiled processors read, see the module doc).
         self.decisions: dict[str, str] = getattr(self, "decisions", {})
         self.layers: list[str] = getattr(self, "layers", [])
+        self._modules: dict = getattr(self, "_modules", {})
         self._decided_for = None
-        # Calls made inside torch.compile'd code, flushed into `stats` by the eager post-forward hook.
-        self._compiled_calls: dict[str, tuple | None] = getattr(self, "_compiled_calls", {})
-        self.text_valid: list[int] | None = None
-        self.text_prefix: bool = True
+        self._eager_forward_since_scheduler_step = False
+        self._scheduler_step: int | None = None  # step counted from scheduler events (compiled transformers)
 
     def finish_generation(self) -> None:
         """End of a pipeline call (diffusers resets stateful hooks then): log the summary if not yet done,
@@ -88,7 +100,8 @@ class Sage3Runtime:
         self._calls_per_step = None
 
     def begin_forward(self, t_value: float | None, context=None) -> None:
-        """Called once per transformer forward (by the hook) with the first sample's timestep."""
+        """Called once per eager transformer forward (by the hook) with the first sample's timestep."""
+        self._eager_forward_since_scheduler_step = True
         prev_step, prev_gen = self.step, self.generation
         index = num = None
         source = None
@@ -138,7 +151,7 @@ class Sage3Runtime:
         self._calls_this_step += 1
 
     def end_forward(self) -> None:
-        """Called after each forward: logs the summary once the last step's calls are all done."""
+        """Called after each eager forward: logs the summary once the last step's calls are all done."""
         self._flush_compiled_calls()
         if self._summary_done or self.num_steps is None or self.step is None:
             return
@@ -173,20 +186,84 @@ class Sage3Runtime:
             return None
         return index, len(values)
 
+    # ------------------------------------------------------------------ steps from outside the forward
+    def set_step(self, step: int | None, num_steps: int | None = None, t_norm: float | None = None) -> None:
+        """Set the step (and step count, normalized timestep t in [0, 1]) for the next transformer calls: what
+        a bare compiled transformer needs (its traced hook cannot read the timestep). Calls of the previous step
+        made in compiled code are counted first; step 0 after another step starts a new generation."""
+        self._flush_compiled_calls()
+        if step is not None and (self.step is None or step < self.step or (step == 0 and self.step != 0)):
+            self._new_generation()
+        self.step, self.step_source = step, "set_step"
+        self.num_steps = num_steps if num_steps is not None else self.num_inference_steps
+        self.t_norm = t_norm
+        if (self.step, self.num_steps, self.t_norm) != self._decided_for:
+            self._decide_all()
+
+    def _scheduler_t_norm(self, index: int) -> float | None:
+        """t in [0, 1] of schedule position `index`, read only when a policy rule uses timesteps (a host read of
+        the schedule, once per step)."""
+        if not any(getattr(rule, "timesteps", None) for rule in getattr(self.policy, "rules", ())):
+            return None
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        if timesteps is None or not 0 <= index < len(timesteps):
+            return None
+        units = TIMESTEP_SCALE.get(self.family or "", 1000.0) * SCHEDULER_UNITS.get(self.family or "", 1.0)
+        return float(timesteps[index]) / units
+
+    def on_set_timesteps(self) -> None:
+        """The pipeline's scheduler got a new schedule (wrapped by `apply(pipe)`): the kernels of step 0 are
+        decided now, before any transformer call, so a compiled transformer starts right."""
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        num = len(timesteps) if timesteps is not None else self.num_inference_steps
+        self._scheduler_step = 0
+        self._eager_forward_since_scheduler_step = False
+        if self.step_source in (None, "scheduler_events", "set_step"):
+            self._flush_compiled_calls()
+            if not self._summary_done and self.log_summary:
+                self.stats.log_summary(self.generation)
+            self._summary_done = True
+            self.step, self.num_steps, self.t_norm = 0, num, self._scheduler_t_norm(0)
+            self._decide_all()
+
+    def on_scheduler_step(self) -> None:
+        """The scheduler finished a step (wrapped by `apply(pipe)`). When no eager forward ran since the last
+        scheduler event, the transformer is compiled as a whole (its hook is traced and does nothing): count this
+        step's compiled calls and move to the next step here."""
+        eager = self._eager_forward_since_scheduler_step
+        self._eager_forward_since_scheduler_step = False
+        if eager or self._scheduler_step is None:
+            return
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        num = len(timesteps) if timesteps is not None else self.num_inference_steps
+        begin = getattr(self.scheduler, "begin_index", None) or 0
+        if self.step_source != "scheduler_events" or self._scheduler_step == 0:
+            if self._scheduler_step == 0:
+                self._new_generation()
+        self.step_source = "scheduler_events"
+        self.step = self._scheduler_step
+        self.num_steps = None if num is None else num - begin
+        self._flush_compiled_calls()
+        self._scheduler_step += 1
+        if self.num_steps is not None and self._scheduler_step >= self.num_steps:
+            self._summary_done = True
+            if self.log_summary:
+                self.stats.log_summary(self.generation)
+            return
+        self.step = self._scheduler_step
+        self.t_norm = self._scheduler_t_norm(begin + self._scheduler_step)
+        if (self.step, self.num_steps, self.t_norm) != self._decided_for:
+            self._decide_all()
+
     # ------------------------------------------------------------------ decisions
     def register_layers(self, layers) -> None:
+        """The attention modules (name -> module, or names only) whose kernel this runtime decides."""
+        self._modules = dict(layers) if isinstance(layers, dict) else {}
         self.layers = list(layers)
-        self._compiled_calls.clear()
-        self._compiled_calls.update({name: None for name in self.layers})
+        for name, module in self._modules.items():
+            if isinstance(module, torch.nn.Module):
+                module._sage3_slot = self.stats.slot(name)
         self._decide_all()
-
-    def _decide_all(self) -> None:
-        self._decided_for = (self.step, self.num_steps, self.t_norm)
-        for layer in self.layers:
-            kernel = self.policy.kernel_for(layer, step=self.step, num_steps=self.num_steps, t_norm=self.t_norm,
-                                            family=self.family)
-            if self.decisions.get(layer) != kernel:
-                self.decisions[layer] = kernel
 
     def kernel_for(self, layer: str) -> str:
         kernel = self.decisions.get(layer)
@@ -199,20 +276,22 @@ class Sage3Runtime:
         return layer_block(layer, self.family)
 
     def record(self, layer: str, requested: str, backend: str, reason: str | None) -> None:
-        if torch.compiler.is_compiling():
-            # No list appends in traced code (they would guard on the list length and recompile).
-            self._compiled_calls[layer] = (requested, backend, reason)
-        else:
-            self.stats.record(max(self.generation, 0), self.step, layer, requested, backend, reason)
+        """An eager call (compiled calls go to the layer's slot, see the module doc)."""
+        self.stats.record(max(self.generation, 0), self.step, layer, requested, backend, reason)
 
     def _flush_compiled_calls(self) -> None:
-        for layer, call in self._compiled_calls.items():
-            if call is not None:
-                self.stats.record(max(self.generation, 0), self.step, layer, *call)
-                self._compiled_calls[layer] = None
+        self.stats.flush_compiled(max(self.generation, 0), self.step)
 
-    def set_text_mask(self, valid: list[int] | None, prefix: bool = True) -> None:
-        self.text_valid, self.text_prefix = valid, prefix
+    def _decide_all(self) -> None:
+        self._decided_for = (self.step, self.num_steps, self.t_norm)
+        for layer in self.layers:
+            kernel = self.policy.kernel_for(layer, step=self.step, num_steps=self.num_steps, t_norm=self.t_norm,
+                                            family=self.family)
+            if self.decisions.get(layer) != kernel:
+                self.decisions[layer] = kernel
+            module = self._modules.get(layer)
+            if isinstance(module, torch.nn.Module) and module.__dict__.get("_sage3_kernel") != kernel:
+                module._sage3_kernel = kernel
 
 
 def _make_hook_class():
@@ -223,15 +302,14 @@ def _make_hook_class():
             pass
 
     class Sage3StepHook(ModelHook):
-        """Pre-forward hook: step and text-mask bookkeeping for `Sage3Runtime` (see module doc)."""
+        """Pre-forward hook: step bookkeeping for `Sage3Runtime` (see module doc)."""
 
         # Stateful so diffusers' `cache_context(...)` hands us its CacheContext (via the StateManager).
         _is_stateful = True
 
-        def __init__(self, runtime: Sage3Runtime, mask_kwarg: str | None = None):
+        def __init__(self, runtime: Sage3Runtime):
             super().__init__()
             self.runtime = runtime
-            self.mask_kwarg = mask_kwarg
             self.state_manager = StateManager(_NoState)
             self._positions: dict[str, int] = {}
 
@@ -249,36 +327,21 @@ def _make_hook_class():
             i = self._positions.get(name)
             return args[i] if i is not None and i < len(args) else None
 
-        @torch.compiler.disable
         def pre_forward(self, module, *args, **kwargs):
+            if torch.compiler.is_compiling():  # traced: no host reads (the step comes from outside, see module doc)
+                return args, kwargs
             t = self._arg("timestep", args, kwargs)
-            mask = self._arg(self.mask_kwarg, args, kwargs) if self.mask_kwarg else None
-            parts = []
+            t_value = None
             if isinstance(t, torch.Tensor) and t.numel():
-                parts.append(t.detach().reshape(-1)[:1].double())
+                t_value = float(t.detach().reshape(-1)[0])  # the one host sync per eager forward
             elif isinstance(t, (int, float)):
-                parts.append(torch.tensor([float(t)], dtype=torch.float64))
-            has_t = bool(parts)
-            batch = 0
-            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-                m = mask.detach().bool()
-                batch = m.shape[0]
-                valid = m.sum(dim=1)
-                ramp = torch.arange(m.shape[1], device=m.device)[None, :] < valid[:, None]
-                parts = [p.to(m.device, non_blocking=True) for p in parts]  # host->device: no sync
-                parts.append(torch.cat([valid, (ramp == m).all(dim=1)]).double())
-            values = torch.cat(parts).tolist() if parts else []  # the one host sync per forward
-            t_value = values.pop(0) if has_t else None
-            if batch:
-                self.runtime.set_text_mask([int(v) for v in values[:batch]], all(v > 0 for v in values[batch:]))
-            else:
-                self.runtime.set_text_mask(None)
+                t_value = float(t)
             self.runtime.begin_forward(t_value, self.state_manager._context)
             return args, kwargs
 
-        @torch.compiler.disable
         def post_forward(self, module, output):
-            self.runtime.end_forward()
+            if not torch.compiler.is_compiling():
+                self.runtime.end_forward()
             return output
 
         def reset_state(self, module):
@@ -291,11 +354,11 @@ def _make_hook_class():
 _HOOK_CLS = None
 
 
-def step_hook(runtime: Sage3Runtime, mask_kwarg: str | None = None):
+def step_hook(runtime: Sage3Runtime):
     global _HOOK_CLS
     if _HOOK_CLS is None:
         _HOOK_CLS = _make_hook_class()
-    return _HOOK_CLS(runtime, mask_kwarg)
+    return _HOOK_CLS(runtime)
 
 
 __all__ = ["Sage3Runtime", "step_hook", "HOOK_NAME", "TIMESTEP_SCALE", "logger"]
