@@ -15,6 +15,7 @@ fallback (`set_fallback` does the same from Python).
 from __future__ import annotations
 
 import importlib
+import operator
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -197,8 +198,8 @@ def select_backend(problem: AttentionProblem, kernel: str = "auto") -> Selection
     return sel
 
 
-# Representative sequence lengths for calls whose lengths are symbolic under torch.compile (dynamic shapes).
-_SEGMENT_LENGTHS = tuple(2 ** i for i in range(21))
+# Representative sequence lengths under torch.compile: quarter octaves from 1 to 2**20 tokens.
+_SEGMENT_LENGTHS = tuple(sorted({round(2 ** (i / 4)) for i in range(81)}))
 
 
 def _problem_at(fields: tuple, seq: int) -> AttentionProblem:
@@ -209,16 +210,10 @@ def _problem_at(fields: tuple, seq: int) -> AttentionProblem:
 
 
 @torch._dynamo.assume_constant_result
-def _selected_name_and_note(fields: tuple, kernel: str) -> tuple[str, str | None]:
-    sel = select_backend(AttentionProblem(*fields), kernel)
-    return sel.backend.name, sel.note
-
-
-@torch._dynamo.assume_constant_result
 def _length_segments(fields: tuple, kernel: str) -> tuple:
-    """((smallest seq_q*seq_kv, backend name, note), ...): the choice for every representative length, runs of equal
-    choices merged. One segment (the common case: no measured table, or one backend wins everywhere) means the
-    choice does not depend on the lengths at all."""
+    """((smallest seq_q*seq_kv, backend name, note), ...): the choice at every representative length, runs of equal
+    choices merged. One segment (no measured table, or one backend wins at every length) means the choice does
+    not depend on the lengths at all."""
     segments: list = []
     for seq in _SEGMENT_LENGTHS:
         sel = select_backend(_problem_at(fields, seq), kernel)
@@ -227,36 +222,28 @@ def _length_segments(fields: tuple, kernel: str) -> tuple:
     return tuple(segments)
 
 
-def _static(x, symbolic_value=None):
-    """A size as a plain int: itself if static; for a symbolic size, `symbolic_value`, or (None) its value with a
-    guard (model constants such as head counts and head dims: never a new graph in practice)."""
-    if isinstance(x, torch.SymInt):
-        return int(x) if symbolic_value is None else symbolic_value
-    return x
-
-
 def backend_for(problem: AttentionProblem, kernel: str = "auto") -> tuple[AttentionBackend, str | None]:
     """(backend, fallback note) as `select_backend` chooses them, safe inside torch.compile: while tracing, the
     choice is made once per graph (the graph holds only the chosen backend's op) and changing settings later
     does not retrace (call torch.compiler.reset() or recompile).
 
-    Under torch.compile, static sizes give exactly the eager choice. Symbolic sizes (dynamic shapes) never reach
-    the choice as values: the batch counts as 1 (no backend depends on it); the sequence lengths choose through
-    `_length_segments`: the choice is computed at seq_q = seq_kv = 2**i (i = 0..20) and the graph compares
-    seq_q*seq_kv with the boundaries where that choice changes, so dynamo guards only on those boundaries (on a
-    machine where one backend wins at every length, e.g. any CPU, there is no guard at all and one graph serves
-    every length; with a measured table, one graph per length range with a different winner)."""
+    Under torch.compile the sizes never reach the choice as values, so static and dynamic shapes are handled
+    alike and no size is specialized: the batch counts as 1 (no backend depends on it); head counts and head dims
+    are model constants (`operator.index`: a guard on their value if they are symbolic); the sequence lengths
+    choose through `_length_segments`: the choice is computed at seq_q = seq_kv = L for L on quarter octaves
+    from 1 to 2**20 tokens, and the graph compares seq_q*seq_kv with the boundaries where that choice changes.
+    So dynamo guards only on those boundaries: where one backend wins at every length (no measured table for this
+    device, e.g. any CPU) there is no guard and one graph serves every length; with a measured table, one graph
+    per length range with a different winner. Eagerly the choice uses the exact lengths; compiled it may differ
+    from it within a quarter octave of a crossover."""
     if not torch.compiler.is_compiling():
         sel = select_backend(problem, kernel)
         return sel.backend, sel.note
     p = problem
-    head = (_static(p.batch, 1), _static(p.heads_q), _static(p.heads_kv))
-    tail = (_static(p.head_dim), _static(p.head_dim_v), p.dtype, p.device_type, p.capability, p.layout,
-            p.is_causal, p.return_lse, p.has_mask, p.has_kv_lens)
-    if not isinstance(p.seq_q, torch.SymInt) and not isinstance(p.seq_kv, torch.SymInt):
-        name, note = _selected_name_and_note(head + (p.seq_q, p.seq_kv) + tail, kernel)
-        return _registry[name], note
-    segments = _length_segments(head + (1, 1) + tail, kernel)
+    fields = (1, operator.index(p.heads_q), operator.index(p.heads_kv), 1, 1, operator.index(p.head_dim),
+              operator.index(p.head_dim_v), p.dtype, p.device_type, p.capability, p.layout, p.is_causal,
+              p.return_lse, p.has_mask, p.has_kv_lens)
+    segments = _length_segments(fields, kernel)
     _, name, note = segments[0]
     if len(segments) > 1:
         area = p.seq_q * p.seq_kv
