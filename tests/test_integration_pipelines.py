@@ -10,7 +10,6 @@ import torch
 
 pytest.importorskip("diffusers")
 
-import sage3_diffusers as s3  # noqa: E402
 from sage3_diffusers.integration import apply, remove  # noqa: E402
 from sage3_diffusers.integration.tiny import (pipeline_call_kwargs, tiny_pipeline, tiny_transformer,  # noqa: E402
                                               transformer_inputs)
@@ -20,11 +19,7 @@ PROMPTS = ["a cat riding a horse on the moon at night", "a dog"]  # unequal text
 STEPS = 4
 
 
-@pytest.fixture(autouse=True)
-def _setup():
-    s3.set_fallback("emulate")
-    yield
-    s3.set_fallback(None)
+pytestmark = pytest.mark.usefixtures("emulate_fallback")
 
 
 # (family, true CFG: transformer called twice per step)
