@@ -121,10 +121,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='torch.compile backend for the compile mode (default "inductor"; "eager" with --dry-run)')
     k.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, sdpa + reference only: the code path")
     t = sub.add_parser("table", help="write the per-card speed table of kernel='auto' from a `kernels --json` file")
-    t.add_argument("json_in")
+    t.add_argument("json_in", nargs="+", help="one or more results of the same card (their rows are joined)")
     t.add_argument("--out", default=None, help="default: sage3_diffusers/data/perf/<card>.json")
     t.add_argument("--source-name", default=None,
-                   help="how the table names its source JSON (default: the path given, as written)")
+                   help="how the table names its source JSON (default: the paths given, as written)")
     pl = sub.add_parser("plot", help="draw the PNG of a `kernels --json` result")
     pl.add_argument("json_in")
     pl.add_argument("png_out")
@@ -347,22 +347,23 @@ def measure_row(shape: Shape, args, device, dtype, cudnn_fp8) -> dict:
             print(f"  {shape.name} {name}: {row['errors'][name]}", file=sys.stderr)
             continue
         n = _calls(est, args.budget_ms, args.max_calls)
+        reps = 3 if est < 20 else 2  # long calls vary little between repeats; their time is the budget
         for mode in modes:
             try:
                 if mode == "eager_single":
                     ms = time_eager_single(fn, device, n)
                 elif mode == "eager_stream":
-                    ms = time_eager_stream(fn, device, n)
+                    ms = time_eager_stream(fn, device, n, repeats=reps)
                 elif mode == "graph":
                     if device.type != "cuda":
                         row["errors"][f"{name}/graph"] = "CUDA graphs need CUDA"
                         continue
-                    ms = time_graph(fn, device, _calls(est, args.budget_ms / 4, 100, least=1))
+                    ms = time_graph(fn, device, _calls(est, args.budget_ms / 4, 100, least=1), replays=reps + 2)
                 else:  # compile
                     cf = _compiled(call, args.compile_backend)
                     cfn = (lambda cf=cf: cf(q, k, v))
                     cfn(), cfn()
-                    ms = time_eager_stream(cfn, device, n)
+                    ms = time_eager_stream(cfn, device, n, repeats=reps)
                     del cf, cfn
             except Exception as exc:  # noqa: BLE001
                 row["errors"][f"{name}/{mode}"] = f"{type(exc).__name__}: {exc}"
@@ -457,14 +458,25 @@ def run_kernels(args) -> dict:
         print(format_row(rows[-1], args.baseline) + f"  [{time.time() - t0:.0f} s]", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if args.json_path:  # after every shape, so a run stopped by a time limit keeps what it measured
+            _write_json(_result(meta, rows), args.json_path)
+    result = _result(meta, rows)
+    print()
+    print(format_table(result))
+    return result
+
+
+def _result(meta: dict, rows: list) -> dict:
     columns = []
     for r in rows:
         for per_col in r["modes"].values():
             columns += [c for c in per_col if c not in columns]
-    result = {"meta": meta, "columns": columns, "rows": rows}
-    print()
-    print(format_table(result))
-    return result
+    return {"meta": meta, "columns": columns, "rows": rows}
+
+
+def _write_json(result: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, ensure_ascii=False)
 
 
 # ---- reports ------------------------------------------------------------------------------------------------
@@ -619,7 +631,7 @@ def table_from_result(result: dict, source_name: str) -> dict:
         "capability": meta.get("capability"),
         "source": {"json": source_name, "date": meta.get("date"), "command": meta.get("command"),
                    "torch": meta.get("torch"), "triton": meta.get("triton"), "cudnn": meta.get("cudnn")},
-        "generated_by": f"python -m sage3_diffusers bench table {source_name}",
+        "generated_by": f"python -m sage3_diffusers bench table {source_name.replace(', ', ' ')}",
         "modes": mode_help,
         "baseline": perf_model.BASELINE,
         "flops": "4·B·H·Sq·Skv·D, non-causal forward, whole call (quantization included)",
@@ -642,10 +654,28 @@ def default_table_path(card: str) -> Path:
     return Path(__file__).resolve().parent / "data" / "perf" / f"{perf_model.card_slug(card)}.json"
 
 
-def write_table(json_in: str, out: str | None, source_name: str | None) -> Path:
-    with open(json_in) as f:
-        result = json.load(f)
-    table = table_from_result(result, source_name or json_in)
+def join_results(results: list[dict]) -> dict:
+    """Rows of several `kernels` results of one card (e.g. a run split across time limits) as one result."""
+    first = results[0]
+    for r in results[1:]:
+        if r["meta"]["card"] != first["meta"]["card"]:
+            raise SystemExit(f"results of different cards: {first['meta']['card']!r} and {r['meta']['card']!r}")
+    if len(results) == 1:
+        return first
+    meta = dict(first["meta"])
+    meta["command"] = " && ".join(r["meta"].get("command", "?") for r in results)
+    if "modes" in meta:
+        meta["modes"] = {m: h for r in results for m, h in r["meta"].get("modes", {}).items()}
+    return {"meta": meta, "columns": [], "rows": [row for r in results for row in r["rows"]]}
+
+
+def write_table(json_in: list[str] | str, out: str | None, source_name: str | None) -> Path:
+    paths = [json_in] if isinstance(json_in, str) else list(json_in)
+    results = []
+    for path in paths:
+        with open(path) as f:
+            results.append(json.load(f))
+    table = table_from_result(join_results(results), source_name or ", ".join(paths))
     path = Path(out) if out else default_table_path(table["card"])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(_compact_json(table) + "\n")
@@ -661,8 +691,7 @@ def main(argv=None) -> int:
     if args.command == "kernels":
         result = run_kernels(args)
         if args.json_path:
-            with open(args.json_path, "w") as f:
-                json.dump(result, f, indent=1, ensure_ascii=False)
+            _write_json(result, args.json_path)
             print(f"JSON written to {args.json_path}")
         if args.plot_path:
             plot(result, args.plot_path)

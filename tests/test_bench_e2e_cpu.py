@@ -25,3 +25,19 @@ def test_needs_a_gpu(capsys):
         pytest.skip("has a GPU")
     assert main(["--model", "flux"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_attention_share_from_a_cpu_profile():
+    """The share counts the outermost attention op once (SDPA's inner math ops are not counted again)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sage3_diffusers.bench_e2e import attention_share
+    q = torch.randn(1, 2, 256, 64)
+    w = torch.randn(2048, 2048)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        w @ w
+    a = attention_share(prof.events(), on_device=False)
+    assert a["ops"] == ["aten::scaled_dot_product_attention"] and a["time"] == "CPU time"
+    assert 0 < a["attention_ms"] < a["total_ms"] and 0 < a["share"] < 1
+    assert a["ceiling"] == pytest.approx(1 / (1 - a["share"]))

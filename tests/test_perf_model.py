@@ -21,10 +21,11 @@ def test_shipped_tables_are_generated_from_their_recorded_source():
     assert {"h100-80gb-hbm3", "h200"} <= set(perf_model.available_cards())
     for slug in perf_model.available_cards():
         shipped = json.loads((REPO / "sage3_diffusers" / "data" / "perf" / f"{slug}.json").read_text())
-        source = REPO / shipped["source"]["json"]
-        assert source.is_file(), f"{slug}: source {source} is not in docs/results"
-        assert shipped["source"]["json"].startswith("docs/results/")
-        regenerated = bench.table_from_result(json.loads(source.read_text()), shipped["source"]["json"])
+        sources = shipped["source"]["json"].split(", ")
+        for name in sources:
+            assert name.startswith("docs/results/") and (REPO / name).is_file(), f"{slug}: source {name} missing"
+        joined = bench.join_results([json.loads((REPO / name).read_text()) for name in sources])
+        regenerated = bench.table_from_result(joined, shipped["source"]["json"])
         assert json.loads(json.dumps(regenerated)) == shipped, slug
         assert shipped["card_slug"] == slug and perf_model.card_slug(shipped["card"]) == slug
         assert set(shipped["modes"]) <= set(perf_model.MODES) and shipped["modes"]
@@ -81,3 +82,10 @@ def test_current_mode():
     def f(x):
         return x + (1.0 if perf_model.current_mode() == "compile" else 0.0)
     assert torch.compile(f, backend="eager", fullgraph=True)(torch.zeros(1)).item() == 1.0
+
+
+def test_results_of_different_cards_do_not_join():
+    a = {"meta": {"card": "NVIDIA H100 80GB HBM3"}, "rows": []}
+    b = {"meta": {"card": "NVIDIA H200"}, "rows": []}
+    with pytest.raises(SystemExit, match="different cards"):
+        bench.join_results([a, b])
