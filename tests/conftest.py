@@ -1,8 +1,9 @@
 """Shared fixtures and the markers.
 
 Markers: every test under tests/gpu/ is marked `gpu` (so `-m gpu` selects the GPU tests and `-m "not gpu"` leaves
-them out) and is skipped when torch sees no CUDA device. `slow` marks the tests that spawn a Python process or
-run whole pipelines (seconds each on a CI core); `-m "not slow"` leaves them out for a quick loop.
+them out) and is skipped when torch sees no CUDA device. `slow` marks the tests that take over ~20 s on one CI
+core (an example script in a child process, a pipeline under torch.compile); `-m "not slow"` leaves them out for
+a quick loop, CI runs everything.
 """
 from __future__ import annotations
 

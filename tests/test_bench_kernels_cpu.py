@@ -12,7 +12,7 @@ from sage3_diffusers import bench, perf_model
 def test_dry_run_json_schema_and_table(tmp_path, make_problem, fake_perf_table, capsys):
     out = tmp_path / "kernels.json"
     assert bench.main(["kernels", "--dry-run", "--shapes", "tiny-hd64", "--budget-ms", "1", "--max-calls", "3",
-                       "--host-calls", "2", "--json", str(out)]) == 0
+                       "--host-calls", "2", "--json", str(out), "--plot", str(tmp_path / "k.png")]) == 0
     result = json.loads(out.read_text())
     meta = result["meta"]
     assert meta["dry_run"] and meta["baseline"] == "sdpa" and meta["card"] == "cpu (dry run)"
@@ -32,6 +32,11 @@ def test_dry_run_json_schema_and_table(tmp_path, make_problem, fake_perf_table, 
     assert row["peak_mem_mib"] == {}  # CUDA only
     acc = row["accuracy"]
     assert acc["sdpa"]["cos_sim"] > 0.99999 and 0.99 < acc["reference_int8_fp8"]["cos_sim"] < 1.0
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "k.png").stat().st_size > 0
+    except ImportError:
+        assert not (tmp_path / "k.png").exists()
     text = capsys.readouterr().out
     assert "eager_single (" in text and "compile (" in text and "host µs per call" in text
 
