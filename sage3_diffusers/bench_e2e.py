@@ -157,6 +157,27 @@ def profile_attention(forward, inputs) -> dict:
     return attention_share(prof.events(), on_device=True)
 
 
+def _measure(model, inputs, variant: str, mode: str, args) -> dict:
+    """One row: the forward's times in `mode` ("eager" or "compile"; the compiled first call timed apart) and,
+    unless --no-profile, attention's share from one more, profiled forward."""
+    forward, first_call_s = model, None
+    if mode == "compile":
+        forward = _compile(model, args.fullgraph)
+        t1 = time.time()
+        with torch.inference_mode():
+            forward(**inputs, return_dict=False)
+        torch.cuda.synchronize()
+        first_call_s = time.time() - t1
+    times = _time_forward(forward, inputs, args.iters, args.warmup)
+    row = {"variant": variant, "mode": mode, "median_ms": statistics.median(times), "min_ms": min(times),
+           "times_ms": times}
+    if first_call_s is not None:
+        row["first_call_s"] = first_call_s
+    if not args.no_profile:
+        row["attention"] = profile_attention(forward, inputs)
+    return row
+
+
 def _install(model, variant: str) -> None:
     """variant: "sdpa_default" (diffusers' own processors) or a kernel ("sdpa", "int8_fp8", "fp4", or a backend
     name) for every attention layer through our processors."""
@@ -205,29 +226,21 @@ def main(argv=None) -> int:
     for variant in args.variants.split(","):
         _install(model, variant)
         for mode in modes:
-            forward, compile_s = model, None
-            if mode == "compile":
-                forward = _compile(model, args.fullgraph)
-                t1 = time.time()
-                with torch.inference_mode():
-                    forward(**inputs, return_dict=False)
-                torch.cuda.synchronize()
-                compile_s = time.time() - t1
-            times = _time_forward(forward, inputs, args.iters, args.warmup)
-            row = {"variant": variant, "mode": mode, "median_ms": statistics.median(times), "min_ms": min(times),
-                   "times_ms": times}
-            if compile_s is not None:
-                row["first_call_s"] = compile_s
-            if not args.no_profile:
-                row["attention"] = profile_attention(forward, inputs)
-            rows.append(row)
-            del forward
+            try:
+                rows.append(_measure(model, inputs, variant, mode, args))
+            except Exception as exc:  # noqa: BLE001 - e.g. a graph break under --fullgraph: report, go on
+                msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                print(f"{variant} ({mode}) failed: {msg}")
+                rows.append({"variant": variant, "mode": mode, "error": msg})
     import sage3_diffusers
     sage3_diffusers.remove(model)
     print(f"{'variant':<24} {'mode':<8} {'median ms':>10} {'min ms':>9} {'speed-up':>9} {'attn share':>10} "
           f"{'ceiling':>8}")
     for r in rows:
-        same_mode = [x for x in rows if x["mode"] == r["mode"]]
+        if "error" in r:
+            print(f"{r['variant']:<24} {r['mode']:<8} failed: {r['error']}")
+            continue
+        same_mode = [x for x in rows if x["mode"] == r["mode"] and "error" not in x]
         base = next((x["median_ms"] for x in same_mode if x["variant"] == "sdpa_default"), same_mode[0]["median_ms"])
         r["speedup_vs_sdpa_default"] = base / r["median_ms"]
         a = r.get("attention")
@@ -253,7 +266,8 @@ def main(argv=None) -> int:
             print("matplotlib not installed: no plot")
         else:
             fig, ax = plt.subplots(figsize=(6, 3))
-            ax.barh([f"{r['variant']} ({r['mode']})" for r in rows], [r["median_ms"] for r in rows])
+            done = [r for r in rows if "error" not in r]
+            ax.barh([f"{r['variant']} ({r['mode']})" for r in done], [r["median_ms"] for r in done])
             ax.set_xlabel("ms per transformer forward (median)")
             ax.set_title(f"{args.model} {h}x{w}x{f}, {card}")
             fig.tight_layout()
