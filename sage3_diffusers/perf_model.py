@@ -122,7 +122,8 @@ def table_for(problem: AttentionProblem) -> PerfTable | None:
 
 def current_mode() -> str:
     """How the calling code runs right now: "graph" while a CUDA graph is being captured on the current stream,
-    "compile" while torch.compile traces, else "eager"."""
+    "compile" while torch.compile traces (also inside a torch._dynamo.assume_constant_result function called
+    from traced code), else "eager"."""
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return "graph"
     if torch.compiler.is_compiling():

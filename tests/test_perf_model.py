@@ -89,3 +89,14 @@ def test_results_of_different_cards_do_not_join():
     b = {"meta": {"card": "NVIDIA H200"}, "rows": []}
     with pytest.raises(SystemExit, match="different cards"):
         bench.join_results([a, b])
+
+
+def test_current_mode_inside_a_constant_result_function():
+    """The dispatcher chooses inside torch._dynamo.assume_constant_result: the mode must read "compile" there."""
+    @torch._dynamo.assume_constant_result
+    def mode_seen_by_dispatch():
+        return perf_model.current_mode()
+
+    def f(x):
+        return x + (1.0 if mode_seen_by_dispatch() == "compile" else 0.0)
+    assert torch.compile(f, backend="eager", fullgraph=True)(torch.zeros(1)).item() == 1.0
