@@ -12,6 +12,7 @@ import torch
 from .backends.base import AttentionProblem, CompiledExtension
 from .backends.cuda_fp4 import FP4_EXT
 from .backends.cuda_sm90 import SM90_EXT
+from . import selfcheck
 from .dispatch import backend_reasons, get_fallback, list_backends, select_backend
 
 _EXTENSIONS = (SM90_EXT, FP4_EXT)
@@ -69,6 +70,7 @@ def env_report() -> str:
                 lines.append(f"  kernel={kernel!r} -> {sel.backend.name}" + (f" ({sel.note})" if sel.note else ""))
             except ValueError as e:
                 lines.append(f"  kernel={kernel!r} -> error: {e}")
+    lines += selfcheck.report_lines()  # the selections above ran the check of each compiled kernel they chose
     return "\n".join(lines)
 
 
