@@ -135,3 +135,27 @@ def test_unknown_card_uses_the_stated_assumption():
     assert speed.families() == ("fp4", "int8_fp8")
     assert speed.seconds("sdpa", p) / speed.seconds("fp4", p) == pytest.approx(4.8)
     assert any("assumed relative speed" in s for s in speed.sources)
+
+
+class _TinySlice(cb._SliceRunner):
+    """The slice runner's Euler loop on a tiny transformer (the real-shape slice needs a GPU)."""
+
+    def __init__(self, family):
+        from sage3_diffusers.integration.tiny import tiny_transformer
+        self.family, self.target, self.description = family, tiny_transformer(family), "tiny slice"
+
+    def inputs(self, seed):
+        from sage3_diffusers.integration.tiny import transformer_inputs
+        return transformer_inputs(self.family, seed=seed, config=self.target.config, batch=1)
+
+
+def test_slice_runner_calibrates_and_measures_speed_plumbing():
+    runner = _TinySlice("cogvideox")
+    cal = cb.calibrate(runner, prompts=["x"], steps=2, budget=cb.Budget.parse("cos=0.99"), card="H100",
+                       log=lambda *_: None)
+    assert [b for b in cal.buckets] == [(0, 0), (1, 1)] and len(cal.choice) == 2 * 2  # steps from timesteps
+    assert cal.final_error <= cal.budget.allowed
+    speed = cb.measure_speed(runner, cb.to_policy(cal), steps=2, repeats=1)
+    assert speed["exact"]["backends"] == ["sdpa"]
+    assert 0 < speed["exact"]["attention_ms"] < speed["exact"]["loop_ms"]
+    assert speed["measured_attention_speedup"] > 0

@@ -150,8 +150,8 @@ class SpeedModel:
         measured = {f: self.tflops(f, problem) for f in (family, "sdpa")}
         if all(v is not None for v in measured.values()):
             return flops / (measured[family] * 1e12)
-        self.sources.add(ASSUMPTION_SOURCE + (f", for head dim {problem.head_dim}: no measured table for "
-                                              f"{self.card} at it" if self.capability else ""))
+        self.sources.add(ASSUMPTION_SOURCE + (f", where no measured table for {self.card} covers head dim "
+                                              f"{problem.head_dim}" if self.capability else ""))
         # Relative to exact: exact's measured speed where known, else an arbitrary unit (ratios are what count).
         base = measured["sdpa"] or 100.0
         return flops / (base * ASSUMED_RELATIVE_SPEED[family] * 1e12)
@@ -562,31 +562,44 @@ def format_summary(cal: Calibration) -> str:
              f"target {cal.card or 'unknown card'} (running on {cal.present})"]
     lines += [f"  note: {n}" for n in cal.notes]
     lines += [f"  speed: {s}" for s in cal.speed_sources]
-    lines.append(f"{'layer':44s} " + " ".join(f"{f'steps {lo}-{hi}':>22s}" for lo, hi in cal.buckets))
+    lines.append(f"kernel per layer and step bucket, with its measured {cal.budget.metric} on the sampled calls:")
+    lines.append(f"{'layer':44s} " + " ".join(f"{f'steps {lo}-{hi}':>26s}" for lo, hi in cal.buckets))
     for layer in cal.layers:
         cells = []
         for b in range(len(cal.buckets)):
             k = cal.choice.get((layer, b))
             errs = cal.errors.get((layer, b), {})
-            e = errs.get(k, 0.0) if k != "sdpa" else 0.0
-            cells.append(f"{k or '-'}:{_fmt_err(cal.budget, e).split()[-1]}" if k else "-")
-        lines.append(f"{layer:44s} " + " ".join(f"{c:>22s}" for c in cells))
+            if k is None:
+                cells.append("-")
+            elif k == "sdpa":  # exact; the most accurate candidate's error says by how much it missed
+                alt = min(errs, key=errs.get, default=None)
+                cells.append("sdpa" + (f" ({alt} {_fmt_err(cal.budget, errs[alt]).split()[-1]})" if alt else ""))
+            else:
+                cells.append(f"{k} {_fmt_err(cal.budget, errs[k]).split()[-1]}")
+        lines.append(f"{layer:44s} " + " ".join(f"{c:>26s}" for c in cells))
     lines.append(f"predicted attention speed-up vs exact SDPA on {cal.card or 'the assumed card'}: "
                  f"{cal.predicted_speedup:.2f}x")
-    lines.append(f"measured final-latent error vs exact: {_fmt_err(cal.budget, cal.final_error)} "
-                 f"(budget {cal.budget}, {len(cal.rounds)} verification round(s))")
+    if all(k == "sdpa" for k in cal.choice.values()):
+        lines.append("final latent: identical to the exact run (exact SDPA everywhere, nothing to verify)")
+    else:
+        lines.append(f"measured final-latent error vs exact: {_fmt_err(cal.budget, cal.final_error)} "
+                     f"(budget {cal.budget}, {len(cal.rounds)} verification round(s))")
     return "\n".join(lines)
 
 
-def heat_map(cal: Calibration, path: str) -> None:
-    import matplotlib
+def heat_map(cal: Calibration, path: str) -> bool:
+    """Writes the PNG; False (nothing written) without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
     kernels = ["sdpa", "int8_fp8", "fp4"]
     grid = [[kernels.index(cal.choice.get((layer, b), "sdpa")) for b in range(len(cal.buckets))]
             for layer in cal.layers]
-    fig, ax = plt.subplots(figsize=(2.0 + 1.3 * len(cal.buckets), 1.0 + 0.35 * len(cal.layers)))
+    fig, ax = plt.subplots(figsize=(max(7.0, 2.5 + 1.3 * len(cal.buckets)), 1.5 + 0.35 * len(cal.layers)))
     ax.imshow(grid, cmap=ListedColormap(["#bbbbbb", "#4c72b0", "#dd8452"]), vmin=0, vmax=2, aspect="auto")
     for i, layer in enumerate(cal.layers):
         for b in range(len(cal.buckets)):
@@ -600,44 +613,56 @@ def heat_map(cal: Calibration, path: str) -> None:
     ax.set_yticks(range(len(cal.layers)), cal.layers, fontsize=6)
     ax.set_xticks(range(len(cal.buckets)), [f"steps {lo}-{hi}" for lo, hi in cal.buckets], fontsize=7)
     ax.set_title(f"{cal.model}: kernel per layer x step bucket ({cal.budget.metric} of the chosen kernel)\n"
-                 f"budget {cal.budget}, target {cal.card or 'unknown card'}, predicted attention speed-up "
+                 f"budget {cal.budget}, target {cal.card or 'unknown card'}\npredicted attention speed-up "
                  f"{cal.predicted_speedup:.2f}x, final latent {_fmt_err(cal.budget, cal.final_error)}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- speed check
 
+def _stamp(cuda: bool):
+    if not cuda:
+        return time.perf_counter()
+    e = torch.cuda.Event(enable_timing=True)
+    e.record()
+    return e
+
+
+def _elapsed_ms(start, end) -> float:
+    return start.elapsed_time(end) if isinstance(start, torch.cuda.Event) else (end - start) * 1e3
+
+
 @contextmanager
-def _timed_attention():
-    """CUDA-event time of every backend call (the attention op incl. quantization), summed per backend."""
+def _timed_attention(cuda: bool):
+    """Time of every backend call (the attention op, quantization included), as (backend, start, end) stamps:
+    CUDA events on a GPU (no sync per call), wall-clock on CPU."""
     from .. import dispatch
     dispatch._ensure_loaded()
-    events: list = []
+    stamps: list = []
     patched = []
     for b in dispatch._registry.values():
-        fwd = b.forward
-
-        def timed(*a, _fwd=fwd, _name=b.name, **kw):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
+        def timed(*a, _fwd=b.forward, _name=b.name, **kw):
+            start = _stamp(cuda)
             out = _fwd(*a, **kw)
-            e.record()
-            events.append((_name, s, e))
+            stamps.append((_name, start, _stamp(cuda)))
             return out
-        b.forward = timed
+        b.forward = timed  # instance attribute over the class method; deleted below
         patched.append(b)
     try:
-        yield events
+        yield stamps
     finally:
         for b in patched:
             del b.forward
 
 
-def measure_speed(runner: _SliceRunner, policy: dict, steps: int, repeats: int = 3) -> dict:
+def measure_speed(runner: _SliceRunner, policy, steps: int, repeats: int = 3) -> dict:
     """Median over `repeats` of the whole denoising loop and of its attention ops, exact vs `policy`."""
     from .install import apply, remove
+    cuda = next(runner.target.parameters()).device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     res = {}
     inputs = runner.inputs(0)
     for label, pol in (("exact", "sdpa"), ("policy", policy)):
@@ -646,19 +671,20 @@ def measure_speed(runner: _SliceRunner, policy: dict, steps: int, repeats: int =
         try:
             with torch.no_grad():
                 runner.denoise(inputs, steps)  # warm-up (self-checks, Triton JIT, allocator)
-                torch.cuda.synchronize()
+                sync()
                 for _ in range(repeats):
-                    with _timed_attention() as events:
-                        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        s.record()
+                    with _timed_attention(cuda) as stamps:
+                        start = _stamp(cuda)
                         runner.denoise(inputs, steps)
-                        e.record()
-                        torch.cuda.synchronize()
-                    totals.append(s.elapsed_time(e))
-                    attn.append(sum(a.elapsed_time(b) for _, a, b in events))
+                        end = _stamp(cuda)
+                        sync()
+                    totals.append(_elapsed_ms(start, end))
+                    attn.append(sum(_elapsed_ms(a, b) for _, a, b in stamps))
+                    backends = sorted({name for name, _, _ in stamps})
         finally:
             remove(runner.target)
-        res[label] = {"loop_ms": statistics.median(totals), "attention_ms": statistics.median(attn)}
+        res[label] = {"loop_ms": statistics.median(totals), "attention_ms": statistics.median(attn),
+                      "backends": backends}
     res["measured_attention_speedup"] = res["exact"]["attention_ms"] / res["policy"]["attention_ms"]
     res["measured_loop_speedup"] = res["exact"]["loop_ms"] / res["policy"]["loop_ms"]
     return res
@@ -735,8 +761,7 @@ def main(argv=None) -> int:
     print(format_summary(cal))
     print(f"wrote {args.out}")
     if args.plot:
-        heat_map(cal, args.plot)
-        print(f"wrote {args.plot}")
+        print(f"wrote {args.plot}" if heat_map(cal, args.plot) else "matplotlib not installed: no heat map")
     result = {"model": cal.model, "description": cal.description, "steps": cal.steps, "buckets": cal.buckets,
               "budget": str(cal.budget), "card": cal.card, "present": cal.present,
               "predicted_attention_speedup": cal.predicted_speedup, "final_error": cal.final_error,
@@ -749,6 +774,8 @@ def main(argv=None) -> int:
         result["speed"] = speed
         pred = cal.predicted_speedup
         meas = speed["measured_attention_speedup"]
+        print(f"measured on {detect_card() or 'CPU'}, {steps} steps, median of 3 loops; backends exact "
+              f"{', '.join(speed['exact']['backends'])}, policy {', '.join(speed['policy']['backends'])}")
         print(f"attention time, exact {speed['exact']['attention_ms']:.1f} ms vs policy "
               f"{speed['policy']['attention_ms']:.1f} ms: measured {meas:.2f}x, predicted {pred:.2f}x "
               f"(off by {100 * (pred / meas - 1):+.0f}%); whole loop {speed['exact']['loop_ms']:.1f} -> "
