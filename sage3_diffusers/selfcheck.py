@@ -93,8 +93,10 @@ def results() -> list[CheckResult]:
 
 def reset() -> None:
     """Forget every result and re-enable every backend (tests; a rebuilt extension)."""
+    from . import dispatch
     _results.clear()
     _failed.clear()
+    dispatch._cache.clear()  # selections made while a backend was disabled
 
 
 def _key(problem: AttentionProblem, device: torch.device) -> tuple:

@@ -15,13 +15,13 @@ from sage3_diffusers.testing import dit_like_qkv
 def run(family, budget, target, steps=2, **kw):
     runner = cb._PipelineRunner(family, True, "cpu", torch.float32)
     return cb.calibrate(runner, prompts=["a red cat"], steps=steps, budget=cb.Budget.parse(budget), card=target,
-                        speed_shape=cb.REAL_ATTENTION[family], log=lambda *_: None, **kw)
+                        speed_shape=cb.real_attention(family), log=lambda *_: None, **kw)
 
 
 def fastest_within(cal, cell, shape_family):
     """What the choice must be: the fastest (target speeds at the family's real shape) kernel within budget."""
     speed = cb.SpeedModel(cal.card)
-    b, h, s, d = cb.REAL_ATTENTION[shape_family]
+    b, h, s, d = cb.real_attention(shape_family)
     p = cb.AttentionProblem(b, h, h, s, s, d, d, torch.bfloat16, "cuda", None, "HND", False, False, False)
     ok = ["sdpa"] + [f for f in cal.families if cal.errors[cell][f] <= cal.budget.allowed]
     return min(ok, key=lambda f: speed.seconds(f, p))

@@ -14,7 +14,7 @@
    error in that cell meets the budget (exact SDPA always does). Predicted time = FLOPs / speed, the speed from
    the target card's measured table (`perf_model`) at the call's shape; a card or head dim without a table uses
    `ASSUMED_RELATIVE_SPEED` (printed). With `--tiny` the speeds are read at the real model's attention shape
-   (`REAL_ATTENTION`): the tiny model stands in for the numerics only.
+   (`real_attention`): the tiny model stands in for the numerics only.
 3. Verification: the pipeline runs with the chosen policy and its final latent is compared with the exact run's
    (worst over prompts). Over budget: the per-cell budget is tightened (the cells with the largest errors move to
    a more accurate kernel) and verified again, at most `--rounds` times; if it still fails, the policy is exact
@@ -63,11 +63,19 @@ _FAMILY_BACKENDS = {
 ASSUMED_RELATIVE_SPEED = {"sdpa": 1.0, "int8_fp8": 3.0, "fp4": 4.8}
 ASSUMPTION_SOURCE = ("assumed relative speed sdpa 1 : int8_fp8 3.0 : fp4 4.8 (published SageAttention kernel "
                      "figures, RTX 5090, hd128)")
-# Each family's real attention problem (batch, heads, sequence, head dim) at its default resolution: the shapes
-# the speeds are read at for --tiny (sage3_diffusers/bench.py DIT_SHAPES).
-REAL_ATTENTION = {"flux": (1, 24, 4608, 128), "sd3": (2, 24, 4429, 64), "sd35": (2, 38, 4429, 64),
-                  "cogvideox": (2, 30, 17776, 64), "mochi": (1, 24, 44776, 128),
-                  "hunyuan_video": (1, 24, 119056, 128)}
+# Each family's real attention problem at its default resolution, from the kernel benchmark's shape list
+# (sage3_diffusers/bench.py DIT_SHAPES): the shapes the speeds are read at for --tiny.
+_REAL_SHAPE_NAMES = {"flux": "Flux-1024", "sd3": "SD3.5-L-1024", "sd35": "SD3.5-L-1024",
+                     "cogvideox": "CogVideoX-2B-480p", "mochi": "Mochi", "hunyuan_video": "HunyuanVideo-720p"}
+
+
+def real_attention(family: str) -> tuple[int, int, int, int]:
+    """(batch, heads, sequence, head dim) of the family's real self-attention."""
+    from ..bench import DIT_SHAPES
+    shape = {s.name: s for s in DIT_SHAPES}[_REAL_SHAPE_NAMES[family]]
+    return shape.batch, shape.heads, shape.seq, shape.head_dim
+
+
 DEFAULT_PROMPTS = ("a cat sitting on a red mat in the sun",)
 
 
@@ -741,7 +749,7 @@ def main(argv=None) -> int:
         ap.error("--slice and real weights need a CUDA GPU; use --tiny on CPU")
     if args.tiny:
         runner = _PipelineRunner(args.model, True, "cpu", torch.float32)
-        speed_shape = REAL_ATTENTION.get(args.model)
+        speed_shape = real_attention(args.model)
     elif args.slice:
         layers = tuple(int(x) for x in args.slice.split(","))
         runner = _SliceRunner(args.model, layers, torch.device("cuda"), torch.bfloat16, args.height, args.width,
