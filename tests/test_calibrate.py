@@ -62,6 +62,15 @@ def test_video_family_on_rtx5090_takes_fp4_where_error_allows(tmp_path):
     assert cal.predicted_speedup > 3.0
     assert any("reference_fp4" in n for n in cal.notes)  # emulated here, and the output says so
     check_policy_file(cal, tmp_path)
+    # A per-cell budget between the cells' fp4 errors: fp4 exactly where it fits, int8_fp8 elsewhere.
+    fp4_errors = sorted(e["fp4"] for e in cal.errors.values())
+    allowed = fp4_errors[len(fp4_errors) // 2]
+    cal.choice = cb.choose(cal, cal.problems, cb.SpeedModel("RTX5090"), allowed)
+    for cell, kernel in cal.choice.items():
+        assert kernel == ("fp4" if cal.errors[cell]["fp4"] <= allowed else "int8_fp8")
+    assert set(cal.choice.values()) == {"fp4", "int8_fp8"}
+    policy = check_policy_file(cal, tmp_path)
+    assert policy.rules  # the mixed choice needs rules: layers and step ranges
 
 
 @pytest.mark.parametrize("budget, allowed_kernels", [("cos=0.9999", {"int8_fp8", "sdpa"}),

@@ -371,6 +371,7 @@ class Calibration:
     layers: list
     families: tuple
     errors: dict                  # (layer, bucket index) -> {family: error}
+    problems: dict = field(default_factory=dict)      # (layer, bucket index) -> [AttentionProblem] for speeds
     choice: dict = field(default_factory=dict)        # (layer, bucket index) -> kernel
     predicted: dict = field(default_factory=dict)     # kernel/"policy" -> predicted attention seconds
     final_error: float | None = None
@@ -502,6 +503,10 @@ def calibrate(runner: _Runner, *, prompts, steps: int, budget: Budget, card: str
         t0 = time.perf_counter()
         with _recording(recorder):
             exact, runtime = runner.run(RECORDER, prompts, steps, seed, tap=recorder.tap)
+        bad = [i for i, o in enumerate(exact) if not bool(torch.isfinite(o).all())]
+        if bad:
+            raise RuntimeError(f"calibrate: the exact run's final latent is not finite for prompt(s) {bad}: "
+                               "nothing to calibrate against (random weights or a dtype that overflows?)")
         cal.errors = recorder.errors
         cal.measured_with = recorder.measured_with
         cal.layers = [layer for layer in runtime.layers if any(c[0] == layer for c in recorder.problems)]
@@ -513,6 +518,7 @@ def calibrate(runner: _Runner, *, prompts, steps: int, budget: Budget, card: str
                                        seq_q=speed_shape[2], seq_kv=speed_shape[2], head_dim=speed_shape[3],
                                        head_dim_v=speed_shape[3]) for p in calls]
                         for cell, calls in problems.items()}
+        cal.problems = problems
         # 2-3. choose, verify, tighten
         allowed = budget.allowed
         for r in range(rounds + 1):
