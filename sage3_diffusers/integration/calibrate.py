@@ -261,7 +261,6 @@ class _Runner:
 
     family: str
     target: object
-    apply_kwargs: dict = {}
     description: str = ""
 
     def run(self, policy, prompts, steps, seed, tap=None):
@@ -749,6 +748,10 @@ def main(argv=None) -> int:
     card = args.target or detect_card()
     if card is not None and args.target and args.target not in CARDS:
         print(f"warning: --target {args.target!r} is not a known card ({', '.join(CARDS)}); {ASSUMPTION_SOURCE}")
+    if args.slice:
+        from ..bench_e2e import MODEL_CONFIGS
+        if args.model not in MODEL_CONFIGS:
+            ap.error(f"--slice: no real-shape config for {args.model!r}; available: {', '.join(sorted(MODEL_CONFIGS))}")
     if args.measure_speed and not args.slice:
         ap.error("--measure-speed needs --slice (a GPU run)")
     if (args.slice or not args.tiny) and not torch.cuda.is_available():
