@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call for issue 19 on an H100: build _C_sm90, time the self-check of each compiled kernel, then
+# One device call for issue 19 on an H100: build _C_sm90, the self-check's GPU tests and its cost per kernel, then
 # `calibrate` end to end on a Flux-1024 transformer slice (real shapes, random weights, 2 double + 4 single
 # blocks, no download) with its predicted attention speed-up checked against the measured one.
 # usage (GPU machine, repo root, diffusers wheel in .whl/): OUT=/some/dir bash bench/calibrate_slice_gpu.sh
@@ -13,6 +13,8 @@ python3 -c "import sage3_diffusers._C_sm90" 2>/dev/null || \
   SAGE3_EXTENSIONS=sm90 TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 timeout 400 python3 setup.py build_ext --inplace \
     > $OUT/build.log 2>&1 || { tail -40 $OUT/build.log; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
+PYTHONUNBUFFERED=1 timeout 120 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_selfcheck_gpu.py 2>&1 | \
+  grep -E "passed|FAILED|failed|skipped|Error" | tail -20
 PYTHONUNBUFFERED=1 timeout 120 python3 bench/selfcheck_cost.py --json $OUT/selfcheck_cost.json
 python3 -m sage3_diffusers env 2>&1 | sed -n '/self-check/,$p'
 t0=$(date +%s)
