@@ -129,7 +129,12 @@ class SpeedModel:
 
     @property
     def capability(self):
-        return CARDS.get(self.card) if self.card else None
+        """The card's compute capability: from `CARDS`, or from the GPU present when the card is this one."""
+        if not self.card:
+            return None
+        if self.card in CARDS:
+            return CARDS[self.card]
+        return torch.cuda.get_device_capability() if self.card == detect_card() else None
 
     def families(self) -> tuple[str, ...]:
         """Candidate families with a kernel on the target card (all of them for an unknown card)."""
