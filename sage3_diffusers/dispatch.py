@@ -10,7 +10,8 @@
   `perf_model` where it covers every runnable candidate (Hopper), else the backends' static priorities; so on
   Hopper, "auto" may well choose exact SDPA (cuDNN) where it is faster than the quantized kernels.
 Environment: SAGE3_BACKEND=<backend name> forces one backend for every call; SAGE3_FALLBACK sets the
-fallback (`set_fallback` does the same from Python).
+fallback (`set_fallback` does the same from Python); SAGE3_SELFCHECK=0 turns off the self-check that a
+compiled kernel passes before its first use (`selfcheck`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import selfcheck
 from .backends.base import FAMILIES, AttentionBackend, AttentionProblem, describe_problem
 from .perf_model import SOURCE as PERF_SOURCE, estimated_tflops
 
@@ -39,9 +41,10 @@ _BACKEND_MODULES = [
 
 _registry: dict[str, AttentionBackend] = {}
 _loaded = False
+# Selections: (problem, kernel, fallback) -> Selection, and `decide`'s call signatures -> (backend, note, empty)
+# in the same dict, so whatever clears one (new backend, settings, self-check) clears both.
 _cache: dict = {}
-_call_cache: dict = {}  # `decide`: call signature -> (backend, note, empty)
-_CALL_CACHE_SIZE = 4096
+_CACHE_SIZE = 8192
 _warned: set = set()
 _fallback_override: str | None = None
 
@@ -64,7 +67,6 @@ def register_backend(backend: AttentionBackend) -> None:
         raise ValueError(f"backend {backend.name!r} has unknown family {backend.family!r}; allowed: {FAMILIES}")
     _registry[backend.name] = backend
     _cache.clear()
-    _call_cache.clear()
 
 
 def _ensure_loaded() -> None:
@@ -96,7 +98,6 @@ def set_fallback(mode: str | None) -> None:
         raise ValueError(f"unknown fallback {mode!r}; allowed: {FALLBACKS}")
     _fallback_override = mode
     _cache.clear()
-    _call_cache.clear()
 
 
 def get_fallback() -> str:
@@ -107,7 +108,8 @@ def get_fallback() -> str:
 
 
 def backend_reasons(backend: AttentionBackend, problem: AttentionProblem) -> list[str]:
-    return backend.unavailable_reasons() or backend.input_reasons(problem)
+    failed = selfcheck.failure(backend.name)
+    return backend.unavailable_reasons() or ([failed] if failed else []) or backend.input_reasons(problem)
 
 
 def _pick(candidates, problem, rejected, family="any"):
@@ -184,17 +186,25 @@ def _select_uncached(problem: AttentionProblem, kernel: str, fallback: str) -> S
         family = _DEGRADE[family]
 
 
+def _selection_key(problem: AttentionProblem, kernel: str) -> tuple:
+    return problem, os.environ.get("SAGE3_BACKEND") or kernel, get_fallback()
+
+
 def select_backend(problem: AttentionProblem, kernel: str = "auto") -> Selection:
     """Choose the backend for `problem`. Cached per (problem, kernel, settings)."""
     _ensure_loaded()
-    forced = os.environ.get("SAGE3_BACKEND")
-    if forced:
-        kernel = forced
-    fallback = get_fallback()
-    key = (problem, kernel, fallback)
+    key = _selection_key(problem, kernel)
+    _, kernel, fallback = key
     sel = _cache.get(key)
     if sel is None:
-        sel = _cache[key] = _select_uncached(problem, kernel, fallback)
+        sel = _select_uncached(problem, kernel, fallback)
+        trusted = selfcheck.vet(sel.backend, problem)  # compiled kernels prove themselves once (selfcheck.py)
+        while trusted is False:  # now disabled with "failed self-check: ..." as its reason: choose again
+            _cache.clear()
+            sel = _select_uncached(problem, kernel, fallback)
+            trusted = selfcheck.vet(sel.backend, problem)
+        if trusted:  # None: unchecked during CUDA graph capture, so not cached
+            _cache[key] = sel
     return sel
 
 
@@ -272,12 +282,14 @@ def decide(q, k, v, kernel: str, layout: str, is_causal: bool, return_lse: bool,
         backend, note = backend_for(p, kernel)
         return backend, note, p.seq_q == 0 or p.batch == 0 or p.heads_q == 0
     key = _call_key(q, k, v, kernel, layout, is_causal, return_lse, attn_mask, kv_lens)
-    hit = _call_cache.get(key)
+    hit = _cache.get(key)
     if hit is None:
         _ensure_loaded()
         p = describe_problem(q, k, v, layout, is_causal, return_lse, attn_mask, kv_lens)
         backend, note = backend_for(p, kernel)
-        if len(_call_cache) >= _CALL_CACHE_SIZE:
-            _call_cache.clear()
-        hit = _call_cache[key] = (backend, note, p.seq_q == 0 or p.batch == 0 or p.heads_q == 0)
+        hit = (backend, note, p.seq_q == 0 or p.batch == 0 or p.heads_q == 0)
+        if _selection_key(p, kernel) in _cache:  # not cached: a choice not yet vetted (selfcheck, graph capture)
+            if len(_cache) >= _CACHE_SIZE:
+                _cache.clear()
+            _cache[key] = hit
     return hit
