@@ -60,11 +60,10 @@ class _Sage3Base:
     def _decide(self, attn) -> str:
         if self.kernel is not None:
             return self.kernel
-        kernel = getattr(attn, "_sage3_kernel", None)
-        if kernel is not None:
-            return kernel
+        if torch.compiler.is_compiling():  # the module's own string: equal across blocks with the same kernel
+            return getattr(attn, "_sage3_kernel", None) or "fp4"
         runtime = getattr(attn, "_sage3_runtime", None)
-        if runtime is not None and not torch.compiler.is_compiling():
+        if runtime is not None:
             return runtime.kernel_for(getattr(attn, "_sage3_layer", None) or type(attn).__name__)
         return "fp4"
 
