@@ -63,6 +63,7 @@ def test_torch_compile_bare_transformer_steps_from_set_step_match_eager():
     (int8_fp8 -> fp4 -> int8_fp8) work, and a second generation does not recompile."""
     import torch._dynamo
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     model = tiny_transformer("flux", layers=1)
     runtime = apply(model, num_inference_steps=3, log_summary=False)
     ts = [1.0, 0.5, 0.25]

@@ -276,7 +276,13 @@ class Sage3Runtime:
         return layer_block(layer, self.family)
 
     def record(self, layer: str, requested: str, backend: str, reason: str | None) -> None:
-        """An eager call (compiled calls go to the layer's slot, see the module doc)."""
+        """One call of `layer`. In compiled code it goes to the layer's slot (see the module doc); callers that
+        hold the module set `module._sage3_slot.call` themselves, which spares dynamo a guard on the name."""
+        if torch.compiler.is_compiling():
+            slot = self.stats._slots.get(layer)
+            if slot is not None:
+                slot.call = (requested, backend, reason)
+            return
         self.stats.record(max(self.generation, 0), self.step, layer, requested, backend, reason)
 
     def _flush_compiled_calls(self) -> None:
