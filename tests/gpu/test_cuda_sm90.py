@@ -46,7 +46,7 @@ def run_kernel(q, k, v, layout, causal, return_lse, sm_scale=None):
     out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
     hnd = to_hnd(q, layout)
     lse = torch.full(hnd.shape[:3], float("nan"), device=q.device) if return_lse else None
-    res = ext.forward(q, k, v, layout == "NHD", causal, scale, return_lse, out, lse)
+    res = ext.forward(q, k, v, layout == "NHD", causal, scale, return_lse, out=out, lse=lse)
     assert not isinstance(res, str), res
     o, l = res
     assert o.data_ptr() == out.data_ptr()
