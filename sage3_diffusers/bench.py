@@ -244,7 +244,6 @@ def run_kernels(args) -> dict:
             row["ms"][name] = ms
             row["tflops"][name] = shape.flops / ms / 1e9
             row["timing"][name] = how
-        row["triton_config"] = str(tk.last_config)
         if cudnn_fp8_err:
             row["errors"]["cudnn_fp8"] = cudnn_fp8_err
         if cudnn_fp8_attn is not None:
