@@ -29,7 +29,16 @@
 #include "common/store_pair.cuh"
 #include "common/wgmma_ops.cuh"
 #include "sm90/api.h"
-#include "sm90/trace.cuh"
+
+// Phase-timeline hooks for kernel work: SAGE3_TRACE(cw, tile, point) records clock64() only in the standalone
+// harness tools/sm90_attn_trace.cu built with -DSAGE3_SM90_TRACE=1 -Itools; everywhere else it is empty.
+#if defined(SAGE3_SM90_TRACE) && SAGE3_SM90_TRACE
+#include "sm90_trace.cuh"
+#else
+#define SAGE3_TRACE(cw, tile, point) \
+  do {                               \
+  } while (0)
+#endif
 
 namespace sage3::sm90 {
 
@@ -285,7 +294,7 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
     const int kv0 = j * kCtaK;
     // Causal: with kCtaK == kCtaQ only the tile on the CTA's own diagonal (kv0 == q0) has keys after a row. The
     // tests use offsets from q0 (warp-uniform) and the thread's row within the CTA (from the thread index), not
-    // row_a / wg_row0, so no extra value stays live across the tile loop (240-register budget): +5% causal, H100.
+    // row_a / wg_row0, so no extra value stays live across the tile loop (240-register budget): +5% causal.
     static_assert(kCtaK == kCtaQ, "causal masking assumes square tiles");
     const bool need_mask = (kv0 + kCtaK > kv_len) || (CAUSAL && kv0 >= q0);
     auto masked = [&](int i, int e) {
@@ -353,10 +362,10 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
 #pragma unroll
     for (int i = 0; i < 64; ++i) sf[i] = exp2_approx(sf[i]);
     if constexpr (T::kExpTurn) {
-      // Every exp2 of the tile is done before the hand-over: pinned by a store of the XOR of their bits (the
-      // row sums used to be the pin; they now come from the PV wgmma). Measured against a second packing of P
-      // and an integer max as the pin, and no pin at all (ptxas then hands over after the first MUFU): -1% to
-      // -15%, bench/NOTES.md.
+      // Every exp2 of the tile is done before the hand-over: pinned by a store of the XOR of their bits (the row
+      // sums come from the PV wgmma, so nothing else consumes every exp2 here). A second packing of P or an
+      // integer max as the pin, or no pin at all (ptxas then hands over after the first MUFU), measure 1-15%
+      // slower.
       uint32_t x = 0;
 #pragma unroll
       for (int i = 0; i < 64; i += 2) x ^= __float_as_uint(sf[i]) ^ __float_as_uint(sf[i + 1]);

@@ -54,8 +54,8 @@ def _accumulate_pv(acc, l_i, m_i, m_new, p, vh_row0, start_n, offs_n, S_PAD, v_p
     acc = acc·α + dot(P, V̂) with P = P̃ rounded to the PV operand type (fresh fp32 accumulator for the tile's
     product, added on CUDA cores: the two-level accumulation). Summing the rounded P instead (row_sum=
     "quantized_p", what the sm90 CUDA kernel gets from its tensor core) costs +20% instructions per key tile here
-    (fp8 -> fp32 conversions; 772 vs 645 SASS instructions at hd128) and measured ~10% slower on an H200; a dot
-    with a ones tile +8% (bench/NOTES.md)."""
+    (fp8 -> fp32 conversions; 772 vs 645 SASS instructions at hd128) and measures ~10% slower; a dot with a ones
+    tile +8%."""
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if USE_TMA:
