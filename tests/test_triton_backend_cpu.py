@@ -169,3 +169,13 @@ def test_launch_config_and_kgroup_fallback():
         return m.QuantizedKV(t, t, t, t, t, 1, 1, 1, 16, 64, True, k_block, gran).k_groups_per_tile()
     assert [groups("per_thread", 128), groups("per_block", 128), groups("per_block", 512)] == [4, 1, 1]
     assert [groups("per_thread", 64), groups("per_thread", 256), groups("per_block", 64)] == [0, 0, 0]
+
+
+def test_kv_lens_declared_and_in_the_op_schema():
+    from sage3_diffusers.backends.triton_int8fp8 import TritonInt8Fp8Backend
+    assert TritonInt8Fp8Backend.supports_kv_lens
+    op = torch.ops.sage3.triton_int8fp8_attn
+    assert "Tensor? kv_lens=None" in str(op.default._schema)
+    q = torch.empty(3, 4, 50, 64, device="meta", dtype=torch.bfloat16)
+    out, lse = op(q, q, q, "HND", False, 0.125, True, "per_thread", torch.empty(3, dtype=torch.int32, device="meta"))
+    assert out.shape == q.shape and lse.shape == (3, 4, 50)
