@@ -127,9 +127,12 @@ class _CudaFp4Backend(CudaKernelBackend):
             reasons.append("no CUDA device available")
         return reasons
 
-    def forward(self, q, k, v, *, layout, is_causal, sm_scale, return_lse, attn_mask=None):
+    def forward(self, q, k, v, *, layout, is_causal, sm_scale, return_lse, attn_mask=None, kv_lens=None):
         if attn_mask is not None:
             raise ValueError(f"{self.name} does not take attn_mask")
+        if kv_lens is not None:
+            raise ValueError(f"{self.name} does not take kv_lens (per-sample key lengths): the NVFP4 kernel has no "
+                             "key-length mask; use an int8_fp8 backend or sdpa")
         out, lse = torch.ops.sage3.fp4_attn(q, k, v, layout, bool(is_causal), float(sm_scale), bool(return_lse))
         return (out, lse) if return_lse else out
 
