@@ -159,11 +159,17 @@ class AttentionBackend:
                 kv_lens: torch.Tensor | None = None):
         """Returns out (same layout and dtype as q) or (out, lse [B, Hq, Sq] fp32, natural log).
 
-        kv_lens (backends with `supports_kv_lens`): int32 [B] on q's device; sample b attends to keys
-        0 .. kv_lens[b]-1 only, every query row included, as with a [B,1,1,N] right-padding key mask. The keys
-        beyond take part in nothing, quantization included: sample b's result is the result of the call on
-        k[b, :kv_lens[b]], v[b, :kv_lens[b]] (its K mean, key groups, V scales are over its valid keys only).
-        With is_causal, query i sees keys j <= i among them. Never given together with attn_mask."""
+        kv_lens (backends with `supports_kv_lens`): int32 [B] on q's device, read on the device; sample b
+        attends to keys 0 .. kv_lens[b]-1 only, every query row included, as with a [B,1,1,N] right-padding key
+        mask; with is_causal, query i sees keys j <= i among them. Never given together with attn_mask.
+        - The softmax never sees a key beyond kv_lens[b]. Quantization statistics may: the reference backends
+          define the numerics as the call on k[b, :kv_lens[b]], v[b, :kv_lens[b]] alone (K mean, key groups and
+          tiles, V scales over the valid keys only); the compiled kernels (sm90, Triton) take per-head K mean
+          and V channel scales over all seq_kv keys, padding included, which must then be finite, and match the
+          reference within their family's quantization error.
+        - kv_lens[b] must be in [1, seq_kv]; the device path does not check it (a host sync). Out of range,
+          backends differ: the kernels clamp to [0, seq_kv] and give zero rows (LSE -inf) for 0, exact SDPA
+          gives NaN rows for 0, the references raise."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
