@@ -218,7 +218,8 @@ def _installed_transformers(target) -> list:
         return [_unwrap(target)]
     found = []
     components = getattr(target, "components", None) or {}
-    for value in [getattr(target, "transformer", None), *components.values()]:
+    attrs = dict.fromkeys(a for f in models.families() for a in ("transformer", *f.pipeline_transformers))
+    for value in [*(getattr(target, a, None) for a in attrs), *components.values()]:
         if isinstance(value, torch.nn.Module) and _unwrap(value) not in found:
             found.append(_unwrap(value))
     if not found:
