@@ -7,13 +7,10 @@ own processors stay installed; `apply` sets each attention processor's `_attenti
 forward pre-hook on each attention module that writes the layer name and the runtime into `CURRENT`.
 diffusers hands a backend only tensors; the backend reads `CURRENT` to pick that layer's kernel for this
 step (`runtime.kernel_for`), records the call in the runtime's stats, and handles masks:
-- a key mask, the same for every query row and head ([B, N] / [B, 1, 1, N] / [B, H, 1, N]; bool, or
-  additive float with entries 0 or <= -1e4): right padding -> per-sample valid-prefix attention on the
-  quantized kernels; any other key set (text first, then image: padded text in the middle) -> each
-  sample's valid keys gathered, then the quantized kernel. Reading the mask costs one host sync per mask
-  tensor (once per forward for models that pass one tensor to every layer, e.g. HunyuanVideo);
-- any other mask (per-query structure, other values, a sample without keys, with is_causal) -> exact
-  SDPA with the mask, counted with its reason.
+- a bool key mask that is right padding ([B, N] / [B, 1, 1, N], True = keep) -> per-sample valid-prefix
+  attention on the quantized kernels (the lengths are read once per forward: the model passes the same
+  mask tensor to every layer);
+- any other mask -> exact SDPA with the mask, counted with its reason.
 `CURRENT` is a plain Python object: dynamo traces the pre-hook's attribute writes and the backend's reads
 without a graph break. One model forward at a time per process (not thread-safe).
 
@@ -27,7 +24,7 @@ Limits of "sage3" / "sage2pp" through `set_attention_backend` (prefer `apply`):
   Mochi call SDPA directly, so for them it is a silent no-op (diffusers' behaviour, not ours).
 - One kernel for every layer and step: no policy, no step hook. Calls are counted in
   `stats.GLOBAL_STATS` under the layer name "<dispatcher:NAME>".
-- A key mask costs one host sync per layer here; other masks go to exact SDPA.
+- A right-padding key mask costs one host sync per layer here; other masks go to exact SDPA.
   No dropout, no LSE.
 - diffusers' backend names are a closed enum; registration extends it through private internals of
   diffusers 0.42 (`AttentionBackendName`, `_AttentionBackendRegistry`). `set_attention_backend` also
@@ -92,65 +89,18 @@ def backend_member(name: str = POLICY_BACKEND):
     return AttentionBackendName(name)
 
 
-# An additive float mask entry at or below this drops its key: exp(score - 1e4) is 0 in fp32 and below.
-DROP_BIAS = -1.0e4
-
-
-def _key_keep(attn_mask, batch: int, total: int):
-    """The per-sample key set [B, N] (bool, True = keep) of a mask that is the same for every query row and
-    head (bool, or additive float with entries 0 or <= DROP_BIAS), or None for any other mask."""
-    m = attn_mask
-    if m.dim() == 2:
-        m = m[:, None, None, :]
-    if m.dim() != 4 or m.shape[-1] != total or m.shape[-2] != 1 or m.shape[0] not in (1, batch):
-        return None
-    if m.dtype != torch.bool:
-        if not m.is_floating_point():
-            return None
-        keep = m == 0
-        if not bool((keep | (m <= DROP_BIAS)).all()):  # host sync
-            return None
-        m = keep
-    if m.shape[1] > 1 and not bool((m == m[:, :1]).all()):  # host sync
-        return None
-    return m[:, 0, 0, :].expand(batch, total)
-
-
-def mask_plan(runtime, attn_mask, batch: int, total: int):
-    """How a mask is served: ("prefix", valid lengths) for right padding, ("gather", per-sample key indices)
-    for any other key set, or None (exact SDPA with the mask: per-query structure, non-binary values, or a
-    sample without keys). With a runtime the plan is kept for the mask tensor it was made for (models that
-    pass one mask tensor to every layer pay one host sync per forward)."""
+def _prefix_lengths(runtime, attn_mask, batch, total):
+    """Valid key lengths of a right-padding mask, or None. With a runtime, read once per mask tensor (the
+    model builds one mask per forward and passes it to every layer)."""
     from .processors import _key_prefix_lengths
-    use_cache = runtime is not None and not torch.compiler.is_compiling()
-    if use_cache:
-        cached = getattr(runtime, "_dispatch_mask", None)
-        if cached is not None and cached[0] is attn_mask:
-            return cached[1]
-    plan = None
-    keep = _key_keep(attn_mask, batch, total)
-    if keep is not None:
-        valid = _key_prefix_lengths(keep.contiguous(), batch, total)
-        if valid is not None:
-            plan = ("prefix", valid) if min(valid) > 0 else None
-        else:
-            index = [row.nonzero().flatten() for row in keep]
-            plan = ("gather", index) if all(i.numel() for i in index) else None
-    if use_cache:
-        runtime._dispatch_mask = (attn_mask, plan)
-    return plan
-
-
-def _attend_gathered(query, key, value, kernel, sm_scale, index):
-    """Sample b attends to its keys `index[b]` (NHD), every query row included: what a key mask gives."""
-    pieces, backend_name, note = [], "sdpa", None
-    for b, idx in enumerate(index):
-        qb, kb, vb = query[b:b + 1], key[b:b + 1].index_select(1, idx), value[b:b + 1].index_select(1, idx)
-        backend, note = choose(qb, kb, vb, kernel, tensor_layout="NHD")
-        pieces.append(backend.forward(qb, kb, vb, layout="NHD", is_causal=False, sm_scale=sm_scale,
-                                      return_lse=False))
-        backend_name = backend.name
-    return torch.cat(pieces, dim=0), backend_name, note
+    if runtime is None or torch.compiler.is_compiling():
+        return _key_prefix_lengths(attn_mask, batch, total)
+    cached = getattr(runtime, "_dispatch_mask", None)
+    if cached is not None and cached[0] is attn_mask:
+        return cached[1]
+    valid = _key_prefix_lengths(attn_mask, batch, total)
+    runtime._dispatch_mask = (attn_mask, valid)
+    return valid
 
 
 def _record(runtime, layer, requested, backend, reason=None):
@@ -199,20 +149,14 @@ def _make_backend_fn(name: str, kernel: str | None):
         sm_scale = query.shape[-1] ** -0.5 if scale is None else scale
         valid = None
         if attn_mask is not None:
-            plan = None if is_causal else mask_plan(runtime, attn_mask, query.shape[0], key.shape[1])
-            if plan is None:
+            valid = _prefix_lengths(runtime, attn_mask, query.shape[0], key.shape[1])
+            if valid is None:
                 mask = attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask
                 backend, _ = choose(query, key, value, "sdpa", tensor_layout="NHD", is_causal=is_causal,
                                     attn_mask=mask)
-                _record(runtime, layer, requested, backend.name,
-                        "mask is not a per-sample key set (right padding or key subset): exact SDPA")
+                _record(runtime, layer, requested, backend.name, "mask is not right-padding: exact SDPA")
                 return backend.forward(query, key, value, layout="NHD", is_causal=is_causal, sm_scale=sm_scale,
                                        return_lse=False, attn_mask=mask)
-            if plan[0] == "gather":
-                out, backend, note = _attend_gathered(query, key, value, requested, sm_scale, plan[1])
-                _record(runtime, layer, requested, backend, note)
-                return out
-            valid = plan[1]
         out, backend, note = attend_valid_prefix(query, key, value, requested, "NHD", sm_scale, valid,
                                                  is_causal=is_causal)
         _record(runtime, layer, requested, backend, note)
