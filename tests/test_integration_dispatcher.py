@@ -78,23 +78,78 @@ def _capture(model, name, inputs):
     return seen["args"], seen["kwargs"]
 
 
-def test_hunyuan_mask_that_is_not_right_padding_goes_exact_and_is_counted():
+def test_hunyuan_layer_with_other_masks_matches_its_default_processor():
+    """A key mask with a hole and a per-query mask in a HunyuanVideo layer: the output is what the default
+    processor gives; a per-query mask runs exact SDPA, counted with its reason."""
     model = tiny_transformer("hunyuan_video")
     inputs = transformer_inputs("hunyuan_video", seed=fresh_seed(), text_lengths=[12, 7])
     name = "transformer_blocks.0.attn"
     args, kwargs = _capture(model, name, inputs)
+    module = model.get_submodule(name)
     holes = kwargs["attention_mask"].clone()
     holes[0, ..., 3] = False
-    kwargs["attention_mask"] = holes
-    module = model.get_submodule(name)
-    ref = module(*args, **kwargs)
-    runtime = apply(model, kernel="reference_fp4", log_summary=False)
-    out = module(*args, **kwargs)
-    for o, r in zip(out, ref):
-        torch.testing.assert_close(o, r, atol=1e-5, rtol=0)
-    last = runtime.stats.calls[-1]
-    assert last.layer == name and last.backend == "sdpa" and "right-padding" in last.reason
-    remove(model)
+    per_query = holes.expand(-1, -1, holes.shape[-1], -1).clone()
+    per_query[1, 0, 5, :4] = False
+    for mask in (holes, per_query):
+        kwargs["attention_mask"] = mask
+        ref = module(*args, **kwargs)
+        runtime = apply(model, kernel="sdpa", log_summary=False)
+        out = module(*args, **kwargs)
+        for o, r in zip(out, ref):
+            torch.testing.assert_close(o, r, atol=1e-5, rtol=0)
+        last = runtime.stats.calls[-1]
+        assert last.layer == name and last.backend == "sdpa"
+        remove(model)
+    assert "exact SDPA" in last.reason
+
+
+def _backend(kernel):
+    from sage3_diffusers.integration.dispatcher_backend import _make_backend_fn
+    return _make_backend_fn("test", kernel)
+
+
+@pytest.mark.parametrize("kind", ["bool_2d_prefix", "bool_4d_text_first", "float_additive_heads",
+                                  "float_other_values", "per_query"])
+def test_backend_masks_match_masked_sdpa(kind):
+    """Every mask form diffusers' processors pass gives masked SDPA's output; a mask that is no per-sample key
+    set (other bias values, per-query structure) runs exact SDPA, counted with its reason."""
+    from sage3_diffusers.integration.stats import GLOBAL_STATS
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    b, s_q, s_k, h, d = 3, 9, 21, 2, 16
+    q, k, v = (torch.randn(b, n, h, d, generator=g) for n in (s_q, s_k, s_k))
+    keep = torch.ones(b, s_k, dtype=torch.bool)
+    if kind in ("bool_2d_prefix", "float_additive_heads", "float_other_values"):
+        for i, n in enumerate((21, 13, 4)):
+            keep[i, n:] = False
+        mask = keep
+    else:  # text (6 tokens, right padded) first, then image: padded text in the middle of the keys
+        for i, n in enumerate((6, 2, 5)):
+            keep[i, n:6] = False
+        mask = keep[:, None, None, :]
+    if kind.startswith("float"):
+        mask = torch.zeros(b, h, 1, s_k).masked_fill(~keep[:, None, None, :], -10000.0)
+        if kind == "float_other_values":
+            mask[0, :, 0, 0] = -3.0
+    if kind == "per_query":
+        mask = keep[:, None, None, :].expand(b, 1, s_q, s_k).clone()
+        mask[0, 0, 2, :3] = False
+    m4 = mask[:, None, None, :] if mask.dim() == 2 else mask
+    ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                           attn_mask=m4).transpose(1, 2)
+    before = [t.clone() for t in (q, k, v, mask)]
+    out = _backend("sdpa")(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0, msg=f"seed {seed}")
+    GLOBAL_STATS.reset()
+    quantized = _backend("reference_int8_fp8")(q, k, v, attn_mask=mask)
+    call = GLOBAL_STATS.calls[-1]
+    if kind in ("float_other_values", "per_query"):
+        assert call.backend == "sdpa" and "exact SDPA" in call.reason
+        torch.testing.assert_close(quantized, ref, atol=1e-5, rtol=0)
+    else:
+        cos = torch.nn.functional.cosine_similarity(quantized.flatten(), ref.flatten(), dim=0).item()
+        assert cos > 0.999, f"seed {seed}: {cos}"
+    assert all(torch.equal(a, t) for a, t in zip(before, (q, k, v, mask)))  # caller's tensors untouched
 
 
 _BUILD = textwrap.dedent("""
