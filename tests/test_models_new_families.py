@@ -1,0 +1,260 @@
+"""Wan 2.1/2.2 (T2V, I2V, TI2V, VACE), Qwen-Image, LTX-Video, LTX-2, FLUX.2 and HunyuanVideo 1.5 on the
+dispatcher route: tiny models built from config (CPU, fp32, batch 2, unequal text lengths where the model
+takes a text mask), fresh random inputs each run (seed in messages)."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("diffusers")
+
+import sage3_diffusers as s3  # noqa: E402
+from sage3_diffusers.integration import apply, models, remove  # noqa: E402
+from sage3_diffusers.integration.masks import attend_padded, padding_plan  # noqa: E402
+from sage3_diffusers.integration.tiny import tiny_pipeline, tiny_transformer, transformer_inputs  # noqa: E402
+
+# family name, or (case name, family, builder overrides) for variants built from another family's module
+FAMILIES = ["wan", "qwenimage", "ltx", "ltx2", "flux2", "hunyuan_video15"]
+CASES = FAMILIES + ["wan_i2v", "wan_ti2v_tokens", "wan_vace"]
+MASKED = ["qwenimage", "ltx", "ltx2", "hunyuan_video15"]
+ATOL = 1e-5
+
+
+def fresh_seed():
+    return int.from_bytes(os.urandom(4), "little") % (2 ** 31)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad_and_emulate():
+    with torch.no_grad():
+        s3.set_fallback("emulate")
+        yield
+        s3.set_fallback(None)
+
+
+def _model_and_inputs(case, seed, *, timestep=None, batch=2):
+    """A tiny transformer and its forward kwargs; masked families get unequal text lengths [10, 6]."""
+    lengths = [10, 6] if batch == 2 else None
+    if case == "wan_i2v":  # image cross-attention: 512 text tokens after the image tokens
+        from diffusers import WanTransformer3DModel
+        torch.manual_seed(seed % 1000)
+        model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                      in_channels=8, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32,
+                                      num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                      rope_max_seq_len=32, image_dim=8, added_kv_proj_dim=32).eval()
+        g = torch.Generator().manual_seed(seed)
+        t = 700.0 if timestep is None else timestep
+        return model, dict(hidden_states=torch.randn(batch, 8, 2, 8, 8, generator=g),
+                           timestep=torch.full((batch,), t), encoder_hidden_states=torch.randn(batch, 512, 16, generator=g),
+                           encoder_hidden_states_image=torch.randn(batch, 5, 8, generator=g), return_dict=False)
+    if case == "wan_ti2v_tokens":  # one timestep per token, 0 on the first (conditioning) frame
+        model = tiny_transformer("wan", seed=seed % 1000)
+        inputs = transformer_inputs("wan", seed=seed, batch=batch, timestep=timestep)
+        t = inputs["timestep"][:1]
+        per_token = t.new_full((batch, 2 * 4 * 4), float(t))
+        per_token[:, :16] = 0.0
+        inputs["timestep"] = per_token
+        return model, inputs
+    if case == "wan_vace":
+        from diffusers import WanVACETransformer3DModel
+        torch.manual_seed(seed % 1000)
+        model = WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                          in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32,
+                                          num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                          rope_max_seq_len=32, vace_layers=[0], vace_in_channels=48).eval()
+        inputs = transformer_inputs("wan", seed=seed, batch=batch, timestep=timestep, config=model.config)
+        g = torch.Generator().manual_seed(seed + 1)
+        inputs["control_hidden_states"] = torch.randn(batch, 48, 2, 8, 8, generator=g)
+        return model, inputs
+    model = tiny_transformer(case, seed=seed % 1000)
+    return model, transformer_inputs(case, seed=seed, batch=batch, timestep=timestep,
+                                     text_lengths=lengths if case in MASKED else None)
+
+
+def _family_of(case):
+    return {"wan_i2v": "wan", "wan_ti2v_tokens": "wan", "wan_vace": "wan"}.get(case, case)
+
+
+def _out(model, inputs):
+    out = model(**inputs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _cos(a, b):
+    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sdpa_kernel_equals_default_and_remove_restores(case):
+    seed = fresh_seed()
+    model, inputs = _model_and_inputs(case, seed)
+    ref = _out(model, inputs)
+    backends_before = {n: getattr(m.processor, "_attention_backend", None)
+                       for n, m in model.named_modules() if hasattr(m, "processor")}
+    runtime = apply(model, kernel="sdpa", log_summary=False)
+    assert runtime.family == _family_of(case)
+    out = _out(model, inputs)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0, msg=f"seed {seed}")
+    ran = {c.backend for c in runtime.stats.calls}
+    assert ran == {"sdpa"}, ran
+    assert {c.layer for c in runtime.stats.calls} == set(runtime.layers)  # every attention layer counted
+    remove(model)
+    after = {n: getattr(m.processor, "_attention_backend", None)
+             for n, m in model.named_modules() if hasattr(m, "processor")}
+    assert after == backends_before
+    assert torch.equal(_out(model, inputs), ref)
+
+
+def _timesteps(case, steps):
+    """Decreasing timesteps in the transformer's units (t = 0.9 ... 0.3)."""
+    scale = models.get(_family_of(case)).timestep_scale
+    return [scale * (0.9 - 0.6 * i / (steps - 1)) for i in range(steps)]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_default_policy_first_and_last_step_close_to_default(case):
+    """Three forwards with decreasing timesteps = three steps: int8_fp8, fp4, int8_fp8 (emulated kernels on
+    CPU), every attention layer counted at every step, output close to diffusers' default."""
+    seed = fresh_seed()
+    steps = 3
+    model, _ = _model_and_inputs(case, seed)
+    inputs = [_model_and_inputs(case, seed, timestep=t)[1] for t in _timesteps(case, steps)]
+    refs = [_out(model, kw) for kw in inputs]
+    runtime = apply(model, num_inference_steps=steps, log_summary=False)
+    outs = [_out(model, kw) for kw in inputs]
+    for i, (o, r) in enumerate(zip(outs, refs)):
+        cos = _cos(o, r)
+        assert cos >= 0.99, f"seed {seed} step {i}: cos {cos}"
+        assert not torch.equal(o, r), "the quantized kernels did not run"
+    calls = runtime.stats.generation()
+    quantized = [c for c in calls if c.reason is None or "refiner" not in c.reason]
+    by_step = {s: set(k) for s, k in runtime.stats.requested_by_step(quantized).items()}
+    exact_layers = {c.layer for c in calls if c.backend == "sdpa"}
+    assert by_step == {0: {"int8_fp8"}, 1: {"fp4"}, 2: {"int8_fp8"}}, by_step
+    backends = runtime.stats.backends_by_step([c for c in quantized if c.layer not in exact_layers])
+    assert set(backends[0]) == {"reference_int8_fp8"} and set(backends[1]) == {"reference_fp4"}, backends
+    for step in range(steps):
+        layers = {c.layer for c in calls if c.step == step}
+        assert layers == set(runtime.layers), (step, set(runtime.layers) - layers)
+    remove(model)
+
+
+@pytest.mark.parametrize("family", MASKED)
+def test_masked_batch_runs_quantized_on_valid_keys(family):
+    """Unequal text lengths: the quantized kernels run on each sample's valid keys (no exact-SDPA fallback),
+    and sample 1 of the padded batch matches sample 1 run alone with the same padding."""
+    seed = fresh_seed()
+    model, inputs = _model_and_inputs(family, seed)
+    runtime = apply(model, kernel="reference_int8_fp8", log_summary=False)
+    out = _out(model, inputs)
+    fallbacks = [c for c in runtime.stats.calls if c.reason and "refiner" not in c.reason]
+    assert not fallbacks, fallbacks[:3]
+    assert {c.backend for c in runtime.stats.calls} - {"sdpa"} == {"reference_int8_fp8"}
+    alone = {k: (v[1:] if torch.is_tensor(v) and v.dim() and v.shape[0] == 2 else v) for k, v in inputs.items()}
+    if "img_shapes" in alone:
+        alone["img_shapes"] = alone["img_shapes"][1:]
+    out_alone = _out(model, alone)
+    # The quantization groups are per sample and head: batching changes nothing but float summation order.
+    torch.testing.assert_close(out[1:], out_alone, atol=1e-4, rtol=0, msg=f"seed {seed}")
+    remove(model)
+
+
+def test_wan_per_token_timesteps_read_the_noisiest_token():
+    model, inputs = _model_and_inputs("wan_ti2v_tokens", fresh_seed(), timestep=700.0)
+    runtime = apply(model, log_summary=False)
+    _out(model, inputs)
+    assert runtime.t_norm == pytest.approx(0.7)
+    remove(model)
+
+
+# ------------------------------------------------------------------------------ Wan 2.2 A14B: two experts
+
+def test_wan22_two_experts_share_one_step_count():
+    """4 steps (timesteps 999, 900, 750, 500; boundary 875): `transformer` runs steps 0-1, `transformer_2`
+    steps 2-3, cond and uncond each; the default policy gives int8_fp8 at steps 0 and 3, fp4 at 1 and 2."""
+    pipe = tiny_pipeline("wan22")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.transformer_2 is not None
+    runtime = apply(pipe, log_summary=False)
+    assert runtime is pipe.transformer_2._sage3_runtime
+    layers_2 = [n for n in runtime.layers if n.startswith("transformer_2.")]
+    assert layers_2 and len(layers_2) == len(runtime.layers) // 2
+    for gen in range(2):  # the second call starts a new generation at step 0
+        out = pipe(prompt=["a cat dancing in the rain", "a dog"], num_inference_steps=4, output_type="pt",
+                   generator=torch.Generator().manual_seed(gen),
+                   **models.get("wan22").tiny_call_kwargs())
+        assert torch.isfinite(out.frames).all()
+        calls = runtime.stats.generation(gen)
+        by_step = {s: set(k) for s, k in runtime.stats.requested_by_step(calls).items()}
+        assert by_step == {0: {"int8_fp8"}, 1: {"fp4"}, 2: {"fp4"}, 3: {"int8_fp8"}}, by_step
+        for step in range(4):
+            expert_2 = {c.layer.startswith("transformer_2.") for c in calls if c.step == step}
+            assert expert_2 == {step >= 2}, (step, expert_2)
+            per_layer = {}
+            for c in calls:
+                if c.step == step:
+                    per_layer[c.layer] = per_layer.get(c.layer, 0) + 1
+            assert set(per_layer.values()) == {2}, per_layer  # cond + uncond, every layer of that expert
+    remove(pipe)
+    assert not hasattr(pipe.transformer_2, "_sage3_runtime") and not hasattr(pipe.transformer, "_sage3_runtime")
+
+
+# ------------------------------------------------------------------------------------------ padding masks
+
+def _sdpa_op(q, k, v):
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return out, "sdpa", None
+
+
+def _masked_sdpa(q, k, v, mask):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          attn_mask=mask).transpose(1, 2)
+
+
+def _keep(batch, total, spans):
+    m = torch.ones(batch, total, dtype=torch.bool)
+    for b, (lo, hi) in spans.items():
+        m[b, lo:hi] = False
+    return m
+
+
+@pytest.mark.parametrize("kind", ["right", "middle", "left", "bias", "joint", "cross"])
+def test_padding_plan_matches_masked_sdpa(kind):
+    g = torch.Generator().manual_seed(fresh_seed())
+    batch, s, heads, d = 3, 21, 2, 8
+    skv = 7 if kind == "cross" else s
+    q = torch.randn(batch, s, heads, d, generator=g)
+    k, v = (torch.randn(batch, skv, heads, d, generator=g) for _ in range(2))
+    if kind == "right":      # [video, text, pad] key mask (HunyuanVideo)
+        mask = _keep(batch, s, {1: (15, s), 2: (9, s)})[:, None, None, :]
+    elif kind == "middle":   # [text, pad, image] (Qwen-Image)
+        mask = _keep(batch, s, {1: (5, 8), 2: (2, 8)})[:, None, None, :]
+    elif kind == "left":     # left-padded text (LTX-2 without registers)
+        mask = _keep(batch, s, {0: (0, 4), 2: (0, 11)})[:, None, None, :]
+    elif kind == "bias":     # additive 0 / -10000 bias repeated over heads (LTX)
+        keep = _keep(batch, s, {0: (12, s), 2: (6, s)})
+        mask = ((~keep).float() * -10000.0)[:, None, None, :].expand(batch, heads, 1, s)
+    elif kind == "joint":    # valid[q] & valid[k] (HunyuanVideo 1.5)
+        keep = _keep(batch, s, {1: (15, s), 2: (9, s)})
+        mask = keep[:, None, :, None] & keep[:, None, None, :]
+    else:                    # cross-attention to padded text, Sq != Skv
+        mask = _keep(batch, skv, {0: (4, skv)})[:, None, None, :]
+    plan = padding_plan(mask, batch, s, skv)
+    assert plan is not None and not plan.trivial
+    assert plan.rows == ("valid" if kind == "joint" else "all")
+    out, _, _ = attend_padded(_sdpa_op, q, k, v, plan, seq_dim=1)
+    torch.testing.assert_close(out, _masked_sdpa(q, k, v, mask), atol=1e-5, rtol=0)
+
+
+def test_padding_plan_rejects_masks_that_are_not_padding():
+    batch, s = 2, 9
+    assert padding_plan(torch.randn(batch, 1, 1, s), batch, s, s) is None           # a real-valued bias
+    rows_differ = torch.ones(batch, 1, s, s, dtype=torch.bool).tril()               # causal
+    assert padding_plan(rows_differ, batch, s, s) is None
+    heads_differ = torch.ones(batch, 2, 1, s, dtype=torch.bool)
+    heads_differ[:, 1, :, 3:] = False
+    assert padding_plan(heads_differ, batch, s, s) is None
+    no_key = torch.zeros(batch, 1, 1, s, dtype=torch.bool)                           # a sample with no key
+    assert padding_plan(no_key, batch, s, s) is None
+    assert padding_plan(None, batch, s, s).trivial
