@@ -70,6 +70,29 @@ def tiny_pipeline_two_experts(transformer):
                          scheduler=_scheduler(), boundary_ratio=0.875)
 
 
+def tiny_transformer_ti2v(*, seed, layers, head_dim):
+    from diffusers import WanTransformer3DModel
+    # 48 latent channels, as the TI2V VAE (16x spatial compression) produces.
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
+                                 in_channels=48, out_channels=48, text_dim=32, freq_dim=32, ffn_dim=32,
+                                 num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                 rope_max_seq_len=32)
+
+
+def tiny_pipeline_ti2v(transformer):
+    """Wan 2.2 TI2V: one transformer, per-token timesteps (`expand_timesteps`), the residual 48-channel VAE."""
+    import diffusers as d
+
+    from ..tiny import lower_case, t5_encoder, word_tokenizer
+    torch.manual_seed(0)
+    vae = d.AutoencoderKLWan(base_dim=3, z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
+                             latents_mean=[0.0] * 48, latents_std=[1.0] * 48, dim_mult=[1, 1, 1, 1],
+                             num_res_blocks=1, scale_factor_spatial=16, scale_factor_temporal=4,
+                             temperal_downsample=[False, True, True]).eval()
+    return d.WanPipeline(tokenizer=lower_case(word_tokenizer(512)), text_encoder=t5_encoder(32),
+                         transformer=transformer, vae=vae, scheduler=_scheduler(), expand_timesteps=True)
+
+
 def tiny_call_kwargs(*, true_cfg=False):
     # Wan always runs cond and uncond as two calls when guidance_scale > 1.
     return dict(height=16, width=16, num_frames=5, guidance_scale=5.0, max_sequence_length=16,
@@ -147,6 +170,13 @@ WAN22 = ModelFamily(
     **_COMMON,
 )
 
+def tiny_call_kwargs_ti2v(*, true_cfg=False):
+    # The TI2V VAE compresses 16x: 64x64 pixels are a 4x4 latent, 2x2 patches.
+    return dict(tiny_call_kwargs(true_cfg=true_cfg), height=64, width=64)
+
+
+_TI2V_COMMON = dict(_COMMON, tiny_transformer=tiny_transformer_ti2v, tiny_call_kwargs=tiny_call_kwargs_ti2v)
+
 WAN22_TI2V = ModelFamily(
     name="wan22_ti2v",
     transformer_classes=(),
@@ -154,14 +184,14 @@ WAN22_TI2V = ModelFamily(
     hub_id="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
     example=Example(dict(height=704, width=1280, num_frames=121, num_inference_steps=50, guidance_scale=5.0),
                     prompt="a small robot dancing in the rain at night", video=True),
-    tiny_pipeline=tiny_pipeline,
+    tiny_pipeline=tiny_pipeline_ti2v,
     bench=BenchSpec(config={"num_attention_heads": 24, "ffn_dim": 14336, "num_layers": 30, "in_channels": 48,
                             "out_channels": 48},
                     layer_args=("num_layers",), default_size=(704, 1280, 121, 1), make_inputs=bench_inputs_ti2v,
                     transformer_class="WanTransformer3DModel"),
     report_shape=((6, 22, 40), 512),
     description="Wan 2.2 TI2V 5B: 30 blocks, 24 heads x 128, per-token timesteps",
-    **_COMMON,
+    **_TI2V_COMMON,
 )
 
 FAMILIES = (WAN, WAN22, WAN22_TI2V)
