@@ -12,9 +12,10 @@ from . import BenchSpec, Example, ModelFamily
 
 def tiny_transformer(*, seed, layers, head_dim):
     from diffusers import Flux2Transformer2DModel
-    # Four RoPE axes (time, height, width, text position) of head_dim / 4 each.
+    # Four RoPE axes (time, height, width, text position) of head_dim / 4 each; the text is three hidden
+    # layers of a 16-wide text encoder, stacked (48).
     return Flux2Transformer2DModel(patch_size=1, in_channels=4, num_layers=layers, num_single_layers=layers,
-                                   attention_head_dim=head_dim, num_attention_heads=2, joint_attention_dim=16,
+                                   attention_head_dim=head_dim, num_attention_heads=2, joint_attention_dim=48,
                                    timestep_guidance_channels=32, axes_dims_rope=(head_dim // 4,) * 4)
 
 
@@ -36,6 +37,37 @@ def tiny_inputs(c, t, *, grid=None, text_len=None):
     if c.guidance_embeds:
         kw["guidance"] = t.full(4.0)
     return kw
+
+
+def tiny_pipeline(transformer):
+    """A 2-layer, 16-wide Mistral3 text encoder (its 3 hidden states stacked: 48 channels), a one-block
+    FLUX.2 VAE with 1 latent channel (4 after 2x2 packing), a word-level tokenizer with a plain chat template."""
+    import diffusers as d
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    from ..tiny import lower_case, word_tokenizer
+    torch.manual_seed(0)
+    config = Mistral3Config(
+        text_config={"model_type": "mistral", "hidden_size": 16, "intermediate_size": 37, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 100,
+                     "bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0},
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "head_dim": 8, "image_size": 32, "patch_size": 16},
+        image_token_index=99)
+    text_encoder = Mistral3ForConditionalGeneration(config).eval()
+    tokenizer = lower_case(word_tokenizer(512))
+    tokenizer.chat_template = "{% for m in messages %}{% for c in m['content'] %}{{ c['text'] }} {% endfor %}{% endfor %}"
+    vae = d.AutoencoderKLFlux2(sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                               up_block_types=("UpDecoderBlock2D",), block_out_channels=(4,), layers_per_block=1,
+                               latent_channels=1, norm_num_groups=1, use_quant_conv=False,
+                               use_post_quant_conv=False).eval()
+    return d.Flux2Pipeline(scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                           tokenizer=tokenizer, transformer=transformer)
+
+
+def tiny_call_kwargs(*, true_cfg=False):
+    # Guidance-distilled: one call per step. The tiny text encoder has 3 hidden states (0, 1, 2).
+    return dict(height=16, width=16, guidance_scale=4.0, max_sequence_length=16, text_encoder_out_layers=(0, 1, 2))
 
 
 def bench_inputs(batch, device, dtype, *, height, width, frames, gen):
@@ -67,6 +99,8 @@ FLUX2 = ModelFamily(
                     prompt="a cat riding a horse on the moon, cinematic"),
     tiny_transformer=tiny_transformer,
     tiny_inputs=tiny_inputs,
+    tiny_pipeline=tiny_pipeline,
+    tiny_call_kwargs=tiny_call_kwargs,
     bench=BenchSpec(config={}, layer_args=("num_layers", "num_single_layers"), default_size=(1024, 1024, 1, 1),
                     make_inputs=bench_inputs),
     report_shape=((1, 64, 64), 512),
