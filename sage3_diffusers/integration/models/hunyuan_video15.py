@@ -15,7 +15,8 @@ from . import BenchSpec, Example, ModelFamily
 
 def tiny_transformer(*, seed, layers, head_dim):
     from diffusers import HunyuanVideo15Transformer3DModel
-    return HunyuanVideo15Transformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+    # 9 input channels: 4 latent channels, 4 of the condition latents, 1 of the condition mask.
+    return HunyuanVideo15Transformer3DModel(in_channels=9, out_channels=4, num_attention_heads=2,
                                             attention_head_dim=head_dim, num_layers=layers, num_refiner_layers=1,
                                             mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16,
                                             text_embed_2_dim=8, image_embed_dim=12,
@@ -35,6 +36,37 @@ def tiny_inputs(c, t, *, grid=None, text_len=None):
                 encoder_hidden_states_2=t.randn(t.batch, 4, c.text_embed_2_dim), encoder_attention_mask_2=glyph,
                 image_embeds=torch.zeros(t.batch, 3, c.image_embed_dim, dtype=t.dtype, device=t.device),
                 return_dict=False)
+
+
+def tiny_pipeline(transformer):
+    """A 2-layer Qwen2.5-VL text model, a ByT5-style T5 encoder, a two-block HunyuanVideo 1.5 VAE (4 latent
+    channels, 4x spatial / 2x temporal compression), classifier-free guidance (cond and uncond calls). The
+    word-level tokenizer's chat template puts 108 filler tokens before the prompt: the pipeline crops the
+    first 108 (its system prompt)."""
+    import diffusers as d
+    from diffusers.guiders import ClassifierFreeGuidance
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+    from ..tiny import lower_case, t5_encoder, word_tokenizer
+    torch.manual_seed(0)
+    vae = d.AutoencoderKLHunyuanVideo15(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16),
+                                        layers_per_block=1, spatial_compression_ratio=4, temporal_compression_ratio=2,
+                                        downsample_match_channel=False, upsample_match_channel=False).eval()
+    text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        hidden_size=transformer.config.text_embed_dim, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, vocab_size=100, bos_token_id=2, eos_token_id=3, pad_token_id=0, rope_theta=1e6,
+        rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"})).eval()
+    tokenizer = lower_case(word_tokenizer(1108))
+    tokenizer.chat_template = ("{{ '[UNK] ' * 108 }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                               "{{ m['content'] }}{% endif %}{% endfor %}")
+    return d.HunyuanVideo15Pipeline(transformer=transformer, vae=vae,
+                                    scheduler=d.FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder=text_encoder,
+                                    tokenizer=tokenizer, text_encoder_2=t5_encoder(transformer.config.text_embed_2_dim),
+                                    tokenizer_2=ByT5Tokenizer(), guider=ClassifierFreeGuidance(guidance_scale=6.0))
+
+
+def tiny_call_kwargs(*, true_cfg=False):
+    return dict(height=16, width=16, num_frames=5, negative_prompt="dark")
 
 
 def bench_inputs(batch, device, dtype, *, height, width, frames, gen):
@@ -69,6 +101,8 @@ HUNYUAN_VIDEO15 = ModelFamily(
                     prompt="a dog running on the beach at sunset", video=True),
     tiny_transformer=tiny_transformer,
     tiny_inputs=tiny_inputs,
+    tiny_pipeline=tiny_pipeline,
+    tiny_call_kwargs=tiny_call_kwargs,
     bench=BenchSpec(config={}, layer_args=("num_layers",), default_size=(480, 848, 121, 1),
                     make_inputs=bench_inputs),
     report_shape=((5, 30, 53), 256),
