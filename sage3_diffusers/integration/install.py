@@ -206,6 +206,12 @@ def apply(target, policy=None, *, kernel: str | None = None, stats: KernelStats 
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(step_hook(runtime, fam.mask_kwarg),
                                                                               HOOK_NAME)
     adapter = fam.description if fam.name.startswith("generic:") else f"model module '{fam.name}'"
+    served = set(fam.attention_processors) | set(fam.exact_processors)
+    unreached = sorted({type(m.processor).__name__ for t, _ in installed for m in t.modules()
+                        if getattr(m, "processor", None) is not None and not isinstance(m.processor, _Sage3Base)
+                        and type(m.processor).__name__ not in served})
+    if unreached:  # e.g. IP-adapter processors, or SDPA-direct ones beside the generic adapter's
+        adapter += f" (left as they are, not counted: {', '.join(unreached)})"
     units = (f"timestep units: /{runtime.timestep_scale:g}" if runtime.timestep_scale is not None
              else "timestep units: inferred from the first forward")
     logger.info(f"sage3: {type(primary).__name__} via {adapter}, {fam.route} route, {len(layers)} attention layers"
@@ -218,7 +224,8 @@ def _installed_transformers(target) -> list:
         return [_unwrap(target)]
     found = []
     components = getattr(target, "components", None) or {}
-    for value in [getattr(target, "transformer", None), *components.values()]:
+    attrs = dict.fromkeys(a for f in models.families() for a in ("transformer", *f.pipeline_transformers))
+    for value in [*(getattr(target, a, None) for a in attrs), *components.values()]:
         if isinstance(value, torch.nn.Module) and _unwrap(value) not in found:
             found.append(_unwrap(value))
     if not found:

@@ -267,8 +267,9 @@ def _parse(data, source: str) -> Policy:
                           f"got {_type_name(data)}")
     _unknown(data, _TOP_KEYS, source, "")
     model = data.get("model")
-    if model is not None and model not in MODEL_FAMILIES:
-        raise PolicyError(f"{source}: model: unknown model {model!r}; allowed: {', '.join(MODEL_FAMILIES)}")
+    known_models = _models.names()  # the registry now: includes families registered after import
+    if model is not None and model not in known_models:
+        raise PolicyError(f"{source}: model: unknown model {model!r}; allowed: {', '.join(known_models)}")
     default = _check_kernel(data.get("default", "fp4"), source, "default")
     rules_data = data.get("rules", [])
     if rules_data is None:
@@ -308,6 +309,6 @@ def _parse(data, source: str) -> Policy:
         if "blocks" in r:
             kw["blocks"] = _pair(r["blocks"], source, f"{where}.blocks", "integer")
         if "block_types" in r:
-            kw["block_types"] = _strings(r["block_types"], source, f"{where}.block_types", BLOCK_TYPES)
+            kw["block_types"] = _strings(r["block_types"], source, f"{where}.block_types", _models.block_types())
         rules.append(Rule(**kw))
     return Policy(default=default, rules=tuple(rules), model=model, source=source)

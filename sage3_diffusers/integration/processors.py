@@ -477,10 +477,3 @@ class Sage3Processor(_Sage3Base):
         if isinstance(impl, SD3Sage3Processor):
             return impl(attn, hidden_states, encoder_hidden_states, attention_mask)
         return impl(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-
-
-def processor_for(family: str, kernel: str | None = None) -> _Sage3Base:
-    """The family's processor class instance (what `apply` installs)."""
-    if family not in _FAMILY_PROCESSORS:
-        raise ValueError(f"unknown family {family!r}; allowed: {sorted(_FAMILY_PROCESSORS)}")
-    return _FAMILY_PROCESSORS[family](kernel)
