@@ -1,8 +1,8 @@
 """Wan 2.1/2.2 (T2V, I2V, TI2V, VACE), Qwen-Image, LTX-Video, LTX-2, FLUX.2 and HunyuanVideo 1.5 on the
 dispatcher route: tiny models built from config (CPU, fp32, batch 2, unequal text lengths where the model
-takes a text mask), fresh random inputs each run (seed in messages)."""
-import os
-
+takes a text mask), fresh random inputs each run (seed in messages). The checks every family shares come from
+`integration_mixins`; what is particular to these families (Wan's image cross-attention, per-token timesteps,
+VACE, the two Wan 2.2 experts, padding in any position) is tested here."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,19 +10,13 @@ import torch.nn.functional as F
 pytest.importorskip("diffusers")
 
 import sage3_diffusers as s3  # noqa: E402
+from integration_mixins import (FamilyConfig, HybridPolicyMixin, MaskedTextMixin, RoundTripMixin,  # noqa: E402
+                                SdpaMatchesDefaultMixin, fresh_seed)
 from sage3_diffusers.integration import apply, models, remove  # noqa: E402
 from sage3_diffusers.integration.masks import attend_padded, padding_plan  # noqa: E402
 from sage3_diffusers.integration.tiny import tiny_pipeline, tiny_transformer, transformer_inputs  # noqa: E402
 
-# family name, or (case name, family, builder overrides) for variants built from another family's module
-FAMILIES = ["wan", "qwenimage", "ltx", "ltx2", "flux2", "hunyuan_video15"]
-CASES = FAMILIES + ["wan_i2v", "wan_ti2v_tokens", "wan_vace"]
-MASKED = ["qwenimage", "ltx", "ltx2", "hunyuan_video15"]
-ATOL = 1e-5
-
-
-def fresh_seed():
-    return int.from_bytes(os.urandom(4), "little") % (2 ** 31)
+MASKED = {"qwenimage": [10, 6], "ltx": [10, 6], "ltx2": [10, 6], "hunyuan_video15": [10, 6]}
 
 
 @pytest.fixture(autouse=True)
@@ -33,138 +27,112 @@ def _no_grad_and_emulate():
         s3.set_fallback(None)
 
 
-def _model_and_inputs(case, seed, *, timestep=None, batch=2):
-    """A tiny transformer and its forward kwargs; masked families get unequal text lengths [10, 6]."""
-    lengths = [10, 6] if batch == 2 else None
-    if case == "wan_i2v":  # image cross-attention: 512 text tokens after the image tokens
-        from diffusers import WanTransformer3DModel
-        torch.manual_seed(seed % 1000)
-        model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
-                                      in_channels=8, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32,
-                                      num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                      rope_max_seq_len=32, image_dim=8, added_kv_proj_dim=32).eval()
-        g = torch.Generator().manual_seed(seed)
-        t = 700.0 if timestep is None else timestep
-        return model, dict(hidden_states=torch.randn(batch, 8, 2, 8, 8, generator=g),
-                           timestep=torch.full((batch,), t), encoder_hidden_states=torch.randn(batch, 512, 16, generator=g),
-                           encoder_hidden_states_image=torch.randn(batch, 5, 8, generator=g), return_dict=False)
-    if case == "wan_ti2v_tokens":  # one timestep per token, 0 on the first (conditioning) frame
-        model = tiny_transformer("wan", seed=seed % 1000)
-        inputs = transformer_inputs("wan", seed=seed, batch=batch, timestep=timestep)
-        t = inputs["timestep"][:1]
-        per_token = t.new_full((batch, 2 * 4 * 4), float(t))
-        per_token[:, :16] = 0.0
-        inputs["timestep"] = per_token
-        return model, inputs
-    if case == "wan_vace":
-        from diffusers import WanVACETransformer3DModel
-        torch.manual_seed(seed % 1000)
-        model = WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
-                                          in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32,
-                                          num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                          rope_max_seq_len=32, vace_layers=[0], vace_in_channels=48).eval()
-        inputs = transformer_inputs("wan", seed=seed, batch=batch, timestep=timestep, config=model.config)
-        g = torch.Generator().manual_seed(seed + 1)
-        inputs["control_hidden_states"] = torch.randn(batch, 48, 2, 8, 8, generator=g)
-        return model, inputs
-    model = tiny_transformer(case, seed=seed % 1000)
-    return model, transformer_inputs(case, seed=seed, batch=batch, timestep=timestep,
-                                     text_lengths=lengths if case in MASKED else None)
-
-
-def _family_of(case):
-    return {"wan_i2v": "wan", "wan_ti2v_tokens": "wan", "wan_vace": "wan"}.get(case, case)
-
-
 def _out(model, inputs):
     out = model(**inputs)
     return out[0] if isinstance(out, tuple) else out
 
 
-def _cos(a, b):
-    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+class TestWan(SdpaMatchesDefaultMixin, HybridPolicyMixin, RoundTripMixin):
+    family = "wan"
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_sdpa_kernel_equals_default_and_remove_restores(case):
-    seed = fresh_seed()
-    model, inputs = _model_and_inputs(case, seed)
-    ref = _out(model, inputs)
-    backends_before = {n: getattr(m.processor, "_attention_backend", None)
-                       for n, m in model.named_modules() if hasattr(m, "processor")}
-    runtime = apply(model, kernel="sdpa", log_summary=False)
-    assert runtime.family == _family_of(case)
-    out = _out(model, inputs)
-    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0, msg=f"seed {seed}")
-    ran = {c.backend for c in runtime.stats.calls}
-    assert ran == {"sdpa"}, ran
-    assert {c.layer for c in runtime.stats.calls} == set(runtime.layers)  # every attention layer counted
-    remove(model)
-    after = {n: getattr(m.processor, "_attention_backend", None)
-             for n, m in model.named_modules() if hasattr(m, "processor")}
-    assert after == backends_before
-    assert torch.equal(_out(model, inputs), ref)
+class TestQwenImage(SdpaMatchesDefaultMixin, HybridPolicyMixin, MaskedTextMixin, RoundTripMixin):
+    family = "qwenimage"
+    text_lengths = MASKED["qwenimage"]
 
 
-def _timesteps(case, steps):
-    """Decreasing timesteps in the transformer's units (t = 0.9 ... 0.3)."""
-    scale = models.get(_family_of(case)).timestep_scale
-    return [scale * (0.9 - 0.6 * i / (steps - 1)) for i in range(steps)]
+class TestLTX(SdpaMatchesDefaultMixin, HybridPolicyMixin, MaskedTextMixin, RoundTripMixin):
+    family = "ltx"
+    text_lengths = MASKED["ltx"]
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_default_policy_first_and_last_step_close_to_default(case):
-    """Three forwards with decreasing timesteps = three steps: int8_fp8, fp4, int8_fp8 (emulated kernels on
-    CPU), every attention layer counted at every step, output close to diffusers' default."""
-    seed = fresh_seed()
-    steps = 3
-    model, _ = _model_and_inputs(case, seed)
-    inputs = [_model_and_inputs(case, seed, timestep=t)[1] for t in _timesteps(case, steps)]
-    refs = [_out(model, kw) for kw in inputs]
-    runtime = apply(model, num_inference_steps=steps, log_summary=False)
-    outs = [_out(model, kw) for kw in inputs]
-    for i, (o, r) in enumerate(zip(outs, refs)):
-        cos = _cos(o, r)
-        assert cos >= 0.99, f"seed {seed} step {i}: cos {cos}"
-        assert not torch.equal(o, r), "the quantized kernels did not run"
-    calls = runtime.stats.generation()
-    quantized = [c for c in calls if c.reason is None or "refiner" not in c.reason]
-    by_step = {s: set(k) for s, k in runtime.stats.requested_by_step(quantized).items()}
-    exact_layers = {c.layer for c in calls if c.backend == "sdpa"}
-    assert by_step == {0: {"int8_fp8"}, 1: {"fp4"}, 2: {"int8_fp8"}}, by_step
-    backends = runtime.stats.backends_by_step([c for c in quantized if c.layer not in exact_layers])
-    assert set(backends[0]) == {"reference_int8_fp8"} and set(backends[1]) == {"reference_fp4"}, backends
-    for step in range(steps):
-        layers = {c.layer for c in calls if c.step == step}
-        assert layers == set(runtime.layers), (step, set(runtime.layers) - layers)
-    remove(model)
+class TestLTX2(SdpaMatchesDefaultMixin, HybridPolicyMixin, MaskedTextMixin, RoundTripMixin):
+    family = "ltx2"
+    text_lengths = MASKED["ltx2"]
 
 
-@pytest.mark.parametrize("family", MASKED)
-def test_masked_batch_runs_quantized_on_valid_keys(family):
-    """Unequal text lengths: the quantized kernels run on each sample's valid keys (no exact-SDPA fallback),
-    and sample 1 of the padded batch matches sample 1 run alone with the same padding."""
-    seed = fresh_seed()
-    model, inputs = _model_and_inputs(family, seed)
+class TestFlux2(SdpaMatchesDefaultMixin, HybridPolicyMixin, RoundTripMixin):
+    family = "flux2"
+
+
+class TestHunyuanVideo15(SdpaMatchesDefaultMixin, HybridPolicyMixin, MaskedTextMixin, RoundTripMixin):
+    family = "hunyuan_video15"
+    text_lengths = MASKED["hunyuan_video15"]
+
+
+# ------------------------------------------------------------------------------------------ Wan variants
+
+class TestWanImageToVideo(SdpaMatchesDefaultMixin, HybridPolicyMixin):
+    """I2V cross-attention: two dispatcher calls per `attn2` (image tokens, then the 512 text tokens)."""
+    family = "wan"
+
+    def model(self, seed=0):
+        from diffusers import WanTransformer3DModel
+        torch.manual_seed(seed)
+        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                     in_channels=8, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32,
+                                     num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                     rope_max_seq_len=32, image_dim=8, added_kv_proj_dim=32).eval()
+
+    def inputs(self, seed, timestep=None, batch=2):
+        g = torch.Generator().manual_seed(seed)
+        return dict(hidden_states=torch.randn(batch, 8, 2, 8, 8, generator=g),
+                    timestep=torch.full((batch,), 700.0 if timestep is None else timestep),
+                    encoder_hidden_states=torch.randn(batch, 512, 16, generator=g),
+                    encoder_hidden_states_image=torch.randn(batch, 5, 8, generator=g), return_dict=False)
+
+
+class TestWanPerTokenTimesteps(HybridPolicyMixin):
+    """Wan 2.2 TI2V image-to-video passes one timestep per token, 0 on the conditioning frame: the step is
+    the noisiest token's."""
+    family = "wan"
+
+    def inputs(self, seed, timestep=None, batch=2):
+        kw = transformer_inputs("wan", seed=seed, batch=batch, timestep=timestep)
+        t = float(kw["timestep"][0])
+        per_token = torch.full((batch, 2 * 4 * 4), t)
+        per_token[:, :16] = 0.0  # the first latent frame
+        kw["timestep"] = per_token
+        return kw
+
+    def test_t_norm_is_the_largest_timestep(self):
+        model = self.model()
+        runtime = apply(model, log_summary=False)
+        _out(model, self.inputs(fresh_seed(), timestep=700.0))
+        assert runtime.t_norm == pytest.approx(0.7)
+        remove(model)
+
+
+class TestWanVACE(SdpaMatchesDefaultMixin, HybridPolicyMixin):
+    family = "wan"
+
+    def model(self, seed=0):
+        from diffusers import WanVACETransformer3DModel
+        torch.manual_seed(seed)
+        return WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                         in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32,
+                                         num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                         rope_max_seq_len=32, vace_layers=[0], vace_in_channels=48).eval()
+
+    def inputs(self, seed, timestep=None, batch=2):
+        kw = transformer_inputs("wan", seed=seed, batch=batch, timestep=timestep)
+        kw["control_hidden_states"] = torch.randn(batch, 48, 2, 8, 8, generator=torch.Generator().manual_seed(seed))
+        return kw
+
+
+# ------------------------------------------------------------------------------------------ masked text
+
+@pytest.mark.parametrize("family", sorted(MASKED))
+def test_masked_batch_runs_the_quantized_kernels_on_valid_keys(family):
+    """Unequal text lengths: the quantized kernels serve every attention layer (no exact-SDPA fallback for
+    the mask), so the padded batch's agreement with per-sample runs (MaskedTextMixin) is not trivial."""
+    model = tiny_transformer(family)
+    inputs = transformer_inputs(family, seed=fresh_seed(), text_lengths=MASKED[family])
     runtime = apply(model, kernel="reference_int8_fp8", log_summary=False)
-    out = _out(model, inputs)
-    fallbacks = [c for c in runtime.stats.calls if c.reason and "refiner" not in c.reason]
+    _out(model, inputs)
+    fallbacks = [c for c in runtime.stats.calls if c.reason and "emulated" not in c.reason and "refiner" not in c.reason]
     assert not fallbacks, fallbacks[:3]
     assert {c.backend for c in runtime.stats.calls} - {"sdpa"} == {"reference_int8_fp8"}
-    alone = {k: (v[1:] if torch.is_tensor(v) and v.dim() and v.shape[0] == 2 else v) for k, v in inputs.items()}
-    if "img_shapes" in alone:
-        alone["img_shapes"] = alone["img_shapes"][1:]
-    out_alone = _out(model, alone)
-    # The quantization groups are per sample and head: batching changes nothing but float summation order.
-    torch.testing.assert_close(out[1:], out_alone, atol=1e-4, rtol=0, msg=f"seed {seed}")
-    remove(model)
-
-
-def test_wan_per_token_timesteps_read_the_noisiest_token():
-    model, inputs = _model_and_inputs("wan_ti2v_tokens", fresh_seed(), timestep=700.0)
-    runtime = apply(model, log_summary=False)
-    _out(model, inputs)
-    assert runtime.t_norm == pytest.approx(0.7)
     remove(model)
 
 
@@ -181,7 +149,7 @@ def test_wan22_two_experts_share_one_step_count():
     layers_2 = [n for n in runtime.layers if n.startswith("transformer_2.")]
     assert layers_2 and len(layers_2) == len(runtime.layers) // 2
     for gen in range(2):  # the second call starts a new generation at step 0
-        out = pipe(prompt=["a cat dancing in the rain", "a dog"], num_inference_steps=4, output_type="pt",
+        out = pipe(prompt="a cat dancing in the rain", num_inference_steps=4, output_type="pt",
                    generator=torch.Generator().manual_seed(gen),
                    **models.get("wan22").tiny_call_kwargs())
         assert torch.isfinite(out.frames).all()
