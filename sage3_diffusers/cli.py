@@ -12,6 +12,7 @@ import torch
 from .backends.base import AttentionProblem, CompiledExtension
 from .backends.cuda_fp4 import FP4_EXT
 from .backends.cuda_sm90 import SM90_EXT
+from . import perf_model
 from .dispatch import backend_reasons, get_fallback, list_backends, select_backend
 
 _EXTENSIONS = (SM90_EXT, FP4_EXT)
@@ -52,6 +53,7 @@ def env_report() -> str:
     lines.append("compiled extensions:")
     lines += [f"  {ext.name}: {_extension_status(ext)}" for ext in _EXTENSIONS]
     lines.append(f"fallback when a family has no kernel: {get_fallback()} (SAGE3_FALLBACK)")
+    lines.append(f"speed table for kernel='auto': {perf_model.describe()}")
     for hd in (128, 64):
         p = _probe_problem(hd)
         lines.append(f"backends for a Flux-like bf16 call (head_dim {hd}) on this machine:")
