@@ -69,9 +69,7 @@ _COMMON = dict(
 SD3 = ModelFamily(
     name="sd3",
     transformer_classes=("SD3Transformer2DModel",),
-    hub_id="stabilityai/stable-diffusion-3-medium-diffusers",
-    example=Example(dict(height=1024, width=1024, num_inference_steps=28, guidance_scale=7.0),
-                    prompt="a portrait of an old astronaut, detailed"),
+    hub_id="stabilityai/stable-diffusion-3-medium-diffusers",  # example: examples/sd35.py --model <this id>
     tiny_transformer=_tiny({}),
     description="SD3: joint blocks",
     **_COMMON,
