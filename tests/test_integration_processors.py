@@ -197,7 +197,8 @@ def test_hunyuan_processor_route_needs_no_per_layer_host_sync(monkeypatch):
     model = tiny_transformer("hunyuan_video")
     inputs = _inputs("hunyuan_video", 1)
     ref = model(**inputs)[0]
-    runtime = Sage3Runtime(s3.integration.fixed_policy("sdpa"), "hunyuan_video", log_summary=False)
+    from sage3_diffusers.integration import fixed_policy
+    runtime = Sage3Runtime(fixed_policy("sdpa"), "hunyuan_video", log_summary=False)
     originals = dict(model.attn_processors)
     for name, module in model.named_modules():
         if type(getattr(module, "processor", None)).__name__ == "HunyuanVideoAttnProcessor2_0":
