@@ -187,8 +187,13 @@ def _keep(batch, total, spans):
     return m
 
 
-@pytest.mark.parametrize("kind", ["right", "middle", "left", "bias", "joint", "cross"])
-def test_padding_plan_matches_masked_sdpa(kind):
+@pytest.mark.parametrize("kind", ["right", "middle", "left", "bias", "joint", "rows", "cross"])
+@pytest.mark.parametrize("chunk", [None, 40])
+def test_padding_plan_matches_masked_sdpa(kind, chunk, monkeypatch):
+    """chunk: compare a [B, Sq, Sk] mask's rows in chunks of that many elements (a few rows at a time)."""
+    if chunk is not None:
+        from sage3_diffusers.integration import masks
+        monkeypatch.setattr(masks, "_CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(fresh_seed())
     batch, s, heads, d = 3, 21, 2, 8
     skv = 7 if kind == "cross" else s
@@ -206,6 +211,9 @@ def test_padding_plan_matches_masked_sdpa(kind):
     elif kind == "joint":    # valid[q] & valid[k] (HunyuanVideo 1.5)
         keep = _keep(batch, s, {1: (15, s), 2: (9, s)})
         mask = keep[:, None, :, None] & keep[:, None, None, :]
+    elif kind == "rows":     # key padding written out for every query row, [B, 1, Sq, Sk]
+        keep = _keep(batch, s, {1: (5, 8), 2: (15, s)})
+        mask = keep[:, None, None, :].expand(batch, 1, s, s).clone()
     else:                    # cross-attention to padded text, Sq != Skv
         mask = _keep(batch, skv, {0: (4, skv)})[:, None, None, :]
     plan = padding_plan(mask, batch, s, skv)
@@ -225,6 +233,11 @@ def test_padding_plan_rejects_masks_that_are_not_padding():
     assert padding_plan(heads_differ, batch, s, s) is None
     no_key = torch.zeros(batch, 1, 1, s, dtype=torch.bool)                           # a sample with no key
     assert padding_plan(no_key, batch, s, s) is None
+    keep = torch.ones(batch, s, dtype=torch.bool)
+    keep[1, 6:] = False
+    joint_but_one = (keep[:, None, :, None] & keep[:, None, None, :]).clone()
+    joint_but_one[0, 0, 4, 2] = False                                                # one hole inside
+    assert padding_plan(joint_but_one, batch, s, s) is None
     assert padding_plan(None, batch, s, s).trivial
 
 

@@ -97,17 +97,37 @@ def padding_plan(attn_mask: torch.Tensor | None, batch: int, seq_q: int, seq_kv:
     if keep.shape[1] > 1 and not bool((keep == keep[:, :1]).all()):
         return None
     keep = keep[:, 0]  # [B, Sq or 1, Sk]
-    if keep.shape[1] == 1 or bool((keep == keep[:, :1]).all()):
+    if keep.shape[1] == 1:
         ranges = _key_ranges(keep[:, 0].cpu())
         return None if ranges is None else PaddingPlan(keys=ranges, rows="all")
-    # Joint padding: keep[q, k] = valid[q] & valid[k], with valid = the diagonal.
-    if seq_q != seq_kv:
+    # [B, Sq, Sk]: the same keys for every row (key padding), else valid[q] & valid[k] with valid the
+    # diagonal (joint padding). The first and last rows tell which one to check.
+    first = keep[:, :1]
+    key_only = bool((keep[:, -1:] == first).all())
+    if not key_only and seq_q != seq_kv:
         return None
-    valid = keep.diagonal(dim1=1, dim2=2)  # [B, S]
-    if not bool((keep == (valid[:, :, None] & valid[:, None, :])).all()):
+    valid = first[:, 0] if key_only else keep.diagonal(dim1=1, dim2=2)  # [B, Sk]
+    if not _rows_match(keep, valid, key_only):
         return None
     ranges = _key_ranges(valid.cpu())
-    return None if ranges is None else PaddingPlan(keys=ranges, rows="valid")
+    return None if ranges is None else PaddingPlan(keys=ranges, rows="all" if key_only else "valid")
+
+
+# Rows of a [B, Sq, Sk] mask compared per chunk of at most this many elements: HunyuanVideo 1.5's
+# [1, 1, S, S] mask is S^2 booleans (2.6 GB at 480p, 13 GB at 720p); no full-size temporary is made.
+_CHUNK_ELEMENTS = 1 << 27
+
+
+def _rows_match(keep: torch.Tensor, valid: torch.Tensor, key_only: bool) -> bool:
+    """Every row of `keep` [B, Sq, Sk] is `valid` (key padding), or `valid[q] & valid` (joint padding)."""
+    batch, seq_q, seq_kv = keep.shape
+    step = max(1, _CHUNK_ELEMENTS // max(1, batch * seq_kv))
+    checks = []
+    for lo in range(0, seq_q, step):
+        rows = keep[:, lo:lo + step]
+        expected = valid[:, None, :] if key_only else valid[:, lo:lo + step, None] & valid[:, None, :]
+        checks.append((rows == expected).all())
+    return bool(torch.stack(checks).all())  # one host sync
 
 
 def _select(x: torch.Tensor, keys, seq_dim: int) -> torch.Tensor:
