@@ -120,6 +120,32 @@ class TestWanVACE(SdpaMatchesDefaultMixin, HybridPolicyMixin):
         return kw
 
 
+class TestWanAnimate(SdpaMatchesDefaultMixin):
+    """Wan 2.2 Animate: the blocks' attention plus the face adapter's cross-attention (`face_adapter.<i>`,
+    `WanAnimateFaceBlockAttnProcessor`), all on the dispatcher route."""
+    family = "wan"
+
+    def model(self, seed=0):
+        from diffusers import WanAnimateTransformer3DModel
+        torch.manual_seed(seed)
+        return WanAnimateTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=12, latent_channels=4,
+            out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", image_dim=16, rope_max_seq_len=32,
+            motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 16}, motion_encoder_size=16, motion_style_dim=8,
+            motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
+            inject_face_latents_blocks=2).eval()
+
+    def inputs(self, seed, timestep=None, batch=1):
+        g = torch.Generator().manual_seed(seed)
+        return dict(hidden_states=torch.randn(batch, 12, 5, 16, 16, generator=g),
+                    timestep=torch.full((batch,), 700.0 if timestep is None else timestep),
+                    encoder_hidden_states=torch.randn(batch, 12, 16, generator=g),
+                    encoder_hidden_states_image=torch.randn(batch, 12, 16, generator=g),
+                    pose_hidden_states=torch.randn(batch, 4, 4, 16, 16, generator=g),
+                    face_pixel_values=torch.randn(batch, 3, 13, 16, 16, generator=g), return_dict=False)
+
+
 # ------------------------------------------------------------------------------------------ masked text
 
 @pytest.mark.parametrize("family", sorted(MASKED))
