@@ -105,14 +105,27 @@ def current_card() -> str | None:
     return _device_name(torch.cuda.current_device())
 
 
-def table_for(problem: AttentionProblem) -> PerfTable | None:
-    """The current card's table for a CUDA problem; None off CUDA, for a card without a table, or when the
-    table's compute capability differs from the problem's (a table never speaks for another GPU)."""
+def resolve_card(name: str) -> str | None:
+    """The slug of the shipped table a user's card name means: a slug, a CUDA device name, or a unique prefix
+    of one ("H100" -> "h100-80gb-hbm3"); None when no table matches or the prefix is ambiguous."""
+    slug = card_slug(name)
+    cards = available_cards()
+    if slug in cards:
+        return slug
+    matches = [c for c in cards if c.startswith(slug)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def table_for(problem: AttentionProblem, card: str | None = None) -> PerfTable | None:
+    """The table of `card` (a slug, see `resolve_card`), by default the current card's, for a CUDA problem;
+    None off CUDA, for a card without a table, or when the table's compute capability differs from the
+    problem's (a table never speaks for another GPU)."""
     if problem.device_type != "cuda":
         return None
-    card = current_card()
     if card is None:
-        return None
+        card = current_card()
+        if card is None:
+            return None
     table = load_table(card_slug(card))
     if table is None or (table.capability is not None and problem.capability is not None
                          and tuple(problem.capability) != table.capability):
@@ -187,18 +200,21 @@ def _estimate(table: PerfTable, backend: str, p: AttentionProblem, mode: str) ->
     return None if tf is None else Estimate(tf, mode, stand_in, table.describe_source)
 
 
-def expected_speed(backend_name: str, problem: AttentionProblem, mode: str = "eager") -> Estimate | None:
+def expected_speed(backend_name: str, problem: AttentionProblem, mode: str = "eager",
+                   card: str | None = None) -> Estimate | None:
     """The measured estimate for this call in `mode` ("eager", "graph", "compile" or one table column), with
-    where it came from; None off CUDA, for a card without a table, or a backend / head dim never measured."""
+    where it came from; None off CUDA, for a card without a table, or a backend / head dim never measured.
+    `card`: a table slug (`resolve_card`) to ask about another card than the one present."""
     if mode not in REQUEST_MODES:
         raise ValueError(f"unknown mode {mode!r}; allowed: {REQUEST_MODES}")
-    table = table_for(problem)
+    table = table_for(problem, card)
     return None if table is None else _estimate(table, backend_name, problem, mode)
 
 
-def estimated_tflops(backend_name: str, problem: AttentionProblem, mode: str = "eager") -> float | None:
+def estimated_tflops(backend_name: str, problem: AttentionProblem, mode: str = "eager",
+                     card: str | None = None) -> float | None:
     """`expected_speed(...).tflops`, or None. The default mode is the conservative eager estimate."""
-    est = expected_speed(backend_name, problem, mode)
+    est = expected_speed(backend_name, problem, mode, card)
     return None if est is None else est.tflops
 
 

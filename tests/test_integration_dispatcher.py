@@ -191,6 +191,7 @@ _BUILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two child processes importing torch and diffusers
 def test_no_process_wide_side_effect_after_remove(tmp_path):
     """Models built after apply + remove on other models give outputs bit-identical to a process where the
     plugin was never imported (same global active backend)."""

@@ -39,7 +39,9 @@ What a family module declares (`ModelFamily`; only `name` and `transformer_class
   (random tensors, right-padded text masks with the requested lengths);
   `tiny_pipeline(transformer)` and `tiny_call_kwargs(t)` for a complete offline pipeline.
 - `bench`: real config and real input shapes for `bench e2e` (`BenchSpec`); `report_shape`: latent
-  (frames, height, width) and text length for the accuracy report on hub weights.
+  (frames, height, width) and text length for the accuracy report on hub weights; `attention_shape`: the
+  name of its real self-attention in the kernel benchmark's shape list (`sage3_diffusers/bench.py`
+  `DIT_SHAPES`), where `calibrate` reads kernel speeds.
 
 Transformers without a family module still work when their processors call `dispatch_attention_fn`: `apply`
 uses the generic dispatcher adapter (`generic_family`); those that call SDPA directly get a clear error.
@@ -102,6 +104,7 @@ class ModelFamily:
     tiny_call_kwargs: Callable[..., dict] | None = None
     bench: BenchSpec | None = None
     report_shape: tuple[tuple[int, int, int], int] | None = None
+    attention_shape: str | None = None
     description: str = ""
 
     def __post_init__(self):

@@ -80,6 +80,7 @@ COGVIDEOX = ModelFamily(
     tiny_call_kwargs=tiny_call_kwargs,
     bench=BenchSpec(config={}, layer_args=("num_layers",), default_size=(480, 720, 49, 2), make_inputs=bench_inputs),
     report_shape=((13, 30, 45), 226),
+    attention_shape="CogVideoX-2B-480p",
     description="CogVideoX: single-stream blocks on [text, video]",
 )
 

@@ -80,6 +80,7 @@ FLUX = ModelFamily(
     bench=BenchSpec(config={"guidance_embeds": True}, layer_args=("num_layers", "num_single_layers"),
                     default_size=(1024, 1024, 1, 1), make_inputs=bench_inputs),
     report_shape=((1, 64, 64), 512),
+    attention_shape="Flux-1024",
     description="FLUX.1: 19 double + 38 single blocks, head_dim 128",
 )
 

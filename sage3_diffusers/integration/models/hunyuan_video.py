@@ -97,6 +97,7 @@ HUNYUAN_VIDEO = ModelFamily(
     bench=BenchSpec(config={}, layer_args=("num_layers", "num_single_layers"), default_size=(720, 1280, 129, 1),
                     make_inputs=bench_inputs),
     report_shape=((9, 30, 45), 256),
+    attention_shape="HunyuanVideo-720p",
     description="HunyuanVideo: 20 double + 40 single blocks, token refiner exact",
 )
 

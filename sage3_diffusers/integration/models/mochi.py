@@ -74,6 +74,7 @@ MOCHI = ModelFamily(
     tiny_call_kwargs=tiny_call_kwargs,
     bench=BenchSpec(config={}, layer_args=("num_layers",), default_size=(480, 848, 163, 2), make_inputs=bench_inputs),
     report_shape=((7, 30, 53), 256),
+    attention_shape="Mochi",
     description="Mochi 1: 48 blocks, per-sample valid text",
 )
 

@@ -64,6 +64,7 @@ _COMMON = dict(
     tiny_pipeline=tiny_pipeline,
     tiny_call_kwargs=tiny_call_kwargs,
     report_shape=((1, 64, 64), 333),
+    attention_shape="SD3.5-L-1024",
 )
 
 SD3 = ModelFamily(
