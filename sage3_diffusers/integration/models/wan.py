@@ -151,6 +151,7 @@ WAN = ModelFamily(
     bench=BenchSpec(config={}, layer_args=("num_layers",), default_size=(720, 1280, 81, 1),
                     make_inputs=bench_inputs),
     report_shape=((6, 30, 52), 512),
+    attention_shape="Wan2.1-14B-720p",
     description="Wan 2.1/2.2 14B: 40 blocks of self + cross attention, 40 heads x 128",
     **_COMMON,
 )
@@ -167,6 +168,7 @@ WAN22 = ModelFamily(
     bench=BenchSpec(config={}, layer_args=("num_layers",), default_size=(720, 1280, 81, 1),
                     make_inputs=bench_inputs, transformer_class="WanTransformer3DModel"),
     report_shape=((6, 30, 52), 512),
+    attention_shape="Wan2.1-14B-720p",
     description="Wan 2.2 A14B: two 14B experts (high / low noise), one step count across both",
     **_COMMON,
 )
