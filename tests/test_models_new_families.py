@@ -10,7 +10,7 @@ import torch.nn.functional as F
 pytest.importorskip("diffusers")
 
 import sage3_diffusers as s3  # noqa: E402
-from integration_mixins import (FamilyConfig, HybridPolicyMixin, MaskedTextMixin, RoundTripMixin,  # noqa: E402
+from integration_mixins import (HybridPolicyMixin, MaskedTextMixin, RoundTripMixin,  # noqa: E402
                                 SdpaMatchesDefaultMixin, fresh_seed)
 from sage3_diffusers.integration import apply, models, remove  # noqa: E402
 from sage3_diffusers.integration.masks import attend_padded, padding_plan  # noqa: E402
@@ -156,7 +156,8 @@ def test_masked_batch_runs_the_quantized_kernels_on_valid_keys(family):
     inputs = transformer_inputs(family, seed=fresh_seed(), text_lengths=MASKED[family])
     runtime = apply(model, kernel="reference_int8_fp8", log_summary=False)
     _out(model, inputs)
-    fallbacks = [c for c in runtime.stats.calls if c.reason and "emulated" not in c.reason and "refiner" not in c.reason]
+    fallbacks = [c for c in runtime.stats.calls
+                 if c.reason and "emulated" not in c.reason and "refiner" not in c.reason]
     assert not fallbacks, fallbacks[:3]
     assert {c.backend for c in runtime.stats.calls} - {"sdpa"} == {"reference_int8_fp8"}
     remove(model)
@@ -209,7 +210,8 @@ def test_wan22_first_and_last_step_across_experts(kind):
         size = 64 if kind == "ti2v_i2v" else 16
         g = torch.Generator().manual_seed(0)
         kw.update(image=Image.new("RGB", (size, size)), height=size, width=size, prompt=None, negative_prompt=None,
-                  prompt_embeds=torch.randn(1, 16, 32, generator=g), negative_prompt_embeds=torch.randn(1, 16, 32, generator=g))
+                  prompt_embeds=torch.randn(1, 16, 32, generator=g),
+                  negative_prompt_embeds=torch.randn(1, 16, 32, generator=g))
     for gen in range(2 if kind == "t2v_a14b" else 1):  # a second call starts a new generation at step 0
         out = pipe(num_inference_steps=4, output_type="pt", generator=torch.Generator().manual_seed(gen), **kw)
         assert torch.isfinite(out.frames).all()

@@ -56,7 +56,8 @@ def tiny_pipeline(transformer):
         image_token_index=99)
     text_encoder = Mistral3ForConditionalGeneration(config).eval()
     tokenizer = lower_case(word_tokenizer(512))
-    tokenizer.chat_template = "{% for m in messages %}{% for c in m['content'] %}{{ c['text'] }} {% endfor %}{% endfor %}"
+    tokenizer.chat_template = ("{% for m in messages %}{% for c in m['content'] %}{{ c['text'] }} {% endfor %}"
+                               "{% endfor %}")
     vae = d.AutoencoderKLFlux2(sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
                                up_block_types=("UpDecoderBlock2D",), block_out_channels=(4,), layers_per_block=1,
                                latent_channels=1, norm_num_groups=1, use_quant_conv=False,

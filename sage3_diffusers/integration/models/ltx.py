@@ -45,7 +45,7 @@ def tiny_pipeline(transformer):
                                   decoder_layers_per_block=(1, 1, 1, 1, 1),
                                   spatio_temporal_scaling=(True, True, False, False),
                                   decoder_spatio_temporal_scaling=(True, True, False, False),
-                                  decoder_inject_noise=(False, False, False, False, False), upsample_residual=(False,) * 4,
+                                  decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4,
                                   upsample_factor=(1,) * 4, timestep_conditioning=False, patch_size=1,
                                   patch_size_t=1, encoder_causal=True, decoder_causal=False).eval()
     vae.use_framewise_encoding = False

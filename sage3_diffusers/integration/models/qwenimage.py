@@ -44,7 +44,8 @@ def tiny_pipeline(transformer):
                      "num_key_value_heads": 2, "vocab_size": 100, "bos_token_id": 2, "eos_token_id": 3,
                      "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
                      "rope_theta": 1e6},
-        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": hidden},
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                       "out_hidden_size": hidden},
         hidden_size=hidden, vocab_size=100, bos_token_id=2, eos_token_id=3, vision_start_token_id=97,
         vision_end_token_id=98, vision_token_id=99)
     text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()

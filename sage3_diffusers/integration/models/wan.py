@@ -3,9 +3,10 @@ in every block, head_dim 128 (14B: 40 heads, 5B: 24 heads, 1.3B: 12 heads).
 
 `WanAttnProcessor` calls `dispatch_attention_fn` (twice in I2V cross-attention: image tokens and text tokens):
 the dispatcher route; so does Animate's face adapter (`face_adapter.<i>`, `WanAnimateFaceBlockAttnProcessor`,
-a layer without a block index or type for policies). VACE's `vace_blocks` are typed like the main blocks. Wan passes no attention mask: prompts are zero-padded to 512 tokens and attended
-unmasked. The transformer receives `timestep` in [0, 1000]; the 5B TI2V pipeline passes one timestep per token
-([B, S], 0 on the conditioning frame of image-to-video), so the step is read from the largest one.
+a layer without a block index or type for policies). VACE's `vace_blocks` are typed like the main blocks.
+Wan passes no attention mask: prompts are zero-padded to 512 tokens and attended unmasked. The transformer
+receives `timestep` in [0, 1000]; the 5B TI2V pipeline passes one timestep per token ([B, S], 0 on the
+conditioning frame of image-to-video), so the step is read from the largest one.
 
 The Wan 2.2 A14B pipelines hold two experts, `transformer` (high noise) and `transformer_2` (low noise),
 switched at `boundary_ratio`: `apply(pipe)` installs on both with one runtime, so "first and last step" are
