@@ -34,10 +34,11 @@ What a family module declares (`ModelFamily`; only `name` and `transformer_class
   is not None, with one runtime, so one step count runs across them. Layers of a transformer after the
   first are named `<attribute>.<module name>` in stats and policies.
 - `hub_id`, `pipeline_class`, `example`: the real model for examples and reports (`Example`).
-- `tiny_transformer(seed, layers, head_dim)`: a tiny random transformer (fp32, eval), built from config;
-  `tiny_inputs(config, t, grid, text_len, timestep)`: its forward kwargs, with `t` a `tiny.TinyInputs`
-  (random tensors, right-padded text masks with the requested lengths);
-  `tiny_pipeline(transformer)` and `tiny_call_kwargs(t)` for a complete offline pipeline.
+- `tiny_transformer(*, seed, layers, head_dim)`: a tiny random transformer (fp32), built from config;
+  `tiny_inputs(config, t, *, grid, text_len)`: its forward kwargs, with `t` a `tiny.TinyInputs` (random
+  tensors, the requested timestep `t.t(default)`, right-padded text masks with the requested lengths);
+  `tiny_pipeline(transformer)` -> a complete offline pipeline, and `tiny_call_kwargs(*, true_cfg)` -> the
+  pipeline-specific arguments of a small, fast call.
 - `bench`: real config and real input shapes for `bench e2e` (`BenchSpec`); `report_shape`: latent
   (frames, height, width) and text length for the accuracy report on hub weights; `attention_shape`: the
   name of its real self-attention in the kernel benchmark's shape list (`sage3_diffusers/bench.py`
