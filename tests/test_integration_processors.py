@@ -176,12 +176,13 @@ def test_hunyuan_mask_is_read_once_per_forward_not_per_layer(monkeypatch):
     ref = model(**inputs)[0]
     apply(model, kernel="sdpa", log_summary=False)
     reads = []
-    real = proc_mod._key_prefix_lengths
+    from sage3_diffusers.integration import masks as masks_mod
+    real = masks_mod.padding_plan
 
     def counting(*a, **k):
         reads.append(1)
         return real(*a, **k)
-    monkeypatch.setattr(proc_mod, "_key_prefix_lengths", counting)
+    monkeypatch.setattr(masks_mod, "padding_plan", counting)
     for _ in range(2):
         torch.testing.assert_close(model(**inputs)[0], ref, atol=ATOL, rtol=0)
     assert len(reads) == 2, f"{len(reads)} mask reads in 2 forwards"

@@ -7,9 +7,11 @@ own processors stay installed; `apply` sets each attention processor's `_attenti
 forward pre-hook on each attention module that writes the layer name and the runtime into `CURRENT`.
 diffusers hands a backend only tensors; the backend reads `CURRENT` to pick that layer's kernel for this
 step (`runtime.kernel_for`), records the call in the runtime's stats, and handles masks:
-- a bool key mask that is right padding ([B, N] / [B, 1, 1, N], True = keep) -> per-sample valid-prefix
-  attention on the quantized kernels (the lengths are read once per forward: the model passes the same
-  mask tensor to every layer);
+- a padding mask (`masks.padding_plan`: valid keys per sample, in any position, as a bool mask or a 0 /
+  -10000 additive bias; or joint padding `valid[q] & valid[k]`) -> the quantized kernels on each sample's
+  valid keys (and valid rows). The plan is read once per mask tensor: models that build one mask per
+  forward (HunyuanVideo, Qwen-Image) pass the same tensor to every layer; LTX and HunyuanVideo 1.5 build
+  one per layer, a host sync each;
 - any other mask -> exact SDPA with the mask, counted with its reason.
 `CURRENT` is a plain Python object: dynamo traces the pre-hook's attribute writes and the backend's reads
 without a graph break. One model forward at a time per process (not thread-safe).
@@ -24,7 +26,7 @@ Limits of "sage3" / "sage2pp" through `set_attention_backend` (prefer `apply`):
   Mochi call SDPA directly, so for them it is a silent no-op (diffusers' behaviour, not ours).
 - One kernel for every layer and step: no policy, no step hook. Calls are counted in
   `stats.GLOBAL_STATS` under the layer name "<dispatcher:NAME>".
-- A right-padding key mask costs one host sync per layer here; other masks go to exact SDPA.
+- A padding mask costs one host sync per layer here; other masks go to exact SDPA.
   No dropout, no LSE.
 - diffusers' backend names are a closed enum; registration extends it through private internals of
   diffusers 0.42 (`AttentionBackendName`, `_AttentionBackendRegistry`). `set_attention_backend` also
@@ -34,6 +36,7 @@ Limits of "sage3" / "sage2pp" through `set_attention_backend` (prefer `apply`):
 from __future__ import annotations
 
 import importlib.util
+import weakref
 
 import torch
 
@@ -89,18 +92,18 @@ def backend_member(name: str = POLICY_BACKEND):
     return AttentionBackendName(name)
 
 
-def _prefix_lengths(runtime, attn_mask, batch, total):
-    """Valid key lengths of a right-padding mask, or None. With a runtime, read once per mask tensor (the
-    model builds one mask per forward and passes it to every layer)."""
-    from .processors import _key_prefix_lengths
+def _padding_plan(runtime, attn_mask, batch, seq_q, seq_kv):
+    """`masks.padding_plan` of the mask, or None. With a runtime, read once per mask tensor (held weakly: a
+    [B, 1, S, S] mask is not kept alive past its layer)."""
+    from .masks import padding_plan
     if runtime is None or torch.compiler.is_compiling():
-        return _key_prefix_lengths(attn_mask, batch, total)
+        return padding_plan(attn_mask, batch, seq_q, seq_kv)
     cached = getattr(runtime, "_dispatch_mask", None)
-    if cached is not None and cached[0] is attn_mask:
-        return cached[1]
-    valid = _key_prefix_lengths(attn_mask, batch, total)
-    runtime._dispatch_mask = (attn_mask, valid)
-    return valid
+    if cached is not None and cached[0]() is attn_mask and cached[1] == (batch, seq_q, seq_kv):
+        return cached[2]
+    plan = padding_plan(attn_mask, batch, seq_q, seq_kv)
+    runtime._dispatch_mask = (weakref.ref(attn_mask), (batch, seq_q, seq_kv), plan)
+    return plan
 
 
 def _record(runtime, layer, requested, backend, reason=None):
@@ -112,7 +115,8 @@ def _record(runtime, layer, requested, backend, reason=None):
 
 def _make_backend_fn(name: str, kernel: str | None):
     """kernel None: the current layer's kernel from its runtime (the policy backend); else fixed."""
-    from .processors import attend_valid_prefix
+    from .masks import attend_padded
+    from .processors import _op
 
     fixed_layer = f"<dispatcher:{name}>"
 
@@ -147,18 +151,24 @@ def _make_backend_fn(name: str, kernel: str | None):
             groups = query.shape[2] // key.shape[2]
             key, value = key.repeat_interleave(groups, dim=2), value.repeat_interleave(groups, dim=2)
         sm_scale = query.shape[-1] ** -0.5 if scale is None else scale
-        valid = None
+        plan = None
         if attn_mask is not None:
-            valid = _prefix_lengths(runtime, attn_mask, query.shape[0], key.shape[1])
-            if valid is None:
+            plan = _padding_plan(runtime, attn_mask, query.shape[0], query.shape[1], key.shape[1])
+            if plan is None or (is_causal and not plan.trivial):
                 mask = attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask
                 backend, _ = choose(query, key, value, "sdpa", tensor_layout="NHD", is_causal=is_causal,
                                     attn_mask=mask)
-                _record(runtime, layer, requested, backend.name, "mask is not right-padding: exact SDPA")
+                why = "causal with a padding mask" if plan is not None else "mask is not a padding mask"
+                _record(runtime, layer, requested, backend.name, f"{why}: exact SDPA")
                 return backend.forward(query, key, value, layout="NHD", is_causal=is_causal, sm_scale=sm_scale,
                                        return_lse=False, attn_mask=mask)
-        out, backend, note = attend_valid_prefix(query, key, value, requested, "NHD", sm_scale, valid,
-                                                 is_causal=is_causal)
+
+        def attend(q, k, v):
+            return _op(q, k, v, requested, "NHD", sm_scale, is_causal=is_causal)
+        if plan is None or plan.trivial:
+            out, backend, note = attend(query, key, value)
+        else:
+            out, backend, note = attend_padded(attend, query, key, value, plan, seq_dim=1)
         _record(runtime, layer, requested, backend, note)
         return out
 

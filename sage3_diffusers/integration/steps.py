@@ -111,7 +111,7 @@ class Sage3Runtime:
         self._calls_per_step = None
 
     def begin_forward(self, t_value: float | None, context=None) -> None:
-        """Called once per transformer forward (by the hook) with the first sample's timestep."""
+        """Called once per transformer forward (by the hook) with its largest timestep."""
         prev_step, prev_gen = self.step, self.generation
         if t_value is not None and (self.timestep_scale is None or self.scheduler_units is None):
             scale, units = infer_timestep_units(t_value, self.scheduler)
@@ -282,7 +282,9 @@ def _make_hook_class():
             mask = self._arg(self.mask_kwarg, args, kwargs) if self.mask_kwarg else None
             parts = []
             if isinstance(t, torch.Tensor) and t.numel():
-                parts.append(t.detach().reshape(-1)[:1].double())
+                # The noisiest token's: pipelines that pass one timestep per token (Wan 2.2 TI2V, LTX
+                # conditioning) put 0 on the conditioning frames.
+                parts.append(t.detach().reshape(-1).amax().reshape(1).double())
             elif isinstance(t, (int, float)):
                 parts.append(torch.tensor([float(t)], dtype=torch.float64))
             has_t = bool(parts)
