@@ -1,7 +1,7 @@
 """Times the sm_90a INT8-QK/FP8-PV kernel against SDPA cuDNN bf16 (same run, same card).
 
 python bench/bench_sm90.py [--quick]  -> a table of TFLOPS (4*B*H*Sq*Skv*D, halved for causal), median of
-CUDA-graph replays (sage3_diffusers.bench.time_ms). Columns: cuDNN bf16; ours including quantization (3 launches); ours kernel alone
+CUDA-graph replays (sage3_diffusers.bench.time_graph). Columns: cuDNN bf16; ours including quantization (3 launches); ours kernel alone
 (attention launch on pre-quantized inputs); the quantization launches alone (ms).
 """
 import argparse
@@ -36,7 +36,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    from sage3_diffusers.bench import time_ms  # median of CUDA-graph replays (no launch gaps / CPU overhead)
+    from sage3_diffusers.bench import time_graph
+
+    def time_ms(fn):  # median of CUDA-graph replays of 20 calls (no launch gaps / CPU overhead)
+        return time_graph(fn, torch.device("cuda"), calls=20)
     print(torch.cuda.get_device_name(), torch.__version__, "cudnn", torch.backends.cudnn.version(), flush=True)
     rows = []
     for name, b, h, s, d, causal in SHAPES[:3] if args.quick else SHAPES:
@@ -48,10 +51,10 @@ def main():
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
         qz = ext.quantize(q, k, v, False, True)  # q_kmean defined: the list passes back as Sequence[Tensor]
-        ms = {"cudnn": time_ms(cudnn)[0]}
-        ms["full"] = time_ms(lambda: ext.forward(q, k, v, False, causal, scale, False))[0]
-        ms["kernel"] = time_ms(lambda: ext.forward_quantized(q, qz, s, h, False, causal, scale, False))[0]
-        quant_ms = time_ms(lambda: ext.quantize(q, k, v, False, False))[0]
+        ms = {"cudnn": time_ms(cudnn)}
+        ms["full"] = time_ms(lambda: ext.forward(q, k, v, False, causal, scale, False))
+        ms["kernel"] = time_ms(lambda: ext.forward_quantized(q, qz, s, h, False, causal, scale, False))
+        quant_ms = time_ms(lambda: ext.quantize(q, k, v, False, False))
         t = {key: tflops(b, h, s, d, causal, m) for key, m in ms.items()}
         rows.append((name, t, quant_ms))
         print(f"{name}: " + "  ".join(f"{key} {val:.0f}" for key, val in t.items()) +

@@ -9,7 +9,7 @@ Per shape:
   * the attention kernel alone for each autotune candidate, plus the reference-order config (no fold), each with
     its accuracy (cos sim, rel L1) against sage2pp_attention_reference on the first two heads;
   * total = quantization + best attention, and the whole autotuned call `int8fp8_attention`, vs cuDNN.
-Times: median of CUDA-graph replays (sage3_diffusers.bench.time_ms).
+Times: median of CUDA-graph replays (sage3_diffusers.bench.time_graph).
 """
 import json
 import sys
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from sage3_diffusers.bench import dit_inputs, shapes_for, time_ms
+from sage3_diffusers.bench import dit_inputs, shapes_for, time_graph
 from sage3_diffusers.kernels.triton import int8fp8 as tk
 from sage3_diffusers.numerics.metrics import accuracy_metrics
 from sage3_diffusers.numerics.sage2pp_reference import sage2pp_attention_reference
@@ -32,7 +32,7 @@ def attn_configs(d):
 
 
 def _t(fn):
-    return time_ms(fn, target_ms=20, replays=5)[0]
+    return time_graph(fn, torch.device("cuda"), calls=20, replays=5)
 
 
 def profile_shape(shape):
