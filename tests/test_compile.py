@@ -1,5 +1,5 @@
-"""torch.compile with our processors installed, the scenarios diffusers' compile tests run, on CPU with tiny
-models: fullgraph without recompiles, dynamic shapes across resolutions, regional compile
+"""torch.compile with our processors or dispatcher backend installed, the scenarios diffusers' compile tests run,
+on CPU with tiny models: fullgraph without recompiles, dynamic shapes across resolutions, regional compile
 (`compile_repeated_blocks`) across resolutions and kernel switches, `torch.export` of a masked HunyuanVideo
 batch, the dispatcher route compiled, a compiled pipeline whose steps come from its scheduler, and `auto` under
 dynamic shapes guarding only where its choice changes. Outputs equal eager. Most use dynamo with the "eager"
@@ -61,12 +61,13 @@ def _no_duck_shapes():
 
 
 def _inputs(family, seed, grid=None):
-    lengths = {"hunyuan_video": [12, 7], "mochi": [11, 4]}.get(family)
+    lengths = {"hunyuan_video": [12, 7], "mochi": [11, 4], "qwenimage": [10, 5], "ltx": [10, 5]}.get(family)
     return transformer_inputs(family, seed=seed, text_lengths=lengths, grid=grid)
 
 
 @pytest.mark.parametrize("family,kernel,backend", [("flux", "sdpa", "eager"), ("sd3", "sdpa", "eager"),
-                                                   ("mochi", "sdpa", "eager"),
+                                                   ("mochi", "sdpa", "eager"), ("qwenimage", "sdpa", "eager"),
+                                                   ("ltx", "sdpa", "eager"),
                                                    ("hunyuan_video", "reference_int8_fp8", "aot_eager")])
 def test_fullgraph_twice_without_recompile_equals_eager(family, kernel, backend):
     seed = fresh_seed()
@@ -85,6 +86,8 @@ def test_fullgraph_twice_without_recompile_equals_eager(family, kernel, backend)
     assert _graphs() == 1
     ran = {c.backend for c in runtime.stats.calls if c.reason is None}
     assert ran == {kernel}, ran
+    if family == "ltx":  # its additive text mask: exact SDPA under compile, counted with the reason
+        assert any("only boolean key masks" in (c.reason or "") for c in runtime.stats.calls)
     remove(model)
 
 
