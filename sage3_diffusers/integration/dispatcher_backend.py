@@ -9,7 +9,9 @@ Limits (prefer `apply` / `Sage3Processor`):
 - One kernel for every layer and step: no policy, no step hook. Calls are counted in
   `stats.GLOBAL_STATS` under the layer name "<dispatcher:NAME>".
 - A right-padding key mask (HunyuanVideo) costs one host sync per layer here (the processors read it
-  once per forward); other masks go to exact SDPA. No context parallelism, no dropout, no LSE.
+  once per forward); other masks go to exact SDPA. No dropout, no LSE (except under context parallelism).
+- Context parallelism (`transformer.enable_parallelism(...)`) runs diffusers' templated Ulysses / ring /
+  unified attention with these kernels (`context_parallel.parallel_attention`), inference only.
 - diffusers' backend names are a closed enum; registration extends it through private internals of
   diffusers 0.42 (`AttentionBackendName`, `_AttentionBackendRegistry`). `set_attention_backend` also
   sets diffusers' *global* active backend, which `reset_attention_backend()` does not undo:
@@ -45,8 +47,14 @@ def _make_backend_fn(name: str, kernel: str):
     def sage_dispatch_backend(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
                               scale=None, enable_gqa: bool = False, return_lse: bool = False,
                               _parallel_config=None):
-        if _parallel_config is not None:
-            raise NotImplementedError(f"attention backend {name!r} does not support context parallelism")
+        if _parallel_config is not None:  # context parallelism: diffusers' templated attention with our kernel
+            from .context_parallel import parallel_attention
+            if dropout_p:
+                raise ValueError(f"attention backend {name!r} is inference-only: dropout_p must be 0")
+            return parallel_attention(
+                query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, kernel=kernel,
+                parallel_config=_parallel_config, return_lse=return_lse,
+                on_choice=lambda backend, note: GLOBAL_STATS.record(0, None, layer, kernel, backend, note))
         if dropout_p:
             raise ValueError(f"attention backend {name!r} is inference-only: dropout_p must be 0")
         if return_lse:
@@ -80,7 +88,7 @@ def register_dispatcher_backends() -> list[str]:
 
     for value, kernel in DISPATCHER_BACKENDS.items():
         member = _extend_enum(AttentionBackendName, value.upper(), value)
-        _AttentionBackendRegistry.register(member, constraints=[], supports_context_parallel=False)(
+        _AttentionBackendRegistry.register(member, constraints=[], supports_context_parallel=True)(
             _make_backend_fn(value, kernel))
     _registered = True
     return list(DISPATCHER_BACKENDS)

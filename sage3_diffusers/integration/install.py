@@ -73,6 +73,9 @@ def apply(target, policy=None, *, kernel: str | None = None, stats: KernelStats 
     Returns the runtime (`.stats`, `.policy`, `.step`); also at `transformer._sage3_runtime`.
     Applying again replaces the previous installation."""
     pipe, transformer = _split_target(target)
+    if getattr(getattr(transformer, "_parallel_config", None), "context_parallel_config", None) is not None:
+        from .context_parallel import PROCESSOR_ROUTE_CP_ERROR
+        raise NotImplementedError(PROCESSOR_ROUTE_CP_ERROR)
     if getattr(transformer, "_sage3_installed", None) is not None:
         remove(transformer)
     family = detect_family(transformer)

@@ -42,6 +42,9 @@ class _Sage3Base:
     None = ask the runtime attached by `apply` (or "fp4" without one)."""
 
     family: str | None = None
+    # Filled by diffusers' `enable_parallelism`; the processor route has no context-parallel path, so a set
+    # config makes every sharded attention call raise instead of attending only within the rank's shard.
+    _parallel_config = None
 
     def __init__(self, kernel: str | None = None):
         self.kernel = _check_kernel_name(kernel)
@@ -68,14 +71,21 @@ class _Sage3Base:
         elif not torch.compiler.is_compiling():  # no runtime to flush compiled calls into: not counted
             GLOBAL_STATS.record(0, None, layer, requested, backend, reason)
 
+    def _refuse_context_parallel(self):
+        if self._parallel_config is not None:
+            from .context_parallel import PROCESSOR_ROUTE_CP_ERROR
+            raise NotImplementedError(PROCESSOR_ROUTE_CP_ERROR)
+
     def _attend(self, attn, q, k, v, *, layout: str, valid: list[int] | None = None, rows: str = "all"):
         """Attention with the layer's kernel; see `attend_valid_prefix` for `valid` and `rows`."""
+        self._refuse_context_parallel()
         layer, runtime, kernel = self._decide(attn)
         out, backend, note = attend_valid_prefix(q, k, v, kernel, layout, q.shape[-1] ** -0.5, valid, rows)
         self._record(runtime, layer, kernel, backend, note)
         return out
 
     def _exact(self, attn, q, k, v, *, layout: str, attn_mask, reason: str):
+        self._refuse_context_parallel()
         layer, runtime, kernel = self._decide(attn)
         out, backend, _ = _op(q, k, v, "sdpa", layout, q.shape[-1] ** -0.5, attn_mask=attn_mask)
         self._record(runtime, layer, kernel, backend, reason)

@@ -1,0 +1,305 @@
+"""Context parallelism (Ulysses, ring, unified) with our kernels, on diffusers' own engine.
+
+diffusers' `enable_parallelism(config=ContextParallelConfig(...))` shards a transformer's sequence over ranks
+(split/gather hooks from the model's `_cp_plan`) and gives every dispatcher-aware processor the config; the
+attention backend then runs diffusers' templated Ulysses / ring / unified attention, which calls a backend's
+`forward_op` on local or rotated key chunks and merges ring partials by their log-sum-exp. `parallel_attention`
+is that backend side for our kernels: its `forward_op` picks a backend through our dispatcher and asks it for
+(out, lse); every backend's LSE is that of the unsmoothed scores (tests/test_lse.py), which the merge needs.
+
+Scope and limits:
+- Inference only: inputs that require grad raise (our kernels have no backward).
+- No causal masks, no GQA (diffusers' templated attention has neither) and no dropout.
+- Masks: a query-independent boolean key mask ([B, S_kv] or [B, 1, 1, S_kv] over the *local* keys, True = keep) is
+  all-gathered once per call into the global key order, and each `forward_op` call attends only to the valid keys
+  of the chunk it is given (packed per sample; a right-padding mask is a plain prefix). This works for Ulysses,
+  ring, unified and both "anything" variants. Anything else (a mask with a query dimension, float masks) raises.
+  A rank whose own key chunk is entirely masked for a sample raises under ring attention: diffusers' LSE merge
+  cannot start from an empty chunk (it would produce NaN).
+- Model plans: `CP_PLANS` holds plans for models diffusers ships without one (HunyuanVideo);
+  `prepare_context_parallel(transformer)` attaches the plan and the hooks it needs.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..api import choose
+
+PROCESSOR_ROUTE_CP_ERROR = (
+    "sage3_diffusers: context parallelism runs through the attention-dispatcher route only "
+    "(transformer.set_attention_backend('sage2pp' or 'sage3') before or after enable_parallelism); the processors "
+    "installed by `apply` cannot shard attention and would attend only within each rank's shard")
+
+# ------------------------------------------------------------------------------------------- the attention op
+
+
+def _check_call(query, key, value, attn_mask, is_causal, parallel_config):
+    cp = getattr(parallel_config, "context_parallel_config", None)
+    if cp is None:
+        raise ValueError("parallel_attention needs a diffusers ParallelConfig with a context_parallel_config "
+                         f"(set up by transformer.enable_parallelism), got {type(parallel_config).__name__}")
+    if cp._mesh is None:
+        raise ValueError("the ContextParallelConfig has no device mesh yet: call transformer.enable_parallelism "
+                         "(or ParallelConfig.setup) first")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        raise RuntimeError("sage3_diffusers context-parallel attention is inference-only: the inputs require grad "
+                           "(run under torch.no_grad() / torch.inference_mode())")
+    if is_causal:
+        raise ValueError("context-parallel attention does not take is_causal=True (diffusers' templated attention "
+                         "has no causal mode)")
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError(f"query, key, value must be (B, S, H, D), got {tuple(query.shape)}, {tuple(key.shape)}, "
+                         f"{tuple(value.shape)}")
+    if key.shape[2] != query.shape[2]:
+        raise ValueError(f"context-parallel attention does not take GQA ({query.shape[2]} query heads, "
+                         f"{key.shape[2]} key/value heads): diffusers' templated attention has no GQA")
+    return cp
+
+
+def _local_key_mask(attn_mask, batch, seq_kv):
+    """The mask as a [B, S_kv] bool key mask (True = keep), or ValueError if it is not one."""
+    if attn_mask.dtype != torch.bool:
+        raise ValueError(f"context-parallel attention takes only boolean key masks (True = keep), got "
+                         f"{attn_mask.dtype}")
+    if attn_mask.shape[-1] != seq_kv:
+        raise ValueError(f"context-parallel attention: the mask covers {attn_mask.shape[-1]} keys but this rank "
+                         f"holds {seq_kv} (the mask must be over the rank's local keys, as the model's plan shards "
+                         "them)")
+    if attn_mask.dim() == 2 and attn_mask.shape[0] in (1, batch):
+        m = attn_mask
+    elif attn_mask.dim() == 4 and attn_mask.shape[0] in (1, batch) and attn_mask.shape[1] == attn_mask.shape[2] == 1:
+        m = attn_mask[:, 0, 0, :]
+    else:
+        raise ValueError(f"context-parallel attention takes only query-independent key masks, [B, S_kv] or "
+                         f"[B, 1, 1, S_kv]; got shape {tuple(attn_mask.shape)}")
+    return m.expand(batch, seq_kv)
+
+
+def _all_gather_seq(x: torch.Tensor, group) -> tuple[torch.Tensor, list[int]]:
+    """Concatenate every rank's [B, S_r] tensor along dim 1 in rank order (ranks may hold different S_r)."""
+    import torch.distributed as dist
+    from diffusers.models._modeling_parallel import gather_size_by_comm
+
+    sizes = gather_size_by_comm(x.shape[1], group)
+    width = max(sizes)
+    padded = torch.zeros(x.shape[0], width, dtype=torch.uint8, device=x.device)  # gloo has no bool collectives
+    padded[:, :x.shape[1]] = x.to(torch.uint8)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:, :n] for p, n in zip(parts, sizes)], dim=1).bool(), sizes
+
+
+class _ForwardOp:
+    """diffusers' `forward_op` for one `parallel_attention` call: attention of the given (local or rotated) chunk
+    through our dispatcher, returning (out, lse [B, S, H]) in the model layout.
+
+    With a key mask, `chunk_keys` maps the i-th call to the global key positions of the keys it receives: all of
+    them for Ulysses, the ring chunk (ring_rank + i) % ring_degree for ring and unified attention, which is the
+    order diffusers' ring attention visits chunks in."""
+
+    def __init__(self, kernel, scale, global_mask, chunk_keys, on_choice):
+        self.kernel, self.scale = kernel, scale
+        self.global_mask = global_mask  # [B, S_global] bool on the host, or None
+        self.chunk_keys = chunk_keys    # call index -> slice of global key positions
+        self.on_choice = on_choice
+        self.calls = 0
+
+    def _attend(self, q, k, v):
+        backend, note = choose(q, k, v, self.kernel, tensor_layout="NHD", return_lse=True)
+        if self.on_choice is not None and self.calls == 0:
+            self.on_choice(backend.name, note)
+        out, lse = backend.forward(q, k, v, layout="NHD", is_causal=False, sm_scale=self.scale, return_lse=True)
+        return out, lse.transpose(1, 2)  # [B, H, S] -> [B, S, H]
+
+    def __call__(self, ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
+                 _save_ctx=True, _parallel_config=None):
+        if dropout_p:
+            raise ValueError("context-parallel attention is inference-only: dropout_p must be 0")
+        if self.global_mask is None:
+            out, lse = self._attend(query, key, value)
+        else:
+            out, lse = self._masked(query, key, value)
+        self.calls += 1
+        return (out, lse) if return_lse else out
+
+    def _masked(self, query, key, value):
+        keys = self.chunk_keys(self.calls)
+        mask = self.global_mask[:, keys]
+        if mask.shape[1] != key.shape[1]:
+            raise RuntimeError(f"context-parallel attention: call {self.calls} got {key.shape[1]} keys but the "
+                               f"global key mask assigns it {mask.shape[1]}")
+        if bool(mask.all()):
+            return self._attend(query, key, value)
+        outs, lses = [], []
+        for b in range(query.shape[0]):
+            idx = mask[b].nonzero().flatten()
+            qb = query[b:b + 1]
+            if idx.numel() == 0:
+                if self.calls == 0:
+                    raise ValueError("ring attention: this rank's own key chunk is entirely masked for sample "
+                                     f"{b}; diffusers' LSE merge cannot start from an empty chunk. Use Ulysses, or "
+                                     "a plan that keeps valid tokens in every rank's shard")
+                outs.append(torch.zeros_like(qb))
+                lses.append(torch.full(qb.shape[:3], float("-inf"), dtype=torch.float32, device=qb.device))
+                continue
+            n = idx.numel()
+            if bool((idx == torch.arange(n)).all()):  # right padding: the valid keys are a prefix
+                kb, vb = key[b:b + 1, :n], value[b:b + 1, :n]
+            else:
+                dev_idx = idx.to(key.device)
+                kb, vb = key[b:b + 1].index_select(1, dev_idx), value[b:b + 1].index_select(1, dev_idx)
+            ob, lb = self._attend(qb, kb, vb)
+            outs.append(ob)
+            lses.append(lb)
+        return torch.cat(outs, dim=0), torch.cat(lses, dim=0)
+
+
+def _no_backward(ctx, *args, **kwargs):
+    raise RuntimeError("sage3_diffusers context-parallel attention is inference-only (no backward)")
+
+
+def _chunk_keys(cp, key_sizes):
+    """call index -> slice of global key positions of the keys that call receives."""
+    bounds = [0]
+    for n in key_sizes:
+        bounds.append(bounds[-1] + n)
+    if cp.ring_degree == 1:  # Ulysses (plain or "anything"): every key, in rank order
+        return lambda i: slice(0, bounds[-1])
+    per_ring = cp.ulysses_degree  # unified: ring chunk j holds the flattened ranks j*U .. j*U+U-1
+    ring_rank = cp._ring_local_rank
+
+    def chunk(i):
+        j = (ring_rank + i) % cp.ring_degree
+        return slice(bounds[j * per_ring], bounds[(j + 1) * per_ring])
+
+    return chunk
+
+
+def parallel_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, attn_mask=None,
+                       is_causal: bool = False, scale: float | None = None, kernel: str, parallel_config,
+                       return_lse: bool = False, on_choice=None):
+    """Attention of this rank's (B, S_local, H, D) query/key/value shards over the whole context-parallel group,
+    through diffusers' templated Ulysses / ring / unified attention with our kernel `kernel` (a family, "auto" or a
+    backend name, chosen per call by our dispatcher). Returns out (B, S_local, H, D), or (out, lse (B, S_local, H))
+    with return_lse. `on_choice(backend_name, fallback_note)` is called once per call with the dispatcher's choice.
+    Inference only; see the module docstring for masks."""
+    from diffusers.models.attention_dispatch import _templated_context_parallel_attention
+
+    cp = _check_call(query, key, value, attn_mask, is_causal, parallel_config)
+    sm_scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    global_mask, chunk_keys = None, None
+    if attn_mask is not None:
+        local = _local_key_mask(attn_mask, query.shape[0], key.shape[1])
+        gathered, sizes = _all_gather_seq(local, cp._flattened_mesh.get_group())
+        global_mask = gathered.cpu()  # one host sync per call; every chunk's index lists come from it
+        if bool(global_mask.all()):
+            global_mask = None
+        else:
+            chunk_keys = _chunk_keys(cp, sizes)
+    forward_op = _ForwardOp(kernel, sm_scale, global_mask, chunk_keys, on_choice)
+    return _templated_context_parallel_attention(
+        query, key, value, None, 0.0, False, sm_scale, False, return_lse,
+        forward_op=forward_op, backward_op=_no_backward, _parallel_config=parallel_config)
+
+
+# ---------------------------------------------------------------------------------------- model plans and hooks
+#
+# Model facts: these move next to the model's registry entry (integration/models/<family>.py) when it exists.
+
+def _hunyuan_video_plan():
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    rope_shard = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)
+    return {
+        # RoPE (cos, sin) of the video tokens, [S_video, D]: sharded like the video tokens.
+        "rope": {0: rope_shard, 1: rope_shard},
+        # The joint sequence is sharded as [video_r, text_r] on rank r: both streams enter the first dual block
+        # sharded. The token refiner and the mask construction run before it, on the whole text.
+        "transformer_blocks.0": {
+            "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+            "encoder_hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+        },
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+
+
+CP_PLANS = {"HunyuanVideoTransformer3DModel": _hunyuan_video_plan}
+_MASK_HOOK = "sage3_cp_joint_mask"
+
+
+def _joint_mask_hook():
+    """A hook on HunyuanVideo's attention modules: under context parallelism the transformer still builds its
+    key mask over the whole joint sequence [video, text] (before the plan shards the streams), while rank r holds
+    [video_r, text_r]. The hook gives the attention the mask of the rank's own keys, in that layout; diffusers'
+    Ulysses all-gather and our ring/unified path then see the keys and the mask in the same order. Without it
+    the mask would silently address the wrong keys. Inert without context parallelism."""
+    import torch.distributed as dist
+    from diffusers.hooks import ModelHook
+    from diffusers.models._modeling_parallel import gather_size_by_comm
+
+    class JointMaskHook(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            mask = kwargs.get("attention_mask")
+            config = getattr(getattr(module, "processor", None), "_parallel_config", None)
+            cp = getattr(config, "context_parallel_config", None)
+            if mask is None or cp is None:
+                return args, kwargs
+            hs, ehs = kwargs.get("hidden_states"), kwargs.get("encoder_hidden_states")
+            if hs is None or ehs is None or args:
+                raise RuntimeError("HunyuanVideo context parallelism: the attention module was called without "
+                                   "hidden_states/encoder_hidden_states keyword arguments; cannot shard its mask")
+            n_video, n_text = hs.shape[1], ehs.shape[1]
+            if mask.shape[-1] == n_video + n_text:
+                return args, kwargs  # already over the local keys
+            group = cp._flattened_mesh.get_group()
+            world, rank = dist.get_world_size(group), dist.get_rank(group)
+            if cp.ulysses_anything or cp.ring_anything:
+                video_sizes, text_sizes = gather_size_by_comm(n_video, group), gather_size_by_comm(n_text, group)
+            else:
+                video_sizes, text_sizes = [n_video] * world, [n_text] * world
+            total_video, total_text = sum(video_sizes), sum(text_sizes)
+            if mask.shape[-1] != total_video + total_text:
+                raise ValueError(f"HunyuanVideo context parallelism: the attention mask covers {mask.shape[-1]} keys, "
+                                 f"expected the whole joint sequence ({total_video} video + {total_text} text)")
+            v0, t0 = sum(video_sizes[:rank]), total_video + sum(text_sizes[:rank])
+            kwargs["attention_mask"] = torch.cat([mask[..., v0:v0 + n_video], mask[..., t0:t0 + n_text]], dim=-1)
+            return args, kwargs
+
+    return JointMaskHook()
+
+
+def _joint_attention_modules(transformer):
+    for name in ("transformer_blocks", "single_transformer_blocks"):
+        for block in getattr(transformer, name, ()):
+            yield block.attn
+
+
+def prepare_context_parallel(transformer) -> bool:
+    """Make `transformer.enable_parallelism(config=ContextParallelConfig(...))` work on a model diffusers ships
+    without a `_cp_plan`: attach our plan (an instance attribute) and the hooks it needs. Idempotent; a no-op
+    (False) for models that have their own plan or none of ours. Raises for model variants the plan cannot
+    shard."""
+    cls = type(transformer).__name__
+    if cls not in CP_PLANS or getattr(type(transformer), "_cp_plan", None) is not None:
+        return False
+    if cls == "HunyuanVideoTransformer3DModel":
+        if getattr(transformer.config, "image_condition_type", None) == "token_replace":
+            raise ValueError("HunyuanVideo context parallelism: image_condition_type='token_replace' (I2V) treats "
+                             "the first frame's tokens specially; the sequence plan cannot shard it")
+        from diffusers.hooks import HookRegistry
+        for attn in _joint_attention_modules(transformer):
+            registry = HookRegistry.check_if_exists_or_initialize(attn)
+            if registry.get_hook(_MASK_HOOK) is None:
+                registry.register_hook(_joint_mask_hook(), _MASK_HOOK)
+    transformer._cp_plan = CP_PLANS[cls]()
+    return True
+
+
+def unprepare_context_parallel(transformer) -> None:
+    """Undo `prepare_context_parallel` (the model must not have parallelism enabled)."""
+    if "_cp_plan" in transformer.__dict__:
+        del transformer.__dict__["_cp_plan"]
+    for attn in _joint_attention_modules(transformer):
+        registry = getattr(attn, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(_MASK_HOOK) is not None:
+            registry.remove_hook(_MASK_HOOK, recurse=False)
