@@ -197,6 +197,26 @@ def _errors_case(rank, world):
     return found
 
 
+def _bench_cp_case(rank, world):
+    """`bench cp --tiny` inside the running process group (as under torchrun): it runs every mode that fits and
+    reports the CP output's agreement with the one-process output."""
+    import sage3_diffusers
+    from sage3_diffusers import bench_cp
+
+    path = os.path.join(tempfile.gettempdir(), f"sage3_bench_cp_{os.getppid()}.json")
+    try:
+        bench_cp.main(["--tiny", "--model", "hunyuan_video", "--iters", "1", "--warmup", "0", "--json", path])
+    finally:
+        sage3_diffusers.set_fallback(None)
+    if rank != 0:
+        return {}
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    os.remove(path)
+    return {"rows": sorted(f"{r['mode']}-{r['variant']}" for r in rows),
+            "min_cos": min(r["cos"] for r in rows if r["mode"] != "none")}
+
+
 ERRORS = {"grad": "RuntimeError", "query_mask": "ValueError", "float_mask": "ValueError", "causal": "ValueError"}
 
 
@@ -226,13 +246,15 @@ def _cases(world):
     if world == 2:
         cases["processor-route-raises"] = lambda rank: _processor_route_case(rank, world)
         cases["op-errors"] = lambda rank: _errors_case(rank, world)
+        cases["bench-cp"] = lambda rank: _bench_cp_case(rank, world)
     return cases
 
 
 def _worker(rank, world, port, path):
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     # diffusers computes rank % torch.accelerator.device_count(); on a CPU-only machine that is 0.
     torch.accelerator.device_count = lambda: 1
@@ -286,6 +308,10 @@ def test_context_parallel_cases(world):
     for name, m in sorted(results.items()):
         if "error" in m:
             failures.append(f"{name}: {m['error']}")
+        elif name == "bench-cp":
+            if m["rows"] != ["none-default", "none-int8_fp8", "ring-int8_fp8", "ulysses-int8_fp8"] or \
+                    m["min_cos"] < RING_MIN_COS:
+                failures.append(f"{name}: {m}")
         elif name == "op-errors":
             if m != ERRORS:
                 failures.append(f"{name}: {m}")
