@@ -56,7 +56,47 @@ def parse_args(family: str, argv=None):
                          "emulation of its numerics (default on CPU), error")
     ap.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     ap.add_argument("--model", help="override the hub id (real mode)")
+    ap.add_argument("--cp", choices=("ulysses", "ring", "unified"),
+                    help="context parallelism over the processes of `torchrun --nproc-per-node N` (one GPU each; "
+                         "CPU processes with --tiny), through the 'sage2pp'/'sage3' dispatcher backend")
     return ap.parse_args(argv)
+
+
+def setup_context_parallel(args):
+    """--cp: join torchrun's process group and pin this process to its GPU. Returns (rank, world)."""
+    import torch.distributed as dist
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        raise SystemExit("--cp needs several processes: torchrun --nproc-per-node N examples/<model>.py --cp ...")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:  # diffusers places rank r at r % torch.accelerator.device_count(), 0 on a CPU-only machine
+        torch.accelerator.device_count = lambda: 1
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank, world
+
+
+def enable_context_parallel(pipe, args, world):
+    """Our kernel through the dispatcher backend, the model's sequence plan, diffusers' enable_parallelism."""
+    from diffusers import ContextParallelConfig
+    from sage3_diffusers.integration import register_dispatcher_backends
+    from sage3_diffusers.integration.context_parallel import prepare_context_parallel
+
+    kernel = args.kernel or "int8_fp8"
+    names = {"int8_fp8": "sage2pp", "fp4": "sage3"}
+    if kernel not in names:
+        raise SystemExit(f"--cp runs one kernel family for every layer: --kernel int8_fp8 or fp4, not {kernel!r}")
+    if not args.no_sage:
+        register_dispatcher_backends()
+        pipe.transformer.set_attention_backend(names[kernel])
+    degrees = {"ulysses": (1, world), "ring": (world, 1), "unified": (2, world // 2)}[args.cp]
+    if args.cp == "unified" and (world < 4 or world % 2):
+        raise SystemExit("--cp unified needs an even number of processes, 4 or more")
+    prepare_context_parallel(pipe.transformer)
+    pipe.transformer.enable_parallelism(config=ContextParallelConfig(ring_degree=degrees[0],
+                                                                     ulysses_degree=degrees[1]))
+    return f"context parallel {args.cp} over {world} processes (ring {degrees[0]}, ulysses {degrees[1]}), " \
+           f"kernel {'diffusers default' if args.no_sage else kernel}"
 
 
 def build_pipeline(family: str, args):
@@ -106,10 +146,15 @@ def run(family: str, argv=None) -> int:
     fallback = args.fallback or ("emulate" if not torch.cuda.is_available() else None)
     if fallback:
         sage3_diffusers.set_fallback(fallback)
+    rank, world = setup_context_parallel(args) if args.cp else (0, 1)
     pipe, device = build_pipeline(family, args)
-    pipe.set_progress_bar_config(disable=False)
+    pipe.set_progress_bar_config(disable=rank != 0)
     runtime = None
-    if not args.no_sage:
+    if args.cp:
+        line = enable_context_parallel(pipe, args, world)
+        if rank == 0:
+            print(line)
+    elif not args.no_sage:
         runtime = apply(pipe, kernel=args.kernel) if args.kernel else apply(pipe, args.policy)
         print(f"sage3: policy {runtime.policy.source if not args.kernel else 'kernel=' + args.kernel}, "
               f"fallback {sage3_diffusers.dispatch.get_fallback()}, device {device}")
@@ -119,7 +164,11 @@ def run(family: str, argv=None) -> int:
     t0 = time.perf_counter()
     result = pipe(**kw)
     wall = time.perf_counter() - t0
+    if rank != 0:
+        return 0
     tag = "baseline" if args.no_sage else (args.kernel or "policy")
+    if args.cp:
+        tag = f"{args.kernel or 'int8_fp8'}_cp_{args.cp}{world}" if not args.no_sage else f"{tag}_cp_{args.cp}{world}"
     path = save(family, result, Path(args.out), ("tiny_" if args.tiny else "") + tag)
     print(f"saved {path}")
     print(f"wall time {wall:.2f} s ({kw['num_inference_steps']} steps)")
