@@ -330,3 +330,33 @@ def test_context_parallel_cases(world):
         elif m["cos"] < RING_MIN_COS:
             failures.append(f"{name}: cos sim {m['cos']:.7f} < {RING_MIN_COS}")
     assert not failures, "\n".join(failures)
+
+
+def test_prepare_is_inert_without_parallelism_and_undone():
+    """Our HunyuanVideo plan and mask hooks change nothing until enable_parallelism, and unprepare removes them."""
+    from sage3_diffusers.integration.context_parallel import prepare_context_parallel, unprepare_context_parallel
+
+    model = _tiny("hunyuan_video")
+    inputs = _model_inputs("hunyuan_video", model)
+    with torch.no_grad():
+        before = model(**inputs)[0]
+        assert prepare_context_parallel(model) and prepare_context_parallel(model)  # idempotent
+        assert set(model._cp_plan) == {"rope", "transformer_blocks.0", "proj_out"}
+        assert torch.equal(model(**inputs)[0], before)
+        unprepare_context_parallel(model)
+        assert model._cp_plan is None and model.transformer_blocks[0].attn._diffusers_hook.get_hook(
+            "sage3_cp_joint_mask") is None
+        assert torch.equal(model(**inputs)[0], before)
+    assert not prepare_context_parallel(_tiny("flux"))  # diffusers' own plan: nothing to add
+
+
+def test_prepare_refuses_token_replace():
+    from diffusers import HunyuanVideoTransformer3DModel
+    from sage3_diffusers.integration.context_parallel import prepare_context_parallel
+
+    model = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                           num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=1,
+                                           patch_size_t=1, text_embed_dim=16, pooled_projection_dim=32,
+                                           rope_axes_dim=(4, 4, 8), image_condition_type="token_replace")
+    with pytest.raises(ValueError, match="token_replace"):
+        prepare_context_parallel(model)

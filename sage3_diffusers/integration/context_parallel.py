@@ -175,6 +175,28 @@ def _chunk_keys(cp, key_sizes):
     return chunk
 
 
+# A model builds its mask once per forward and passes the same tensor to every layer: the gathered global mask is
+# kept for that tensor (a strong reference, so its identity cannot be recycled). Every rank runs the same layers on
+# the same masks, so all ranks hit or miss together and skip or join the collective together.
+_MASK_CACHE: dict = {}
+
+
+def _global_key_mask(attn_mask, batch, seq_kv, cp):
+    """(global key mask [B, S_global] on the host or None when there is none or it keeps every key, call index ->
+    slice of global key positions)."""
+    if attn_mask is None:
+        return None, None
+    cached = _MASK_CACHE.get("entry")
+    if cached is not None and cached[0] is attn_mask and cached[1] is cp:
+        return cached[2]
+    local = _local_key_mask(attn_mask, batch, seq_kv)
+    gathered, sizes = _all_gather_seq(local, cp._flattened_mesh.get_group())
+    global_mask = gathered.cpu()  # one host sync per mask; every chunk's index lists come from it
+    result = (None, None) if bool(global_mask.all()) else (global_mask, _chunk_keys(cp, sizes))
+    _MASK_CACHE["entry"] = (attn_mask, cp, result)
+    return result
+
+
 def parallel_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, attn_mask=None,
                        is_causal: bool = False, scale: float | None = None, kernel: str, parallel_config,
                        return_lse: bool = False, on_choice=None):
@@ -187,15 +209,7 @@ def parallel_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
     cp = _check_call(query, key, value, attn_mask, is_causal, parallel_config)
     sm_scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    global_mask, chunk_keys = None, None
-    if attn_mask is not None:
-        local = _local_key_mask(attn_mask, query.shape[0], key.shape[1])
-        gathered, sizes = _all_gather_seq(local, cp._flattened_mesh.get_group())
-        global_mask = gathered.cpu()  # one host sync per call; every chunk's index lists come from it
-        if bool(global_mask.all()):
-            global_mask = None
-        else:
-            chunk_keys = _chunk_keys(cp, sizes)
+    global_mask, chunk_keys = _global_key_mask(attn_mask, query.shape[0], key.shape[1], cp)
     forward_op = _ForwardOp(kernel, sm_scale, global_mask, chunk_keys, on_choice)
     return _templated_context_parallel_attention(
         query, key, value, None, 0.0, False, sm_scale, False, return_lse,
@@ -228,16 +242,20 @@ _MASK_HOOK = "sage3_cp_joint_mask"
 
 
 def _joint_mask_hook():
-    """A hook on HunyuanVideo's attention modules: under context parallelism the transformer still builds its
-    key mask over the whole joint sequence [video, text] (before the plan shards the streams), while rank r holds
-    [video_r, text_r]. The hook gives the attention the mask of the rank's own keys, in that layout; diffusers'
-    Ulysses all-gather and our ring/unified path then see the keys and the mask in the same order. Without it
-    the mask would silently address the wrong keys. Inert without context parallelism."""
+    """The class of the hook on HunyuanVideo's attention modules: under context parallelism the transformer still
+    builds its key mask over the whole joint sequence [video, text] (before the plan shards the streams), while
+    rank r holds [video_r, text_r]. The hook gives the attention the mask of the rank's own keys, in that layout;
+    diffusers' Ulysses all-gather and our ring/unified path then see the keys and the mask in the same order.
+    Without it the mask would silently address the wrong keys. Inert without context parallelism."""
     import torch.distributed as dist
     from diffusers.hooks import ModelHook
     from diffusers.models._modeling_parallel import gather_size_by_comm
 
     class JointMaskHook(ModelHook):
+        def __init__(self, shared):
+            super().__init__()
+            self.shared = shared  # one dict per transformer: the last (whole mask, local mask) pair
+
         def pre_forward(self, module, *args, **kwargs):
             mask = kwargs.get("attention_mask")
             config = getattr(getattr(module, "processor", None), "_parallel_config", None)
@@ -251,6 +269,10 @@ def _joint_mask_hook():
             n_video, n_text = hs.shape[1], ehs.shape[1]
             if mask.shape[-1] == n_video + n_text:
                 return args, kwargs  # already over the local keys
+            last = self.shared.get("last")
+            if last is not None and last[0] is mask and last[1] == (n_video, n_text):
+                kwargs["attention_mask"] = last[2]  # the same local mask object for every layer of a forward
+                return args, kwargs
             group = cp._flattened_mesh.get_group()
             world, rank = dist.get_world_size(group), dist.get_rank(group)
             if cp.ulysses_anything or cp.ring_anything:
@@ -262,10 +284,12 @@ def _joint_mask_hook():
                 raise ValueError(f"HunyuanVideo context parallelism: the attention mask covers {mask.shape[-1]} keys, "
                                  f"expected the whole joint sequence ({total_video} video + {total_text} text)")
             v0, t0 = sum(video_sizes[:rank]), total_video + sum(text_sizes[:rank])
-            kwargs["attention_mask"] = torch.cat([mask[..., v0:v0 + n_video], mask[..., t0:t0 + n_text]], dim=-1)
+            local = torch.cat([mask[..., v0:v0 + n_video], mask[..., t0:t0 + n_text]], dim=-1)
+            self.shared["last"] = (mask, (n_video, n_text), local)
+            kwargs["attention_mask"] = local
             return args, kwargs
 
-    return JointMaskHook()
+    return JointMaskHook
 
 
 def _joint_attention_modules(transformer):
@@ -287,10 +311,11 @@ def prepare_context_parallel(transformer) -> bool:
             raise ValueError("HunyuanVideo context parallelism: image_condition_type='token_replace' (I2V) treats "
                              "the first frame's tokens specially; the sequence plan cannot shard it")
         from diffusers.hooks import HookRegistry
+        hook_cls, shared = _joint_mask_hook(), {}
         for attn in _joint_attention_modules(transformer):
             registry = HookRegistry.check_if_exists_or_initialize(attn)
             if registry.get_hook(_MASK_HOOK) is None:
-                registry.register_hook(_joint_mask_hook(), _MASK_HOOK)
+                registry.register_hook(hook_cls(shared), _MASK_HOOK)
     transformer._cp_plan = CP_PLANS[cls]()
     return True
 
