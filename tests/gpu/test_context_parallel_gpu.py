@@ -20,8 +20,10 @@ from sage3_diffusers.numerics.metrics import accuracy_metrics
 CUDA = torch.cuda.is_available()
 needs_cuda = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
 GPU_BACKENDS = ["cuda_sm90_int8_fp8", "triton_int8_fp8", "cuda_fp4_emulated", "cuda_sm120_fp4"]
-# family: (mean |lse err|, max |lse err|, min cos of the chunk-merged output to the one-call output)
-LEVELS = {"int8_fp8": (0.02, 0.25, 0.999), "fp4": (0.16, 1.5, 0.99), "sdpa": (2e-3, 2e-2, 0.9999)}
+# family: (mean |lse err|, max |lse err|, min cos of the chunk-merged output to the one-call output, how much
+# further from exact (cos sim) the merged output may be than the one-call output). FP4 is ~0.97 cos to exact on
+# these inputs (its accuracy, see tests/test_numerics_attention.py), so chunking moves it more.
+LEVELS = {"int8_fp8": (0.02, 0.25, 0.999, 5e-4), "fp4": (0.16, 1.5, 0.97, 2e-3), "sdpa": (2e-3, 2e-2, 0.9999, 1e-5)}
 
 
 def _backend_or_skip(name):
@@ -70,7 +72,7 @@ def test_gpu_lse_of_unsmoothed_scores(name, layout, offset, shape):
     out, lse = backend.forward(q, k, v, layout=layout, is_causal=False, sm_scale=scale, return_lse=True)
     assert lse.shape == (b, h, sq) and lse.dtype == torch.float32
     err = (lse - _fp32_lse(q, k, layout, scale)).abs()
-    mean_tol, max_tol, _ = LEVELS[backend.family]
+    mean_tol, max_tol, _, _ = LEVELS[backend.family]
     assert err.mean() <= mean_tol and err.max() <= max_tol, (name, err.mean().item(), err.max().item())
 
 
@@ -83,7 +85,9 @@ def _merge(out_a, lse_a, out_b, lse_b, layout):
 
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
-def test_gpu_ring_chunks_views_and_merge(name, layout):
+@pytest.mark.parametrize("lead", [0, 3], ids=["aligned", "misaligned"])
+def test_gpu_ring_chunks_views_and_merge(name, layout, lead):
+    """lead: elements in front of the chunk in the flat buffer (3: key and value start off 16-byte alignment)."""
     backend = _backend_or_skip(name)
     b, h, s, d = 1, 4, 2048 + 77, 128
     q, k, v = _inputs(b, h, s, s, d, 50.0, layout)
@@ -95,9 +99,10 @@ def test_gpu_ring_chunks_views_and_merge(name, layout):
     sizes = [700, 700, s - 1400]
     for kc, vc in zip(k.split(sizes, dim=seq_dim), v.split(sizes, dim=seq_dim)):
         kc, vc = kc.contiguous(), vc.contiguous()
-        buffer = torch.cat([kc.flatten(), vc.flatten()])  # as diffusers' ring all-gathers K and V
-        k_view, v_view = buffer[:kc.numel()].reshape_as(kc), buffer[kc.numel():].reshape_as(vc)
-        assert v_view.storage_offset() == kc.numel()
+        buffer = torch.cat([kc.new_zeros(lead), kc.flatten(), vc.flatten()])  # as diffusers' ring all-gathers K, V
+        k_view = buffer[lead:lead + kc.numel()].reshape_as(kc)
+        v_view = buffer[lead + kc.numel():].reshape_as(vc)
+        assert v_view.storage_offset() == lead + kc.numel()
         o, l = backend.forward(q, k_view, v_view, **kw)
         o_copy, l_copy = backend.forward(q, kc.clone(), vc.clone(), **kw)
         assert torch.equal(o, o_copy) and torch.equal(l, l_copy), "storage-offset views differ from copies"
@@ -108,9 +113,9 @@ def test_gpu_ring_chunks_views_and_merge(name, layout):
         exact = exact.transpose(1, 2)
     one_call = accuracy_metrics(full.float(), exact)["cos_sim"]
     merged = accuracy_metrics(out, exact)["cos_sim"]
-    _, _, min_cos = LEVELS[backend.family]
+    _, _, min_cos, margin = LEVELS[backend.family]
     assert accuracy_metrics(out, full.float())["cos_sim"] >= min_cos
-    assert merged >= one_call - 5e-4, (merged, one_call)
+    assert merged >= one_call - margin, (merged, one_call)
 
 
 # ----------------------------------------------------------------------------------- world-size-1 templated CP
