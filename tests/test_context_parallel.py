@@ -116,15 +116,15 @@ def _tiny(family, heads=4, head_dim=16):
     return m.eval()
 
 
-def _model_inputs(family, model):
+def _model_inputs(family, model, text_len=12):
     from sage3_diffusers.integration.tiny import transformer_inputs
     if family == "flux":
         return transformer_inputs("flux", config=model.config, grid=(1, 4, 4), text_len=8)
-    return transformer_inputs("hunyuan_video", config=model.config, grid=(2, 4, 4), text_len=12,
-                              text_lengths=[12, 7])
+    return transformer_inputs("hunyuan_video", config=model.config, grid=(2, 4, 4), text_len=text_len,
+                              text_lengths=[text_len, 7])
 
 
-def _model_case(rank, world, family, ring, ulysses, backend_env, attention_backend="sage2pp"):
+def _model_case(rank, world, family, ring, ulysses, backend_env, attention_backend="sage2pp", anything=False):
     from sage3_diffusers.integration import register_dispatcher_backends
     from sage3_diffusers.integration.context_parallel import prepare_context_parallel
 
@@ -133,12 +133,14 @@ def _model_case(rank, world, family, ring, ulysses, backend_env, attention_backe
     try:
         model = _tiny(family)
         model.set_attention_backend(attention_backend)
-        inputs = _model_inputs(family, model)
+        # The "anything" variants: a text length that does not split evenly over the ranks.
+        inputs = _model_inputs(family, model, text_len=13 if anything else 12)
+        kw = {} if not anything else {"ring_anything": True} if ring > 1 else {"ulysses_anything": True}
         with torch.no_grad():
             ref = model(**inputs)[0]
             prepare_context_parallel(model)
             from diffusers import ContextParallelConfig
-            model.enable_parallelism(config=ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses))
+            model.enable_parallelism(config=ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses, **kw))
             out = model(**inputs)[0]
     finally:
         os.environ.pop("SAGE3_BACKEND", None)
@@ -244,6 +246,9 @@ def _cases(world):
     cases["model-hunyuan_video-native-ulysses"] = lambda rank: _model_case(rank, world, "hunyuan_video", 1, world,
                                                                            "sdpa", attention_backend="native")
     if world == 2:
+        for mode, r, u in modes:
+            cases[f"model-hunyuan_video-sdpa-{mode}_anything"] = lambda rank, r=r, u=u: _model_case(
+                rank, world, "hunyuan_video", r, u, "sdpa", anything=True)
         cases["processor-route-raises"] = lambda rank: _processor_route_case(rank, world)
         cases["op-errors"] = lambda rank: _errors_case(rank, world)
         cases["bench-cp"] = lambda rank: _bench_cp_case(rank, world)
