@@ -11,11 +11,12 @@ Scope and limits:
 - Inference only: inputs that require grad raise (our kernels have no backward).
 - No causal masks, no GQA (diffusers' templated attention has neither) and no dropout.
 - Masks: a query-independent boolean key mask ([B, S_kv] or [B, 1, 1, S_kv] over the *local* keys, True = keep) is
-  all-gathered once per call into the global key order, and each `forward_op` call attends only to the valid keys
-  of the chunk it is given (packed per sample; a right-padding mask is a plain prefix). This works for Ulysses,
-  ring, unified and both "anything" variants. Anything else (a mask with a query dimension, float masks) raises.
-  A rank whose own key chunk is entirely masked for a sample raises under ring attention: diffusers' LSE merge
-  cannot start from an empty chunk (it would produce NaN).
+  all-gathered into the global key order (once per mask tensor: a model passes the same one to every layer), and
+  each `forward_op` call attends only to the valid keys of the chunk it is given (packed per sample; a
+  right-padding mask is a plain prefix). This works for Ulysses, ring, unified and both "anything" variants.
+  Anything else (a mask with a query dimension, float masks) raises. A sample whose first chunk (the rank's own
+  under ring attention, all keys under Ulysses) is entirely masked raises: diffusers' LSE merge cannot start from
+  an empty chunk (it would produce NaN), and attention over no keys is undefined.
 - Model plans: `CP_PLANS` holds plans for models diffusers ships without one (HunyuanVideo);
   `prepare_context_parallel(transformer)` attaches the plan and the hooks it needs.
 """
@@ -33,7 +34,7 @@ PROCESSOR_ROUTE_CP_ERROR = (
 # ------------------------------------------------------------------------------------------- the attention op
 
 
-def _check_call(query, key, value, attn_mask, is_causal, parallel_config):
+def _check_call(query, key, value, is_causal, parallel_config):
     cp = getattr(parallel_config, "context_parallel_config", None)
     if cp is None:
         raise ValueError("parallel_attention needs a diffusers ParallelConfig with a context_parallel_config "
@@ -136,9 +137,10 @@ class _ForwardOp:
             qb = query[b:b + 1]
             if idx.numel() == 0:
                 if self.calls == 0:
-                    raise ValueError("ring attention: this rank's own key chunk is entirely masked for sample "
-                                     f"{b}; diffusers' LSE merge cannot start from an empty chunk. Use Ulysses, or "
-                                     "a plan that keeps valid tokens in every rank's shard")
+                    raise ValueError(f"context-parallel attention: every key of the first chunk is masked for "
+                                     f"sample {b} (the rank's own chunk under ring attention, all keys under "
+                                     "Ulysses); diffusers' LSE merge cannot start from an empty chunk. Under ring "
+                                     "attention use a plan that keeps valid tokens in every rank's shard")
                 outs.append(torch.zeros_like(qb))
                 lses.append(torch.full(qb.shape[:3], float("-inf"), dtype=torch.float32, device=qb.device))
                 continue
@@ -207,7 +209,7 @@ def parallel_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     Inference only; see the module docstring for masks."""
     from diffusers.models.attention_dispatch import _templated_context_parallel_attention
 
-    cp = _check_call(query, key, value, attn_mask, is_causal, parallel_config)
+    cp = _check_call(query, key, value, is_causal, parallel_config)
     sm_scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     global_mask, chunk_keys = _global_key_mask(attn_mask, query.shape[0], key.shape[1], cp)
     forward_op = _ForwardOp(kernel, sm_scale, global_mask, chunk_keys, on_choice)
