@@ -100,10 +100,16 @@ def _op_case(rank, world, ring, ulysses, kernel, masked, anything=False, seq=Non
 
 
 def _tiny(family, heads=4, head_dim=16):
-    from diffusers import FluxTransformer2DModel, HunyuanVideoTransformer3DModel
+    from diffusers import CogVideoXTransformer3DModel, FluxTransformer2DModel, HunyuanVideoTransformer3DModel
 
     torch.manual_seed(0)
-    if family == "flux":
+    if family == "cogvideox":
+        m = CogVideoXTransformer3DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
+                                        out_channels=4, time_embed_dim=2, text_embed_dim=32, num_layers=2,
+                                        sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
+                                        temporal_compression_ratio=4, max_text_seq_length=12,
+                                        use_rotary_positional_embeddings=True)
+    elif family == "flux":
         m = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                                    attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=32,
                                    pooled_projection_dim=32, axes_dims_rope=(4, 4, head_dim - 8))
@@ -120,6 +126,8 @@ def _model_inputs(family, model, text_len=12):
     from sage3_diffusers.integration.tiny import transformer_inputs
     if family == "flux":
         return transformer_inputs("flux", config=model.config, grid=(1, 4, 4), text_len=8)
+    if family == "cogvideox":  # 12 video tokens (3 latent frames of 2x2 patches), 12 text tokens
+        return transformer_inputs("cogvideox", config=model.config, grid=(3, 2, 2), text_len=12)
     return transformer_inputs("hunyuan_video", config=model.config, grid=(2, 4, 4), text_len=text_len,
                               text_lengths=[text_len, 7])
 
@@ -145,6 +153,32 @@ def _model_case(rank, world, family, ring, ulysses, backend_env, attention_backe
     finally:
         os.environ.pop("SAGE3_BACKEND", None)
     return _metrics(out, ref)
+
+
+def _processor_cp_case(rank, world, ring, ulysses, kernel):
+    """CogVideoX calls SDPA from its processors: ours (installed by apply, with the plan) run the CP path, with the
+    layer's kernel from the policy and the calls counted."""
+    from diffusers import ContextParallelConfig
+    from sage3_diffusers.integration import apply
+
+    model = _tiny("cogvideox")
+    inputs = _model_inputs("cogvideox", model)
+    runtime = apply(model, kernel=kernel, log_summary=False)
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+        model.enable_parallelism(config=ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses))
+        out = model(**inputs)[0]
+    result = _metrics(out, ref)
+    # One call per attention layer per forward (2 layers, one forward without and one with parallelism), every
+    # one on the requested backend.
+    result["calls_ok"] = len(runtime.stats.calls) == 4 and all(c.backend == kernel for c in runtime.stats.calls)
+    from sage3_diffusers.integration import remove
+    try:  # diffusers' own processors would attend within the shard: remove refuses
+        remove(model)
+        result["calls_ok"] = False
+    except RuntimeError:
+        pass
+    return result
 
 
 def _processor_route_case(rank, world):
@@ -242,6 +276,9 @@ def _cases(world):
                 rank, world, f, r, u, "sdpa")
             cases[f"model-{family}-{ref}-{mode}"] = lambda rank, f=family, r=r, u=u: _model_case(
                 rank, world, f, r, u, ref)
+    for mode, r, u in modes:
+        cases[f"model-cogvideox-sdpa-{mode}"] = lambda rank, r=r, u=u: _processor_cp_case(rank, world, r, u, "sdpa")
+        cases[f"model-cogvideox-{ref}-{mode}"] = lambda rank, r=r, u=u: _processor_cp_case(rank, world, r, u, ref)
     # The plan alone (no sage3 kernel): diffusers' own native backend, Ulysses, masked HunyuanVideo.
     cases["model-hunyuan_video-native-ulysses"] = lambda rank: _model_case(rank, world, "hunyuan_video", 1, world,
                                                                            "sdpa", attention_backend="native")
@@ -323,6 +360,9 @@ def test_context_parallel_cases(world):
         elif name == "processor-route-raises":
             if m != {"apply_then_enable": "raised", "enable_then_apply": "raised"}:
                 failures.append(f"{name}: {m}")
+        elif name.startswith("model-cogvideox") and not m["calls_ok"]:
+            failures.append(f"{name}: the stats do not show one call per layer on the requested backend, or "
+                            "remove() did not refuse")
         elif "-sdpa-" in name or "-native-" in name or name.startswith("op-reference_int8_fp8-ulysses"):
             if m["max_abs"] > EXACT_TOL:
                 failures.append(f"{name}: max abs diff {m['max_abs']:.3g} > {EXACT_TOL}")
@@ -365,3 +405,16 @@ def test_prepare_refuses_token_replace():
                                            rope_axes_dim=(4, 4, 8), image_condition_type="token_replace")
     with pytest.raises(ValueError, match="token_replace"):
         prepare_context_parallel(model)
+
+
+def test_cogvideox_plan_needs_our_processors_and_apply_attaches_it():
+    from sage3_diffusers.integration import apply, remove
+    from sage3_diffusers.integration.context_parallel import prepare_context_parallel
+
+    model = _tiny("cogvideox")
+    with pytest.raises(ValueError, match="call SDPA directly"):
+        prepare_context_parallel(model)  # diffusers' CogVideoX processors would attend within the shard
+    apply(model, kernel="sdpa", log_summary=False)
+    assert set(model._cp_plan) == {"transformer_blocks.0", "transformer_blocks.*", "proj_out"}
+    remove(model)
+    assert model._cp_plan is None

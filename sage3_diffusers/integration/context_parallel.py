@@ -17,8 +17,9 @@ Scope and limits:
   Anything else (a mask with a query dimension, float masks) raises. A sample whose first chunk (the rank's own
   under ring attention, all keys under Ulysses) is entirely masked raises: diffusers' LSE merge cannot start from
   an empty chunk (it would produce NaN), and attention over no keys is undefined.
-- Model plans: `CP_PLANS` holds plans for models diffusers ships without one (HunyuanVideo);
-  `prepare_context_parallel(transformer)` attaches the plan and the hooks it needs.
+- Model plans: `CP_PLANS` holds plans for models diffusers ships without one: HunyuanVideo (dispatcher route) and
+  CogVideoX (our processors only: its own call SDPA directly); `prepare_context_parallel(transformer)` attaches
+  the plan and the hooks it needs.
 """
 from __future__ import annotations
 
@@ -239,7 +240,25 @@ def _hunyuan_video_plan():
     }
 
 
-CP_PLANS = {"HunyuanVideoTransformer3DModel": _hunyuan_video_plan}
+def _cogvideox_plan():
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    rope_shard = ContextParallelInput(split_dim=0, expected_dims=2, split_output=False)
+    return {
+        # Rank r holds [text_r, video_r]; the patch embedding (text and video together) runs before the split.
+        "transformer_blocks.0": {
+            "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+            "encoder_hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+        },
+        # RoPE (cos, sin) of the video tokens, [S_video, D], passed to every block (None without RoPE).
+        "transformer_blocks.*": {"image_rotary_emb": [rope_shard, rope_shard]},
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+
+
+CP_PLANS = {"HunyuanVideoTransformer3DModel": _hunyuan_video_plan, "CogVideoXTransformer3DModel": _cogvideox_plan}
+# Models whose own processors call SDPA directly: only our processors (supports_context_parallel) run the plan.
+_NEEDS_OUR_PROCESSORS = {"CogVideoXTransformer3DModel"}
 _MASK_HOOK = "sage3_cp_joint_mask"
 
 
@@ -295,6 +314,9 @@ def _joint_mask_hook():
 
 
 def _joint_attention_modules(transformer):
+    """HunyuanVideo's joint attention modules (the ones the mask hook sits on); none for other models."""
+    if type(transformer).__name__ != "HunyuanVideoTransformer3DModel":
+        return
     for name in ("transformer_blocks", "single_transformer_blocks"):
         for block in getattr(transformer, name, ()):
             yield block.attn
@@ -308,6 +330,11 @@ def prepare_context_parallel(transformer) -> bool:
     cls = type(transformer).__name__
     if cls not in CP_PLANS or getattr(type(transformer), "_cp_plan", None) is not None:
         return False
+    if cls in _NEEDS_OUR_PROCESSORS:
+        processors = [getattr(m, "processor", None) for m in transformer.modules() if hasattr(m, "processor")]
+        if not processors or not all(getattr(p, "supports_context_parallel", False) for p in processors):
+            raise ValueError(f"{cls}: diffusers' own attention processors call SDPA directly and cannot run context "
+                             "parallelism; install ours first with sage3_diffusers.apply(), which attaches the plan")
     if cls == "HunyuanVideoTransformer3DModel":
         if getattr(transformer.config, "image_condition_type", None) == "token_replace":
             raise ValueError("HunyuanVideo context parallelism: image_condition_type='token_replace' (I2V) treats "

@@ -107,6 +107,9 @@ def apply(target, policy=None, *, kernel: str | None = None, stats: KernelStats 
     if not originals:
         raise ValueError(f"sage3_diffusers.apply: no default attention processor found in {type(transformer).__name__}"
                          " (already replaced by another plugin?)")
+    if proc.supports_context_parallel:  # the sequence plan enable_parallelism needs (CogVideoX)
+        from .context_parallel import prepare_context_parallel
+        prepare_context_parallel(transformer)
     runtime.register_layers(originals)
     from diffusers.hooks import HookRegistry
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(
@@ -122,6 +125,12 @@ def remove(target) -> None:
     originals = getattr(transformer, "_sage3_installed", None)
     if originals is None:
         return
+    if getattr(getattr(transformer, "_parallel_config", None), "context_parallel_config", None) is not None:
+        raise RuntimeError("sage3_diffusers.remove: context parallelism is enabled on this transformer; diffusers' "
+                           "own processors would attend only within each rank's shard")
+    from .context_parallel import _NEEDS_OUR_PROCESSORS, unprepare_context_parallel
+    if type(transformer).__name__ in _NEEDS_OUR_PROCESSORS:  # the plan apply attached
+        unprepare_context_parallel(transformer)
     for name, processor in originals.items():
         module = transformer.get_submodule(name)
         _set(module, processor)

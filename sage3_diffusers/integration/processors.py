@@ -42,9 +42,11 @@ class _Sage3Base:
     None = ask the runtime attached by `apply` (or "fp4" without one)."""
 
     family: str | None = None
-    # Filled by diffusers' `enable_parallelism`; the processor route has no context-parallel path, so a set
-    # config makes every sharded attention call raise instead of attending only within the rank's shard.
+    # Filled by diffusers' `enable_parallelism`. Processors with `supports_context_parallel` then attend through
+    # `context_parallel.parallel_attention` (the model needs our sequence plan: `prepare_context_parallel`); the
+    # others raise instead of attending only within the rank's shard.
     _parallel_config = None
+    supports_context_parallel = False
 
     def __init__(self, kernel: str | None = None):
         self.kernel = _check_kernel_name(kernel)
@@ -78,11 +80,22 @@ class _Sage3Base:
 
     def _attend(self, attn, q, k, v, *, layout: str, valid: list[int] | None = None, rows: str = "all"):
         """Attention with the layer's kernel; see `attend_valid_prefix` for `valid` and `rows`."""
+        if self._parallel_config is not None and self.supports_context_parallel and valid is None:
+            return self._attend_parallel(attn, q, k, v, layout=layout)
         self._refuse_context_parallel()
         layer, runtime, kernel = self._decide(attn)
         out, backend, note = attend_valid_prefix(q, k, v, kernel, layout, q.shape[-1] ** -0.5, valid, rows)
         self._record(runtime, layer, kernel, backend, note)
         return out
+
+    def _attend_parallel(self, attn, q, k, v, *, layout: str):
+        """The layer's kernel over the whole context-parallel group (this rank holds a shard of the sequence)."""
+        from .context_parallel import parallel_attention
+        layer, runtime, kernel = self._decide(attn)
+        nhd = [t if layout == "NHD" else t.transpose(1, 2) for t in (q, k, v)]
+        out = parallel_attention(*nhd, kernel=kernel, parallel_config=self._parallel_config,
+                                 on_choice=lambda backend, note: self._record(runtime, layer, kernel, backend, note))
+        return out if layout == "NHD" else out.transpose(1, 2)
 
     def _exact(self, attn, q, k, v, *, layout: str, attn_mask, reason: str):
         self._refuse_context_parallel()
@@ -263,9 +276,12 @@ class SD3Sage3Processor(_Sage3Base):
 # ============================================================================================= CogVideoX
 
 class CogVideoXSage3Processor(_Sage3Base):
-    """Replaces `CogVideoXAttnProcessor2_0` (text concatenated before the projections, RoPE on video)."""
+    """Replaces `CogVideoXAttnProcessor2_0` (text concatenated before the projections, RoPE on video). Under
+    context parallelism (our plan shards text and video; `apply` attaches it) it attends through
+    `parallel_attention`."""
 
     family = "cogvideox"
+    supports_context_parallel = True
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None):
