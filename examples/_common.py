@@ -56,9 +56,9 @@ def parse_args(family: str, argv=None):
                          "emulation of its numerics (default on CPU), error")
     ap.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     ap.add_argument("--model", help="override the hub id (real mode)")
-    ap.add_argument("--cp", choices=("ulysses", "ring", "unified"),
+    ap.add_argument("--cp", choices=("ulysses", "ring", "unified", "ulysses_anything", "ring_anything"),
                     help="context parallelism over the processes of `torchrun --nproc-per-node N` (one GPU each; "
-                         "CPU processes with --tiny), through the 'sage2pp'/'sage3' dispatcher backend")
+                         "CPU processes with --tiny); *_anything: token counts (or heads) that do not split evenly")
     return ap.parse_args(argv)
 
 
@@ -76,27 +76,35 @@ def setup_context_parallel(args):
     return rank, world
 
 
-def enable_context_parallel(pipe, args, world):
-    """Our kernel through the dispatcher backend, the model's sequence plan, diffusers' enable_parallelism."""
+def enable_context_parallel(family, pipe, args, world):
+    """Our kernels (CogVideoX: our processors and policy, via apply; others: one kernel through the dispatcher
+    backend), the model's sequence plan, diffusers' enable_parallelism. Returns (runtime or None, log line)."""
     from diffusers import ContextParallelConfig
-    from sage3_diffusers.integration import register_dispatcher_backends
+    from sage3_diffusers.integration import apply, register_dispatcher_backends
     from sage3_diffusers.integration.context_parallel import prepare_context_parallel
 
-    kernel = args.kernel or "int8_fp8"
-    names = {"int8_fp8": "sage2pp", "fp4": "sage3"}
-    if kernel not in names:
-        raise SystemExit(f"--cp runs one kernel family for every layer: --kernel int8_fp8 or fp4, not {kernel!r}")
-    if not args.no_sage:
-        register_dispatcher_backends()
-        pipe.transformer.set_attention_backend(names[kernel])
-    degrees = {"ulysses": (1, world), "ring": (world, 1), "unified": (2, world // 2)}[args.cp]
-    if args.cp == "unified" and (world < 4 or world % 2):
+    runtime, names = None, {"int8_fp8": "sage2pp", "fp4": "sage3"}
+    if family == "cogvideox":  # its processors call SDPA directly: ours run the context-parallel path
+        if args.no_sage:
+            raise SystemExit("--cp with CogVideoX needs our processors (diffusers' own cannot run the plan)")
+        runtime = apply(pipe, kernel=args.kernel) if args.kernel else apply(pipe, args.policy)
+        kernel = args.kernel or f"policy {runtime.policy.source}"
+    else:
+        kernel = args.kernel or "int8_fp8"
+        if kernel not in names:
+            raise SystemExit(f"--cp runs one kernel family for every layer: --kernel int8_fp8 or fp4, not {kernel!r}")
+        if not args.no_sage:
+            register_dispatcher_backends()
+            pipe.transformer.set_attention_backend(names[kernel])
+        prepare_context_parallel(pipe.transformer)
+    mode, anything = args.cp.replace("_anything", ""), args.cp.endswith("_anything")
+    degrees = {"ulysses": (1, world), "ring": (world, 1), "unified": (2, world // 2)}[mode]
+    if mode == "unified" and (world < 4 or world % 2):
         raise SystemExit("--cp unified needs an even number of processes, 4 or more")
-    prepare_context_parallel(pipe.transformer)
-    pipe.transformer.enable_parallelism(config=ContextParallelConfig(ring_degree=degrees[0],
-                                                                     ulysses_degree=degrees[1]))
-    return f"context parallel {args.cp} over {world} processes (ring {degrees[0]}, ulysses {degrees[1]}), " \
-           f"kernel {'diffusers default' if args.no_sage else kernel}"
+    pipe.transformer.enable_parallelism(config=ContextParallelConfig(
+        ring_degree=degrees[0], ulysses_degree=degrees[1], **({f"{mode}_anything": True} if anything else {})))
+    return runtime, (f"context parallel {args.cp} over {world} processes (ring {degrees[0]}, ulysses "
+                     f"{degrees[1]}), kernel {'diffusers default' if args.no_sage else kernel}")
 
 
 def build_pipeline(family: str, args):
@@ -151,7 +159,7 @@ def run(family: str, argv=None) -> int:
     pipe.set_progress_bar_config(disable=rank != 0)
     runtime = None
     if args.cp:
-        line = enable_context_parallel(pipe, args, world)
+        runtime, line = enable_context_parallel(family, pipe, args, world)
         if rank == 0:
             print(line)
     elif not args.no_sage:
