@@ -23,7 +23,8 @@ import torch
 
 DISPATCHER_NAME = {"int8_fp8": "sage2pp", "fp4": "sage3"}
 MODES = ("ulysses", "ring", "unified")
-_TINY_SHAPES = {"flux": dict(grid=(1, 4, 4), text_len=8), "hunyuan_video": dict(grid=(2, 4, 4), text_len=12)}
+_TINY_SHAPES = {"flux": dict(grid=(1, 4, 4), text_len=8), "hunyuan_video": dict(grid=(2, 4, 4), text_len=12),
+                "cogvideox": dict(grid=(3, 2, 2), text_len=12)}
 
 
 def _init_distributed():
@@ -81,8 +82,13 @@ def _build(args, device, dtype):
 
 
 def _set_kernel(model, variant: str) -> None:
-    """variant: "default" (diffusers' own attention) or one of our kernel families through its dispatcher backend."""
+    """variant: "default" (diffusers' own attention) or one of our kernel families: through its dispatcher backend,
+    or through our processors for models that call SDPA directly (CogVideoX)."""
     if variant == "default":
+        return
+    if type(model).__name__ == "CogVideoXTransformer3DModel":
+        from .integration import apply
+        apply(model, kernel=variant, log_summary=False)
         return
     from .integration import register_dispatcher_backends
     register_dispatcher_backends()
@@ -130,13 +136,15 @@ def _compare(out, ref) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="sage3-diffusers bench cp", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="hunyuan_video", help="flux, hunyuan_video (or a family of bench e2e whose "
-                                                             "transformer has a context-parallel plan)")
+    ap.add_argument("--model", default="hunyuan_video", help="flux, hunyuan_video, cogvideox (or a family of bench "
+                                                             "e2e whose transformer has a context-parallel plan)")
     ap.add_argument("--tiny", action="store_true", help="tiny random model (CPU/gloo smoke run)")
     ap.add_argument("--layers", help="blocks per kind, e.g. 2,4 (as bench e2e); default: all")
     ap.add_argument("--kernel", default="int8_fp8", choices=sorted(DISPATCHER_NAME))
     ap.add_argument("--modes", default=",".join(MODES), help="comma list of ulysses, ring, unified")
     ap.add_argument("--no-baseline", action="store_true", help="skip diffusers' default attention on one GPU")
+    ap.add_argument("--anything", action="store_true",
+                    help="ulysses_anything / ring_anything: token counts or heads that do not split evenly")
     ap.add_argument("--height", type=int)
     ap.add_argument("--width", type=int)
     ap.add_argument("--frames", type=int)
@@ -192,15 +200,17 @@ def main(argv=None) -> int:
             continue
         model, inputs = _build(args, device, dtype)
         heads = getattr(model.config, "num_attention_heads", None)
-        if heads is not None and heads % degrees[1]:
+        anything = {f"{mode}_anything": True} if args.anything and mode != "unified" else {}
+        if heads is not None and heads % degrees[1] and not anything:
             if rank == 0:
                 print(f"skip {mode}: {heads} heads do not split over ulysses degree {degrees[1]}")
             continue
         _set_kernel(model, args.kernel)
         prepare_context_parallel(model)
-        model.enable_parallelism(config=ContextParallelConfig(ring_degree=degrees[0], ulysses_degree=degrees[1]))
+        model.enable_parallelism(config=ContextParallelConfig(ring_degree=degrees[0], ulysses_degree=degrees[1],
+                                                              **anything))
         times, out = _time(model, inputs, args.iters, args.warmup, device, world)
-        row = {"mode": mode, "gpus": world, "ring_degree": degrees[0], "ulysses_degree": degrees[1],
+        row = {"mode": mode + ("_anything" if anything else ""), "gpus": world, "ring_degree": degrees[0], "ulysses_degree": degrees[1],
                "variant": args.kernel, "median_ms": statistics.median(times), "times_ms": times}
         if rank == 0 and reference is not None:
             row.update(_compare(out.float().cpu(), reference))
