@@ -1,4 +1,5 @@
-"""Command line: `sage3-diffusers env` (or `python -m sage3_diffusers env`), plus the bench and report tools."""
+"""Command line: `sage3-diffusers env` (or `python -m sage3_diffusers env`), plus the bench, report and calibrate
+tools."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,7 @@ import torch
 from .backends.base import AttentionProblem, CompiledExtension
 from .backends.cuda_fp4 import FP4_EXT
 from .backends.cuda_sm90 import SM90_EXT
+from . import perf_model, selfcheck
 from .dispatch import backend_reasons, get_fallback, list_backends, select_backend
 
 _EXTENSIONS = (SM90_EXT, FP4_EXT)
@@ -52,6 +54,7 @@ def env_report() -> str:
     lines.append("compiled extensions:")
     lines += [f"  {ext.name}: {_extension_status(ext)}" for ext in _EXTENSIONS]
     lines.append(f"fallback when a family has no kernel: {get_fallback()} (SAGE3_FALLBACK)")
+    lines.append(f"speed table for kernel='auto': {perf_model.describe()}")
     for hd in (128, 64):
         p = _probe_problem(hd)
         lines.append(f"backends for a Flux-like bf16 call (head_dim {hd}) on this machine:")
@@ -69,6 +72,7 @@ def env_report() -> str:
                 lines.append(f"  kernel={kernel!r} -> {sel.backend.name}" + (f" ({sel.note})" if sel.note else ""))
             except ValueError as e:
                 lines.append(f"  kernel={kernel!r} -> error: {e}")
+    lines += selfcheck.report_lines()  # the selections above ran the check of each compiled kernel they chose
     return "\n".join(lines)
 
 
@@ -77,15 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="versions, GPU, built kernels, which backends can run here and why not")
     sub.add_parser("bench", help="`bench kernels ...` (kernel table), `bench e2e ...` (transformer forward) or "
-                                        "`bench cp ...` (context parallel, under torchrun)",
+                                 "`bench cp ...` (context parallel, under torchrun)",
                    add_help=False)
     sub.add_parser("report", help="per-layer accuracy report of a model (see `sage3-diffusers report --help`)",
                    add_help=False)
+    sub.add_parser("calibrate", help="per-layer/per-step policy within an error budget, from your prompts (see "
+                   "`sage3-diffusers calibrate --help`)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "env":
         print(env_report())
         return 0
-    module = {"bench": "sage3_diffusers.bench", "report": "sage3_diffusers.integration.report"}[args.command]
+    module = {"bench": "sage3_diffusers.bench", "report": "sage3_diffusers.integration.report",
+              "calibrate": "sage3_diffusers.integration.calibrate"}[args.command]
     if args.command == "bench" and rest[:1] == ["e2e"]:
         module, rest = "sage3_diffusers.bench_e2e", rest[1:]
     if args.command == "bench" and rest[:1] == ["cp"]:  # run under torchrun: see bench_cp

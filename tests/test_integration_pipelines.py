@@ -10,7 +10,6 @@ import torch
 
 pytest.importorskip("diffusers")
 
-import sage3_diffusers as s3  # noqa: E402
 from sage3_diffusers.integration import apply, remove  # noqa: E402
 from sage3_diffusers.integration.tiny import (pipeline_call_kwargs, tiny_pipeline, tiny_transformer,  # noqa: E402
                                               transformer_inputs)
@@ -20,11 +19,7 @@ PROMPTS = ["a cat riding a horse on the moon at night", "a dog"]  # unequal text
 STEPS = 4
 
 
-@pytest.fixture(autouse=True)
-def _setup():
-    s3.set_fallback("emulate")
-    yield
-    s3.set_fallback(None)
+pytestmark = pytest.mark.usefixtures("emulate_fallback")
 
 
 # (family, true CFG: transformer called twice per step)
@@ -61,6 +56,7 @@ def test_hybrid_policy_picks_int8_fp8_on_first_and_last_step_only(family, true_c
     remove(pipe)
 
 
+@pytest.mark.slow
 def test_torch_compile_with_hybrid_policy_matches_eager():
     """torch.compile(transformer) with inductor on CPU: same outputs as eager at every step, the policy's
     kernel switches (int8_fp8 -> fp4 -> int8_fp8) work, and a second generation does not recompile."""
@@ -91,6 +87,7 @@ def _run(args, timeout=300):
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,ext", [("flux", "png"), ("mochi", "gif")])
 def test_example_runs_offline_and_saves(tmp_path, family, ext):
     r = _run([f"examples/{family}.py", "--tiny", "--out", str(tmp_path)])
