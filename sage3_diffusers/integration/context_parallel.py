@@ -106,32 +106,36 @@ class _ForwardOp:
         self.on_choice = on_choice
         self.calls = 0
 
-    def _attend(self, q, k, v):
-        backend, note = choose(q, k, v, self.kernel, tensor_layout="NHD", return_lse=True)
+    def _attend(self, q, k, v, return_lse):
+        """(out, lse [B, S, H] or None). The LSE only where it is used (ring merges; Ulysses asks for none): for
+        exact SDPA it costs a second pass over the scores."""
+        backend, note = choose(q, k, v, self.kernel, tensor_layout="NHD", return_lse=return_lse)
         if self.on_choice is not None and self.calls == 0:
             self.on_choice(backend.name, note)
-        out, lse = backend.forward(q, k, v, layout="NHD", is_causal=False, sm_scale=self.scale, return_lse=True)
-        return out, lse.transpose(1, 2)  # [B, H, S] -> [B, S, H]
+        res = backend.forward(q, k, v, layout="NHD", is_causal=False, sm_scale=self.scale, return_lse=return_lse)
+        if not return_lse:
+            return res, None
+        return res[0], res[1].transpose(1, 2)  # [B, H, S] -> [B, S, H]
 
     def __call__(self, ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
                  _save_ctx=True, _parallel_config=None):
         if dropout_p:
             raise ValueError("context-parallel attention is inference-only: dropout_p must be 0")
         if self.global_mask is None:
-            out, lse = self._attend(query, key, value)
+            out, lse = self._attend(query, key, value, return_lse)
         else:
-            out, lse = self._masked(query, key, value)
+            out, lse = self._masked(query, key, value, return_lse)
         self.calls += 1
         return (out, lse) if return_lse else out
 
-    def _masked(self, query, key, value):
+    def _masked(self, query, key, value, return_lse):
         keys = self.chunk_keys(self.calls)
         mask = self.global_mask[:, keys]
         if mask.shape[1] != key.shape[1]:
             raise RuntimeError(f"context-parallel attention: call {self.calls} got {key.shape[1]} keys but the "
                                f"global key mask assigns it {mask.shape[1]}")
         if bool(mask.all()):
-            return self._attend(query, key, value)
+            return self._attend(query, key, value, return_lse)
         outs, lses = [], []
         for b in range(query.shape[0]):
             idx = mask[b].nonzero().flatten()
@@ -151,10 +155,10 @@ class _ForwardOp:
             else:
                 dev_idx = idx.to(key.device)
                 kb, vb = key[b:b + 1].index_select(1, dev_idx), value[b:b + 1].index_select(1, dev_idx)
-            ob, lb = self._attend(qb, kb, vb)
+            ob, lb = self._attend(qb, kb, vb, return_lse)
             outs.append(ob)
             lses.append(lb)
-        return torch.cat(outs, dim=0), torch.cat(lses, dim=0)
+        return torch.cat(outs, dim=0), (torch.cat(lses, dim=0) if return_lse else None)
 
 
 def _no_backward(ctx, *args, **kwargs):
