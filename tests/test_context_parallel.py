@@ -181,30 +181,77 @@ def _processor_cp_case(rank, world, ring, ulysses, kernel):
     return result
 
 
-def _processor_route_case(rank, world):
-    """apply() installs processors; with context parallelism they must raise in either order, never attend only
-    within the shard."""
+# Per layer and per step: the first step exact, then the emulated INT8/FP8 kernel in the double blocks and exact in
+# the single ones.
+APPLY_POLICY = {"default": "reference_int8_fp8", "rules": [
+    {"name": "first-step-exact", "kernel": "sdpa", "steps": {"first": 1}},
+    {"name": "single-blocks-exact", "kernel": "sdpa", "block_types": ["single"]}]}
+
+
+def _apply_case(rank, world, family, ring, ulysses, enable_first):
+    """apply(model, policy) and enable_parallelism, in either order, on the dispatcher route (the policy backend):
+    two forwards (two steps) give the one-process output and exactly the one-process stats (step, layer, requested
+    kernel, backend that ran), and remove() refuses while parallelism is on."""
     from diffusers import ContextParallelConfig
-    from sage3_diffusers.integration import apply
+    from sage3_diffusers.integration import apply, remove
+
+    model = _tiny(family)
+    steps = [_model_inputs(family, model)]
+    steps.append(dict(steps[0], timestep=steps[0]["timestep"] * 0.5))
+
+    def run():
+        runtime = apply(model, policy=APPLY_POLICY, log_summary=False)
+        with torch.no_grad():
+            out = torch.cat([model(**kw)[0] for kw in steps])
+        return out, [(c.step, c.layer, c.requested, c.backend) for c in runtime.stats.calls]
+
+    ref, ref_calls = run()
+    remove(model)
+    config = ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses)
+    if enable_first:
+        model.enable_parallelism(config=config)
+        out, calls = run()
+    else:
+        runtime = apply(model, policy=APPLY_POLICY, log_summary=False)
+        model.enable_parallelism(config=config)
+        with torch.no_grad():
+            out = torch.cat([model(**kw)[0] for kw in steps])
+        calls = [(c.step, c.layer, c.requested, c.backend) for c in runtime.stats.calls]
+    result = _metrics(out, ref)
+    kernels = {(step, requested) for step, _, requested, _ in ref_calls}
+    result["calls_ok"] = calls == ref_calls and kernels == {(0, "sdpa"), (1, "sdpa"), (1, "reference_int8_fp8")}
+    try:
+        remove(model)
+        result["calls_ok"] = False
+    except RuntimeError:
+        pass
+    return result
+
+
+def _processor_route_case(rank, world):
+    """Processors without a context-parallel path (installed by hand, or the processor route of SD3) must raise,
+    never attend only within the shard."""
+    from diffusers import ContextParallelConfig
+    from sage3_diffusers.integration import Sage3Processor, apply, models
 
     found = {}
     model = _tiny("flux")
     inputs = _model_inputs("flux", model)
-    apply(model, kernel="sdpa", log_summary=False)
+    model.set_attn_processor(Sage3Processor(kernel="sdpa"))
     model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
     try:
         with torch.no_grad():
             model(**inputs)
-        found["apply_then_enable"] = "ran"
+        found["by_hand_then_enable"] = "ran"
     except NotImplementedError as e:
-        found["apply_then_enable"] = "raised" if "dispatcher" in str(e) else repr(e)
-    model = _tiny("flux")
-    model.enable_parallelism(config=ContextParallelConfig(ring_degree=world))
+        found["by_hand_then_enable"] = "raised" if "cannot run under context parallelism" in str(e) else repr(e)
+    sd3 = models.find("sd3").tiny_transformer(seed=0, layers=1, head_dim=16)
+    sd3.enable_parallelism(config=ContextParallelConfig(ring_degree=world), cp_plan={})
     try:
-        apply(model, kernel="sdpa", log_summary=False)
+        apply(sd3, kernel="sdpa", log_summary=False)
         found["enable_then_apply"] = "ran"
     except NotImplementedError as e:
-        found["enable_then_apply"] = "raised" if "dispatcher" in str(e) else repr(e)
+        found["enable_then_apply"] = "raised" if "do not support it" in str(e) else repr(e)
     return found
 
 
@@ -276,6 +323,13 @@ def _cases(world):
                 rank, world, f, r, u, "sdpa")
             cases[f"model-{family}-{ref}-{mode}"] = lambda rank, f=family, r=r, u=u: _model_case(
                 rank, world, f, r, u, ref)
+    for mode, r, u in modes:
+        cases[f"apply-hunyuan_video-{mode}"] = lambda rank, r=r, u=u: _apply_case(rank, world, "hunyuan_video", r, u,
+                                                                                False)
+        for enable_first in (False, True):
+            order = "enable_first" if enable_first else "apply_first"
+            cases[f"apply-flux-{mode}-{order}"] = lambda rank, r=r, u=u, e=enable_first: _apply_case(
+                rank, world, "flux", r, u, e)
     for mode, r, u in modes:
         cases[f"model-cogvideox-sdpa-{mode}"] = lambda rank, r=r, u=u: _processor_cp_case(rank, world, r, u, "sdpa")
         cases[f"model-cogvideox-{ref}-{mode}"] = lambda rank, r=r, u=u: _processor_cp_case(rank, world, r, u, ref)
@@ -358,9 +412,9 @@ def test_context_parallel_cases(world):
             if m != ERRORS:
                 failures.append(f"{name}: {m}")
         elif name == "processor-route-raises":
-            if m != {"apply_then_enable": "raised", "enable_then_apply": "raised"}:
+            if m != {"by_hand_then_enable": "raised", "enable_then_apply": "raised"}:
                 failures.append(f"{name}: {m}")
-        elif name.startswith("model-cogvideox") and not m["calls_ok"]:
+        elif (name.startswith("model-cogvideox") or name.startswith("apply-")) and not m["calls_ok"]:
             failures.append(f"{name}: the stats do not show one call per layer on the requested backend, or "
                             "remove() did not refuse")
         elif "-sdpa-" in name or "-native-" in name or name.startswith("op-reference_int8_fp8-ulysses"):

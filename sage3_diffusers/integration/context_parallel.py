@@ -17,9 +17,9 @@ Scope and limits:
   Anything else (a mask with a query dimension, float masks) raises. A sample whose first chunk (the rank's own
   under ring attention, all keys under Ulysses) is entirely masked raises: diffusers' LSE merge cannot start from
   an empty chunk (it would produce NaN), and attention over no keys is undefined.
-- Model plans: `CP_PLANS` holds plans for models diffusers ships without one: HunyuanVideo (dispatcher route) and
-  CogVideoX (our processors only: its own call SDPA directly); `prepare_context_parallel(transformer)` attaches
-  the plan and the hooks it needs.
+- Model plans: the model registry holds plans for models diffusers ships without one (`ModelFamily.cp_plan`):
+  HunyuanVideo (dispatcher route) and CogVideoX (our processors only: its own call SDPA directly);
+  `prepare_context_parallel(transformer)` attaches the plan and the hooks it needs (`apply` calls it).
 """
 from __future__ import annotations
 
@@ -28,9 +28,10 @@ import torch
 from ..api import choose
 
 PROCESSOR_ROUTE_CP_ERROR = (
-    "sage3_diffusers: context parallelism runs through the attention-dispatcher route only "
-    "(transformer.set_attention_backend('sage2pp' or 'sage3') before or after enable_parallelism); the processors "
-    "installed by `apply` cannot shard attention and would attend only within each rank's shard")
+    "sage3_diffusers: this attention processor cannot run under context parallelism (it would attend only within "
+    "each rank's shard). Context parallelism works through sage3_diffusers.apply() on models whose processors call "
+    "dispatch_attention_fn (Flux, Wan, Qwen-Image, LTX, HunyuanVideo, ...) and on CogVideoX, or through "
+    "set_attention_backend('sage3' or 'sage2pp')")
 
 # ------------------------------------------------------------------------------------------- the attention op
 
@@ -103,15 +104,16 @@ class _ForwardOp:
         self.kernel, self.scale = kernel, scale
         self.global_mask = global_mask  # [B, S_global] bool on the host, or None
         self.chunk_keys = chunk_keys    # call index -> slice of global key positions
-        self.on_choice = on_choice
+        self.on_choice = on_choice  # called once per parallel_attention call (not per chunk or per sample)
         self.calls = 0
 
     def _attend(self, q, k, v, return_lse):
         """(out, lse [B, S, H] or None). The LSE only where it is used (ring merges; Ulysses asks for none): for
         exact SDPA it costs a second pass over the scores."""
         backend, note = choose(q, k, v, self.kernel, tensor_layout="NHD", return_lse=return_lse)
-        if self.on_choice is not None and self.calls == 0:
+        if self.on_choice is not None:
             self.on_choice(backend.name, note)
+            self.on_choice = None
         res = backend.forward(q, k, v, layout="NHD", is_causal=False, sm_scale=self.scale, return_lse=return_lse)
         if not return_lse:
             return res, None
@@ -223,133 +225,38 @@ def parallel_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         forward_op=forward_op, backward_op=_no_backward, _parallel_config=parallel_config)
 
 
-# ---------------------------------------------------------------------------------------- model plans and hooks
+# ---------------------------------------------------------------------------------------------- model plans
 #
-# Model facts: these move next to the model's registry entry (integration/models/<family>.py) when it exists.
-
-def _hunyuan_video_plan():
-    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
-
-    rope_shard = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)
-    return {
-        # RoPE (cos, sin) of the video tokens, [S_video, D]: sharded like the video tokens.
-        "rope": {0: rope_shard, 1: rope_shard},
-        # The joint sequence is sharded as [video_r, text_r] on rank r: both streams enter the first dual block
-        # sharded. The token refiner and the mask construction run before it, on the whole text.
-        "transformer_blocks.0": {
-            "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
-            "encoder_hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
-        },
-        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
-    }
+# Plans for models diffusers ships without one live in the model registry (`ModelFamily.cp_plan`, with the
+# hooks they need in `prepare_cp` / `unprepare_cp`): HunyuanVideo (models/hunyuan_video.py) and CogVideoX
+# (models/cogvideox.py).
 
 
-def _cogvideox_plan():
-    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
-
-    rope_shard = ContextParallelInput(split_dim=0, expected_dims=2, split_output=False)
-    return {
-        # Rank r holds [text_r, video_r]; the patch embedding (text and video together) runs before the split.
-        "transformer_blocks.0": {
-            "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
-            "encoder_hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
-        },
-        # RoPE (cos, sin) of the video tokens, [S_video, D], passed to every block (None without RoPE).
-        "transformer_blocks.*": {"image_rotary_emb": [rope_shard, rope_shard]},
-        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
-    }
-
-
-CP_PLANS = {"HunyuanVideoTransformer3DModel": _hunyuan_video_plan, "CogVideoXTransformer3DModel": _cogvideox_plan}
-# Models whose own processors call SDPA directly: only our processors (supports_context_parallel) run the plan.
-_NEEDS_OUR_PROCESSORS = {"CogVideoXTransformer3DModel"}
-_MASK_HOOK = "sage3_cp_joint_mask"
-
-
-def _joint_mask_hook():
-    """The class of the hook on HunyuanVideo's attention modules: under context parallelism the transformer still
-    builds its key mask over the whole joint sequence [video, text] (before the plan shards the streams), while
-    rank r holds [video_r, text_r]. The hook gives the attention the mask of the rank's own keys, in that layout;
-    diffusers' Ulysses all-gather and our ring/unified path then see the keys and the mask in the same order.
-    Without it the mask would silently address the wrong keys. Inert without context parallelism."""
-    import torch.distributed as dist
-    from diffusers.hooks import ModelHook
-    from diffusers.models._modeling_parallel import gather_size_by_comm
-
-    class JointMaskHook(ModelHook):
-        def __init__(self, shared):
-            super().__init__()
-            self.shared = shared  # one dict per transformer: the last (whole mask, local mask) pair
-
-        def pre_forward(self, module, *args, **kwargs):
-            mask = kwargs.get("attention_mask")
-            config = getattr(getattr(module, "processor", None), "_parallel_config", None)
-            cp = getattr(config, "context_parallel_config", None)
-            if mask is None or cp is None:
-                return args, kwargs
-            hs, ehs = kwargs.get("hidden_states"), kwargs.get("encoder_hidden_states")
-            if hs is None or ehs is None or args:
-                raise RuntimeError("HunyuanVideo context parallelism: the attention module was called without "
-                                   "hidden_states/encoder_hidden_states keyword arguments; cannot shard its mask")
-            n_video, n_text = hs.shape[1], ehs.shape[1]
-            if mask.shape[-1] == n_video + n_text:
-                return args, kwargs  # already over the local keys
-            last = self.shared.get("last")
-            if last is not None and last[0] is mask and last[1] == (n_video, n_text):
-                kwargs["attention_mask"] = last[2]  # the same local mask object for every layer of a forward
-                return args, kwargs
-            group = cp._flattened_mesh.get_group()
-            world, rank = dist.get_world_size(group), dist.get_rank(group)
-            if cp.ulysses_anything or cp.ring_anything:
-                video_sizes, text_sizes = gather_size_by_comm(n_video, group), gather_size_by_comm(n_text, group)
-            else:
-                video_sizes, text_sizes = [n_video] * world, [n_text] * world
-            total_video, total_text = sum(video_sizes), sum(text_sizes)
-            if mask.shape[-1] != total_video + total_text:
-                raise ValueError(f"HunyuanVideo context parallelism: the attention mask covers {mask.shape[-1]} keys, "
-                                 f"expected the whole joint sequence ({total_video} video + {total_text} text)")
-            v0, t0 = sum(video_sizes[:rank]), total_video + sum(text_sizes[:rank])
-            local = torch.cat([mask[..., v0:v0 + n_video], mask[..., t0:t0 + n_text]], dim=-1)
-            self.shared["last"] = (mask, (n_video, n_text), local)
-            kwargs["attention_mask"] = local
-            return args, kwargs
-
-    return JointMaskHook
-
-
-def _joint_attention_modules(transformer):
-    """HunyuanVideo's joint attention modules (the ones the mask hook sits on); none for other models."""
-    if type(transformer).__name__ != "HunyuanVideoTransformer3DModel":
-        return
-    for name in ("transformer_blocks", "single_transformer_blocks"):
-        for block in getattr(transformer, name, ()):
-            yield block.attn
+def _family_with_plan(transformer):
+    from . import models
+    fam = models.for_transformer(transformer)
+    if fam is None or fam.cp_plan is None or getattr(type(transformer), "_cp_plan", None) is not None:
+        return None
+    return fam
 
 
 def prepare_context_parallel(transformer) -> bool:
     """Make `transformer.enable_parallelism(config=ContextParallelConfig(...))` work on a model diffusers ships
-    without a `_cp_plan`: attach our plan (an instance attribute) and the hooks it needs. Idempotent; a no-op
-    (False) for models that have their own plan or none of ours. Raises for model variants the plan cannot
-    shard."""
-    cls = type(transformer).__name__
-    if cls not in CP_PLANS or getattr(type(transformer), "_cp_plan", None) is not None:
+    without a `_cp_plan`: attach the registry's plan (an instance attribute) and the hooks it needs. Idempotent; a
+    no-op (False) for models that have their own plan or none in the registry. Raises for model variants the plan
+    cannot shard, and on the processor route unless our processors are installed."""
+    fam = _family_with_plan(transformer)
+    if fam is None:
         return False
-    if cls in _NEEDS_OUR_PROCESSORS:
+    cls = type(transformer).__name__
+    if fam.route == "processor":
         processors = [getattr(m, "processor", None) for m in transformer.modules() if hasattr(m, "processor")]
         if not processors or not all(getattr(p, "supports_context_parallel", False) for p in processors):
             raise ValueError(f"{cls}: diffusers' own attention processors call SDPA directly and cannot run context "
                              "parallelism; install ours first with sage3_diffusers.apply(), which attaches the plan")
-    if cls == "HunyuanVideoTransformer3DModel":
-        if getattr(transformer.config, "image_condition_type", None) == "token_replace":
-            raise ValueError("HunyuanVideo context parallelism: image_condition_type='token_replace' (I2V) treats "
-                             "the first frame's tokens specially; the sequence plan cannot shard it")
-        from diffusers.hooks import HookRegistry
-        hook_cls, shared = _joint_mask_hook(), {}
-        for attn in _joint_attention_modules(transformer):
-            registry = HookRegistry.check_if_exists_or_initialize(attn)
-            if registry.get_hook(_MASK_HOOK) is None:
-                registry.register_hook(hook_cls(shared), _MASK_HOOK)
-    transformer._cp_plan = CP_PLANS[cls]()
+    if fam.prepare_cp is not None:
+        fam.prepare_cp(transformer)
+    transformer._cp_plan = fam.cp_plan()
     return True
 
 
@@ -357,7 +264,6 @@ def unprepare_context_parallel(transformer) -> None:
     """Undo `prepare_context_parallel` (the model must not have parallelism enabled)."""
     if "_cp_plan" in transformer.__dict__:
         del transformer.__dict__["_cp_plan"]
-    for attn in _joint_attention_modules(transformer):
-        registry = getattr(attn, "_diffusers_hook", None)
-        if registry is not None and registry.get_hook(_MASK_HOOK) is not None:
-            registry.remove_hook(_MASK_HOOK, recurse=False)
+    fam = _family_with_plan(transformer)
+    if fam is not None and fam.unprepare_cp is not None:
+        fam.unprepare_cp(transformer)

@@ -16,7 +16,7 @@ YAML (all keys but `rules[].kernel` optional)::
         timesteps: [0.9, 1.0]    # normalised timestep, 1 = pure noise, 0 = clean (inclusive)
         layers: ["transformer_blocks.*"]               # fnmatch globs on module names
         blocks: [0, 3]           # block index range (inclusive), the number after the block list name
-        block_types: [double]    # double | single | self | refiner
+        block_types: [double]    # double | single | self | refiner, or one a model module declares
 
 Block types: `double` = blocks with separate text and image weights (Flux, HunyuanVideo, SD3/3.5 and
 Mochi `transformer_blocks`); `single` = one set of weights on the joint sequence (Flux and HunyuanVideo
@@ -30,14 +30,17 @@ itself is unknown (a forward without `timestep`), no step or timestep condition 
 from __future__ import annotations
 
 import fnmatch
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..backends.base import FAMILIES
 
-BLOCK_TYPES = ("double", "single", "self", "refiner")
-MODEL_FAMILIES = ("flux", "sd3", "sd35", "cogvideox", "hunyuan_video", "mochi")
+from . import models as _models
+
+# Both come from the model registry (`integration/models/`): a new family module adds its name and the
+# block types it declares.
+BLOCK_TYPES = _models.block_types()
+MODEL_FAMILIES = _models.names()
 _TOP_KEYS = ("model", "default", "rules", "description")
 _RULE_KEYS = ("name", "kernel", "steps", "timesteps", "layers", "blocks", "block_types")
 _STEP_KEYS = ("first", "last", "range")
@@ -193,24 +196,10 @@ def load_policy(policy=None) -> Policy:
 
 # --------------------------------------------------------------------------------------------- parsing
 
-_BLOCK_RE = re.compile(r"(?:^|\.)(transformer_blocks|single_transformer_blocks|refiner_blocks)\.(\d+)\.(\w+)$")
-
-
 def layer_block(layer: str, family: str | None = None) -> tuple[int | None, str | None]:
-    """(block index, block type) of an attention module name; CogVideoX blocks are single-stream."""
-    m = _BLOCK_RE.search(layer)
-    if not m:
-        return None, None
-    lst, idx, attr = m.group(1), int(m.group(2)), m.group(3)
-    if lst == "refiner_blocks":
-        return idx, "refiner"
-    if lst == "single_transformer_blocks":
-        return idx, "single"
-    if attr == "attn2":
-        return idx, "self"
-    if family == "cogvideox":
-        return idx, "single"
-    return idx, "double"
+    """(block index, block type) of an attention module name, from the family's declared block types
+    (`models.ModelFamily.block_types`); e.g. CogVideoX blocks are single-stream."""
+    return _models.layer_block(layer, family)
 
 
 def _type_name(x) -> str:
@@ -278,8 +267,9 @@ def _parse(data, source: str) -> Policy:
                           f"got {_type_name(data)}")
     _unknown(data, _TOP_KEYS, source, "")
     model = data.get("model")
-    if model is not None and model not in MODEL_FAMILIES:
-        raise PolicyError(f"{source}: model: unknown model {model!r}; allowed: {', '.join(MODEL_FAMILIES)}")
+    known_models = _models.names()  # the registry now: includes families registered after import
+    if model is not None and model not in known_models:
+        raise PolicyError(f"{source}: model: unknown model {model!r}; allowed: {', '.join(known_models)}")
     default = _check_kernel(data.get("default", "fp4"), source, "default")
     rules_data = data.get("rules", [])
     if rules_data is None:
@@ -319,6 +309,6 @@ def _parse(data, source: str) -> Policy:
         if "blocks" in r:
             kw["blocks"] = _pair(r["blocks"], source, f"{where}.blocks", "integer")
         if "block_types" in r:
-            kw["block_types"] = _strings(r["block_types"], source, f"{where}.block_types", BLOCK_TYPES)
+            kw["block_types"] = _strings(r["block_types"], source, f"{where}.block_types", _models.block_types())
         rules.append(Rule(**kw))
     return Policy(default=default, rules=tuple(rules), model=model, source=source)

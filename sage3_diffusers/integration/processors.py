@@ -486,6 +486,18 @@ class Sage3Processor(_Sage3Base):
         self.family = family
         self._impls = {name: cls(kernel) for name, cls in _FAMILY_PROCESSORS.items()}
 
+    # diffusers' `enable_parallelism` sets this on the processor it finds; the family processors that attend (and
+    # refuse, or run, context parallelism) must see it too.
+    @property
+    def _parallel_config(self):
+        return self.__dict__.get("_parallel_config_value")
+
+    @_parallel_config.setter
+    def _parallel_config(self, config):
+        self.__dict__["_parallel_config_value"] = config
+        for impl in self._impls.values():
+            impl._parallel_config = config
+
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None):
         family = self.family or infer_family(attn, encoder_hidden_states, attention_mask, image_rotary_emb)
@@ -495,10 +507,3 @@ class Sage3Processor(_Sage3Base):
         if isinstance(impl, SD3Sage3Processor):
             return impl(attn, hidden_states, encoder_hidden_states, attention_mask)
         return impl(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-
-
-def processor_for(family: str, kernel: str | None = None) -> _Sage3Base:
-    """The family's processor class instance (what `apply` installs)."""
-    if family not in _FAMILY_PROCESSORS:
-        raise ValueError(f"unknown family {family!r}; allowed: {sorted(_FAMILY_PROCESSORS)}")
-    return _FAMILY_PROCESSORS[family](kernel)

@@ -22,18 +22,11 @@ import torch
 
 from ..numerics import accuracy_metrics
 
-HUB_IDS = {
-    "flux": "black-forest-labs/FLUX.1-dev",
-    "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
-    "sd35": "stabilityai/stable-diffusion-3.5-large",
-    "cogvideox": "THUDM/CogVideoX-2b",
-    "hunyuan_video": "hunyuanvideo-community/HunyuanVideo",
-    "mochi": "genmo/mochi-1-preview",
-}
-# Latent (frames, height, width) grids and text lengths for real-model reports (moderate sizes).
-REAL_SHAPES = {"flux": ((1, 64, 64), 512), "sd3": ((1, 64, 64), 333), "sd35": ((1, 64, 64), 333),
-               "cogvideox": ((13, 30, 45), 226), "hunyuan_video": ((9, 30, 45), 256),
-               "mochi": ((7, 30, 53), 256)}
+
+
+def _families() -> list[str]:
+    from . import models
+    return list(models.names())
 
 
 def _flatten_output(out):
@@ -48,10 +41,13 @@ def _load(model: str, tiny: bool, dtype, device, layers: int):
         m = tiny_transformer(model, layers=layers).to(device)
         return m if dtype == torch.float32 else m.to(dtype)
     import diffusers
-    from .install import TRANSFORMER_FAMILIES
-    cls_name = {v: k for k, v in TRANSFORMER_FAMILIES.items()}["sd3" if model == "sd35" else model]
-    cls = getattr(diffusers, cls_name)
-    return cls.from_pretrained(HUB_IDS[model], subfolder="transformer", torch_dtype=dtype).to(device).eval()
+
+    from . import models
+    fam = models.get(model)
+    if not fam.hub_id or not fam.report_shape:
+        raise ValueError(f"report: model family {model!r} declares no hub id / report shapes: use --tiny")
+    cls = getattr(diffusers, models.get(fam.transformer_family).transformer_classes[0])
+    return cls.from_pretrained(fam.hub_id, subfolder="transformer", torch_dtype=dtype).to(device).eval()
 
 
 def run_report(model: str, *, kernels=("fp4", "int8_fp8"), tiny: bool = True, batch: int = 2, seed: int = 0,
@@ -65,7 +61,8 @@ def run_report(model: str, *, kernels=("fp4", "int8_fp8"), tiny: bool = True, ba
     transformer = _load(model, tiny, dtype, device, layers)
     kw = dict(batch=batch, seed=seed, timestep=timestep, config=transformer.config, dtype=dtype, device=device)
     if not tiny:
-        grid, text_len = REAL_SHAPES[model]
+        from . import models
+        grid, text_len = models.get(model).report_shape
         kw.update(grid=grid, text_len=text_len)
     inputs = transformer_inputs(model, **kw)
 
@@ -145,7 +142,7 @@ def format_report(result: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="sage3-diffusers report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, choices=sorted(HUB_IDS), help="model family")
+    ap.add_argument("--model", required=True, choices=_families(), help="model family")
     ap.add_argument("--tiny", action="store_true", help="tiny random model built from config (CPU, no download)")
     ap.add_argument("--kernel", action="append", dest="kernels",
                     help="kernel or backend name to compare (repeatable; default: fp4 and int8_fp8)")
