@@ -61,26 +61,25 @@ def setup_context_parallel(args):
 
 
 def enable_context_parallel(family, pipe, args, world):
-    """Our kernels (CogVideoX: our processors and policy, via apply; others: one kernel through the dispatcher
-    backend), the model's sequence plan, diffusers' enable_parallelism. Returns (runtime or None, log line)."""
+    """apply (our kernels with the per-layer / per-step policy; it attaches the model registry's sequence plan where
+    diffusers has none), then diffusers' enable_parallelism. Returns (runtime or None, log line)."""
     from diffusers import ContextParallelConfig
-    from sage3_diffusers.integration import apply, register_dispatcher_backends
+    from sage3_diffusers.integration import apply, models
     from sage3_diffusers.integration.context_parallel import prepare_context_parallel
 
-    runtime, names = None, {"int8_fp8": "sage2pp", "fp4": "sage3"}
-    if family == "cogvideox":  # its processors call SDPA directly: ours run the context-parallel path
-        if args.no_sage:
-            raise SystemExit("--cp with CogVideoX needs our processors (diffusers' own cannot run the plan)")
+    fam = models.find(family)
+    if fam.route == "processor" and not fam.processor.supports_context_parallel:
+        raise SystemExit(f"--cp: {family} has no context-parallel path (its processors call SDPA directly and no "
+                         "sequence plan exists for it)")
+    runtime = None
+    if args.no_sage:  # diffusers' own attention; our plan where diffusers has none
+        if fam.route == "processor":
+            raise SystemExit(f"--cp with {family} needs our processors (diffusers' own cannot run the plan)")
+        prepare_context_parallel(pipe.transformer)
+        kernel = "diffusers default"
+    else:
         runtime = apply(pipe, kernel=args.kernel) if args.kernel else apply(pipe, args.policy)
         kernel = args.kernel or f"policy {runtime.policy.source}"
-    else:
-        kernel = args.kernel or "int8_fp8"
-        if kernel not in names:
-            raise SystemExit(f"--cp runs one kernel family for every layer: --kernel int8_fp8 or fp4, not {kernel!r}")
-        if not args.no_sage:
-            register_dispatcher_backends()
-            pipe.transformer.set_attention_backend(names[kernel])
-        prepare_context_parallel(pipe.transformer)
     mode, anything = args.cp.replace("_anything", ""), args.cp.endswith("_anything")
     degrees = {"ulysses": (1, world), "ring": (world, 1), "unified": (2, world // 2)}[mode]
     if mode == "unified" and (world < 4 or world % 2):
@@ -88,7 +87,7 @@ def enable_context_parallel(family, pipe, args, world):
     pipe.transformer.enable_parallelism(config=ContextParallelConfig(
         ring_degree=degrees[0], ulysses_degree=degrees[1], **({f"{mode}_anything": True} if anything else {})))
     return runtime, (f"context parallel {args.cp} over {world} processes (ring {degrees[0]}, ulysses "
-                     f"{degrees[1]}), kernel {'diffusers default' if args.no_sage else kernel}")
+                     f"{degrees[1]}), kernel {kernel}")
 
 
 def build_pipeline(family: str, args):
@@ -161,7 +160,7 @@ def run(family: str, argv=None) -> int:
         return 0
     tag = "baseline" if args.no_sage else (args.kernel or "policy")
     if args.cp:
-        tag = f"{args.kernel or 'int8_fp8'}_cp_{args.cp}{world}" if not args.no_sage else f"{tag}_cp_{args.cp}{world}"
+        tag = f"{tag}_cp_{args.cp}{world}"
     path = save(family, result, Path(args.out), ("tiny_" if args.tiny else "") + tag)
     print(f"saved {path}")
     print(f"wall time {wall:.2f} s ({kw['num_inference_steps']} steps)")
