@@ -55,7 +55,7 @@ def _gather_seq(x, sizes, rank):
     return torch.cat([p[:, :n] for p, n in zip(parts, sizes)], dim=1)
 
 
-def _op_case(rank, world, ring, ulysses, kernel, masked, anything=False, seq=None):
+def _op_case(rank, world, ring, ulysses, kernel, masked, anything=False, seq=None, bias=False):
     from sage3_diffusers import get_backend
     from sage3_diffusers.integration.context_parallel import parallel_attention
 
@@ -79,6 +79,8 @@ def _op_case(rank, world, ring, ulysses, kernel, masked, anything=False, seq=Non
     lo, hi = int(mine[0]), int(mine[-1]) + 1
     local = [t[:, lo:hi] for t in (q, k, v)]
     local_mask = None if mask is None else mask[:, None, None, lo:hi]
+    if bias:  # the same key mask as an additive 0 / -10000 bias (LTX, Qwen-Image style)
+        local_mask = torch.zeros(local_mask.shape).masked_fill(~local_mask, -10000.0)
     with torch.no_grad():
         out = parallel_attention(*local, attn_mask=local_mask, kernel=kernel, parallel_config=config)
         full = get_backend(kernel).forward(q, k, v, layout="NHD", is_causal=False, sm_scale=d ** -0.5,
@@ -267,7 +269,7 @@ def _errors_case(rank, world):
         "query_mask": lambda: parallel_attention(q.detach(), k, v, kernel="sdpa", parallel_config=config,
                                                  attn_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool)),
         "float_mask": lambda: parallel_attention(q.detach(), k, v, kernel="sdpa", parallel_config=config,
-                                                 attn_mask=torch.zeros(1, 1, 1, 8)),
+                                                 attn_mask=torch.randn(1, 1, 1, 8)),
         "causal": lambda: parallel_attention(q.detach(), k, v, kernel="sdpa", parallel_config=config,
                                              is_causal=True),
     }
@@ -342,6 +344,9 @@ def _cases(world):
                 rank, world, "hunyuan_video", r, u, "sdpa", anything=True)
         cases["processor-route-raises"] = lambda rank: _processor_route_case(rank, world)
         cases["op-errors"] = lambda rank: _errors_case(rank, world)
+        for mode, r, u in modes:
+            cases[f"op-sdpa-{mode}-biasmask"] = lambda rank, r=r, u=u: _op_case(rank, world, r, u, "sdpa", True,
+                                                                               bias=True)
         cases["bench-cp"] = lambda rank: _bench_cp_case(rank, world)
     return cases
 

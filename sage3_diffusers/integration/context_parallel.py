@@ -14,7 +14,8 @@ Scope and limits:
   all-gathered into the global key order (once per mask tensor: a model passes the same one to every layer), and
   each `forward_op` call attends only to the valid keys of the chunk it is given (packed per sample; a
   right-padding mask is a plain prefix). This works for Ulysses, ring, unified and both "anything" variants.
-  Anything else (a mask with a query dimension, float masks) raises. A sample whose first chunk (the rank's own
+  An additive 0 / large-negative bias counts as such a mask. Anything else (a mask with a query dimension, other
+  float masks) raises. A sample whose first chunk (the rank's own
   under ring attention, all keys under Ulysses) is entirely masked raises: diffusers' LSE merge cannot start from
   an empty chunk (it would produce NaN), and attention over no keys is undefined.
 - Model plans: the model registry holds plans for models diffusers ships without one (`ModelFamily.cp_plan`):
@@ -60,22 +61,22 @@ def _check_call(query, key, value, is_causal, parallel_config):
 
 
 def _local_key_mask(attn_mask, batch, seq_kv):
-    """The mask as a [B, S_kv] bool key mask (True = keep), or ValueError if it is not one."""
-    if attn_mask.dtype != torch.bool:
-        raise ValueError(f"context-parallel attention takes only boolean key masks (True = keep), got "
-                         f"{attn_mask.dtype}")
-    if attn_mask.shape[-1] != seq_kv:
-        raise ValueError(f"context-parallel attention: the mask covers {attn_mask.shape[-1]} keys but this rank "
+    """The mask as a [B, S_kv] bool key mask (True = keep), or ValueError if it is not one. Takes what the one-GPU
+    path takes as a key mask (`masks`): bool, or an additive bias of 0 / large negative, over the keys only."""
+    from .masks import _as_4d, _keep
+    keep = _keep(attn_mask)
+    if keep is None:
+        raise ValueError("context-parallel attention takes only key masks: boolean (True = keep) or an additive bias "
+                         f"of 0 / large negative values; got a {attn_mask.dtype} mask with other values")
+    if keep.shape[-1] != seq_kv:
+        raise ValueError(f"context-parallel attention: the mask covers {keep.shape[-1]} keys but this rank "
                          f"holds {seq_kv} (the mask must be over the rank's local keys, as the model's plan shards "
                          "them)")
-    if attn_mask.dim() == 2 and attn_mask.shape[0] in (1, batch):
-        m = attn_mask
-    elif attn_mask.dim() == 4 and attn_mask.shape[0] in (1, batch) and attn_mask.shape[1] == attn_mask.shape[2] == 1:
-        m = attn_mask[:, 0, 0, :]
-    else:
-        raise ValueError(f"context-parallel attention takes only query-independent key masks, [B, S_kv] or "
-                         f"[B, 1, 1, S_kv]; got shape {tuple(attn_mask.shape)}")
-    return m.expand(batch, seq_kv)
+    m4 = _as_4d(keep, batch)
+    if m4 is None or m4.shape[0] not in (1, batch) or m4.shape[1] != 1 or m4.shape[2] != 1:
+        raise ValueError(f"context-parallel attention takes only query-independent key masks, [B, S_kv], "
+                         f"[B, 1, S_kv] or [B, 1, 1, S_kv]; got shape {tuple(attn_mask.shape)}")
+    return m4[:, 0, 0, :].expand(batch, seq_kv)
 
 
 def _all_gather_seq(x: torch.Tensor, group) -> tuple[torch.Tensor, list[int]]:
