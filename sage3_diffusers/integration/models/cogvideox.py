@@ -2,7 +2,8 @@
 projections), RoPE on video.
 
 `CogVideoXAttnProcessor2_0` calls SDPA directly: the processor route. The transformer receives the DDIM
-integer timestep in [0, 1000); pipelines pass no attention mask.
+integer timestep in [0, 1000); pipelines pass no attention mask. diffusers has no context-parallel plan for
+it: `cp_plan` is ours, run by our processor (diffusers' own cannot run it).
 """
 import torch
 

@@ -3,7 +3,8 @@
 `HunyuanVideoAttnProcessor2_0` calls `dispatch_attention_fn`: the dispatcher route. The transformer builds
 a bool [B, 1, 1, N] key mask (right-padded text) on every forward, from `encoder_attention_mask`; the token
 refiner's `AttnProcessor2_0` has an arbitrary [B, 1, S, S] mask and stays exact SDPA, counted. The
-transformer receives `timestep` in [0, 1000].
+transformer receives `timestep` in [0, 1000]. diffusers has no context-parallel plan for it: `cp_plan` is ours,
+with a hook (`prepare_cp`) that gives each joint attention the mask of the rank's own keys.
 """
 import torch
 
