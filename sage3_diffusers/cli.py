@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sage3-diffusers")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="versions, GPU, built kernels, which backends can run here and why not")
-    sub.add_parser("bench", help="`bench kernels ...` (kernel table) or `bench e2e ...` (transformer forward)",
+    sub.add_parser("bench", help="`bench kernels ...` (kernel table), `bench e2e ...` (transformer forward) or "
+                                 "`bench cp ...` (context parallel, under torchrun)",
                    add_help=False)
     sub.add_parser("report", help="per-layer accuracy report of a model (see `sage3-diffusers report --help`)",
                    add_help=False)
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
               "calibrate": "sage3_diffusers.integration.calibrate"}[args.command]
     if args.command == "bench" and rest[:1] == ["e2e"]:
         module, rest = "sage3_diffusers.bench_e2e", rest[1:]
+    if args.command == "bench" and rest[:1] == ["cp"]:  # run under torchrun: see bench_cp
+        module, rest = "sage3_diffusers.bench_cp", rest[1:]
     return importlib.import_module(module).main(rest) or 0
 
 
