@@ -8,16 +8,19 @@ or a whole head for K/V, which are smoothed by their mean).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .backends.base import AttentionProblem
 from .backends.base import describe_problem
-from .dispatch import Selection, backend_for, select_backend
+from .dispatch import Selection, backend_for, explain_selection
 
 def resolve(q, k, v, kernel: str = "auto", *, is_causal: bool = False, tensor_layout: str = "HND",
             return_lse: bool = False, attn_mask=None) -> Selection:
-    """Which backend `sage_attention` would run for these inputs, and why the others were rejected."""
-    return select_backend(describe_problem(q, k, v, tensor_layout, is_causal, return_lse, attn_mask), kernel)
+    """Which backend `sage_attention` would run for these inputs, and why the others were rejected. With
+    SAGE3_FALLBACK=error and no runnable backend, `.backend` is None and `.explain()` lists every reason."""
+    return explain_selection(describe_problem(q, k, v, tensor_layout, is_causal, return_lse, attn_mask), kernel)
 
 
 def choose(q, k, v, kernel: str = "auto", *, is_causal: bool = False, tensor_layout: str = "HND",
@@ -26,13 +29,24 @@ def choose(q, k, v, kernel: str = "auto", *, is_causal: bool = False, tensor_lay
     return backend_for(describe_problem(q, k, v, tensor_layout, is_causal, return_lse, attn_mask), kernel)
 
 
+def _checked_scale(sm_scale) -> float:
+    try:
+        scale = float(sm_scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"sm_scale must be a finite number > 0 (or None for head_dim ** -0.5), got "
+                         f"{type(sm_scale).__name__} {sm_scale!r}") from None
+    if isinstance(sm_scale, bool) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"sm_scale must be a finite number > 0 (or None for head_dim ** -0.5), got {sm_scale!r}")
+    return scale
+
+
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "auto", *,
                    is_causal: bool = False, tensor_layout: str = "HND", sm_scale: float | None = None,
                    return_lse: bool = False, attn_mask: torch.Tensor | None = None):
     """Attention through the best backend for `kernel` ("auto", "fp4", "int8_fp8", "sdpa" or a backend
     name). Returns out (q's layout and dtype) or (out, lse) with lse fp32 (B, Hq, Sq), natural log."""
     problem = describe_problem(q, k, v, tensor_layout, is_causal, return_lse, attn_mask)
-    scale = problem.head_dim ** -0.5 if sm_scale is None else float(sm_scale)
+    scale = problem.head_dim ** -0.5 if sm_scale is None else _checked_scale(sm_scale)
     if problem.seq_q == 0 or problem.batch == 0 or problem.heads_q == 0:
         out = q.new_empty(q.shape[:3] + (v.shape[3],))
         lse = torch.empty((problem.batch, problem.heads_q, problem.seq_q), dtype=torch.float32, device=q.device)

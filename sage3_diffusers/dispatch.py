@@ -45,13 +45,14 @@ _fallback_override: str | None = None
 
 @dataclass(frozen=True)
 class Selection:
-    backend: AttentionBackend
+    backend: AttentionBackend | None  # None only from `explain_selection`: no backend runs, the call raises
     requested: str
     rejected: tuple[tuple[str, tuple[str, ...]], ...] = field(default=())
     note: str | None = None  # set when the result is a fallback from what was requested
 
     def explain(self) -> str:
-        lines = [f"requested {self.requested!r} -> {self.backend.name}" + (f" ({self.note})" if self.note else "")]
+        ran = self.backend.name if self.backend is not None else "no backend (the call raises)"
+        lines = [f"requested {self.requested!r} -> {ran}" + (f" ({self.note})" if self.note else "")]
         lines += [f"  rejected {name}: {'; '.join(reasons)}" for name, reasons in self.rejected]
         return "\n".join(lines)
 
@@ -140,7 +141,7 @@ def _warn_once(key, msg):
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
-def _select_uncached(problem: AttentionProblem, kernel: str, fallback: str) -> Selection:
+def _select_uncached(problem: AttentionProblem, kernel: str, fallback: str, explain_only: bool = False) -> Selection:
     rejected: list = []
     if kernel in _registry:
         b = _registry[kernel]
@@ -167,6 +168,9 @@ def _select_uncached(problem: AttentionProblem, kernel: str, fallback: str) -> S
                            " (set SAGE3_FALLBACK=emulate or =error to change this)")
             return Selection(b, kernel, tuple(rejected), note)
         if fallback == "error":
+            if explain_only:
+                return Selection(None, kernel, tuple(rejected),
+                                 f"no {family} backend can run this call and SAGE3_FALLBACK=error")
             raise ValueError(f"no {family} backend can run this call (SAGE3_FALLBACK=error): " +
                              _reasons_text(rejected))
         if fallback == "emulate":
@@ -179,18 +183,38 @@ def _select_uncached(problem: AttentionProblem, kernel: str, fallback: str) -> S
         family = _DEGRADE[family]
 
 
+def _forced_kernel(kernel: str) -> str:
+    """`kernel`, or what SAGE3_BACKEND forces (checked: an unknown name is an error naming the variable)."""
+    forced = os.environ.get("SAGE3_BACKEND")
+    if not forced:
+        return kernel
+    if forced != "auto" and forced not in FAMILIES and forced not in _registry:
+        raise ValueError(f"SAGE3_BACKEND={forced!r} is not a backend name or kernel; allowed: 'auto', {FAMILIES} "
+                         f"or a backend name {sorted(_registry)} (unset it to let each call choose)")
+    return forced
+
+
 def select_backend(problem: AttentionProblem, kernel: str = "auto") -> Selection:
     """Choose the backend for `problem`. Cached per (problem, kernel, settings)."""
     _ensure_loaded()
-    forced = os.environ.get("SAGE3_BACKEND")
-    if forced:
-        kernel = forced
+    kernel = _forced_kernel(kernel)
     fallback = get_fallback()
     key = (problem, kernel, fallback)
     sel = _cache.get(key)
     if sel is None:
         sel = _cache[key] = _select_uncached(problem, kernel, fallback)
     return sel
+
+
+def explain_selection(problem: AttentionProblem, kernel: str = "auto") -> Selection:
+    """`select_backend`, except that where the fallback setting "error" makes the call raise, the Selection
+    says so (backend None, every rejection listed) instead of raising. Unknown names still raise."""
+    _ensure_loaded()
+    kernel = _forced_kernel(kernel)
+    fallback = get_fallback()
+    if fallback != "error":
+        return select_backend(problem, kernel)
+    return _select_uncached(problem, kernel, fallback, explain_only=True)
 
 
 @torch._dynamo.assume_constant_result

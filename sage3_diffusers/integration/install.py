@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .policy import fixed_policy, load_policy
+from ..extras import require
+from .policy import fixed_policy, load_policy, warn_unmatched_rules
 from .processors import _Sage3Base, processor_for
 from .stats import KernelStats
 from .steps import HOOK_NAME, Sage3Runtime, step_hook
@@ -67,11 +68,14 @@ def apply(target, policy=None, *, kernel: str | None = None, stats: KernelStats 
           num_inference_steps: int | None = None, log_summary: bool = True) -> Sage3Runtime:
     """Install Sage3 attention on a pipeline (its `.transformer`) or a transformer.
 
-    policy: YAML path, dict, Policy, a kernel name, or None (default: int8_fp8 on the first and last
-    steps, fp4 elsewhere). kernel: shortcut for one kernel everywhere. num_inference_steps: the step
+    policy: a bundled policy name ("flux", ...; `bundled_policies()`), YAML path, dict, Policy, a kernel
+    name, or None (default: int8_fp8 on the first and last steps, fp4 elsewhere). kernel: shortcut for
+    one kernel everywhere ("auto": the dispatcher's choice per call). Rules that can never match this
+    model are warned about, naming the rule. num_inference_steps: the step
     count when no pipeline scheduler tells it (for "last N steps" rules on a bare transformer).
     Returns the runtime (`.stats`, `.policy`, `.step`); also at `transformer._sage3_runtime`.
     Applying again replaces the previous installation."""
+    require("diffusers", "sage3_diffusers.apply")
     pipe, transformer = _split_target(target)
     if getattr(transformer, "_sage3_installed", None) is not None:
         remove(transformer)
@@ -105,6 +109,7 @@ def apply(target, policy=None, *, kernel: str | None = None, stats: KernelStats 
         raise ValueError(f"sage3_diffusers.apply: no default attention processor found in {type(transformer).__name__}"
                          " (already replaced by another plugin?)")
     runtime.register_layers(originals)
+    warn_unmatched_rules(pol, originals, family)
     from diffusers.hooks import HookRegistry
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(
         step_hook(runtime, _MASK_KWARG.get(family)), HOOK_NAME)

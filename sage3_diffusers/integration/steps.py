@@ -20,7 +20,7 @@ import inspect
 
 import torch
 
-from .policy import Policy, layer_block, load_policy
+from .policy import Policy, layer_block, load_policy, warn_steps_beyond
 from .stats import KernelStats, logger
 
 HOOK_NAME = "sage3_step"
@@ -45,6 +45,7 @@ class Sage3Runtime:
         self.scheduler = scheduler
         self.num_inference_steps = num_inference_steps  # user override when no scheduler tells us
         self.log_summary = log_summary
+        self._steps_warned: set = set()  # (rule index, step count) already warned about (policy.warn_steps_beyond)
         self.reset()
 
     # ------------------------------------------------------------------ step tracking
@@ -181,6 +182,8 @@ class Sage3Runtime:
         self._decide_all()
 
     def _decide_all(self) -> None:
+        if self.num_steps is not None:
+            warn_steps_beyond(self.policy, self.num_steps, self._steps_warned)
         self._decided_for = (self.step, self.num_steps, self.t_norm)
         for layer in self.layers:
             kernel = self.policy.kernel_for(layer, step=self.step, num_steps=self.num_steps, t_norm=self.t_norm,
