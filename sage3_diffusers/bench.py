@@ -1,4 +1,4 @@
-"""Benchmarks. `python -m sage3_diffusers.bench kernels [--quick] [--json out.json] [--plot out.png]`
+"""Benchmarks. `python -m sage3_diffusers bench kernels [--quick] [--json out.json] [--plot out.png]`
 
 kernels: attention kernels on DiT shapes and the FA3-paper grid (B·S = 16k, H·D = 2048), non-causal forward,
 bf16. Columns: torch SDPA flash, SDPA cuDNN, the Triton INT8/FP8 attention kernel alone (Q, K, V quantized
@@ -63,7 +63,8 @@ def shapes_for(quick: bool, names: str | None = None) -> list[Shape]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sage3_diffusers.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m sage3_diffusers bench", description=__doc__.split("\n")[0],
+                                epilog="`python -m sage3_diffusers bench e2e --help`: the end-to-end benchmark")
     sub = p.add_subparsers(dest="command", required=True)
     k = sub.add_parser("kernels", help="attention kernel throughput and accuracy")
     k.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_NAMES)}")
