@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import importlib
 
-# module -> the package extra that installs it
-EXTRAS = {"diffusers": "diffusers", "matplotlib": "bench", "imageio_ffmpeg": "video"}
+# module -> the pip command that installs it (the package extra where one exists)
+INSTALL = {"diffusers": 'pip install "sage3-diffusers[diffusers]"',
+           "matplotlib": 'pip install matplotlib (or "sage3-diffusers[bench]")',
+           "imageio_ffmpeg": 'pip install "sage3-diffusers[video]"'}
 
 
 class MissingExtraError(ImportError):
@@ -12,7 +14,7 @@ class MissingExtraError(ImportError):
 
 
 def install_hint(module: str) -> str:
-    return f'pip install "sage3-diffusers[{EXTRAS[module]}]"'
+    return INSTALL.get(module, f"pip install {module}")
 
 
 def available(module: str) -> bool:

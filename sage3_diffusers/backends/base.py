@@ -185,8 +185,7 @@ def build_hint(extensions: str, arch_list: str, extra_env: str = "") -> str:
     nvcc gets no build command. In a source checkout: an in-place build; from an installed wheel: a reinstall
     from a checkout."""
     if torch.version.cuda is None:
-        return (f"building it needs a CUDA build of torch and nvcc; this torch ({torch.__version__}) is CPU-only, "
-                f"so the Triton, SDPA and reference paths are what runs here")
+        return f"building it needs a CUDA build of torch and nvcc (this torch, {torch.__version__}, is CPU-only)"
     import os
     import shutil
     cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
