@@ -278,3 +278,11 @@ def test_wheel_ships_the_bundled_policies(tmp_path):
     from sage3_diffusers.integration.policy import bundled_policies
     assert shipped == set(bundled_policies()) and "flux" in shipped
     assert "sage3_diffusers/extras.py" in names
+
+
+def test_virtualenv_from_the_readme_is_ignored_by_git():
+    import shutil
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    r = subprocess.run(["git", "check-ignore", "-q", ".venv/bin/python"], cwd=REPO)
+    assert r.returncode == 0, ".venv/ (README's set-up commands create it) must be in .gitignore"

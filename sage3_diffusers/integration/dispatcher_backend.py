@@ -5,7 +5,8 @@ After `register_dispatcher_backends()` (done by importing `sage3_diffusers.integ
 
 Limits (prefer `apply` / `Sage3Processor`):
 - Only dispatcher-based processors are reached: Flux and HunyuanVideo here. SD3/SD3.5, CogVideoX and
-  Mochi call SDPA directly, so for them it is a silent no-op (diffusers' behaviour, not ours).
+  Mochi call SDPA directly, so for them it is a no-op (diffusers' behaviour, not ours); `backend_warning`
+  warns when that happens.
 - One kernel for every layer and step: no policy, no step hook. Calls are counted in
   `stats.GLOBAL_STATS` under the layer name "<dispatcher:NAME>".
 - A right-padding key mask (HunyuanVideo) costs one host sync per layer here (the processors read it
