@@ -154,7 +154,8 @@ def run(family: str, argv=None) -> int:
               f"fallback {sage3_diffusers.dispatch.get_fallback()}, device {device}")
     if args.compile:
         if device == "cpu":
-            print("torch.compile on CPU: compiling takes about a minute before the first step runs")
+            print("torch.compile on CPU: compiling takes a minute or more (several on a busy machine) before the first "
+                  "step runs")
         pipe.transformer = torch.compile(pipe.transformer)
     kw = call_kwargs(family, args)
     t0 = time.perf_counter()

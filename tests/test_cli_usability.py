@@ -184,7 +184,7 @@ def test_example_compile_on_cpu_says_it_takes_a_while(common, monkeypatch, tmp_p
     finally:
         sage3_diffusers.set_fallback(None)
     out = capsys.readouterr().out
-    assert "torch.compile on CPU: compiling takes about a minute" in out
+    assert "torch.compile on CPU: compiling takes a minute or more" in out
 
 
 def _video_result():
