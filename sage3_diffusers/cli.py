@@ -1,7 +1,8 @@
 """Command line: `python -m sage3_diffusers COMMAND` (or `sage3-diffusers COMMAND`).
 
 Commands: `env` (what is installed, built and can run here), `bench` (kernel table, end-to-end forward), `report`
-(per-layer accuracy of a model). Each command's own options: `python -m sage3_diffusers COMMAND --help`.
+(per-layer accuracy of a model), `calibrate` (a policy within an error budget). Each command's own options:
+`python -m sage3_diffusers COMMAND --help`.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from .backends.base import AttentionProblem, CompiledExtension, build_hint
 from .backends.cuda_fp4 import FP4_EXT
 from .backends.cuda_sm90 import SM90_EXT
+from . import perf_model, selfcheck
 from .dispatch import FALLBACKS, backend_reasons, get_fallback, list_backends, select_backend
 from .extras import MissingExtraError
 
@@ -30,7 +32,10 @@ ENV_DESCRIPTION = ("Versions, GPU, which CUDA extensions are built (and how to b
 # Subcommands of `bench`: name -> (module whose main() runs it, whether main() gets the name as its first
 # argument, help).
 BENCH_COMMANDS = {
-    "kernels": ("sage3_diffusers.bench", True, "attention kernel throughput and accuracy on DiT shapes (GPU)"),
+    "kernels": ("sage3_diffusers.bench", True, "attention kernels in every mode: TFLOPS, host µs, memory, accuracy "
+                                               "(GPU)"),
+    "table": ("sage3_diffusers.bench", True, "write the per-card speed table of kernel='auto' from a `kernels --json` "
+                                             "file"),
     "plot": ("sage3_diffusers.bench", True, "draw the PNG of a `bench kernels --json` result"),
     "e2e": ("sage3_diffusers.bench_e2e", False, "one transformer forward at a model's real size, per processor "
                                                 "variant (GPU)"),
@@ -39,6 +44,8 @@ BENCH_COMMANDS = {
 COMMANDS = {
     "report": ("sage3_diffusers.integration.report", "per-layer accuracy of a model vs exact SDPA (text, JSON, "
                                                      "heat map PNG)"),
+    "calibrate": ("sage3_diffusers.integration.calibrate", "per-layer/per-step policy within an error budget, from "
+                                                           "your prompts"),
 }
 
 
@@ -125,6 +132,7 @@ def env_report() -> str:
         status = _extension_status(ext)
         lines.append(f"  {ext.name}: {status}" + ("" if status == "built" else f"; {build_hint(target, arch)}"))
     lines += _settings_lines()
+    lines.append(f"speed table for kernel='auto': {perf_model.describe()}")
     lines.append(_bundled_line())
     wide = _backend_lines(_probe_problem(128))
     lines.append("backends for a Flux-like bf16 call (head_dim 128, 4608 tokens) on this machine:")
@@ -137,6 +145,7 @@ def env_report() -> str:
     differs = [line for key, line in narrow.items() if line != wide.get(key)]
     lines.append("at head_dim 64: " + ("the same" if not differs else "what differs:"))
     lines += differs
+    lines += selfcheck.report_lines()  # the selections above ran the check of each compiled kernel they chose
     return "\n".join(lines)
 
 

@@ -10,7 +10,8 @@
   `perf_model` where it covers every runnable candidate (Hopper), else the backends' static priorities; so on
   Hopper, "auto" may well choose exact SDPA (cuDNN) where it is faster than the quantized kernels.
 Environment: SAGE3_BACKEND=<backend name> forces one backend for every call; SAGE3_FALLBACK sets the
-fallback (`set_fallback` does the same from Python).
+fallback (`set_fallback` does the same from Python); SAGE3_SELFCHECK=0 turns off the self-check that a
+compiled kernel passes before its first use (`selfcheck`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import selfcheck
 from .backends.base import FAMILIES, AttentionBackend, AttentionProblem
 from .perf_model import SOURCE as PERF_SOURCE, estimated_tflops
 
@@ -103,7 +105,8 @@ def get_fallback() -> str:
 
 
 def backend_reasons(backend: AttentionBackend, problem: AttentionProblem) -> list[str]:
-    return backend.unavailable_reasons() or backend.input_reasons(problem)
+    failed = selfcheck.failure(backend.name)
+    return backend.unavailable_reasons() or ([failed] if failed else []) or backend.input_reasons(problem)
 
 
 def _pick(candidates, problem, rejected, family="any"):
@@ -202,7 +205,14 @@ def select_backend(problem: AttentionProblem, kernel: str = "auto") -> Selection
     key = (problem, kernel, fallback)
     sel = _cache.get(key)
     if sel is None:
-        sel = _cache[key] = _select_uncached(problem, kernel, fallback)
+        sel = _select_uncached(problem, kernel, fallback)
+        trusted = selfcheck.vet(sel.backend, problem)  # compiled kernels prove themselves once (selfcheck.py)
+        while trusted is False:  # now disabled with "failed self-check: ..." as its reason: choose again
+            _cache.clear()
+            sel = _select_uncached(problem, kernel, fallback)
+            trusted = selfcheck.vet(sel.backend, problem)
+        if trusted:  # None: unchecked during CUDA graph capture, so not cached
+            _cache[key] = sel
     return sel
 
 

@@ -1,37 +1,151 @@
-"""Measured speed of each backend on Hopper, so kernel="auto" (and a family with several kernels) picks the
-fastest one for a call instead of a fixed order.
+"""Measured speed of each backend per card and per execution mode, so kernel="auto" (and a family with several
+kernels) picks the fastest backend for a call instead of a fixed order.
 
-The table is the kernel benchmark bench/kernels_h200_2026-11-27_0657.json (bench/RESULTS.md): NVIDIA H200,
-2026-11-27 06:57 UTC, `python -m sage3_diffusers bench kernels`, all backends in the same run, bf16, non-causal,
-TFLOPS of the whole call (quantization included); printed by `python bench/perf_table_from_json.py <json>`. Points are (sequence length, TFLOPS) per head dim; estimates
-interpolate linearly in log(sequence length) and hold the end values outside the measured range. Only sm_90
-has measurements; elsewhere every estimate is None and the dispatcher falls back to the static priorities.
+Tables: `sage3_diffusers/data/perf/<card>.json`, one per card, keyed by the card's name as CUDA reports it
+(`card_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"`; an H100 and an H200 are different cards). Each is
+written by `python -m sage3_diffusers bench table <kernels.json>` from a `bench kernels --json` run and names
+that run (file, date, command, versions). It holds TFLOPS of the whole call (quantization included) per backend,
+per mode, per head dim, as (sequence length, TFLOPS) points; estimates interpolate linearly in log(sequence
+length) (sqrt(Sq·Skv)) and hold the end values outside the measured range. Points of several shapes at the same
+head dim and length are averaged.
+
+Modes (how the call is run, see `bench kernels`):
+  eager_single  one call between CUDA events (host launch cost exposed)
+  eager_stream  calls back to back (the GPU-bound steady state inside a model)
+  graph         CUDA-graph replays (no host cost)
+  compile       a torch.compile'd function around the call, back to back
+Requested modes: "eager" (the default, what an uncompiled model runs) is the conservative choice: each backend's
+speed is the cuDNN-SDPA speed times the *smaller* of its two eager ratios to SDPA, so a kernel that loses to
+SDPA in either eager mode never wins the comparison. "graph" and "compile" read their own columns; `current_mode()`
+says which one a call runs in. A card whose table lacks a requested mode is estimated from its graph column (the
+only mode older tables have), and every estimate says which mode it came from (`expected_speed`). A card with no
+table (or a problem off CUDA) has no estimate: the dispatcher then uses the backends' static priorities.
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
 
 from .backends.base import AttentionProblem
 
-HOPPER_TFLOPS: dict[str, dict[int, tuple[tuple[int, float], ...]]] = {
-    "sdpa": {
-        128: ((1024, 546), (4096, 597), (4608, 587), (16384, 616), (44776, 573), (119056, 563)),
-        64: ((1024, 418), (4096, 455), (4429, 398), (16384, 463), (17776, 419)),
-    },
-    "triton_int8_fp8": {
-        128: ((1024, 333), (4096, 557), (4608, 538), (16384, 675), (44776, 704), (119056, 691)),
-        64: ((1024, 283), (4096, 424), (4429, 407), (16384, 489), (17776, 492)),
-    },
-    "cuda_sm90_int8_fp8": {
-        128: ((1024, 385), (4096, 691), (4608, 700), (16384, 854), (44776, 905), (119056, 931)),
-        64: ((1024, 287), (4096, 455), (4429, 432), (16384, 523), (17776, 531)),
-    },
-}
-SOURCE = "bench/kernels_h200_2026-11-27_0657.json, NVIDIA H200, 2026-11-27 06:57 UTC"
+MODES = ("eager_single", "eager_stream", "graph", "compile")
+EAGER_MODES = ("eager_single", "eager_stream")
+REQUEST_MODES = ("eager", *MODES)
+BASELINE = "sdpa"  # the backend every ratio is taken against (exact SDPA, cuDNN pinned first)
+DATA_PACKAGE = "sage3_diffusers.data.perf"
 
 
-def _interp(points, seq: int) -> float:
-    x = math.log(max(seq, 1))
+def card_slug(name: str) -> str:
+    """File key of a card: CUDA's device name lower-cased, the vendor prefix dropped, runs of other characters
+    turned into '-': "NVIDIA H100 80GB HBM3" -> "h100-80gb-hbm3", "NVIDIA H200" -> "h200"."""
+    s = name.strip().lower()
+    s = re.sub(r"^nvidia\s+", "", s)
+    return re.sub(r"[^a-z0-9]+", "-", s).strip("-")
+
+
+@dataclass(frozen=True)
+class PerfTable:
+    card: str
+    capability: tuple[int, int] | None
+    source: dict
+    modes: dict  # mode -> how it was timed
+    tflops: dict  # backend -> mode -> head_dim (int) -> ((seq, tflops), ...)
+
+    @property
+    def describe_source(self) -> str:
+        src = self.source
+        return f"{self.card} table from {src.get('json', '?')} ({src.get('date', '?')})"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PerfTable":
+        tflops = {b: {m: {int(hd): tuple((int(s), float(t)) for s, t in pts) for hd, pts in per_d.items()}
+                      for m, per_d in per_mode.items()}
+                  for b, per_mode in d["tflops"].items()}
+        cap = tuple(d["capability"]) if d.get("capability") else None
+        return cls(card=d["card"], capability=cap, source=dict(d.get("source", {})), modes=dict(d["modes"]),
+                   tflops=tflops)
+
+    def points(self, backend: str, mode: str, head_dim: int):
+        return self.tflops.get(backend, {}).get(mode, {}).get(head_dim)
+
+
+@functools.lru_cache(maxsize=None)
+def available_cards() -> tuple[str, ...]:
+    """Slugs of the cards that have a table in this install."""
+    try:
+        files = resources.files(DATA_PACKAGE).iterdir()
+    except (ModuleNotFoundError, FileNotFoundError):
+        return ()
+    return tuple(sorted(f.name[: -len(".json")] for f in files if f.name.endswith(".json")))
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(slug: str) -> PerfTable | None:
+    if slug not in available_cards():
+        return None
+    text = resources.files(DATA_PACKAGE).joinpath(f"{slug}.json").read_text()
+    return PerfTable.from_dict(json.loads(text))
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def current_card() -> str | None:
+    """CUDA's name for the current device, or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return _device_name(torch.cuda.current_device())
+
+
+def resolve_card(name: str) -> str | None:
+    """The slug of the shipped table a user's card name means: a slug, a CUDA device name, or a unique prefix
+    of one ("H100" -> "h100-80gb-hbm3"); None when no table matches or the prefix is ambiguous."""
+    slug = card_slug(name)
+    cards = available_cards()
+    if slug in cards:
+        return slug
+    matches = [c for c in cards if c.startswith(slug)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def table_for(problem: AttentionProblem, card: str | None = None) -> PerfTable | None:
+    """The table of `card` (a slug, see `resolve_card`), by default the current card's, for a CUDA problem;
+    None off CUDA, for a card without a table, or when the table's compute capability differs from the
+    problem's (a table never speaks for another GPU)."""
+    if problem.device_type != "cuda":
+        return None
+    if card is None:
+        card = current_card()
+        if card is None:
+            return None
+    table = load_table(card_slug(card))
+    if table is None or (table.capability is not None and problem.capability is not None
+                         and tuple(problem.capability) != table.capability):
+        return None
+    return table
+
+
+def current_mode() -> str:
+    """How the calling code runs right now: "graph" while a CUDA graph is being captured on the current stream,
+    "compile" while torch.compile traces (also inside a torch._dynamo.assume_constant_result function called
+    from traced code), else "eager"."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return "graph"
+    if torch.compiler.is_compiling():
+        return "compile"
+    return "eager"
+
+
+def _interp(points, seq: float) -> float:
+    x = math.log(max(seq, 1.0))
     xs = [math.log(s) for s, _ in points]
     if x <= xs[0]:
         return points[0][1]
@@ -41,12 +155,98 @@ def _interp(points, seq: int) -> float:
     return points[-1][1]
 
 
-def estimated_tflops(backend_name: str, p: AttentionProblem) -> float | None:
-    """Measured-table estimate for this call, or None where we have no measurement (not sm_90, another head
-    dim, a backend never benchmarked)."""
-    if p.capability != (9, 0):
-        return None
-    table = HOPPER_TFLOPS.get(backend_name, {}).get(p.head_dim)
+@dataclass(frozen=True)
+class Estimate:
+    tflops: float
+    mode: str  # the requested mode ("eager", "graph", ...)
+    measured_as: str  # the table column(s) it came from, e.g. "min(eager_single, eager_stream) ratio to sdpa"
+    source: str  # card, file and date of the measurement
+
+    def __str__(self) -> str:
+        return f"~{self.tflops:.0f} TFLOPS ({self.mode}: {self.measured_as}; {self.source})"
+
+
+def _column(table: PerfTable, backend: str, mode: str, head_dim: int, seq: float) -> float | None:
+    pts = table.points(backend, mode, head_dim)
+    return None if not pts else _interp(pts, seq)
+
+
+def _estimate(table: PerfTable, backend: str, p: AttentionProblem, mode: str) -> Estimate | None:
+    seq = math.sqrt(p.seq_q * p.seq_kv)
+    hd = p.head_dim
+    if mode == "eager":
+        ratios = {}
+        for m in EAGER_MODES:
+            ours, base = _column(table, backend, m, hd, seq), _column(table, BASELINE, m, hd, seq)
+            if ours is not None and base:
+                ratios[m] = ours / base
+        if ratios:
+            ref_mode = "eager_stream" if "eager_stream" in ratios else next(iter(ratios))
+            worst = min(ratios, key=ratios.get)
+            tf = _column(table, BASELINE, ref_mode, hd, seq) * ratios[worst]
+            how = (f"{BASELINE} {ref_mode} x the smaller ratio to {BASELINE} over "
+                   f"{', '.join(ratios)} ({worst}: {ratios[worst]:.2f}x)")
+            return Estimate(tf, mode, how, table.describe_source)
+        mode_col = "graph"
+        stand_in = "graph column, standing in for eager: this card's table has no eager measurement"
+    elif mode in MODES:
+        mode_col, stand_in = mode, mode
+        if table.points(backend, mode, hd) is None and mode != "graph":
+            mode_col = "graph"
+            stand_in = f"graph column, standing in for {mode}: this card's table has no {mode} measurement"
+    else:
+        raise ValueError(f"unknown mode {mode!r}; allowed: {REQUEST_MODES}")
+    tf = _column(table, backend, mode_col, hd, seq)
+    return None if tf is None else Estimate(tf, mode, stand_in, table.describe_source)
+
+
+def expected_speed(backend_name: str, problem: AttentionProblem, mode: str = "eager",
+                   card: str | None = None) -> Estimate | None:
+    """The measured estimate for this call in `mode` ("eager", "graph", "compile" or one table column), with
+    where it came from; None off CUDA, for a card without a table, or a backend / head dim never measured.
+    `card`: a table slug (`resolve_card`) to ask about another card than the one present."""
+    if mode not in REQUEST_MODES:
+        raise ValueError(f"unknown mode {mode!r}; allowed: {REQUEST_MODES}")
+    table = table_for(problem, card)
+    return None if table is None else _estimate(table, backend_name, problem, mode)
+
+
+def estimated_tflops(backend_name: str, problem: AttentionProblem, mode: str = "eager",
+                     card: str | None = None) -> float | None:
+    """`expected_speed(...).tflops`, or None. The default mode is the conservative eager estimate."""
+    est = expected_speed(backend_name, problem, mode, card)
+    return None if est is None else est.tflops
+
+
+def describe(problem: AttentionProblem | None = None) -> str:
+    """One line on what decides "fastest" here: the current card's table (and its source), or why there is none
+    and static priorities decide."""
+    if problem is not None and problem.device_type != "cuda":
+        return f"no speed table off CUDA ({problem.device_type}): static priorities decide"
+    card = current_card()
+    if card is None:
+        return "no CUDA device: no speed table, static priorities decide"
+    table = load_table(card_slug(card))
     if table is None:
-        return None
-    return _interp(table, int(math.sqrt(p.seq_q * p.seq_kv)))
+        known = ", ".join(available_cards()) or "none"
+        return f"no speed table for {card!r} (tables: {known}): static priorities decide"
+    if problem is not None and table.capability is not None and tuple(problem.capability or ()) != table.capability:
+        return (f"the {card} table is for sm_{table.capability[0]}{table.capability[1]}, this call's device is "
+                f"{problem.capability}: static priorities decide")
+    eager = [m for m in EAGER_MODES if m in table.modes]
+    how = (f"eager = min ratio to {BASELINE} over {', '.join(eager)}" if eager
+           else "eager estimated from CUDA-graph replays (this table has no eager measurement)")
+    return f"{table.describe_source}; modes {', '.join(table.modes)}; {how}"
+
+
+class _CurrentSource:
+    """Formats as `describe()` at the time it is printed (the dispatcher quotes it in its rejection reasons)."""
+
+    def __str__(self) -> str:
+        return describe()
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
+SOURCE = _CurrentSource()

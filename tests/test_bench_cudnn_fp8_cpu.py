@@ -87,15 +87,20 @@ def test_quantize_e4m3_per_tensor():
 
 
 def test_table_has_cudnn_fp8_columns_only_when_measured():
-    row = {"shape": "Flux-1024", "B": 1, "H": 24, "S": 4608, "D": 128,
-           "tflops": {"sdpa_flash": 300.0, "sdpa_cudnn": 600.0, "triton_kernel": 800.0, "triton_incl_quant": 720.0},
-           "triton_vs_cudnn": 1.2, "errors": {"cudnn_fp8": "cudnn-frontend unavailable (ImportError: x)"},
+    graph = {"sdpa_flash": {"ms": 2.0, "tflops": 300.0, "vs_baseline": 0.5},
+             "sdpa_cudnn": {"ms": 1.0, "tflops": 600.0, "vs_baseline": 1.0},
+             "triton_int8_fp8": {"ms": 0.8, "tflops": 720.0, "vs_baseline": 1.25}}
+    row = {"shape": "Flux-1024", "B": 1, "H": 24, "S": 4608, "D": 128, "modes": {"graph": graph},
+           "host_us": {}, "peak_mem_mib": {}, "errors": {"cudnn_fp8": "cudnn-frontend unavailable (ImportError: x)"},
            "accuracy": {"triton_int8_fp8": {"cos_sim": 0.9995, "rel_l1": 0.03},
                         "sdpa_cudnn": {"cos_sim": 1.0, "rel_l1": 0.004}}}
-    result = {"meta": {"card": "FakeGPU", "date": "d", "timing": "t"}, "extra_backends": [], "rows": [row]}
-    assert "fp8" not in bench.format_table(result)
+    meta = {"card": "FakeGPU", "date": "d", "flops": "f", "baseline": "sdpa_cudnn", "modes": {"graph": "g"},
+            "host_us": "h", "peak_mem_mib": "m"}
+    result = {"meta": meta, "columns": list(graph), "rows": [row]}
+    assert "cudnn_fp8" not in bench.format_table(result)
     row2 = json.loads(json.dumps(row))
-    row2["tflops"]["cudnn_fp8"] = 950.0
+    row2["modes"]["graph"]["cudnn_fp8"] = {"ms": 0.63, "tflops": 950.0, "vs_baseline": 1.58}
     row2["accuracy"]["cudnn_fp8"] = {"cos_sim": 0.998, "rel_l1": 0.05}
-    table = bench.format_table({**result, "rows": [row2]})
-    assert "cuDNN fp8 attn only" in table and "| 1.20 | 950 | 0.99950 | 0.0300 | 0.0040 | 0.99800 | 0.0500 |" in table
+    table = bench.format_table({**result, "columns": [*graph, "cudnn_fp8"], "rows": [row2]})
+    assert "| Flux-1024 (1,24,4608,128) | 300 (0.50x) | 600 | 720 (1.25x) | 950 (1.58x) |" in table
+    assert "| Flux-1024 | 1.00000 / 0.0040 | 0.99950 / 0.0300 | 0.99800 / 0.0500 |" in table

@@ -25,3 +25,56 @@ def test_needs_a_gpu(capsys):
         pytest.skip("has a GPU")
     assert main(["--model", "flux"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_attention_share_from_a_cpu_profile():
+    """The share counts the outermost attention op once (SDPA's inner math ops are not counted again)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sage3_diffusers.bench_e2e import attention_share
+    q = torch.randn(1, 2, 256, 64)
+    w = torch.randn(2048, 2048)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        w @ w
+    a = attention_share(prof.events(), on_device=False)
+    assert a["ops"] == ["aten::scaled_dot_product_attention"] and a["time"] == "CPU time"
+    assert 0 < a["attention_ms"] < a["total_ms"] and 0 < a["share"] < 1
+    assert a["ceiling"] == pytest.approx(1 / (1 - a["share"]))
+
+
+def test_measure_row_schema_with_cpu_stand_ins(monkeypatch):
+    """The row one variant gives (times, attention share), run on the CPU with CUDA events replaced by a clock."""
+    import time
+    from types import SimpleNamespace
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from sage3_diffusers import bench_e2e
+    from sage3_diffusers.integration.tiny import tiny_transformer, transformer_inputs
+
+    class Clock:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    def cpu_profile(forward, inputs):
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            forward(**inputs, return_dict=False)
+        return bench_e2e.attention_share(prof.events(), on_device=False)
+    monkeypatch.setattr(torch.cuda, "Event", Clock)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(bench_e2e, "profile_attention", cpu_profile)
+    model = tiny_transformer("flux", layers=1)
+    args = SimpleNamespace(iters=2, warmup=1, fullgraph=False, no_profile=False)
+    inputs = {k: v for k, v in transformer_inputs("flux").items() if k != "return_dict"}
+    row = bench_e2e._measure(model, inputs, "sdpa_default", "eager", args)
+    assert row["variant"] == "sdpa_default" and row["mode"] == "eager" and len(row["times_ms"]) == 2
+    assert row["median_ms"] > 0 and row["min_ms"] <= row["median_ms"]
+    a = row["attention"]
+    assert "aten::scaled_dot_product_attention" in a["ops"] and 0 < a["share"] < 1 and a["ceiling"] > 1

@@ -1,19 +1,17 @@
 """The NVFP4 CUDA backends' declarations, reasons and fake op, checked without a GPU (CPU CI)."""
+import functools
+
 import pytest
 import torch
 
 from sage3_diffusers import dispatch
 from sage3_diffusers.backends import cuda_fp4
-from sage3_diffusers.backends.base import AttentionProblem
 from sage3_diffusers.backends.cuda_fp4 import CudaFp4EmulatedBackend, CudaSm120Fp4Backend
 
 
-def problem(**kw):
-    base = dict(batch=1, heads_q=4, heads_kv=2, seq_q=77, seq_kv=300, head_dim=128, head_dim_v=128,
-                dtype=torch.bfloat16, device_type="cuda", capability=(12, 0), layout="NHD", is_causal=True,
-                return_lse=True, has_mask=False)
-    base.update(kw)
-    return AttentionProblem(**base)
+@pytest.fixture
+def problem(make_problem):
+    return functools.partial(make_problem, capability=(12, 0))
 
 
 class _FakeExt:
@@ -70,31 +68,31 @@ def test_emulated_needs_its_image(fake_ext):
 
 
 @pytest.mark.parametrize("cap", [(12, 0), (12, 1)])
-def test_native_takes_sm120_and_sm121(cap):
+def test_native_takes_sm120_and_sm121(cap, problem):
     assert CudaSm120Fp4Backend().input_reasons(problem(capability=cap)) == []
     assert CudaSm120Fp4Backend().input_reasons(problem(capability=cap, head_dim=64, head_dim_v=64)) == []
 
 
 @pytest.mark.parametrize("cap", [(9, 0), (10, 0), (8, 9)])
-def test_native_rejects_other_archs(cap, fake_ext):
+def test_native_rejects_other_archs(cap, fake_ext, problem):
     fake_ext(sm_120a=True)
     reasons = CudaSm120Fp4Backend().input_reasons(problem(capability=cap))
     assert any("needs an sm_120/121 GPU" in r and f"sm_{cap[0]}{cap[1]}" in r for r in reasons), reasons
 
 
-def test_native_on_hopper_points_to_emulated_build(fake_ext):
+def test_native_on_hopper_points_to_emulated_build(fake_ext, problem):
     fake_ext(sm_120a=True, sm_90a_emulated=True)
     reasons = CudaSm120Fp4Backend().input_reasons(problem(capability=(9, 0)))
     assert any("emulated MMA build: for numerics tests, not speed" in r for r in reasons), reasons
 
 
-def test_emulated_runs_only_on_sm90():
+def test_emulated_runs_only_on_sm90(problem):
     assert CudaFp4EmulatedBackend().input_reasons(problem(capability=(9, 0))) == []
     reasons = CudaFp4EmulatedBackend().input_reasons(problem(capability=(12, 0)))
     assert any("sm_90" in r and "sm_120" in r for r in reasons), reasons
 
 
-def test_other_input_reasons():
+def test_other_input_reasons(problem):
     b = CudaSm120Fp4Backend()
     assert any("cpu" in r for r in b.input_reasons(problem(device_type="cpu", capability=None)))
     assert any("head_dim 96" in r for r in b.input_reasons(problem(head_dim=96, head_dim_v=96)))

@@ -1,19 +1,17 @@
 """The sm90 CUDA backend's declarations and reasons, checked without a GPU (CPU CI)."""
+import functools
+
 import pytest
 import torch
 
 from sage3_diffusers import dispatch
 from sage3_diffusers.backends import cuda_sm90
-from sage3_diffusers.backends.base import AttentionProblem
 from sage3_diffusers.backends.cuda_sm90 import CudaSm90Int8Fp8Backend
 
 
-def problem(**kw):
-    base = dict(batch=1, heads_q=4, heads_kv=2, seq_q=77, seq_kv=300, head_dim=128, head_dim_v=128,
-                dtype=torch.bfloat16, device_type="cuda", capability=(9, 0), layout="NHD", is_causal=True,
-                return_lse=True, has_mask=False)
-    base.update(kw)
-    return AttentionProblem(**base)
+@pytest.fixture
+def problem(make_problem):
+    return functools.partial(make_problem, capability=(9, 0))
 
 
 def test_registered_in_dispatcher_as_int8_fp8_priority_100():
@@ -24,19 +22,19 @@ def test_registered_in_dispatcher_as_int8_fp8_priority_100():
     assert b.supports_causal and b.supports_lse and b.supports_gqa and not b.supports_mask
 
 
-def test_supported_problem_has_no_input_reasons():
+def test_supported_problem_has_no_input_reasons(problem):
     assert CudaSm90Int8Fp8Backend().input_reasons(problem()) == []
     assert CudaSm90Int8Fp8Backend().input_reasons(problem(head_dim=64, head_dim_v=64, layout="HND")) == []
 
 
 @pytest.mark.parametrize("cap,text", [((8, 9), "this GPU is sm_89"), ((12, 0), "this GPU is sm_120"),
                                       ((10, 0), "this GPU is sm_100")])
-def test_wrong_arch_reason(cap, text):
+def test_wrong_arch_reason(cap, text, problem):
     reasons = CudaSm90Int8Fp8Backend().input_reasons(problem(capability=cap))
     assert any("needs sm_90" in r and text in r for r in reasons), reasons
 
 
-def test_other_input_reasons():
+def test_other_input_reasons(problem):
     b = CudaSm90Int8Fp8Backend()
     assert any("cpu" in r for r in b.input_reasons(problem(device_type="cpu", capability=None)))
     assert any("head_dim 96" in r for r in b.input_reasons(problem(head_dim=96, head_dim_v=96)))

@@ -38,6 +38,8 @@ def fakes(monkeypatch):
     registry = dict(dispatch._registry)
     monkeypatch.setattr(dispatch, "_registry", registry)
     monkeypatch.setattr(dispatch, "_warned", set())
+    # These doubles return constants; the self-check (tests/test_selfcheck.py) would rightly disable them.
+    monkeypatch.setenv("SAGE3_SELFCHECK", "0")
     dispatch._cache.clear()
     dispatch.register_backend(FakeFp4())
     dispatch.register_backend(Unbuilt())
@@ -141,11 +143,9 @@ def test_env_cli_lists_every_backend():
     assert "kernel='fp4' ->" in text and "torch " in text
 
 
-def _hopper_problem(seq, head_dim=128):
-    from sage3_diffusers.backends.base import AttentionProblem
-    return AttentionProblem(batch=1, heads_q=24, heads_kv=24, seq_q=seq, seq_kv=seq, head_dim=head_dim,
-                            head_dim_v=head_dim, dtype=torch.bfloat16, device_type="cuda", capability=(9, 0),
-                            layout="HND", is_causal=False, return_lse=False, has_mask=False)
+def _hopper_problem(make_problem, seq, head_dim=128):
+    return make_problem(batch=1, heads_q=24, heads_kv=24, seq_q=seq, seq_kv=seq, head_dim=head_dim,
+                        head_dim_v=head_dim, layout="HND", is_causal=False, return_lse=False)
 
 
 class FastInt8(FakeFp4):
@@ -159,21 +159,40 @@ class SlowInt8(FastInt8):
     name, priority = "fake_int8_b", 50
 
 
-def test_measured_speed_beats_static_priority_on_hopper(fakes, monkeypatch):
+def test_measured_speed_beats_static_priority_on_hopper(fakes, make_problem, fake_perf_table):
     from sage3_diffusers import perf_model
     dispatch.register_backend(FastInt8())
     dispatch.register_backend(SlowInt8())
-    monkeypatch.setitem(perf_model.HOPPER_TFLOPS, "fake_int8_a", {128: ((1024, 200), (16384, 700))})
-    monkeypatch.setitem(perf_model.HOPPER_TFLOPS, "fake_int8_b", {128: ((1024, 300), (16384, 600))})
-    short, long = _hopper_problem(1024), _hopper_problem(16384)
+    fake_perf_table({"fake_int8_a": {"graph": {128: [[1024, 200], [16384, 700]]}},
+                     "fake_int8_b": {"graph": {128: [[1024, 300], [16384, 600]]}}})
+    short, long = _hopper_problem(make_problem, 1024), _hopper_problem(make_problem, 16384)
     assert dispatch.select_backend(short, "int8_fp8").backend.name == "fake_int8_b"  # faster at 1k
     sel = dispatch.select_backend(long, "int8_fp8")
     assert sel.backend.name == "fake_int8_a"
     assert any(n == "fake_int8_b" and "slower for this call: ~600 vs ~700" in r[0] for n, r in sel.rejected)
     # Interpolation in log(S) between the measured points; clamped outside them.
-    assert perf_model.estimated_tflops("fake_int8_a", _hopper_problem(4096)) == pytest.approx(450)
-    assert perf_model.estimated_tflops("fake_int8_a", _hopper_problem(100000)) == 700
-    # Off Hopper there are no measurements: static priority decides.
-    cpu_like = _hopper_problem(16384)
+    assert perf_model.estimated_tflops("fake_int8_a", _hopper_problem(make_problem, 4096)) == pytest.approx(450)
+    assert perf_model.estimated_tflops("fake_int8_a", _hopper_problem(make_problem, 100000)) == 700
+    # A table never speaks for a device of another compute capability: static priority decides.
     from dataclasses import replace
-    assert dispatch.select_backend(replace(cpu_like, capability=(12, 0)), "int8_fp8").backend.name == "fake_int8_a"
+    other = replace(_hopper_problem(make_problem, 16384), capability=(12, 0))
+    assert perf_model.estimated_tflops("fake_int8_a", other) is None
+    assert dispatch.select_backend(other, "int8_fp8").backend.name == "fake_int8_a"
+
+
+def test_auto_never_takes_a_kernel_that_loses_in_either_eager_mode(fakes, make_problem, fake_perf_table):
+    from sage3_diffusers import perf_model
+    dispatch.register_backend(FastInt8())
+    # Faster back to back (1.10x) but slower as a single call (0.90x), and 1.3x in graph replays.
+    fake_perf_table({"sdpa": {"eager_single": {128: [[4608, 600]]}, "eager_stream": {128: [[4608, 620]]},
+                              "graph": {128: [[4608, 630]]}},
+                     "fake_int8_a": {"eager_single": {128: [[4608, 540]]}, "eager_stream": {128: [[4608, 682]]},
+                                     "graph": {128: [[4608, 820]]}}})
+    p = _hopper_problem(make_problem, 4608)
+    est = perf_model.expected_speed("fake_int8_a", p)
+    assert est.tflops == pytest.approx(620 * 0.9) and "eager_single: 0.90x" in est.measured_as
+    assert perf_model.estimated_tflops("sdpa", p) == pytest.approx(620)
+    assert perf_model.estimated_tflops("fake_int8_a", p, mode="graph") == pytest.approx(820)
+    if dispatch.backend_reasons(dispatch.get_backend("sdpa"), p):
+        pytest.skip("sdpa cannot take a CUDA problem on this machine")
+    assert dispatch.select_backend(p, "auto").backend.name == "sdpa"

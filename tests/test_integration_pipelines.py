@@ -11,7 +11,6 @@ import torch
 
 pytest.importorskip("diffusers")
 
-import sage3_diffusers as s3  # noqa: E402
 from sage3_diffusers.integration import apply, remove  # noqa: E402
 from sage3_diffusers.integration.tiny import (pipeline_call_kwargs, tiny_pipeline, tiny_transformer,  # noqa: E402
                                               transformer_inputs)
@@ -21,11 +20,7 @@ PROMPTS = ["a cat riding a horse on the moon at night", "a dog"]  # unequal text
 STEPS = 4
 
 
-@pytest.fixture(autouse=True)
-def _setup():
-    s3.set_fallback("emulate")
-    yield
-    s3.set_fallback(None)
+pytestmark = pytest.mark.usefixtures("emulate_fallback")
 
 
 # (family, true CFG: transformer called twice per step)
@@ -62,6 +57,7 @@ def test_hybrid_policy_picks_int8_fp8_on_first_and_last_step_only(family, true_c
     remove(pipe)
 
 
+@pytest.mark.slow
 def test_torch_compile_with_hybrid_policy_matches_eager():
     """torch.compile(transformer) with inductor on CPU: same outputs as eager at every step, the policy's
     kernel switches (int8_fp8 -> fp4 -> int8_fp8) work, and a second generation does not recompile."""
@@ -95,6 +91,7 @@ def _run(args, timeout=300):
 _VIDEO_EXT = "mp4" if importlib.util.find_spec("imageio_ffmpeg") else "gif"  # the `video` extra gives MP4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,ext", [("flux", "png"), ("mochi", _VIDEO_EXT)])
 def test_example_runs_offline_and_saves(tmp_path, family, ext):
     r = _run([f"examples/{family}.py", "--tiny", "--out", str(tmp_path)])

@@ -1,14 +1,12 @@
 """Sage3 processors vs diffusers' defaults on tiny models of all five families (CPU, fp32, batch 2,
 unequal text lengths for the masked families). Inputs are fresh random each run (seed in messages)."""
 import inspect
-import os
 
 import pytest
 import torch
 
 pytest.importorskip("diffusers")
 
-import sage3_diffusers as s3  # noqa: E402
 from sage3_diffusers.integration import (CogVideoXSage3Processor, FluxSage3Processor, GLOBAL_STATS,  # noqa: E402
                                          HunyuanVideoSage3Processor, MochiSage3Processor, SD3Sage3Processor,
                                          Sage3Processor, apply, remove)
@@ -20,16 +18,7 @@ FAMILIES = ["flux", "sd3", "sd35", "cogvideox", "hunyuan_video", "mochi"]
 ATOL = 1e-5
 
 
-def fresh_seed():
-    return int.from_bytes(os.urandom(4), "little") % (2 ** 31)
-
-
-@pytest.fixture(autouse=True)
-def _no_grad_and_emulate():
-    with torch.no_grad():
-        s3.set_fallback("emulate")
-        yield
-        s3.set_fallback(None)
+pytestmark = pytest.mark.usefixtures("no_grad", "emulate_fallback")
 
 
 def _inputs(family, seed, **kw):
@@ -38,8 +27,8 @@ def _inputs(family, seed, **kw):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_sdpa_kernel_equals_default_processor(family):
-    seed = fresh_seed()
+def test_sdpa_kernel_equals_default_processor(family, fresh_seed):
+    seed = fresh_seed
     model = tiny_transformer(family, seed=seed % 1000)
     inputs = _inputs(family, seed)
     ref = model(**inputs)[0]
@@ -65,8 +54,8 @@ def test_sdpa_kernel_equals_default_processor(family):
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3", "sd35", "cogvideox"])
-def test_fused_qkv_equals_unfused_default(family):
-    seed = fresh_seed()
+def test_fused_qkv_equals_unfused_default(family, fresh_seed):
+    seed = fresh_seed
     model = tiny_transformer(family, seed=seed % 1000)
     inputs = _inputs(family, seed)
     ref = model(**inputs)[0]
@@ -92,8 +81,8 @@ def test_sd35_dual_attention_shares_one_processor_and_counts_both():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_apply_remove_round_trip_is_bit_identical(family):
-    seed = fresh_seed()
+def test_apply_remove_round_trip_is_bit_identical(family, fresh_seed):
+    seed = fresh_seed
     model = tiny_transformer(family, seed=seed % 1000)
     inputs = _inputs(family, seed)
     before = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
@@ -129,8 +118,8 @@ OUTPUT_COS = {"reference_int8_fp8": 0.9999, "reference_fp4": 0.998}  # measured 
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_emulated_quantized_numerics_stay_close(family):
-    seed = fresh_seed()
+def test_emulated_quantized_numerics_stay_close(family, fresh_seed):
+    seed = fresh_seed
     result = run_report(family, kernels=["reference_int8_fp8", "reference_fp4"], seed=seed)
     for kernel, r in result["kernels"].items():
         assert kernel in r["backends"], (kernel, r["backends"])
@@ -159,8 +148,8 @@ def _capture_attention_call(model, name, inputs):
 
 @pytest.mark.parametrize("name", ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"])
 @pytest.mark.parametrize("with_hook", [True, False])
-def test_hunyuan_padded_rows_match_masked_sdpa(name, with_hook):
-    seed = fresh_seed()
+def test_hunyuan_padded_rows_match_masked_sdpa(name, with_hook, fresh_seed):
+    seed = fresh_seed
     model = tiny_transformer("hunyuan_video")
     inputs = _inputs("hunyuan_video", seed)
     args, kwargs = _capture_attention_call(model, name, inputs)
@@ -219,8 +208,8 @@ def test_hunyuan_token_refiner_and_arbitrary_masks_go_exact_and_are_counted():
 
 
 @pytest.mark.parametrize("holes", [False, True])
-def test_mochi_per_sample_text_matches_default(holes):
-    seed = fresh_seed()
+def test_mochi_per_sample_text_matches_default(holes, fresh_seed):
+    seed = fresh_seed
     model = tiny_transformer("mochi")
     inputs = _inputs("mochi", seed)
     if holes:  # valid tokens not a prefix: the gather path

@@ -4,18 +4,12 @@ import torch
 
 pytest.importorskip("diffusers")
 
-import sage3_diffusers as s3  # noqa: E402
 from sage3_diffusers.integration import apply, remove  # noqa: E402
 from sage3_diffusers.integration.steps import Sage3Runtime  # noqa: E402
 from sage3_diffusers.integration.tiny import tiny_transformer, transformer_inputs  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _setup():
-    with torch.no_grad():
-        s3.set_fallback("emulate")
-        yield
-        s3.set_fallback(None)
+pytestmark = pytest.mark.usefixtures("no_grad", "emulate_fallback")
 
 
 def _steps_of(runtime):

@@ -122,15 +122,18 @@ def test_bench_args_and_shapes():
 
 
 def test_bench_table_and_plot(tmp_path, monkeypatch):
-    result = {"meta": {"card": "FakeGPU", "date": "2026-11-27", "timing": "t"}, "extra_backends": ["cuda_sm90_int8_fp8"],
-              "rows": [{"shape": "Flux-1024", "B": 1, "H": 24, "S": 4608, "D": 128,
-                        "tflops": {"sdpa_flash": 300.0, "sdpa_cudnn": 600.0, "triton_kernel": 800.0,
-                                   "triton_incl_quant": 720.0, "cuda_sm90_int8_fp8": 900.0},
-                        "triton_vs_cudnn": 1.2,
+    graph = {"sdpa_cudnn": {"ms": 1.0, "tflops": 600.0, "vs_baseline": 1.0},
+             "triton_int8_fp8": {"ms": 0.83, "tflops": 720.0, "vs_baseline": 1.2},
+             "cuda_sm90_int8_fp8": {"ms": 0.67, "tflops": 900.0, "vs_baseline": 1.5}}
+    meta = {"card": "FakeGPU", "date": "2026-11-27", "flops": "f", "baseline": "sdpa_cudnn", "modes": {"graph": "g"},
+            "host_us": "h", "peak_mem_mib": "m"}
+    result = {"meta": meta, "columns": list(graph),
+              "rows": [{"shape": "Flux-1024", "B": 1, "H": 24, "S": 4608, "D": 128, "modes": {"graph": graph},
+                        "host_us": {"sdpa_cudnn": 20.0, "triton_int8_fp8": 300.0}, "peak_mem_mib": {},
                         "accuracy": {"triton_int8_fp8": {"cos_sim": 0.9995, "rel_l1": 0.03},
                                      "sdpa_cudnn": {"cos_sim": 1.0, "rel_l1": 0.004}}}]}
     table = bench.format_table(result)
-    assert "FakeGPU" in table and "cuda_sm90_int8_fp8 +quant" in table and "| 720 | 1.20 | 900 |" in table
+    assert "FakeGPU" in table and "| 600 | 720 (1.20x) | 900 (1.50x) |" in table and "| Flux-1024 | 20 | 300 |" in table
     json.dumps(result)
     import builtins
     real_import = builtins.__import__

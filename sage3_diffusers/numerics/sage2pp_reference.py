@@ -7,7 +7,7 @@ Per (batch, head), inputs HND [B, H, S, D], everything computed in fp32:
 4. Online softmax over key tiles of `kv_tile` tokens (`attention_common.py`) with the fixed offset
    P̃ = exp2(t - m + 8.807) ≤ 448, P̂ = e4m3_round(P̃); the row sum l is the fp32 sum of P̂ (row_sum=
    "quantized_p", the default: the sm90 kernel gets it from the tensor core as P̂ times a column of ones;
-   slightly more accurate than summing P̃ against fp64 SDPA, bench/NOTES.md) or of P̃ (row_sum="p_tilde": the
+   slightly more accurate than summing P̃ against fp64 SDPA, docs/results/experiments.md) or of P̃ (row_sum="p_tilde": the
    Triton kernel, where the sum of P̂ costs ~10% speed).
 5. V in FP8 E4M3 with one scale per channel (`fp8.py`); each tile's P̂·V̂ accumulates into a fresh fp32
    accumulator that is added to the running one (two-level FP32 accumulation).

@@ -1,6 +1,6 @@
 """Small NVFP4 kernel calls for compute-sanitizer (memcheck / racecheck / synccheck): ragged sequences, GQA,
 causal, both head dims and dtypes, several query-tile chunks. Not a pytest module; run it under the sanitizer:
-    compute-sanitizer --tool memcheck python3 tests/gpu/fp4_sanitizer_cases.py
+    compute-sanitizer --tool memcheck python3 tools/fp4_sanitizer_cases.py
 Prints one line per case and "done" (the sanitizer prints its own error summary)."""
 import torch
 
