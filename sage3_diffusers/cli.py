@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from .backends.base import AttentionProblem, CompiledExtension, build_hint
+from .backends.base import FAMILIES, AttentionProblem, CompiledExtension, build_hint
 from .backends.cuda_fp4 import FP4_EXT
 from .backends.cuda_sm90 import SM90_EXT
 from . import perf_model, selfcheck
@@ -92,7 +92,11 @@ def _settings_lines() -> list[str]:
     overrides = sorted((k, v) for k, v in os.environ.items() if k.startswith("SAGE3_"))
     if overrides:
         lines.append("active SAGE3_* environment overrides:")
-        lines += [f"  {k}={v}" for k, v in overrides]
+        known = {"auto", *FAMILIES, *(b.name for b in list_backends())}
+        for k, v in overrides:
+            bad = k == "SAGE3_BACKEND" and v and v not in known
+            lines.append(f"  {k}={v}" + (" (INVALID: not a backend name or kernel; every attention call raises)"
+                                         if bad else ""))
     else:
         lines.append("active SAGE3_* environment overrides: none")
     return lines

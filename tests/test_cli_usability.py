@@ -67,6 +67,8 @@ def test_env_lists_backends_once_shows_overrides_and_policies(monkeypatch):
     assert "SAGE3_FALLBACK='garbage' is not one of" in text and "INVALID" in text
     assert "  SAGE3_BACKEND=sdpa" in text and "  SAGE3_FALLBACK=garbage" in text
     assert "bundled policies: cogvideox, flux, hunyuan_video, mochi, sd35" in text
+    monkeypatch.setenv("SAGE3_BACKEND", "garbage")
+    assert "  SAGE3_BACKEND=garbage (INVALID: not a backend name or kernel" in env_report()
     monkeypatch.delenv("SAGE3_FALLBACK")
     monkeypatch.delenv("SAGE3_BACKEND")
     assert "active SAGE3_* environment overrides: none" in env_report()

@@ -27,6 +27,8 @@ def test_auto_is_a_kernel_everywhere():
     assert pol.kernel_for("transformer_blocks.0.attn") == "auto"
     from sage3_diffusers.integration import Sage3Processor
     assert Sage3Processor(kernel="auto").kernel == "auto"
+    with pytest.raises(ValueError, match=r"Sage3Processor\(kernel=...\): unknown kernel 'fp5'; allowed: auto, "):
+        Sage3Processor(kernel="fp5")
 
 
 def test_unknown_kernel_names_the_argument():
