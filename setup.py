@@ -1,9 +1,12 @@
 """Build script. Metadata lives in pyproject.toml; this file only decides which CUDA extensions to build.
 
-Extensions (each only when its sources exist and its target is requested):
-- sage3_diffusers._C_sm90: csrc/sm90/*.cu + csrc/sm90/binding.cpp, INT8-QK/FP8-PV attention, sm_90a.
-- sage3_diffusers._C_fp4:  csrc/sm120/*.cu + csrc/sm120/binding.cpp, NVFP4 attention: sm_120a (hardware
-  block-scaled MMA) and, when SAGE3_FP4_EMULATED=1, sm_90a (the same kernel with an emulated MMA).
+Extensions (each only when its sources exist and its target is requested); kernel <name> is csrc/<name>/
+(*.cu + binding.cpp) -> sage3_diffusers._C_<name> -> sage3_diffusers/backends/cuda_<name>.py:
+- sage3_diffusers._C_sm90: INT8-QK/FP8-PV attention, sm_90a.
+- sage3_diffusers._C_fp4:  NVFP4 attention: sm_120a/121a (hardware block-scaled MMA) and, when
+  SAGE3_FP4_EMULATED=1, sm_90a (the same kernel with an emulated MMA: a test build).
+- sage3_diffusers._C_fp4_testing: csrc/fp4/testing/, the FP4 MMA test hooks used by tests/gpu; built only with
+  SAGE3_BUILD_TEST_EXT=1 or SAGE3_FP4_EMULATED=1, for the same targets as _C_fp4. Never needed at run time.
 
 Targets come from TORCH_CUDA_ARCH_LIST (e.g. "9.0a;12.0a"; "9.0" and "12.0" mean the same) or else the
 GPUs present. SAGE3_EXTENSIONS=sm90,fp4 limits what is built; SAGE3_SKIP_CUDA_BUILD=1 builds nothing.
@@ -112,7 +115,9 @@ def cuda_extensions():
             # The binding reports which device images exist (backend availability reasons).
             fp4_defines = [f"-DSAGE3_FP4_SM{a.upper()}" for a in sorted(archs) if a.startswith("12")]
             fp4_defines += ["-DSAGE3_FP4_SM90A_EMULATED"] if _gencode("90a") in gencodes else []
-            add("_C_fp4", "sm120", gencodes, fp4_defines)
+            add("_C_fp4", "fp4", gencodes, fp4_defines)
+            if os.environ.get("SAGE3_BUILD_TEST_EXT") == "1" or os.environ.get("SAGE3_FP4_EMULATED") == "1":
+                add("_C_fp4_testing", "fp4/testing", gencodes, [])
         else:
             _say("_C_fp4 skipped: needs an sm_120a/121a target, or sm_90a with SAGE3_FP4_EMULATED=1")
     return exts, ({"build_ext": BuildExtension} if exts else {})

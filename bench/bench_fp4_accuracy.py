@@ -34,7 +34,8 @@ def main():
                     help="add this times a per-channel N(0,1) offset to V (0: plain dit_inputs)")
     args = ap.parse_args()
     shapes = DIT_SHAPES if not args.shapes else [s for s in DIT_SHAPES if s.name in args.shapes.split(",")]
-    arch, hw = cuda_fp4.mma_impl()
+    cap = torch.cuda.get_device_capability()  # _C_fp4's image for this card: sm_12x hardware MMA, sm_90 emulated
+    arch, hw = cap[0] * 100 + cap[1] * 10, cap[0] == 12
     card = torch.cuda.get_device_name()
     print(f"card: {card}; _C_fp4 image sm_{arch // 10}, MMA {'hardware' if hw else 'emulated'}; v_offset {args.v_offset}; "
           f"torch {torch.__version__}; {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC")

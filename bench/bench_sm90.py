@@ -1,11 +1,10 @@
 """Times the sm_90a INT8-QK/FP8-PV kernel against SDPA cuDNN bf16 (same run, same card).
 
 python bench/bench_sm90.py [--quick]  -> a table of TFLOPS (4*B*H*Sq*Skv*D, halved for causal), median of
-CUDA-graph replays (sage3_diffusers.bench.time_ms). Columns: cuDNN bf16; ours including quantization (3 launches); ours kernel alone
+CUDA-graph replays (sage3_diffusers.bench.time_graph). Columns: cuDNN bf16; ours including quantization (3 launches); ours kernel alone
 (attention launch on pre-quantized inputs); the quantization launches alone (ms).
 """
 import argparse
-import os
 import sys
 
 import torch
@@ -33,17 +32,14 @@ def tflops(b, h, s, d, causal, ms):
     return f / (ms * 1e-3) / 1e12
 
 
-VARIANTS = {  # name: SAGE3_SM90_STAGES (depth of the K/V shared-memory ring)
-    "s3": "3",  # default
-    "s4": "4",
-}
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    from sage3_diffusers.bench import time_ms  # median of CUDA-graph replays (no launch gaps / CPU overhead)
+    from sage3_diffusers.bench import time_graph
+
+    def time_ms(fn):  # median of CUDA-graph replays of 20 calls (no launch gaps / CPU overhead)
+        return time_graph(fn, torch.device("cuda"), calls=20)
     print(torch.cuda.get_device_name(), torch.__version__, "cudnn", torch.backends.cudnn.version(), flush=True)
     rows = []
     for name, b, h, s, d, causal in SHAPES[:3] if args.quick else SHAPES:
@@ -55,14 +51,10 @@ def main():
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
         qz = ext.quantize(q, k, v, False, True)  # q_kmean defined: the list passes back as Sequence[Tensor]
-        ms = {"cudnn": time_ms(cudnn)[0]}
-        for var, st in VARIANTS.items():
-            os.environ["SAGE3_SM90_STAGES"] = st
-            ms["full_" + var] = time_ms(lambda: ext.forward(q, k, v, False, causal, scale, False))[0]
-            ms["kernel_" + var] = time_ms(
-                lambda: ext.forward_quantized(q, qz, s, h, False, causal, scale, False))[0]
-        os.environ.pop("SAGE3_SM90_STAGES")
-        quant_ms = time_ms(lambda: ext.quantize(q, k, v, False, False))[0]
+        ms = {"cudnn": time_ms(cudnn)}
+        ms["full"] = time_ms(lambda: ext.forward(q, k, v, False, causal, scale, False))
+        ms["kernel"] = time_ms(lambda: ext.forward_quantized(q, qz, s, h, False, causal, scale, False))
+        quant_ms = time_ms(lambda: ext.quantize(q, k, v, False, False))
         t = {key: tflops(b, h, s, d, causal, m) for key, m in ms.items()}
         rows.append((name, t, quant_ms))
         print(f"{name}: " + "  ".join(f"{key} {val:.0f}" for key, val in t.items()) +
@@ -70,17 +62,12 @@ def main():
         del q, k, v, qz
         torch.cuda.empty_cache()
     print("\nTFLOPS; ratios against SDPA cuDNN bf16 in the same run. full = incl. quantization; kernel = attention "
-          "launch alone. Variants: s = K/V ring stages (3 default).")
-    cols = ["full_s3", "kernel_s3"] + [f"kernel_{v}" for v in VARIANTS if v != "s3"]
-    print("| shape | cuDNN bf16 | " + " | ".join(cols) + " | quant ms | best full/cuDNN | best kernel/cuDNN |")
-    print("|---|---|" + "---|" * len(cols) + "---|---|---|")
+          "launch alone.")
+    print("| shape | cuDNN bf16 | full | kernel | quant ms | full/cuDNN | kernel/cuDNN |")
+    print("|---|---|---|---|---|---|---|")
     for name, t, qms in rows:
-        best_full = max(t[f"full_{v}"] for v in VARIANTS)
-        best_kernel = max(t[f"kernel_{v}"] for v in VARIANTS)
-        print(f"| {name} | {t['cudnn']:.0f} | " + " | ".join(f"{t[c]:.0f}" for c in cols) +
-              f" | {qms:.3f} | {best_full / t['cudnn']:.2f}x | {best_kernel / t['cudnn']:.2f}x |")
-    print("full TFLOPS per variant: " + "; ".join(
-        f"{name}: " + ", ".join(f"{v} {t['full_' + v]:.0f}" for v in VARIANTS) for name, t, _ in rows))
+        print(f"| {name} | {t['cudnn']:.0f} | {t['full']:.0f} | {t['kernel']:.0f} | {qms:.3f} | "
+              f"{t['full'] / t['cudnn']:.2f}x | {t['kernel'] / t['cudnn']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ Per shape:
   * the attention kernel alone for each autotune candidate, plus the reference-order config (no fold), each with
     its accuracy (cos sim, rel L1) against sage2pp_attention_reference on the first two heads;
   * total = quantization + best attention, and the whole autotuned call `int8fp8_attention`, vs cuDNN.
-Times: median of CUDA-graph replays (sage3_diffusers.bench.time_ms).
+Times: median of CUDA-graph replays (sage3_diffusers.bench.time_graph).
 """
 import json
 import sys
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from sage3_diffusers.bench import dit_inputs, shapes_for, time_ms
+from sage3_diffusers.bench import dit_inputs, shapes_for, time_graph
 from sage3_diffusers.kernels.triton import int8fp8 as tk
 from sage3_diffusers.numerics.metrics import accuracy_metrics
 from sage3_diffusers.numerics.sage2pp_reference import sage2pp_attention_reference
@@ -28,12 +28,11 @@ REF_HEADS = 2
 
 
 def attn_configs(d):
-    c0 = tk._CANDIDATES[d][0]
-    return list(tk._CANDIDATES[d]) + [tk.AttnConfig(c0.block_m, c0.num_warps, c0.num_stages, False, True, True)]
+    return list(tk._CANDIDATES[d])
 
 
 def _t(fn):
-    return time_ms(fn, target_ms=20, replays=5)[0]
+    return time_graph(fn, torch.device("cuda"), calls=20, replays=5)
 
 
 def profile_shape(shape):
@@ -84,8 +83,8 @@ def profile_shape(shape):
         row["best"] = {"attn": an, "total_us": tot * 1e3, "x_cudnn": ms_cudnn / tot}
         print(f"  quant + best attn ({an}) = {tot * 1e3:.0f} us, {tf(tot):.0f} TF, x cuDNN {ms_cudnn / tot:.2f}")
     ms_call = _t(lambda: tk.int8fp8_attention(q, k, v))
-    row.update(call_us=ms_call * 1e3, call_config=str(tk.last_config))
-    print(f"  whole call int8fp8_attention ({tk.last_config}): {ms_call * 1e3:.0f} us, {tf(ms_call):.0f} TF, "
+    row.update(call_us=ms_call * 1e3)
+    print(f"  whole call int8fp8_attention: {ms_call * 1e3:.0f} us, {tf(ms_call):.0f} TF, "
           f"x cuDNN {ms_cudnn / ms_call:.2f}")
     return row
 

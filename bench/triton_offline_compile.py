@@ -141,7 +141,7 @@ def report(name, k, want_loop=True):
 
 def attn_types(d, use_tma=True):
     t = {n: "*fp32" for n in ("qsc_ptr", "ks_ptr", "vs_ptr", "kmean_ptr", "lse_ptr")}
-    t.update(q_ptr="*bf16", o_ptr="*bf16", qi_ptr="*i8", k_ptr="*i8", v_ptr="*fp8e4nv",
+    t.update(q_ptr="*bf16", o_ptr="*bf16", qi_ptr="*i8", k_ptr="*i8", v_ptr="*fp8e4nv", kv_lens_ptr="*i32",
              qk_scale="fp32", sm_scale="fp32")
     for n in ("stride_qb", "stride_qh", "stride_qs", "stride_qd", "stride_ob", "stride_oh", "stride_os", "stride_od"):
         t[n] = "i32"
@@ -153,11 +153,13 @@ def attn_types(d, use_tma=True):
 
 
 def attn_consts(d, bm=64, stages=3, use_tma=True, **extra):
-    c = dict(D=d, BM=bm, BN=128, Q_PER_THREAD=True, Q_BLOCK=128, IS_CAUSAL=False, RETURN_LSE=False, PV_FP8=True,
-             USE_TMA=use_tma, STAGES=stages, FOLD_QS=True, Q_PREQUANT=True, I2F=True, KG=0)
+    c = dict(D=d, BM=bm, BN=128, IS_CAUSAL=False, RETURN_LSE=False, PV_FP8=True, USE_TMA=use_tma, STAGES=stages,
+             KG=0, HAS_KV_LENS=False, kv_lens_ptr=None)
     if not use_tma:
         c.update(qi_desc=None, k_desc=None, v_desc=None)
     c.update(extra)
+    if c["HAS_KV_LENS"]:
+        del c["kv_lens_ptr"]  # a real pointer argument
     return {k: v for k, v in c.items() if k in A._int8fp8_attn_kernel.arg_names}
 
 
@@ -211,12 +213,13 @@ def quant_kernels():
     return res
 
 
-# The default config (fold, preq, i2f) with K's three groupings: 4 K scales per key tile (per_thread, k_block 128:
-# the default), 1 (per_block, k_block a multiple of 128), 0 (the others: per-score K scale).
+# K's three groupings: 4 K scales per key tile (per_thread, k_block 128: the default), 1 (per_block, k_block a
+# multiple of 128), 0 (the others: per-score K scale); and the default with per-sample key lengths.
 ATTN_VARIANTS = {
     "kg4": dict(KG=4),
     "kg1": dict(KG=1),
     "kg0": dict(KG=0),
+    "kg4_kv_lens": dict(KG=4, HAS_KV_LENS=True),
 }
 
 

@@ -16,27 +16,11 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 import torch  # noqa: E402
 
-# Real-model settings: hub id, pipeline class, call arguments (the model cards' usual values).
-REAL = {
-    "flux": ("black-forest-labs/FLUX.1-dev", "FluxPipeline",
-             dict(height=1024, width=1024, num_inference_steps=28, guidance_scale=3.5)),
-    "sd35": ("stabilityai/stable-diffusion-3.5-large", "StableDiffusion3Pipeline",
-             dict(height=1024, width=1024, num_inference_steps=28, guidance_scale=3.5)),
-    "cogvideox": ("THUDM/CogVideoX-2b", "CogVideoXPipeline",
-                  dict(height=480, width=720, num_frames=49, num_inference_steps=50, guidance_scale=6.0)),
-    "hunyuan_video": ("hunyuanvideo-community/HunyuanVideo", "HunyuanVideoPipeline",
-                      dict(height=544, width=960, num_frames=61, num_inference_steps=30)),
-    "mochi": ("genmo/mochi-1-preview", "MochiPipeline",
-              dict(height=480, width=848, num_frames=85, num_inference_steps=64, guidance_scale=4.5)),
-}
-VIDEO = {"cogvideox", "hunyuan_video", "mochi"}
-DEFAULT_PROMPT = {
-    "flux": "a cat riding a horse on the moon, cinematic",
-    "sd35": "a portrait of an old astronaut, detailed",
-    "cogvideox": "a small robot dancing in the rain at night",
-    "hunyuan_video": "a dog running on the beach at sunset",
-    "mochi": "a red car driving through a forest, wide shot",
-}
+
+def family_spec(family: str):
+    """The model registry's entry: hub id, pipeline class, the model card's call arguments, prompt, video."""
+    from sage3_diffusers.integration import models
+    return models.get(family)
 
 
 def _positive_int(text: str) -> int:
@@ -68,7 +52,7 @@ def parse_args(family: str, argv=None):
                     help="one kernel for every layer and step instead of the policy: auto, fp4, int8_fp8, sdpa or a "
                          "backend name")
     ap.add_argument("--no-sage", action="store_true", help="baseline: diffusers' own attention")
-    ap.add_argument("--prompt", default=DEFAULT_PROMPT[family])
+    ap.add_argument("--prompt", default=family_spec(family).example.prompt)
     ap.add_argument("--steps", type=_positive_int,
                     help="denoising steps, >= 1 (default: 4 with --tiny, the model card's value otherwise)")
     ap.add_argument("--seed", type=int, default=0)
@@ -90,13 +74,14 @@ def parse_args(family: str, argv=None):
 def build_pipeline(family: str, args):
     if args.tiny:
         from sage3_diffusers.integration.tiny import tiny_pipeline
-        return tiny_pipeline("sd35" if family == "sd35" else family), "cpu"
+        return tiny_pipeline(family), "cpu"
     import diffusers
-    hub_id, cls_name, _ = REAL[family]
+    spec = family_spec(family)
+    hub_id, cls_name = spec.hub_id, spec.pipeline_class
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = getattr(diffusers, cls_name).from_pretrained(args.model or hub_id, torch_dtype=torch.bfloat16)
     pipe.to(device)
-    if family in VIDEO and hasattr(pipe, "vae") and hasattr(pipe.vae, "enable_tiling"):
+    if spec.example.video and hasattr(pipe, "vae") and hasattr(pipe.vae, "enable_tiling"):
         pipe.vae.enable_tiling()
     return pipe, device
 
@@ -106,7 +91,7 @@ def call_kwargs(family: str, args):
         from sage3_diffusers.integration.tiny import pipeline_call_kwargs
         return pipeline_call_kwargs(family, prompt=args.prompt, steps=4 if args.steps is None else args.steps,
                                     seed=args.seed)
-    kw = dict(REAL[family][2])
+    kw = dict(family_spec(family).example.call_kwargs)
     if args.steps is not None:
         kw["num_inference_steps"] = args.steps
     kw.update(prompt=args.prompt, generator=torch.Generator("cpu").manual_seed(args.seed))
@@ -119,7 +104,7 @@ def save(family: str, result, out_dir: Path, tag: str) -> Path:
     from sage3_diffusers.extras import available, install_hint
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    if family not in VIDEO:
+    if not family_spec(family).example.video:
         path = out_dir / f"{family}_{tag}.png"
         result.images[0].save(path)
         return path

@@ -22,15 +22,23 @@ import time
 
 import torch
 
+
+def _bench_families() -> dict:
+    """family -> its `models.BenchSpec` (the model registry's families that declare one)."""
+    from .integration import models
+    return {f.name: f.bench for f in models.families() if f.bench is not None}
+
+
+def _class_name(family: str) -> str:
+    from .integration import models
+    fam = models.get(family)
+    return fam.bench.transformer_class or models.get(fam.transformer_family).transformer_classes[0]
+
+
 # family: (diffusers class name, config overrides of the class defaults, names of the block-count arguments)
-MODEL_CONFIGS = {
-    "flux": ("FluxTransformer2DModel", {"guidance_embeds": True}, ("num_layers", "num_single_layers")),
-    "sd35": ("SD3Transformer2DModel", {"num_layers": 38, "num_attention_heads": 38, "caption_projection_dim": 2432,
-                                       "pos_embed_max_size": 192, "qk_norm": "rms_norm"}, ("num_layers",)),
-    "cogvideox": ("CogVideoXTransformer3DModel", {}, ("num_layers",)),
-    "hunyuan_video": ("HunyuanVideoTransformer3DModel", {}, ("num_layers", "num_single_layers")),
-    "mochi": ("MochiTransformer3DModel", {}, ("num_layers",)),
-}
+MODEL_CONFIGS = {name: (_class_name(name), spec.config, spec.layer_args) for name, spec in _bench_families().items()}
+# family: (height, width, frames, batch): the pipelines' defaults (batch 2 where CFG is batched)
+DEFAULT_SIZES = {name: spec.default_size for name, spec in _bench_families().items()}
 
 
 def build_transformer(family: str, layers: tuple[int, ...] | None, device, dtype):
@@ -47,49 +55,11 @@ def build_transformer(family: str, layers: tuple[int, ...] | None, device, dtype
 
 
 def make_inputs(family: str, batch: int, device, dtype, *, height: int, width: int, frames: int, gen):
-    """Transformer kwargs at the pipeline's real shapes (latents: VAE /8 spatially, video /4 temporally)."""
-    def rnd(*shape):
-        return torch.randn(*shape, generator=gen, device=device).to(dtype)
-
-    lat_h, lat_w = height // 8, width // 8
-    lat_f = (frames - 1) // 4 + 1 if frames > 1 else 1
-    if family == "flux":  # 2x2 packed latents, 512 T5 tokens
-        h2, w2 = lat_h // 2, lat_w // 2
-        img_ids = torch.zeros(h2, w2, 3, device=device)
-        img_ids[..., 1] = torch.arange(h2, device=device)[:, None]
-        img_ids[..., 2] = torch.arange(w2, device=device)[None, :]
-        return dict(hidden_states=rnd(batch, h2 * w2, 64), encoder_hidden_states=rnd(batch, 512, 4096),
-                    pooled_projections=rnd(batch, 768), timestep=torch.full((batch,), 0.5, device=device),
-                    img_ids=img_ids.flatten(0, 1), txt_ids=torch.zeros(512, 3, device=device),
-                    guidance=torch.full((batch,), 3.5, device=device))
-    if family == "sd35":  # 77 CLIP + 256 T5 tokens
-        return dict(hidden_states=rnd(batch, 16, lat_h, lat_w), encoder_hidden_states=rnd(batch, 333, 4096),
-                    pooled_projections=rnd(batch, 2048), timestep=torch.full((batch,), 500.0, device=device))
-    if family == "cogvideox":  # frames second, 226 T5 tokens
-        return dict(hidden_states=rnd(batch, lat_f, 16, lat_h, lat_w), encoder_hidden_states=rnd(batch, 226, 4096),
-                    timestep=torch.full((batch,), 500, device=device, dtype=torch.long))
-    if family == "hunyuan_video":  # 256 Llama tokens, right-padded: keep 200 valid
-        mask = torch.zeros(batch, 256, device=device, dtype=torch.bool)
-        mask[:, :200] = True
-        return dict(hidden_states=rnd(batch, 16, lat_f, lat_h, lat_w), timestep=torch.full((batch,), 500.0, device=device),
-                    encoder_hidden_states=rnd(batch, 256, 4096), encoder_attention_mask=mask,
-                    pooled_projections=rnd(batch, 768), guidance=torch.full((batch,), 6016.0, device=device))
-    if family == "mochi":  # 12 latent channels, /6 temporal compression
-        lat_f = (frames - 1) // 6 + 1
-        mask = torch.zeros(batch, 256, device=device, dtype=torch.bool)
-        mask[:, :200] = True
-        return dict(hidden_states=rnd(batch, 12, lat_f, lat_h, lat_w), encoder_hidden_states=rnd(batch, 256, 4096),
-                    timestep=torch.full((batch,), 500.0, device=device), encoder_attention_mask=mask)
-    raise ValueError(f"unknown family {family!r}; known: {sorted(MODEL_CONFIGS)}")
-
-
-DEFAULT_SIZES = {  # (height, width, frames, batch): the pipelines' defaults (batch 2 where CFG is batched)
-    "flux": (1024, 1024, 1, 1),
-    "sd35": (1024, 1024, 1, 2),
-    "cogvideox": (480, 720, 49, 2),
-    "hunyuan_video": (720, 1280, 129, 1),
-    "mochi": (480, 848, 163, 2),
-}
+    """Transformer kwargs at the pipeline's real shapes (declared by the family's model module)."""
+    specs = _bench_families()
+    if family not in specs:
+        raise ValueError(f"unknown family {family!r}; known: {sorted(specs)}")
+    return specs[family].make_inputs(batch, device, dtype, height=height, width=width, frames=frames, gen=gen)
 
 
 def _time_forward(forward, inputs, iters: int, warmup: int) -> list[float]:
@@ -179,8 +149,8 @@ def _measure(model, inputs, variant: str, mode: str, args) -> dict:
 
 
 def _install(model, variant: str) -> None:
-    """variant: "sdpa_default" (diffusers' own processors) or a kernel ("sdpa", "int8_fp8", "fp4", or a backend
-    name) for every attention layer through our processors."""
+    """variant: "sdpa_default" (diffusers' own attention) or a kernel ("sdpa", "int8_fp8", "fp4", or a backend
+    name) for every attention layer through `apply` (our backend or our processors, per the family's route)."""
     import sage3_diffusers
     sage3_diffusers.remove(model)
     if variant != "sdpa_default":

@@ -158,7 +158,7 @@ def test_torch_compile_fullgraph_through_the_dispatcher():
 @pytest.mark.parametrize("module, op, extra", [
     ("sage3_diffusers.backends.cuda_sm90", "sm90_int8fp8_attn", ()),
     ("sage3_diffusers.backends.cuda_fp4", "fp4_attn", ()),
-    ("sage3_diffusers.kernels.triton.op", "triton_int8fp8_attn", ("per_thread",)),
+    ("sage3_diffusers.backends.triton_int8fp8", "triton_int8fp8_attn", ("per_thread",)),
 ])
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
 def test_custom_op_fake_shapes_on_meta(module, op, extra, layout):

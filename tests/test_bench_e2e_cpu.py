@@ -6,7 +6,9 @@ import torch
 from sage3_diffusers.bench_e2e import DEFAULT_SIZES, MODEL_CONFIGS, build_transformer, main, make_inputs
 
 
-@pytest.mark.parametrize("family", ["flux", "sd35", "cogvideox", "hunyuan_video"])  # mochi autocasts: no meta
+# Every family of the registry that declares a bench spec (mochi autocasts, HunyuanVideo 1.5 gathers its valid
+# text tokens with data-dependent shapes: neither runs on the meta device).
+@pytest.mark.parametrize("family", sorted(set(MODEL_CONFIGS) - {"mochi", "hunyuan_video15"}))
 def test_real_config_inputs_fit_the_model(family):
     model = build_transformer(family, (1,) * len(MODEL_CONFIGS[family][2]), "meta", torch.bfloat16)
     frames = DEFAULT_SIZES[family][2]

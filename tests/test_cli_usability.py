@@ -66,7 +66,9 @@ def test_env_lists_backends_once_shows_overrides_and_policies(monkeypatch):
     assert "at head_dim 64:" in text
     assert "SAGE3_FALLBACK='garbage' is not one of" in text and "INVALID" in text
     assert "  SAGE3_BACKEND=sdpa" in text and "  SAGE3_FALLBACK=garbage" in text
-    assert "bundled policies: cogvideox, flux, hunyuan_video, mochi, sd35" in text
+    from sage3_diffusers.integration.policy import bundled_policies
+    assert f"bundled policies: {', '.join(bundled_policies())} " in text
+    assert {"flux", "sd35", "wan22", "hunyuan_video15"} <= set(bundled_policies())
     monkeypatch.setenv("SAGE3_BACKEND", "garbage")
     assert "  SAGE3_BACKEND=garbage (INVALID: not a backend name or kernel" in env_report()
     monkeypatch.delenv("SAGE3_FALLBACK")
@@ -175,6 +177,26 @@ def test_example_rejects_bad_arguments(common, capsys, args, fragment):
     assert fragment in _usage_error(capsys, common.parse_args, "flux", args)
 
 
+EXAMPLE_SCRIPTS = sorted(p for p in (REPO / "examples").glob("*.py") if not p.name.startswith("_"))
+
+
+@pytest.mark.parametrize("script", EXAMPLE_SCRIPTS, ids=lambda p: p.stem)
+def test_every_example_validates_its_arguments(common, capsys, script):
+    """Each example (the newer families' too) runs through `_common.run` with its registry family, whose
+    bundled policy is its default, and gets the same argparse checks."""
+    import re
+
+    from sage3_diffusers.integration import models
+    from sage3_diffusers.integration.policy import bundled_policies
+    family, = re.findall(r'run\("(\w+)"\)', script.read_text())
+    assert family == script.stem and models.find(family) is not None and family in bundled_policies()
+    assert common.parse_args(family, []).policy == family
+    assert "argument --steps: expected an integer >= 1, got 0" in _usage_error(
+        capsys, common.parse_args, family, ["--steps", "0"])
+    assert "argument --kernel: unknown kernel 'nonsense'" in _usage_error(
+        capsys, common.parse_args, family, ["--kernel", "nonsense"])
+
+
 def test_example_compile_on_cpu_says_it_takes_a_while(common, monkeypatch, tmp_path, capsys):
     pytest.importorskip("diffusers")
     import torch
@@ -277,8 +299,16 @@ def test_wheel_ships_the_bundled_policies(tmp_path):
     wheel, = (tmp_path / "dist").glob("sage3_diffusers-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {Path(n).stem for n in names if n.startswith("sage3_diffusers/configs/") and n.endswith(".yaml")}
+    from sage3_diffusers.integration import models
     from sage3_diffusers.integration.policy import bundled_policies
     assert shipped == set(bundled_policies()) and "flux" in shipped
+    # A policy for every family with an example (the newer families included), the registry's modules, and
+    # the measured speed tables.
+    with_example = {p.stem for p in (REPO / "examples").glob("*.py") if not p.name.startswith("_")}
+    assert with_example <= shipped and {"wan22", "qwenimage", "ltx", "flux2", "hunyuan_video15"} <= with_example
+    assert {f"sage3_diffusers/integration/models/{m}.py" for m in ("__init__", "wan", "ltx")} <= names
+    assert {n for n in names if n.startswith("sage3_diffusers/data/perf/") and n.endswith(".json")} == \
+        {f"sage3_diffusers/data/perf/{p.name}" for p in (REPO / "sage3_diffusers" / "data" / "perf").glob("*.json")}
     assert "sage3_diffusers/extras.py" in names
 
 

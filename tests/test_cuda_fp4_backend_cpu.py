@@ -163,3 +163,11 @@ def test_bad_inputs_raise_in_python(fake_ext):
         call(ok, x(1, 2, 16, 64), x(1, 2, 17, 64))
     with pytest.raises(ValueError, match="tensor_layout"):
         torch.ops.sage3.fp4_attn(ok, ok, ok, "BHSD", False, 0.125, False)
+
+
+def test_kv_lens_refused_with_a_reason():
+    from sage3_diffusers.backends.cuda_fp4 import CudaFp4EmulatedBackend
+    q = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="does not take kv_lens"):
+        CudaFp4EmulatedBackend().forward(q, q, q, layout="HND", is_causal=False, sm_scale=0.1, return_lse=False,
+                                         kv_lens=torch.tensor([8], dtype=torch.int32))

@@ -77,3 +77,33 @@ def test_op_without_extension_raises_clearly(monkeypatch):
     q = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="not built"):
         torch.ops.sage3.sm90_int8fp8_attn(q, q, q, "HND", False, 0.1, False)
+
+
+def test_kv_lens_declared_and_in_the_op_schema():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    assert CudaSm90Int8Fp8Backend.supports_kv_lens
+    op = torch.ops.sage3.sm90_int8fp8_attn
+    assert "Tensor? kv_lens=None" in str(op.default._schema)
+    with FakeTensorMode():
+        q = torch.empty(3, 4, 77, 64, dtype=torch.float16)
+        lens = torch.empty(3, dtype=torch.int32)
+        out, lse = op(q, q, q, "HND", False, 0.1, True, lens)
+        assert out.shape == q.shape and lse.shape == (3, 4, 77)
+
+
+@pytest.mark.parametrize("lens,error,match", [
+    ([1, 2, 3], ValueError, r"kv_lens must have shape \[2\]"),
+    ([1.0, 2.0], ValueError, "must be an int32"),
+    ("lens", TypeError, "kv_lens must be a tensor"),
+])
+def test_kv_lens_checked_before_the_extension(lens, error, match):
+    from sage3_diffusers.kernels import kv_lens_for_kernel
+    if isinstance(lens, list):
+        lens = torch.tensor(lens)
+    with pytest.raises(error, match=match):
+        kv_lens_for_kernel(lens, 2, torch.device("cpu"))
+    ok = kv_lens_for_kernel(torch.tensor([5, 0]), 2, torch.device("cpu"))
+    assert ok.dtype == torch.int32 and ok.tolist() == [5, 0]
+    assert kv_lens_for_kernel(None, 2, torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="kv_lens must be on q's device"):
+        kv_lens_for_kernel(torch.tensor([5, 0], device="meta"), 2, torch.device("cpu"))

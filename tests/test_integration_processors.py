@@ -168,17 +168,52 @@ def test_hunyuan_padded_rows_match_masked_sdpa(name, with_hook, fresh_seed):
     remove(model)
 
 
-def test_hunyuan_mask_needs_no_per_layer_host_sync(monkeypatch):
+def test_hunyuan_mask_is_read_once_per_forward_not_per_layer(monkeypatch):
+    """Dispatcher route: the key mask HunyuanVideo builds once per forward is read to the host once (by the
+    first layer), not by every layer."""
     model = tiny_transformer("hunyuan_video")
     inputs = _inputs("hunyuan_video", 1)
     ref = model(**inputs)[0]
     apply(model, kernel="sdpa", log_summary=False)
+    reads = []
+    from sage3_diffusers.integration import masks as masks_mod
+    real = masks_mod.padding_plan
+
+    def counting(*a, **k):
+        reads.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(masks_mod, "padding_plan", counting)
+    for _ in range(2):
+        torch.testing.assert_close(model(**inputs)[0], ref, atol=ATOL, rtol=0)
+    assert len(reads) == 2, f"{len(reads)} mask reads in 2 forwards"
+    remove(model)
+
+
+def test_hunyuan_processor_route_needs_no_per_layer_host_sync(monkeypatch):
+    """Our HunyuanVideo processor installed by hand with the runtime's step hook: the hook's per-forward text
+    lengths are used, the mask is never read per layer."""
+    from sage3_diffusers.integration.steps import HOOK_NAME, Sage3Runtime, step_hook
+    from diffusers.hooks import HookRegistry
+    model = tiny_transformer("hunyuan_video")
+    inputs = _inputs("hunyuan_video", 1)
+    ref = model(**inputs)[0]
+    from sage3_diffusers.integration import fixed_policy
+    runtime = Sage3Runtime(fixed_policy("sdpa"), "hunyuan_video", log_summary=False)
+    originals = dict(model.attn_processors)
+    for name, module in model.named_modules():
+        if type(getattr(module, "processor", None)).__name__ == "HunyuanVideoAttnProcessor2_0":
+            module._sage3_runtime, module._sage3_layer = runtime, name
+            module.set_processor(HunyuanVideoSage3Processor())
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(step_hook(runtime, "encoder_attention_mask"),
+                                                                    HOOK_NAME)
 
     def forbidden(*a, **k):
         raise AssertionError("per-layer mask read: the step hook should have provided the lengths")
     monkeypatch.setattr(proc_mod, "_key_prefix_lengths", forbidden)
     torch.testing.assert_close(model(**inputs)[0], ref, atol=ATOL, rtol=0)
-    remove(model)
+    assert runtime.stats.calls and {c.backend for c in runtime.stats.calls} == {"sdpa"}
+    model._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
+    model.set_attn_processor(originals)
 
 
 def test_hunyuan_token_refiner_and_arbitrary_masks_go_exact_and_are_counted():

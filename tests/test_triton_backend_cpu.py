@@ -83,7 +83,7 @@ def test_cpu_resolution_explains_rejection():
 
 @pytest.mark.parametrize("layout,return_lse", [("HND", True), ("NHD", False)])
 def test_custom_op_fake_shapes(layout, return_lse):
-    from sage3_diffusers.kernels.triton import op  # noqa: F401
+    from sage3_diffusers.backends import triton_int8fp8  # noqa: F401
     b, h, s, d = 2, 4, 33, 64
     shape = (b, h, s, d) if layout == "HND" else (b, s, h, d)
     q = torch.empty(shape, dtype=torch.bfloat16, device="meta")
@@ -94,7 +94,7 @@ def test_custom_op_fake_shapes(layout, return_lse):
 
 
 def test_custom_op_rejects_cpu_tensors():
-    from sage3_diffusers.kernels.triton import op  # noqa: F401
+    from sage3_diffusers.backends import triton_int8fp8  # noqa: F401
     q = torch.randn(1, 1, 4, 64, dtype=torch.bfloat16)
     with pytest.raises(Exception):
         torch.ops.sage3.triton_int8fp8_attn(q, q, q, "HND", False, 0.125, False, "per_thread")
@@ -158,16 +158,13 @@ def test_bench_plot_subcommand_args():
     assert (a.command, a.json_in, a.png_out) == ("plot", "r.json", "r.png")
 
 
-def test_forced_config_and_kgroup_fallback(monkeypatch):
-    """SAGE3_TRITON_CONFIG flags (the only config switch), and where the K-group fold applies by itself."""
+def test_launch_config_and_kgroup_fallback():
+    """The attention kernel's launch config is block size, warps and stages only (no switches), and where the
+    K-group fold applies by itself."""
     pytest.importorskip("triton")
     from sage3_diffusers.kernels.triton import int8fp8 as m
-    monkeypatch.setenv("SAGE3_TRITON_CONFIG", "64,4,3,fold+preq+i2f")
-    assert m._forced_config() == m._CANDIDATES[128][0] == m.AttnConfig(64, 4, 3, True, True, True)
-    for bad in ("64,4,3,kg", "64,4", "64,4,3,fold,x"):
-        monkeypatch.setenv("SAGE3_TRITON_CONFIG", bad)
-        with pytest.raises(ValueError, match="SAGE3_TRITON_CONFIG"):
-            m._forced_config()
+    assert m._CANDIDATES[128][0] == m.AttnConfig(64, 4, 3)
+    assert not hasattr(m, "last_config") and not hasattr(m, "_forced_config")
     assert not hasattr(m, "quantize_qkv") and not hasattr(m, "quant_mode")
     t = torch.empty(0)
 
@@ -175,3 +172,13 @@ def test_forced_config_and_kgroup_fallback(monkeypatch):
         return m.QuantizedKV(t, t, t, t, t, 1, 1, 1, 16, 64, True, k_block, gran).k_groups_per_tile()
     assert [groups("per_thread", 128), groups("per_block", 128), groups("per_block", 512)] == [4, 1, 1]
     assert [groups("per_thread", 64), groups("per_thread", 256), groups("per_block", 64)] == [0, 0, 0]
+
+
+def test_kv_lens_declared_and_in_the_op_schema():
+    from sage3_diffusers.backends.triton_int8fp8 import TritonInt8Fp8Backend
+    assert TritonInt8Fp8Backend.supports_kv_lens
+    op = torch.ops.sage3.triton_int8fp8_attn
+    assert "Tensor? kv_lens=None" in str(op.default._schema)
+    q = torch.empty(3, 4, 50, 64, device="meta", dtype=torch.bfloat16)
+    out, lse = op(q, q, q, "HND", False, 0.125, True, "per_thread", torch.empty(3, dtype=torch.int32, device="meta"))
+    assert out.shape == q.shape and lse.shape == (3, 4, 50)

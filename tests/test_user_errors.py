@@ -42,7 +42,10 @@ def test_stats_helpers_are_instance_methods_as_documented():
     assert stats.fallbacks() == {("fp4", "sdpa", "fell back"): 1}
 
 
-@pytest.mark.parametrize("family,no_op", [("sd3", True), ("cogvideox", True), ("mochi", True), ("flux", False)])
+@pytest.mark.parametrize("family,no_op", [("sd3", True), ("cogvideox", True), ("mochi", True), ("flux", False),
+                                         ("hunyuan_video", False), ("wan", False), ("qwenimage", False),
+                                         ("ltx", False), ("ltx2", False), ("flux2", False),
+                                         ("hunyuan_video15", False)])
 def test_set_attention_backend_warns_where_it_is_a_no_op(family, no_op):
     pytest.importorskip("diffusers")
     import warnings

@@ -1,5 +1,5 @@
 """Small NVFP4 kernel calls for compute-sanitizer (memcheck / racecheck / synccheck): ragged sequences, GQA,
-causal, both head dims and dtypes, several query-tile chunks. Not a pytest module; run it under the sanitizer:
+causal, both head dims and dtypes, several query-tile chunks. A developer harness; run it under the sanitizer:
     compute-sanitizer --tool memcheck python3 tools/fp4_sanitizer_cases.py
 Prints one line per case and "done" (the sanitizer prints its own error summary)."""
 import torch

@@ -1,10 +1,8 @@
 // Argument checks for the torch bindings (_C_sm90, _C_fp4) that never throw: a failed check returns its message,
 // the entry point hands it to Python as a str ("error: ..."), and the Python wrapper raises it.
-// Why: on the lent GPU machine every C++ error path of these modules killed the process with SIGSEGV -- a failing
-// TORCH_CHECK, a thrown std::invalid_argument, one caught again inside the module, and a plain returned message
-// built with std::ostringstream (no exception at all). The common factor is std::ostringstream instantiated in the
-// module (c10::str uses it too); errors formatted inside libtorch (CUDAGuard's) were fine. Probably a libstdc++
-// mismatch between the build toolchain and the process (bench/NOTES.md). So messages are built with snprintf.
+// Why: where the build toolchain's libstdc++ differs from the process's, any std::ostringstream instantiated in
+// the module (TORCH_CHECK and c10::str use one) can kill the process with SIGSEGV on an error path, thrown or not,
+// while messages formatted inside libtorch itself are safe. So messages are built with snprintf and returned.
 // Binding files only (includes torch headers).
 #pragma once
 #include <torch/extension.h>

@@ -61,6 +61,9 @@ struct AttnArgs {
   const uint8_t* v_t; const float* v_scale;
   void* out; int64_t o_sb, o_sh, o_ss;  // element strides of the output (channel stride 1)
   float* lse;                           // [B, Hq, Sq] natural log, or nullptr
+  // [B] int32 on the device, or nullptr: batch entry b attends to its first kv_lens[b] keys only (clamped to
+  // [0, Skv]; right padding, read by the kernel, no host sync). kv_lens[b] == 0 gives zero output rows, LSE -inf.
+  const int* kv_lens;
 };
 
 // Two launches: partial K sums / V amax, then one fused Q/K/V quantization pass.

@@ -1,7 +1,7 @@
 // SageAttention2++-numerics forward attention for Hopper (sm_90a): INT8 QK^T and FP8 (E4M3) PV on wgmma.
 //
 // One CTA = 128 query rows of one (batch, query head), 3 warpgroups:
-//   warpgroup 0: producer. One thread issues TMA loads of Q once and of K / V^T tiles into a STAGES-deep
+//   warpgroup 0: producer. One thread issues TMA loads of Q once and of K / V^T tiles into a kStages-deep
 //                shared-memory ring (full / empty mbarriers per stage; K and V have separate barriers so
 //                QK^T can start before V lands). It gives its registers away (setmaxnreg.dec).
 //   warpgroups 1, 2: consumers, 64 query rows each. Per 128-key tile: S = Q K^T (s8 wgmma, smem x smem),
@@ -24,28 +24,31 @@
 #include <cuda_runtime.h>
 
 #include <climits>
-#include <cstdlib>
 
 #include "common/ptx_sm90.cuh"
 #include "common/store_pair.cuh"
 #include "common/wgmma_ops.cuh"
 #include "sm90/api.h"
-#include "sm90/trace.cuh"
+
+// Phase-timeline hooks for kernel work: SAGE3_TRACE(cw, tile, point) records clock64() only in the standalone
+// harness tools/sm90_attn_trace.cu built with -DSAGE3_SM90_TRACE=1 -Itools; everywhere else it is empty.
+#if defined(SAGE3_SM90_TRACE) && SAGE3_SM90_TRACE
+#include "sm90_trace.cuh"
+#else
+#define SAGE3_TRACE(cw, tile, point) \
+  do {                               \
+  } while (0)
+#endif
 
 namespace sage3::sm90 {
 
 constexpr float kPOffsetLog2 = 8.807f;  // exp2 offset: the row max maps to ~447.8 <= 448 (E4M3 max)
 constexpr float kLn2 = 0.69314718055994531f;
 
-// A/B switch (kernel work only): -1 takes AttnTraits::kExpTurn, 0 / 1 force no turn / the turn.
-#ifndef SAGE3_SM90_EXP_TURN
-#define SAGE3_SM90_EXP_TURN -1
-#endif
-
 // The two consumer warpgroups can take turns on the exponentials of a tile (the MUFU-bound part of the
 // softmax: 16 exp2/clk/SM, as much time as the tile's two GEMMs on the tensor cores), so their exp2 phases
 // alternate instead of competing. Warpgroup cw waits on named barrier 1 + cw for its turn and hands over on
-// 2 - cw. Whether it pays depends on the head dim (AttnTraits::kExpTurn; bench/NOTES.md, v8 and v9).
+// 2 - cw. Whether it pays depends on the head dim (AttnTraits::kExpTurn).
 template <bool kTurn>
 __device__ __forceinline__ void exp_turn_wait(int cw) {
   if constexpr (kTurn) named_barrier_sync(1 + cw, 256);
@@ -73,13 +76,16 @@ struct AttnParams {
   int n_qgroups, n_ktiles;
   float sm_scale;       // natural-log domain scale (LSE correction term)
   float sm_scale_log2;  // float(sm_scale * log2(e)), as the reference rounds it
+  const int* kv_lens;   // KV_LENS kernels: [B] valid keys per batch entry (keys >= kv_lens[b] are masked)
 };
 
-template <int D, int STAGES>
+template <int D>
 struct AttnTraits {
   static constexpr int kQkSwizzle = D == 128 ? 128 : 64;  // Q/K smem rows are D int8 bytes
   static constexpr int kVSwizzle = 128;                   // V^T smem rows are 128 tokens of e4m3
-  static constexpr int kStages = STAGES;  // depth of the K / V^T shared-memory ring
+  // Depth of the K / V^T shared-memory ring: 2 stages leave the tensor cores waiting on TMA (15-30% slower),
+  // 4 measure the same as 3 and take more shared memory.
+  static constexpr int kStages = 3;
   static constexpr int kQBytes = kCtaQ * D;
   static constexpr int kKBytes = kCtaK * D;
   static constexpr int kVRows = D + 8;                 // V^T rows in a stage: D channels, then 8 rows of ones
@@ -91,9 +97,9 @@ struct AttnTraits {
   static constexpr int kSmemBytes =
       1024 /*alignment slack*/ + kQBytes + kStages * (kKBytes + kVBytes) + kBarrierBytes + kPinBytes;
   static constexpr int kThreads = 384;
-  // Turns on the exponentials (exp_turn_wait): H200, kernel alone, v9 (row sums from the tensor core): hd64
-  // +5% with them (4k: 502 vs 476 TFLOPS), hd128 +3-10% without (4k: 880 vs 808; 16k: 977 vs 887).
-  static constexpr bool kExpTurn = SAGE3_SM90_EXP_TURN < 0 ? D == 64 : SAGE3_SM90_EXP_TURN == 1;
+  // Turns on the exponentials (exp_turn_wait), measured with the kernel alone: at hd64 they gain ~5%, at hd128
+  // (twice the tensor-core work per exponential) the handovers cost 3-10%.
+  static constexpr bool kExpTurn = D == 64;
 };
 
 // O (+)= P [V | 1]^T for one 32-key step (N = D + 8); kFirst starts a fresh accumulator (write-only registers,
@@ -107,17 +113,31 @@ __device__ __forceinline__ void pv_wgmma(float (&o)[D / 2 + 4], const uint32_t (
   }
 }
 
-template <int D, int STAGES, bool CAUSAL, bool RETURN_LSE, typename OutT>
+// Output rows q0 .. q0 + kCtaQ - 1 of (b, hq) for a batch entry with no keys: zeros, and LSE -inf.
+template <int D, bool RETURN_LSE, typename OutT>
+__device__ __forceinline__ void write_empty_rows(const AttnParams& p, int q0, int hq, int b) {
+  OutT* out = static_cast<OutT*>(p.out) + (int64_t)b * p.o_sb + (int64_t)hq * p.o_sh;
+  for (int i = threadIdx.x; i < kCtaQ * (D / 2); i += blockDim.x) {
+    const int row = q0 + i / (D / 2), col = 2 * (i % (D / 2));
+    if (row < p.Sq) store_pair<OutT>(out + (int64_t)row * p.o_ss + col, 0.f, 0.f);
+  }
+  if constexpr (RETURN_LSE) {
+    for (int r = threadIdx.x; r < kCtaQ; r += blockDim.x)
+      if (q0 + r < p.Sq) p.lse[(int64_t)(b * p.Hq + hq) * p.Sq + q0 + r] = -INFINITY;
+  }
+}
+
+template <int D, bool CAUSAL, bool RETURN_LSE, bool KV_LENS, typename OutT>
 __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q, uint8_t* s_k, uint8_t* s_v,
                                               const float* s_kscale, float* s_pin, uint64_t* q_full, uint64_t* k_full, uint64_t* v_full,
                                               uint64_t* k_empty, uint64_t* v_empty, int q0, int hq, int b, int hkv,
-                                              int n_tiles, int wg);
+                                              int n_tiles, int kv_len, int wg);
 
-template <int D, int STAGES, bool CAUSAL, bool RETURN_LSE, typename OutT>
+template <int D, bool CAUSAL, bool RETURN_LSE, bool KV_LENS, typename OutT>
 __global__ void __launch_bounds__(384, 1)
     attn_int8_fp8_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                          const __grid_constant__ CUtensorMap tm_v, const AttnParams p) {
-  using T = AttnTraits<D, STAGES>;
+  using T = AttnTraits<D>;
   constexpr int S = T::kStages;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -140,8 +160,16 @@ __global__ void __launch_bounds__(384, 1)
   const int b = blockIdx.z;
   const int hkv = hq / (p.Hq / p.Hkv);
   const int q0 = q_tile * kCtaQ;
-  int n_tiles = p.n_ktiles;
+  // Keys this CTA attends to: all Skv, or the first kv_lens[b] (clamped to [0, Skv]) of its batch entry.
+  const int kv_len = KV_LENS ? max(0, min(p.Skv, __ldg(p.kv_lens + b))) : p.Skv;
+  int n_tiles = KV_LENS ? ceil_div(kv_len, kCtaK) : p.n_ktiles;
   if (CAUSAL) n_tiles = min(n_tiles, q_tile + 1);  // top-left causal: keys <= q0 + 127
+  if (KV_LENS && n_tiles == 0) {
+    // No keys at all (kv_lens[b] <= 0): the output rows are zeros and their LSE is -inf (a softmax over no
+    // keys); the CTA leaves before any barrier or TMA is set up.
+    write_empty_rows<D, RETURN_LSE, OutT>(p, q0, hq, b);
+    return;
+  }
 
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
@@ -193,17 +221,17 @@ __global__ void __launch_bounds__(384, 1)
     }
   } else {
     setmaxnreg_inc<240>();
-    consumer_loop<D, STAGES, CAUSAL, RETURN_LSE, OutT>(p, s_q, s_k, s_v, s_kscale, s_pin + (threadIdx.x - 128), q_full, k_full, v_full, k_empty,
-                                                           v_empty, q0, hq, b, hkv, n_tiles, wg);
+    consumer_loop<D, CAUSAL, RETURN_LSE, KV_LENS, OutT>(p, s_q, s_k, s_v, s_kscale, s_pin + (threadIdx.x - 128), q_full, k_full, v_full, k_empty,
+                                                           v_empty, q0, hq, b, hkv, n_tiles, kv_len, wg);
   }
 }
 
-template <int D, int STAGES, bool CAUSAL, bool RETURN_LSE, typename OutT>
+template <int D, bool CAUSAL, bool RETURN_LSE, bool KV_LENS, typename OutT>
 __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q, uint8_t* s_k, uint8_t* s_v,
                                               const float* s_kscale, float* s_pin, uint64_t* q_full, uint64_t* k_full, uint64_t* v_full,
                                               uint64_t* k_empty, uint64_t* v_empty, int q0, int hq, int b, int hkv,
-                                              int n_tiles, int wg) {
-  using T = AttnTraits<D, STAGES>;
+                                              int n_tiles, int kv_len, int wg) {
+  using T = AttnTraits<D>;
   constexpr int S = T::kStages;
   // ------------------------------ consumers ------------------------------
   const int cw = wg - 1;               // consumer warpgroup: rows q0 + 64*cw ...
@@ -266,13 +294,13 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
     const int kv0 = j * kCtaK;
     // Causal: with kCtaK == kCtaQ only the tile on the CTA's own diagonal (kv0 == q0) has keys after a row. The
     // tests use offsets from q0 (warp-uniform) and the thread's row within the CTA (from the thread index), not
-    // row_a / wg_row0, so no extra value stays live across the tile loop (240-register budget): +5% causal, H100.
+    // row_a / wg_row0, so no extra value stays live across the tile loop (240-register budget): +5% causal.
     static_assert(kCtaK == kCtaQ, "causal masking assumes square tiles");
-    const bool need_mask = (kv0 + kCtaK > p.Skv) || (CAUSAL && kv0 >= q0);
+    const bool need_mask = (kv0 + kCtaK > kv_len) || (CAUSAL && kv0 >= q0);
     auto masked = [&](int i, int e) {
       const int col = kv0 + 8 * i + 2 * tg + (e & 1);
       const int lrow = ((threadIdx.x - 128) >> 5) * 16 + ((threadIdx.x & 31) >> 2);  // row_a - q0
-      return col >= p.Skv || (CAUSAL && col - q0 > (e < 2 ? lrow : lrow + 8));
+      return col >= kv_len || (CAUSAL && col - q0 > (e < 2 ? lrow : lrow + 8));
     };
     // Four independent VIMNMX3 chains per row (then combined), so the dependent chain is 4 + 2 deep, not 16.
     int ma[4] = {INT_MIN, INT_MIN, INT_MIN, INT_MIN}, mb[4] = {INT_MIN, INT_MIN, INT_MIN, INT_MIN};
@@ -334,10 +362,10 @@ __device__ __forceinline__ void consumer_loop(const AttnParams& p, uint8_t* s_q,
 #pragma unroll
     for (int i = 0; i < 64; ++i) sf[i] = exp2_approx(sf[i]);
     if constexpr (T::kExpTurn) {
-      // Every exp2 of the tile is done before the hand-over: pinned by a store of the XOR of their bits (the
-      // row sums used to be the pin; they now come from the PV wgmma). Measured against a second packing of P
-      // and an integer max as the pin, and no pin at all (ptxas then hands over after the first MUFU): -1% to
-      // -15%, bench/NOTES.md.
+      // Every exp2 of the tile is done before the hand-over: pinned by a store of the XOR of their bits (the row
+      // sums come from the PV wgmma, so nothing else consumes every exp2 here). A second packing of P or an
+      // integer max as the pin, or no pin at all (ptxas then hands over after the first MUFU), measure 1-15%
+      // slower.
       uint32_t x = 0;
 #pragma unroll
       for (int i = 0; i < 64; i += 2) x ^= __float_as_uint(sf[i]) ^ __float_as_uint(sf[i + 1]);
@@ -502,11 +530,11 @@ inline bool make_map_4d(CUtensorMap* map, const void* base, uint64_t d0, uint64_
   return r == CUDA_SUCCESS;
 }
 
-template <int D, int STAGES, bool CAUSAL, bool LSE, typename OutT>
+template <int D, bool CAUSAL, bool LSE, bool KV_LENS, typename OutT>
 cudaError_t launch_attn_variant(const AttnArgs& a, cudaStream_t stream, const CUtensorMap& tq, const CUtensorMap& tk,
                                 const CUtensorMap& tv, const AttnParams& prm) {
-  using T = AttnTraits<D, STAGES>;
-  auto kernel = attn_int8_fp8_kernel<D, STAGES, CAUSAL, LSE, OutT>;
+  using T = AttnTraits<D>;
+  auto kernel = attn_int8_fp8_kernel<D, CAUSAL, LSE, KV_LENS, OutT>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
   if (e != cudaSuccess) return e;
   dim3 grid(ceil_div(a.s.Sq, kCtaQ), a.s.Hq, a.s.B);
@@ -557,16 +585,14 @@ cudaError_t launch_attn(const AttnArgs& a, cudaStream_t stream, const char** err
     *err = "sm90 attention: return_lse needs lse and q_kmean buffers";
     return cudaErrorInvalidValue;
   }
-  // K/V ring depth: 3 stages (2 is 15-30% slower since v8, 4 = 3 within noise; H200, bench/RESULTS.md);
-  // SAGE3_SM90_STAGES=4 for A/B timing.
-  const char* st_env = std::getenv("SAGE3_SM90_STAGES");
-  const int stages = st_env && st_env[0] == '4' ? 4 : 3;
-#define SAGE3_LAUNCH_T(ST, C, L)                                                              \
-  return a.out_bf16 ? launch_attn_variant<D, ST, C, L, __nv_bfloat16>(a, stream, tq, tk, tv, prm) \
-                    : launch_attn_variant<D, ST, C, L, __half>(a, stream, tq, tk, tv, prm)
-#define SAGE3_LAUNCH(C, L)                     \
-  if (stages == 4) { SAGE3_LAUNCH_T(4, C, L); } \
-  SAGE3_LAUNCH_T(3, C, L)
+  prm.kv_lens = a.kv_lens;
+  const bool kv_lens = a.kv_lens != nullptr;
+#define SAGE3_LAUNCH_T(C, L, KL)                                                                  \
+  return a.out_bf16 ? launch_attn_variant<D, C, L, KL, __nv_bfloat16>(a, stream, tq, tk, tv, prm) \
+                    : launch_attn_variant<D, C, L, KL, __half>(a, stream, tq, tk, tv, prm)
+#define SAGE3_LAUNCH(C, L)                       \
+  if (kv_lens) { SAGE3_LAUNCH_T(C, L, true); } \
+  SAGE3_LAUNCH_T(C, L, false)
   if (a.causal) {
     if (lse) { SAGE3_LAUNCH(true, true); } else { SAGE3_LAUNCH(true, false); }
   } else {

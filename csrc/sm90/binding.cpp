@@ -2,6 +2,7 @@
 // intermediates with the caching allocator, launches on the current stream. The only file with torch headers.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/util/accumulate.h>
 #include <torch/extension.h>
 
 #include <cstdio>
@@ -68,19 +69,41 @@ std::string quantize_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
 
   r.s = QuantShapes{(int)vq.B, (int)vq.H, (int)vk.H, (int)vq.S, (int)vk.S, (int)vq.D};
   const QuantShapes& s = r.s;
-  auto f32 = q.options().dtype(at::kFloat);
-  auto i8 = q.options().dtype(at::kChar);
-  auto u8 = q.options().dtype(at::kByte);
-  at::Tensor partial_ksum = at::empty({s.B, s.Hkv, s.n_chunks(), s.D}, f32);
-  at::Tensor partial_vamax = at::empty({s.B, s.Hkv, s.n_chunks(), s.D}, f32);
-  r.q_i8 = at::empty({s.B, s.Hq, s.Sq, s.D}, i8);
-  r.q_scale = at::empty({s.B, s.Hq, s.n_qgroups()}, f32);
-  r.q_kmean = want_qk_mean ? at::empty({s.B, s.Hq, s.Sq}, f32) : at::Tensor();
-  r.k_i8 = at::empty({s.B, s.Hkv, s.Skv, s.D}, i8);
-  r.k_scale = at::empty({s.B, s.Hkv, s.n_ktiles() * 4}, f32);
-  r.k_mean = at::empty({s.B, s.Hkv, s.D}, f32);
-  r.v_t = at::empty({s.B, s.Hkv, s.D, s.skv_pad()}, u8);
-  r.v_scale = at::empty({s.B, s.Hkv, s.D}, f32);
+  // All intermediates of the call in one allocation (one caching-allocator call instead of ten: host time per
+  // call), each at a 256-byte aligned offset (TMA needs 16-byte aligned bases). Memory is what separate
+  // allocations would take; it returns to the caching allocator when the last view dies, as they would.
+  const int64_t B = s.B, Hq = s.Hq, Hkv = s.Hkv, Sq = s.Sq, Skv = s.Skv, D = s.D;
+  int64_t total = 0;
+  auto reserve = [&total](int64_t bytes) {
+    const int64_t at = total;
+    total += (bytes + 255) / 256 * 256;
+    return at;
+  };
+  const int64_t o_ksum = reserve(B * Hkv * s.n_chunks() * D * 4);
+  const int64_t o_vamax = reserve(B * Hkv * s.n_chunks() * D * 4);
+  const int64_t o_qi8 = reserve(B * Hq * Sq * D);
+  const int64_t o_qscale = reserve(B * Hq * s.n_qgroups() * 4);
+  const int64_t o_qkmean = want_qk_mean ? reserve(B * Hq * Sq * 4) : 0;
+  const int64_t o_ki8 = reserve(B * Hkv * Skv * D);
+  const int64_t o_kscale = reserve(B * Hkv * s.n_ktiles() * 4 * 4);
+  const int64_t o_kmean = reserve(B * Hkv * D * 4);
+  const int64_t o_vt = reserve(B * Hkv * D * s.skv_pad());
+  const int64_t o_vscale = reserve(B * Hkv * D * 4);
+  const at::Tensor ws = at::empty({total}, q.options().dtype(at::kByte));
+  auto carve = [&ws](int64_t offset, at::IntArrayRef shape, at::ScalarType dtype) {
+    const int64_t bytes = c10::multiply_integers(shape) * c10::elementSize(dtype);
+    return ws.narrow(0, offset, bytes).view(dtype).view(shape);
+  };
+  at::Tensor partial_ksum = carve(o_ksum, {B, Hkv, s.n_chunks(), D}, at::kFloat);
+  at::Tensor partial_vamax = carve(o_vamax, {B, Hkv, s.n_chunks(), D}, at::kFloat);
+  r.q_i8 = carve(o_qi8, {B, Hq, Sq, D}, at::kChar);
+  r.q_scale = carve(o_qscale, {B, Hq, s.n_qgroups()}, at::kFloat);
+  r.q_kmean = want_qk_mean ? carve(o_qkmean, {B, Hq, Sq}, at::kFloat) : at::Tensor();
+  r.k_i8 = carve(o_ki8, {B, Hkv, Skv, D}, at::kChar);
+  r.k_scale = carve(o_kscale, {B, Hkv, s.n_ktiles() * 4}, at::kFloat);
+  r.k_mean = carve(o_kmean, {B, Hkv, D}, at::kFloat);
+  r.v_t = carve(o_vt, {B, Hkv, D, s.skv_pad()}, at::kByte);
+  r.v_scale = carve(o_vscale, {B, Hkv, D}, at::kFloat);
 
   QuantArgs a;
   a.s = s;
@@ -115,19 +138,39 @@ std::string quantize(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 }
 
 std::string run_attention(const Quantized& r, const at::Tensor& q, bool nhd, bool is_causal, double sm_scale,
-                          bool return_lse, c10::optional<at::Tensor> out_opt, c10::optional<at::Tensor> lse_opt,
+                          bool return_lse, const c10::optional<at::Tensor>& kv_lens,
+                          c10::optional<at::Tensor> out_opt, c10::optional<at::Tensor> lse_opt,
                           std::vector<at::Tensor>& result);
+
+// kv_lens: int32 [B] on q's device (contiguous), or none. Its values are read by the kernel only (no host
+// sync): batch entry b attends to keys [0, kv_lens[b]) (clamped to [0, Skv]).
+std::string check_kv_lens(const c10::optional<at::Tensor>& kv_lens, const at::Tensor& q, int64_t batch) {
+  if (!kv_lens.has_value() || !kv_lens->defined()) return {};
+  const at::Tensor& t = *kv_lens;
+  SAGE3_CHECK(t.device() == q.device(), "sm90 attention: kv_lens must be on q's device (", q.device().str(),
+              "), got ", t.device().str());
+  SAGE3_CHECK(t.scalar_type() == at::kInt, "sm90 attention: kv_lens must be int32, got ", t.scalar_type());
+  SAGE3_CHECK(t.dim() == 1 && t.size(0) == batch, "sm90 attention: kv_lens must have shape [", batch,
+              "] (one key length per batch entry), got ", t.sizes());
+  SAGE3_CHECK(t.is_contiguous(), "sm90 attention: kv_lens must be contiguous");
+  return {};
+}
 
 // out in q's layout and dtype; lse [B, Hq, Sq] fp32 (natural log) or an empty tensor. `out_opt` / `lse_opt`
 // let tests pass pre-poisoned buffers (out: q's logical shape, channel stride 1; lse: contiguous).
+// With kv_lens, the quantization still sees all Skv keys (the K mean and the V channel scales include the padding
+// tokens: subtracting one per-channel mean from every key shifts each score row by a constant, exact under
+// softmax and restored in the LSE; padding tokens only coarsen the scales), so padding must be finite.
 std::string forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool nhd, bool is_causal,
-                    double sm_scale, bool return_lse, c10::optional<at::Tensor> out_opt,
-                    c10::optional<at::Tensor> lse_opt, std::vector<at::Tensor>& result) {
+                    double sm_scale, bool return_lse, const c10::optional<at::Tensor>& kv_lens,
+                    c10::optional<at::Tensor> out_opt, c10::optional<at::Tensor> lse_opt,
+                    std::vector<at::Tensor>& result) {
   SAGE3_CHECK(q.is_cuda(), "sm90 attention: q must be a CUDA tensor");
   c10::cuda::CUDAGuard guard(q.device());
+  SAGE3_TRY(check_kv_lens(kv_lens, q, q.size(0)));
   Quantized r;
   SAGE3_TRY(quantize_impl(q, k, v, nhd, return_lse, r));
-  return run_attention(r, q, nhd, is_causal, sm_scale, return_lse, out_opt, lse_opt, result);
+  return run_attention(r, q, nhd, is_causal, sm_scale, return_lse, kv_lens, out_opt, lse_opt, result);
 }
 
 // The attention kernel alone on the intermediates of quantize() (for kernel-only timing).
@@ -148,11 +191,12 @@ std::string forward_quantized(const at::Tensor& q, const std::vector<at::Tensor>
              "forward_quantized: k_scale / v_scale must be contiguous and aligned as quantize() returns them");
   SAGE3_CHECK(r.k_i8.size(2) == seq_kv && r.k_i8.size(1) == heads_kv && r.q_i8.sizes() == at::IntArrayRef({vq.B, vq.H, vq.S, vq.D}),
               "forward_quantized: shapes do not match the quantized tensors");
-  return run_attention(r, q, nhd, is_causal, sm_scale, return_lse, c10::nullopt, c10::nullopt, result);
+  return run_attention(r, q, nhd, is_causal, sm_scale, return_lse, c10::nullopt, c10::nullopt, c10::nullopt, result);
 }
 
 std::string run_attention(const Quantized& r, const at::Tensor& q, bool nhd, bool is_causal, double sm_scale,
-                          bool return_lse, c10::optional<at::Tensor> out_opt, c10::optional<at::Tensor> lse_opt,
+                          bool return_lse, const c10::optional<at::Tensor>& kv_lens,
+                          c10::optional<at::Tensor> out_opt, c10::optional<at::Tensor> lse_opt,
                           std::vector<at::Tensor>& result) {
   const QuantShapes& s = r.s;
   at::Tensor out;
@@ -193,6 +237,7 @@ std::string run_attention(const Quantized& r, const at::Tensor& q, bool nhd, boo
   a.out = out.data_ptr();
   a.o_sb = vo.sb; a.o_sh = vo.sh; a.o_ss = vo.ss;
   a.lse = return_lse ? lse.data_ptr<float>() : nullptr;
+  a.kv_lens = kv_lens.has_value() && kv_lens->defined() ? kv_lens->data_ptr<int32_t>() : nullptr;
   const char* err = "unknown error";
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaError_t e = s.D == 128 ? sage3::sm90::launch_attn_hd128(a, stream, &err)
@@ -209,14 +254,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "forward",
       [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool nhd, bool is_causal, double sm_scale,
-         bool return_lse, c10::optional<at::Tensor> out, c10::optional<at::Tensor> lse) {
+         bool return_lse, c10::optional<at::Tensor> kv_lens, c10::optional<at::Tensor> out,
+         c10::optional<at::Tensor> lse) {
         std::vector<at::Tensor> res;
-        const std::string err = forward(q, k, v, nhd, is_causal, sm_scale, return_lse, out, lse, res);
+        const std::string err = forward(q, k, v, nhd, is_causal, sm_scale, return_lse, kv_lens, out, lse, res);
         return to_python(err, res);
       },
       "attention forward -> [out, lse] (or an error message str)", py::arg("q"), py::arg("k"), py::arg("v"),
-      py::arg("nhd"), py::arg("is_causal"), py::arg("sm_scale"), py::arg("return_lse"), py::arg("out") = py::none(),
-      py::arg("lse") = py::none());
+      py::arg("nhd"), py::arg("is_causal"), py::arg("sm_scale"), py::arg("return_lse"),
+      py::arg("kv_lens") = py::none(), py::arg("out") = py::none(), py::arg("lse") = py::none());
   m.def(
       "forward_quantized",
       [](const at::Tensor& q, const std::vector<at::Tensor>& qz, int64_t seq_kv, int64_t heads_kv, bool nhd,

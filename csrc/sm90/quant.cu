@@ -14,18 +14,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "common/ptx_sm90.cuh"
 #include "sm90/api.h"
-
-// Blocks per SM that quantize_qkv v7 is compiled for (register cap 65536 / (256 * blocks)); 0: per head dim,
-// 5 for D=64 (48 registers, no spills; H200: 6-11% faster than 4) and 4 for D=128 (5 spills there).
-#ifndef SAGE3_QUANT_V7_MINB
-#define SAGE3_QUANT_V7_MINB 0
-#endif
 
 namespace sage3::sm90 {
 namespace {
@@ -58,19 +50,16 @@ __device__ __forceinline__ void unpack8(const uint4& raw, float (&x)[8]) {
 // Token at permuted position p (0..15) of a 16-token group: [0,1,8,9,2,3,10,11,4,5,12,13,6,7,14,15].
 __device__ __forceinline__ constexpr int perm_token(int p) { return (p >> 2) * 2 + (p & 1) + ((p & 2) ? 8 : 0); }
 
-// ============ v6: the kernels, shared with v7 (-DSAGE3_QUANT_V6=1 builds v6's V division) ============
-// Same outputs, bit for bit, as the previous v5 kernels (removed after the H200 run of 2026-11-27 03:24 UTC showed
-// v6 byte-identical on 10 shapes and 1.5-2x faster; see bench/NOTES.md).
-// v5 was latency-bound: 100 registers/thread -> 2 blocks (16 warps) per SM, and each block loaded its tile into
-// registers, then computed, then stored, so an SM had loads in flight only part of the time. v6:
+// Performance notes (the outputs are fixed by the reference; these choices only change speed):
 //   * every block stages its 128-token tile into shared memory with cp.async (no registers held by loads in
-//     flight), then reads it twice (amax pass, quantize pass); ~40 registers -> 4-6 blocks per SM.
+//     flight), then reads it twice (amax pass, quantize pass): ~40-48 registers, 4-5 blocks per SM, so an SM
+//     keeps loads in flight while other blocks compute.
 //   * the exact division x / scale (IEEE RNE, then RNE to int8) of Q and K takes a reciprocal fast path with an
 //     exactness test; the few elements the test cannot prove fall back to __fdiv_rn (proof at quant_i8x8). V
-//     (e4m3) divides exactly everywhere (v7: by bracket, see v_block).
-//   * kv_stats keeps 4 token rows of K and V in flight per thread (same summation order).
+//     (e4m3) brackets the quotient between two products and divides exactly only where the bracket straddles an
+//     e4m3 rounding boundary (proof at e4m3_bracket).
+//   * kv_stats keeps 4 token rows of K and V in flight per thread (summation order fixed: see kv_stats_kernel).
 //   * the K/V blocks run first, in reverse (batch, head) order, so they start on what kv_stats read last (L2).
-namespace v6 {
 
 constexpr int kThreads = 256;
 
@@ -84,7 +73,7 @@ __device__ __forceinline__ float max_nan(float a, float b) {
 constexpr int kUnroll = 4;  // kv_stats: token rows per thread in flight
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
-  // src-size 0 zero-fills the 16 bytes (padding rows read as +0, as v5's zero registers).
+  // src-size 0 zero-fills the 16 bytes (padding rows read as +0).
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(smem)), "l"(gmem), "r"(pred ? 16 : 0)
                : "memory");
 }
@@ -113,7 +102,7 @@ __device__ __forceinline__ float fast_rcp(float scale) {
 // Eight values -> eight int8 = clamp(rne(__fdiv_rn(x, scale)), -127, 127), packed little-endian.
 // Fast path, for rcp = fl(1/scale) with scale in [2^-126, 2^126] and |x| <= amax, scale = fl(amax / 127):
 //   p = x * rcp (exact real), |p - x/scale| <= |x/scale| 2^-24 < 2^-17 (|x/scale| <= 127 / (1 - 2^-24)).
-//   f = fl(x/scale) (what v5 rounds): |f - x/scale| <= ulp/2 <= 2^-18.
+//   f = fl(x/scale) (what the reference rounds): |f - x/scale| <= ulp/2 <= 2^-18.
 //   t = fl(p + M), M = 1.5 * 2^23: one rounding of the exact FMA on the grid of integers -> t = M + n,
 //   n = rne(p), |n| <= 127; so t - M = n exactly and t's low byte is n as int8.
 //   d = fl(p - n) (FMA, |p - n| <= 1/2 -> error <= 2^-25). If |d| <= 1/2 - 2^-14 then
@@ -159,7 +148,7 @@ __device__ __forceinline__ void unpack2(uint32_t w, float& lo, float& hi) {
 }
 
 template <int D>
-__device__ __forceinline__ void reduce_partials_v6(const QuantArgs& a, int b, int h, bool is_mean, float* s_out) {
+__device__ __forceinline__ void reduce_partials(const QuantArgs& a, int b, int h, bool is_mean, float* s_out) {
   if (threadIdx.x < D) {
     const int nc = a.s.n_chunks();  // <= 16: all loads issued before the (ordered) reduction
     const float* src = (is_mean ? a.partial_ksum : a.partial_vamax) + (int64_t)(b * a.s.Hkv + h) * nc * D + threadIdx.x;
@@ -197,7 +186,7 @@ __global__ void __launch_bounds__(kStatsThreads) kv_stats_kernel(QuantArgs a) {
       rv[u] = t < t_end ? *reinterpret_cast<const uint4*>(vp + (int64_t)t * a.v_ss) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {  // same token order as v5: t0, t0 + RPI, ...
+    for (int u = 0; u < kUnroll; ++u) {  // fixed token order per thread: t0, t0 + RPI, ...
       if (t0 + u * RPI < t_end) {
         float xk[8], xv[8];
         unpack8<T>(rk[u], xk);
@@ -247,11 +236,11 @@ __device__ void q_block(const QuantArgs& a, int idx, Smem& sm, const T* s_tile) 
   const bool want_kmean = a.q_kmean != nullptr;
   stage_tile<D, T>(const_cast<T*>(s_tile), static_cast<const T*>(a.q) + (int64_t)b * a.q_sb + (int64_t)h * a.q_sh,
                    a.q_ss, t0, min(kQuantQRows, a.s.Sq - t0));
-  if (want_kmean) reduce_partials_v6<D>(a, b, h / (a.s.Hq / a.s.Hkv), true, sm.vec);
+  if (want_kmean) reduce_partials<D>(a, b, h / (a.s.Hq / a.s.Hkv), true, sm.vec);
   cp_async_wait_all();
   __syncthreads();
 #pragma unroll
-  for (int ps = 0; ps < PASSES; ++ps) {  // pass 1: row |max| (and q . k_mean), as v5
+  for (int ps = 0; ps < PASSES; ++ps) {  // pass 1: row |max| (and q . k_mean)
     const int r = warp * 16 + ps * RPP + rsub;
     const int t = t0 + r;
     float x[8];
@@ -305,7 +294,7 @@ __device__ void k_block(const QuantArgs& a, int kv, Smem& sm, const T* s_tile) {
   const int t0 = tile * kCtaK;
   stage_tile<D, T>(const_cast<T*>(s_tile), static_cast<const T*>(a.k) + (int64_t)b * a.k_sb + (int64_t)h * a.k_sh,
                    a.k_ss, t0, min(kCtaK, a.s.Skv - t0));
-  reduce_partials_v6<D>(a, b, h, true, sm.vec);
+  reduce_partials<D>(a, b, h, true, sm.vec);
   cp_async_wait_all();
   __syncthreads();
   if (tile == 0 && threadIdx.x < D) a.k_mean[(int64_t)bh * D + threadIdx.x] = sm.vec[threadIdx.x];
@@ -350,7 +339,7 @@ __device__ void k_block(const QuantArgs& a, int kv, Smem& sm, const T* s_tile) {
   }
 }
 
-// ---- V by bracket (v7's V block: v_block with kBracket) ----
+// ---- V: e4m3 by bracket ----
 // Reciprocal bracket for the V fast path: y = fl(1/scale) and y * (1 -+ 2^-20) rounded, or fast = false where the
 // proof's range assumption fails (scale 0, subnormal, huge, inf, NaN).
 struct RcpBracket {
@@ -367,7 +356,7 @@ __device__ __forceinline__ RcpBracket rcp_bracket(float scale) {
 }
 
 // Exact e4m3(__fdiv_rn(x[e], scale)) of the elements whose byte is set in `redo` (0xff per byte), merged into w;
-// elements with bit e of `zero` set give 0x00 (v6's padding / scale-0 value). Out of line: rarely run, and the
+// elements with bit e of `zero` set give 0x00 (padding token / channel scale 0). Out of line: rarely run, and the
 // inlined __fdiv_rn expansions would make the kernel (three block kinds sharing the instruction cache) larger.
 __device__ __noinline__ uint32_t e4m3_exact(uint32_t w, uint32_t redo, float x0, float x1, float x2, float x3,
                                             float scale, uint32_t zero) {
@@ -382,7 +371,7 @@ __device__ __noinline__ uint32_t e4m3_exact(uint32_t w, uint32_t redo, float x0,
   return w;
 }
 
-// Four values -> e4m3(fl(x / scale)) (fl = __fdiv_rn, then RNE to e4m3, satfinite), as v6, packed little-endian.
+// Four values -> e4m3(fl(x / scale)) (fl = __fdiv_rn, then RNE to e4m3, satfinite), packed little-endian.
 // Let z = x / scale (real), f = fl(z), and y = fl(1/scale) with 2^-120 <= scale <= 2^120 (|y - 1/scale| <= 2^-24 / scale).
 // |x| <= amax (the channel's |max|) and scale = fl(amax / 448), so |z| <= 448 (1 + 2^-23): nothing overflows.
 //   lo = fl(x * fl(y (1 - 2^-20))), hi = fl(x * fl(y (1 + 2^-20))).
@@ -395,7 +384,7 @@ __device__ __noinline__ uint32_t e4m3_exact(uint32_t w, uint32_t redo, float x0,
 // Where the bytes differ (an e4m3 tie or near tie inside the 2^-19-wide bracket: exact ties are common with bf16
 // data, ~0.6% of elements in a CPU emulation) that element is redone with __fdiv_rn; the warp pays for slot e only
 // if some lane needs it.
-// Padding tokens are +0 in shared memory -> lo = hi = +0 -> 0x00, as v6.
+// Padding tokens are +0 in shared memory -> lo = hi = +0 -> 0x00, the exact path's value.
 __device__ __forceinline__ uint32_t e4m3_bracket(const float (&x)[4], const RcpBracket& r, float scale) {
   const uint32_t wl = pack_e4m3x4(__fmul_rn(x[0], r.lo), __fmul_rn(x[1], r.lo), __fmul_rn(x[2], r.lo), __fmul_rn(x[3], r.lo));
   const uint32_t wh = pack_e4m3x4(__fmul_rn(x[0], r.hi), __fmul_rn(x[1], r.hi), __fmul_rn(x[2], r.hi), __fmul_rn(x[3], r.hi));
@@ -404,12 +393,13 @@ __device__ __forceinline__ uint32_t e4m3_bracket(const float (&x)[4], const RcpB
 }
 
 // V: each thread owns one channel pair (2c, 2c+1) and 16-token groups; a warp reads 32 consecutive channel pairs
-// of one token row (128 contiguous bytes, conflict-free) and writes 16 bytes per channel row. The same bytes two
-// ways: v6 divides every value with __fdiv_rn (as the reference); v7 (kBracket) brackets the quotient with two
-// multiplies and redoes only the element whose bracket straddles an e4m3 boundary, out of line (e4m3_bracket).
-// (v6 once had a reciprocal test that redid a whole group inline on a mismatch: 3-5% slower on the H200, since bf16
-// inputs hit exact e4m3 ties in ~0.6% of elements and nearly every warp took the exact path too.)
-template <int D, typename T, bool kBracket>
+// of one token row (128 contiguous bytes, conflict-free) and writes 16 bytes per channel row. Each value is
+// bracketed with two multiplies and only an element whose bracket straddles an e4m3 boundary is divided
+// exactly, out of line (e4m3_bracket). Dividing every value with __fdiv_rn inline costs ~25 instructions per
+// element (each division in its own branch region is expanded in full); redoing a whole group inline on a
+// mismatch is slower too, since bf16 inputs hit exact e4m3 ties in ~0.6% of elements and nearly every warp
+// would take it.
+template <int D, typename T>
 __device__ void v_block(const QuantArgs& a, int kv, Smem& sm, const T* s_tile) {
   constexpr int NP = D / 2;                                 // channel pairs
   constexpr int NG = kCtaK * NP / kThreads / 16;             // 16-token groups per thread: 2 (D=128), 1 (D=64)
@@ -419,7 +409,7 @@ __device__ void v_block(const QuantArgs& a, int kv, Smem& sm, const T* s_tile) {
   const int t0 = tile * kCtaK;
   stage_tile<D, T>(const_cast<T*>(s_tile), static_cast<const T*>(a.v) + (int64_t)b * a.v_sb + (int64_t)h * a.v_sh,
                    a.v_ss, t0, min(kCtaK, a.s.Skv - t0));
-  reduce_partials_v6<D>(a, b, h, false, sm.vec);
+  reduce_partials<D>(a, b, h, false, sm.vec);
   cp_async_wait_all();
   __syncthreads();
   if (tile == 0 && threadIdx.x < D) a.v_scale[(int64_t)bh * D + threadIdx.x] = sm.vec[threadIdx.x];
@@ -429,7 +419,7 @@ __device__ void v_block(const QuantArgs& a, int kv, Smem& sm, const T* s_tile) {
   const bool fast = rb[0].fast && rb[1].fast;  // per thread; false only for degenerate channels (scale 0, inf, NaN)
   const uint32_t* s_words = reinterpret_cast<const uint32_t*>(s_tile);
   const int64_t pad = a.s.skv_pad();
-  // Elements v6 sets to 0 instead of dividing: channel scale 0, or a padding token (permuted position pos of the
+  // Elements set to 0 instead of divided: channel scale 0, or a padding token (permuted position pos of the
   // 16-token group at tile row r0).
   auto zeroed = [&](int ch, int r0, int pos) { return sc[ch] == 0.f || t0 + r0 + perm_token(pos) >= a.s.Skv; };
   uint8_t* vo = a.v_t + ((int64_t)bh * D + 2 * cp) * pad + t0;
@@ -451,23 +441,14 @@ __device__ void v_block(const QuantArgs& a, int kv, Smem& sm, const T* s_tile) {
           unpack2<T>(wv[perm_token(4 * w + e)], v0, v1);
           xv[e] = ch == 0 ? v0 : v1;
         }
-        // v6's expression: 0 for scale 0 and padding tokens, else e4m3(__fdiv_rn(x, scale)); v7 takes it (out of
-        // line) only for degenerate channels and otherwise brackets the quotient.
-        if constexpr (kBracket) {
-          if (__builtin_expect(fast, 1)) {
-            out[ch][w] = e4m3_bracket(xv, rb[ch], sc[ch]);
-          } else {
-            uint32_t zero = 0;
-#pragma unroll
-            for (int e = 0; e < 4; ++e) zero |= (uint32_t)zeroed(ch, r0, 4 * w + e) << e;
-            out[ch][w] = e4m3_exact(0u, 0xffffffffu, xv[0], xv[1], xv[2], xv[3], sc[ch], zero);
-          }
+        // The bracket for regular channels; degenerate channels (scale 0, inf, NaN) divide exactly, out of line.
+        if (__builtin_expect(fast, 1)) {
+          out[ch][w] = e4m3_bracket(xv, rb[ch], sc[ch]);
         } else {
-          float q[4];
+          uint32_t zero = 0;
 #pragma unroll
-          for (int e = 0; e < 4; ++e)
-            q[e] = zeroed(ch, r0, 4 * w + e) ? 0.f : __fdiv_rn(xv[e], sc[ch]);
-          out[ch][w] = pack_e4m3x4(q[0], q[1], q[2], q[3]);
+          for (int e = 0; e < 4; ++e) zero |= (uint32_t)zeroed(ch, r0, 4 * w + e) << e;
+          out[ch][w] = e4m3_exact(0u, 0xffffffffu, xv[0], xv[1], xv[2], xv[3], sc[ch], zero);
         }
       }
     }
@@ -479,21 +460,26 @@ __device__ void v_block(const QuantArgs& a, int kv, Smem& sm, const T* s_tile) {
 
 // Block order: K and V tiles interleaved, (batch, head) and tiles in reverse (kv_stats ends on the last heads,
 // which are then still in L2), then the Q tiles.
-template <int D, typename T, bool kBracket, int kMinBlocks>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) quantize_qkv_kernel(QuantArgs a, int n_q_blocks, int n_k_blocks) {
+// Blocks per SM quantize_qkv is compiled for (register cap 65536 / (256 * blocks)): 5 at D=64 (48 registers, no
+// spills; 6-11% faster than 4), 4 at D=128 (5 would spill).
+template <int D>
+constexpr int kMinBlocks = D == 64 ? 5 : 4;
+
+template <int D, typename T>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<D>) quantize_qkv_kernel(QuantArgs a, int n_q_blocks, int n_k_blocks) {
   __shared__ Smem sm;
   __shared__ __align__(16) T s_tile[kCtaK * D];
   const int idx = blockIdx.x;
   if (idx < 2 * n_k_blocks) {
     const int kv = n_k_blocks - 1 - idx / 2;
     if (idx % 2 == 0) k_block<D, T>(a, kv, sm, s_tile);
-    else v_block<D, T, kBracket>(a, kv, sm, s_tile);
+    else v_block<D, T>(a, kv, sm, s_tile);
   } else {
     q_block<D, T>(a, idx - 2 * n_k_blocks, sm, s_tile);
   }
 }
 
-// The two launches separately (the A/B harness csrc/tools/sm90_quant_ab.cu times each).
+// The two launches separately (tools/sm90_quant_bench.cu times each).
 template <int D, typename T>
 cudaError_t launch_stats(const QuantArgs& a, cudaStream_t stream) {
   dim3 stats_grid(a.s.n_chunks(), a.s.Hkv, a.s.B);
@@ -511,46 +497,19 @@ inline bool qkv_blocks(const QuantShapes& s, int& n_q, int& n_k) {
   return true;
 }
 
-// v6 by default; v7::launch_qkv is the same kernel with kBracket and its own blocks per SM.
-template <int D, typename T, bool kBracket = false, int kMinBlocks = 4>
+template <int D, typename T>
 cudaError_t launch_qkv(const QuantArgs& a, cudaStream_t stream) {
   int n_q, n_k;
   if (!qkv_blocks(a.s, n_q, n_k)) return cudaErrorInvalidValue;
-  quantize_qkv_kernel<D, T, kBracket, kMinBlocks><<<(unsigned)(n_q + 2 * n_k), kThreads, 0, stream>>>(a, n_q, n_k);
+  quantize_qkv_kernel<D, T><<<(unsigned)(n_q + 2 * n_k), kThreads, 0, stream>>>(a, n_q, n_k);
   return cudaGetLastError();
 }
 
-}  // namespace v6
-
-// ====================================== v7 (default) ======================================
-// Same outputs, bit for bit, as v6: the same kernels with v_block's kBracket (and its own blocks per SM).
-// v6's quantize_qkv was issue-bound rather than DRAM-bound (H200 ncu: 47% of DRAM bandwidth, 62% SM
-// throughput), mostly in its V block: ~25 instructions per element, because each __fdiv_rn sat in its own branch
-// region (scale == 0 / padding guard) and ptxas expanded every one in full (MUFU.RCP, 5 FFMA, FCHK, call).
-// v7's V block brackets the quotient instead (proof at e4m3_bracket): two FMUL and one cvt per element, plus an
-// exact __fdiv_rn for the rare element whose bracket straddles an e4m3 rounding boundary.
-namespace v7 {
-
-template <int D>
-constexpr int kMinBlocks = SAGE3_QUANT_V7_MINB > 0 ? SAGE3_QUANT_V7_MINB : (D == 64 ? 5 : 4);
-
-using v6::launch_stats;
-template <int D, typename T>
-cudaError_t launch_qkv(const QuantArgs& a, cudaStream_t stream) {
-  return v6::launch_qkv<D, T, /*kBracket=*/true, kMinBlocks<D>>(a, stream);
-}
-
-}  // namespace v7
-
 template <int D, typename T>
 cudaError_t launch_quantize_typed(const QuantArgs& a, cudaStream_t stream) {
-  const cudaError_t e = v6::launch_stats<D, T>(a, stream);
+  const cudaError_t e = launch_stats<D, T>(a, stream);
   if (e != cudaSuccess) return e;
-#if SAGE3_QUANT_V6
-  return v6::launch_qkv<D, T>(a, stream);
-#else
-  return v7::launch_qkv<D, T>(a, stream);
-#endif
+  return launch_qkv<D, T>(a, stream);
 }
 
 }  // namespace

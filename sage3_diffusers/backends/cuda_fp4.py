@@ -1,4 +1,4 @@
-"""SageAttention3 NVFP4 CUDA backends (extension `sage3_diffusers._C_fp4`, csrc/sm120).
+"""SageAttention3 NVFP4 CUDA backends (extension `sage3_diffusers._C_fp4`, csrc/fp4).
 
 One kernel source, two device images:
 - sm_120a / sm_121a (RTX 5090 / RTX PRO 6000 class): the block-scaled FP4 tensor-core MMA
@@ -9,7 +9,9 @@ One kernel source, two device images:
 
 Per call: the smoothing means and ΔS = q̄_b·K'ᵀ come from the specification's own torch code (so the quantized
 tensors are bit-identical to `sage3_quantize`), then two fused CUDA quantization launches (Q'/K' rows, V per
-channel) and the attention kernel. Exposed as the custom op `torch.ops.sage3.fp4_attn` (with a fake
+channel) and the attention kernel, once per chunk of query tiles (ΔS is [B, Hq, Sq/128, Skv]); the LSE gets its
+smoothing term back here. This is torch arithmetic around the kernels, so it lives in this module, not in the
+binding (docs/architecture.md, "Compiled kernels: one contract"). Exposed as the custom op `torch.ops.sage3.fp4_attn` (with a fake
 implementation for torch.compile) and as the backends `cuda_sm120_fp4` and `cuda_fp4_emulated`.
 """
 from __future__ import annotations
@@ -54,41 +56,6 @@ def smoothing_terms(q: torch.Tensor, k: torch.Tensor):
     q_mean = block_means(qf, SAGE3_Q_BLOCK)
     delta_s = q_mean @ expand_kv_heads(ks, q.shape[1]).transpose(-1, -2)
     return q_mean, k_mean, delta_s
-
-
-def quantize_debug(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The kernels' quantized Q', K', V in the specification's plain order (HND inputs), for bit-exact tests:
-    packed codes (`pack_fp4` of `sage3_quantize(...).x.codes`), scales as fp32 E4M3 values, tile scales."""
-    ext = FP4_EXT.require()
-    q_mean, k_mean, delta_s = smoothing_terms(q, k)
-    qc, qs, qg, kc, ks, kg, vc, vs, vg = _checked(ext.quantize(q, k, v, q_mean, k_mean))
-    b, hkv, skv, d = k.shape
-    sq = q.shape[2]
-    n_kt = vg.shape[2]
-    e4m3 = lambda x: x.view(torch.float8_e4m3fn).float()  # noqa: E731
-    # V: kernel [B, Hkv, D, n_kt*128] -> spec [B, Hkv, n_kt, D, 128] (tiles of tokens, quantized dim last).
-    v_codes = vc.view(b, hkv, d, n_kt, 64).permute(0, 1, 3, 2, 4)
-    v_scales = vs.view(b, hkv, d, n_kt, 8).permute(0, 1, 3, 2, 4)
-    return {
-        "q_codes": qc[:, :, :sq], "q_scales": e4m3(qs[:, :, :sq]), "q_tile_scale": qg,
-        "k_codes": kc[:, :, :skv], "k_scales": e4m3(ks[:, :, :skv]), "k_tile_scale": kg,
-        "v_codes": v_codes, "v_scales": e4m3(v_scales), "v_tile_scale": vg,
-        "q_mean": q_mean, "k_mean": k_mean, "delta_s": delta_s,
-    }
-
-
-def mma_probe(a, b, sfa, sfb, c, tid_a: int = 0, tid_b: int = 0) -> torch.Tensor:
-    """Run the block-scaled FP4 MMA device function once (see csrc/sm120/fp4_api.h for the operand layout)."""
-    ext = FP4_EXT.require()
-    (d,) = _checked(ext.mma_probe(a, b, sfa, sfb, c, tid_a, tid_b))
-    return d
-
-
-def mma_impl() -> tuple[int, bool]:
-    """(__CUDA_ARCH__ of the device image loaded on the current GPU, True if it uses the hardware FP4 MMA)."""
-    (impl,) = _checked(FP4_EXT.require().mma_impl())
-    arch, hw = impl.tolist()
-    return int(arch), bool(hw)
 
 
 # ΔS = q̄_b·K'ᵀ is [B, Hq, ceil(Sq/128), Skv] fp32 (10.6 GB for one HunyuanVideo-720p call): it is computed and
@@ -165,9 +132,12 @@ class _CudaFp4Backend(CudaKernelBackend):
             reasons.append("no CUDA device available")
         return reasons
 
-    def forward(self, q, k, v, *, layout, is_causal, sm_scale, return_lse, attn_mask=None):
+    def forward(self, q, k, v, *, layout, is_causal, sm_scale, return_lse, attn_mask=None, kv_lens=None):
         if attn_mask is not None:
             raise ValueError(f"{self.name} does not take attn_mask")
+        if kv_lens is not None:
+            raise ValueError(f"{self.name} does not take kv_lens (per-sample key lengths): the NVFP4 kernel has no "
+                             "key-length mask; use an int8_fp8 backend or sdpa")
         out, lse = torch.ops.sage3.fp4_attn(q, k, v, layout, bool(is_causal), float(sm_scale), bool(return_lse))
         return (out, lse) if return_lse else out
 
@@ -177,8 +147,8 @@ class CudaSm120Fp4Backend(_CudaFp4Backend):
     priority = 100
     description = ("Blackwell sm_120a/121a CUDA kernel: SageAttention3 NVFP4 attention with the block-scaled FP4 "
                    "mma.sync (kind::mxf4nvf4, scale_vec::4X, ue4m3)")
-    verified = ("compiled for sm_120a (SASS has OMMA.SF.16864.F32.E2M1.E2M1.UE4M3.4X, csrc/check_sass_fp4.sh); numerics "
-                "verified through the emulated build on Hopper (H200, tests/gpu/test_cuda_fp4.py); "
+    verified = ("compiled for sm_120a (SASS has OMMA.SF.16864.F32.E2M1.E2M1.UE4M3.4X, csrc/fp4/check_sass.sh); numerics "
+                "verified through the emulated build on Hopper (tests/gpu/test_cuda_fp4.py); "
                 "not yet run on Blackwell hardware")
     cuda_capabilities = _NATIVE_CAPS
 
@@ -203,7 +173,7 @@ class CudaFp4EmulatedBackend(_CudaFp4Backend):
     auto_eligible = False
     description = ("test build: the sm_120a NVFP4 kernel compiled for sm_90a with the FP4 MMA emulated in software "
                    "(emulated MMA build: for numerics tests, not speed)")
-    verified = ("run on H200 against the SageAttention3 reference (tests/gpu/test_cuda_fp4.py): quantized tensors "
+    verified = ("run on H100 and H200 against the SageAttention3 reference (tests/gpu/test_cuda_fp4.py): quantized tensors "
                 "bit-exact, output cos sim >= 0.9999 on odd shapes")
     cuda_capabilities = ((9, 0),)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import kv_lens_for_kernel
 from .base import CompiledExtension, CudaKernelBackend, build_hint, describe_problem, fake_attention_outputs
 
 SM90_EXT = CompiledExtension("sage3_diffusers._C_sm90")
@@ -24,12 +25,17 @@ def _kernel_ready(x: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("sage3::sm90_int8fp8_attn", mutates_args=())
 def sm90_int8fp8_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool,
-                      sm_scale: float, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (q's layout and dtype, contiguous) and lse [B, Hq, Sq] fp32 (an empty tensor unless return_lse)."""
+                      sm_scale: float, return_lse: bool,
+                      kv_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (q's layout and dtype, contiguous) and lse [B, Hq, Sq] fp32 (an empty tensor unless return_lse).
+    kv_lens: None, or int32 [B] on q's device: batch entry b attends to its first kv_lens[b] keys (right padding,
+    read by the kernel: no host sync); kv_lens[b] == 0 gives zero rows and LSE -inf. The quantization still sees
+    the padding keys (K mean, V scales), so they must be finite."""
     ext = SM90_EXT.require()
     CudaSm90Int8Fp8Backend().check_call(describe_problem(q, k, v, layout, is_causal, return_lse, None))
+    kv_lens = kv_lens_for_kernel(kv_lens, q.shape[0], q.device)
     res = ext.forward(_kernel_ready(q), _kernel_ready(k), _kernel_ready(v), layout == "NHD", is_causal,
-                      float(sm_scale), return_lse)
+                      float(sm_scale), return_lse, kv_lens)
     if isinstance(res, str):  # the extension reports C++ errors as a message (see csrc/sm90/binding.cpp)
         raise RuntimeError(f"{SM90_EXT.name}: {res}")
     out, lse = res
@@ -39,7 +45,7 @@ def sm90_int8fp8_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
 
 
 @sm90_int8fp8_attn.register_fake
-def _(q, k, v, layout, is_causal, sm_scale, return_lse):
+def _(q, k, v, layout, is_causal, sm_scale, return_lse, kv_lens=None):
     return fake_attention_outputs(q, layout, return_lse)
 
 
@@ -48,17 +54,16 @@ class CudaSm90Int8Fp8Backend(CudaKernelBackend):
     family = "int8_fp8"
     priority = 100
     description = "Hopper sm_90a CUDA kernel: INT8 QK^T + FP8 PV wgmma, TMA, warp-specialized (SageAttention2++)"
-    verified = ("run on H200 (sm_90, 2026-11-27 06:49-07:10 UTC, kernel v10, quantizer v7) against the "
-                "SageAttention2++ reference (row_sum='quantized_p'): tests/gpu/test_cuda_sm90.py, 32 tests incl. odd "
-                "shapes, GQA, causal, NHD, non-contiguous, 128k tokens, quantizer bit-exactness; compute-sanitizer "
-                "memcheck clean; on an H100 80GB HBM3 the same 32 tests passed (07:22 UTC; again with the causal-mask "
-                "change of commit 7b73a75 at 08:13 UTC, plus compute-sanitizer memcheck clean)")
+    verified = ("run on H100 and H200 against the SageAttention2++ reference (row_sum='quantized_p'): "
+                "tests/gpu/test_cuda_sm90.py (odd shapes, GQA, causal, NHD, non-contiguous, 128k tokens, per-sample "
+                "key lengths, quantizer bit-exactness) and compute-sanitizer memcheck")
     dtypes = (torch.float16, torch.bfloat16)
     head_dims = (64, 128)
     supports_causal = True
     supports_lse = True
     supports_mask = False
     supports_gqa = True
+    supports_kv_lens = True
     cuda_capabilities = ((9, 0),)
 
     def unavailable_reasons(self) -> list[str]:
@@ -71,11 +76,11 @@ class CudaSm90Int8Fp8Backend(CudaKernelBackend):
     def _capability_reason(self, cap: str) -> str:
         return f"needs sm_90 (Hopper), this GPU is {cap}"
 
-    def forward(self, q, k, v, *, layout, is_causal, sm_scale, return_lse, attn_mask=None):
+    def forward(self, q, k, v, *, layout, is_causal, sm_scale, return_lse, attn_mask=None, kv_lens=None):
         if attn_mask is not None:
-            raise ValueError(f"{self.name} does not take attn_mask")
+            raise ValueError(f"{self.name} does not take attn_mask (per-sample key lengths: kv_lens)")
         out, lse = torch.ops.sage3.sm90_int8fp8_attn(q, k, v, layout, bool(is_causal), float(sm_scale),
-                                                     bool(return_lse))
+                                                     bool(return_lse), kv_lens)
         return (out, lse) if return_lse else out
 
 

@@ -1,16 +1,42 @@
 """Triton INT8-QK / FP8-PV attention (SageAttention2++ numerics) as a dispatcher backend.
 
-Runs through the custom op `torch.ops.sage3.triton_int8fp8_attn` (kernels in `kernels/triton/`). Portable
-across sm_80+: FP8 P·V where Triton has an FP8 dot (sm_89+, TMA loads on sm_90+); on sm_80/86 P·V in FP16
-with the same INT8 Q/K quantization. The sm_90a CUDA kernel, where built, outranks it (priority 100 vs 50).
+The kernels live in `kernels/triton/`; this module registers the torch.library custom op
+`torch.ops.sage3.triton_int8fp8_attn` around them (with a fake implementation, so torch.compile(fullgraph=True)
+traces through it and CUDA graphs can capture it: no host syncs, no host-to-device copies; the first eager call
+per shape class autotunes, so warm up before capturing) and the backend `triton_int8_fp8`. Importing this module
+does not import triton; the op's CUDA implementation does, on first call.
+
+Portable across sm_80+: FP8 P·V where Triton has an FP8 dot (sm_89+, TMA loads on sm_90+); on sm_80/86 P·V in
+FP16 with the same INT8 Q/K quantization. The sm_90a CUDA kernel, where built, outranks it (priority 100 vs 50).
 """
 from __future__ import annotations
 
 import torch
 
-from ..kernels.triton import op as _op  # noqa: F401  (registers torch.ops.sage3.triton_int8fp8_attn; no triton import)
+from ..kernels import kv_lens_for_kernel
 from ..kernels.triton import triton_available
-from .base import AttentionBackend, AttentionProblem
+from .base import AttentionBackend, AttentionProblem, fake_attention_outputs
+
+
+@torch.library.custom_op("sage3::triton_int8fp8_attn", mutates_args=(), device_types="cuda")
+def triton_int8fp8_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool,
+                        sm_scale: float, return_lse: bool, qk_quant_gran: str,
+                        kv_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out in q's layout and dtype, lse fp32 (B, Hq, Sq) natural log, or an empty tensor when
+    return_lse is False). kv_lens: None, or int32 [B] on q's device: batch entry b attends to its first
+    kv_lens[b] keys (read by the kernel: no host sync); kv_lens[b] == 0 gives zero rows and LSE -inf."""
+    from ..kernels.triton.int8fp8 import int8fp8_attention
+    kv_lens = kv_lens_for_kernel(kv_lens, q.shape[0], q.device)
+    out, lse = int8fp8_attention(q, k, v, layout=layout, is_causal=is_causal, sm_scale=sm_scale,
+                                 return_lse=return_lse, qk_quant_gran=qk_quant_gran, kv_lens=kv_lens)
+    if lse is None:
+        lse = torch.empty((0,), dtype=torch.float32, device=q.device)
+    return out, lse
+
+
+@triton_int8fp8_attn.register_fake
+def _(q, k, v, layout, is_causal, sm_scale, return_lse, qk_quant_gran, kv_lens=None):
+    return fake_attention_outputs(q, layout, return_lse)
 
 
 class TritonInt8Fp8Backend(AttentionBackend):
@@ -20,10 +46,11 @@ class TritonInt8Fp8Backend(AttentionBackend):
     description = ("Triton INT8 QK / FP8 E4M3 PV, SageAttention2++ numerics with fused quantization (K smoothing, "
                    "per-thread INT8 Q/K, per-channel FP8 V); on sm_80/86 (no FP8 dot) P·V in FP16 with the same "
                    "INT8 Q/K")
-    verified = ("run on H200 (2026-11-27 06:57 UTC): tests/gpu/test_triton_int8fp8.py vs the torch reference "
-                "(row_sum='p_tilde'), 28 passing; sm_80/86 FP16 P·V path only exercised by forcing it on H200")
+    verified = ("run on H200 against the torch reference (row_sum='p_tilde'): tests/gpu/test_triton_int8fp8.py; "
+                "the sm_80/86 FP16 P·V path only exercised by forcing it on an sm_90 GPU")
     dtypes = (torch.float16, torch.bfloat16)
     head_dims = (64, 128)
+    supports_kv_lens = True
     _unavailable: list[str] | None = None
 
     def unavailable_reasons(self) -> list[str]:
@@ -48,11 +75,11 @@ class TritonInt8Fp8Backend(AttentionBackend):
             reasons.append(f"needs sm_80+ (this device is sm_{p.capability[0]}{p.capability[1]})")
         return reasons
 
-    def forward(self, q, k, v, *, layout, is_causal, sm_scale, return_lse, attn_mask=None):
+    def forward(self, q, k, v, *, layout, is_causal, sm_scale, return_lse, attn_mask=None, kv_lens=None):
         if attn_mask is not None:
-            raise ValueError("triton_int8_fp8 does not take attn_mask")
+            raise ValueError("triton_int8_fp8 does not take attn_mask (per-sample key lengths: kv_lens)")
         out, lse = torch.ops.sage3.triton_int8fp8_attn(q, k, v, layout, bool(is_causal), float(sm_scale),
-                                                      bool(return_lse), "per_thread")
+                                                      bool(return_lse), "per_thread", kv_lens)
         return (out, lse) if return_lse else out
 
 

@@ -63,17 +63,23 @@ _FAMILY_BACKENDS = {
 ASSUMED_RELATIVE_SPEED = {"sdpa": 1.0, "int8_fp8": 3.0, "fp4": 4.8}
 ASSUMPTION_SOURCE = ("assumed relative speed sdpa 1 : int8_fp8 3.0 : fp4 4.8 (published SageAttention kernel "
                      "figures, RTX 5090, hd128)")
-# Each family's real attention problem at its default resolution, from the kernel benchmark's shape list
-# (sage3_diffusers/bench.py DIT_SHAPES): the shapes the speeds are read at for --tiny.
-_REAL_SHAPE_NAMES = {"flux": "Flux-1024", "sd3": "SD3.5-L-1024", "sd35": "SD3.5-L-1024",
-                     "cogvideox": "CogVideoX-2B-480p", "mochi": "Mochi", "hunyuan_video": "HunyuanVideo-720p"}
-
-
 def real_attention(family: str) -> tuple[int, int, int, int]:
-    """(batch, heads, sequence, head dim) of the family's real self-attention."""
+    """(batch, heads, sequence, head dim) of the family's real self-attention at its default resolution: the
+    kernel benchmark's shape (sage3_diffusers/bench.py DIT_SHAPES) its model module names; the shape the
+    speeds are read at for --tiny."""
     from ..bench import DIT_SHAPES
-    shape = {s.name: s for s in DIT_SHAPES}[_REAL_SHAPE_NAMES[family]]
+    from . import models
+    name = models.get(family).attention_shape
+    if name is None:
+        raise ValueError(f"calibrate: model family {family!r} declares no attention_shape")
+    shape = {s.name: s for s in DIT_SHAPES}[name]
     return shape.batch, shape.heads, shape.seq, shape.head_dim
+
+
+def _calibratable() -> list[str]:
+    """Families with a hub id and a kernel-benchmark attention shape (from the model registry)."""
+    from . import models
+    return sorted(f.name for f in models.families() if f.hub_id and f.attention_shape)
 
 
 DEFAULT_PROMPTS = ("a cat sitting on a red mat in the sun",)
@@ -276,7 +282,8 @@ class _Runner:
 
 class _PipelineRunner(_Runner):
     def __init__(self, family, tiny, device, dtype):
-        from .report import HUB_IDS
+        from . import models
+        hub_id = models.get(family).hub_id
         self.family = family
         if tiny:
             from .tiny import tiny_pipeline
@@ -284,8 +291,8 @@ class _PipelineRunner(_Runner):
             self.description = f"tiny random {family} pipeline (CPU, fp32)"
         else:
             import diffusers
-            self.target = diffusers.DiffusionPipeline.from_pretrained(HUB_IDS[family], torch_dtype=dtype).to(device)
-            self.description = f"{HUB_IDS[family]} ({str(dtype).replace('torch.', '')}, {device})"
+            self.target = diffusers.DiffusionPipeline.from_pretrained(hub_id, torch_dtype=dtype).to(device)
+            self.description = f"{hub_id} ({str(dtype).replace('torch.', '')}, {device})"
         self.tiny = tiny
         self.target.set_progress_bar_config(disable=True)
 
@@ -712,10 +719,9 @@ def measure_speed(runner: _SliceRunner, policy, steps: int, repeats: int = 3) ->
 # ---------------------------------------------------------------------------------------------- CLI
 
 def main(argv=None) -> int:
-    from .report import HUB_IDS
     ap = argparse.ArgumentParser(prog="sage3-diffusers calibrate", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--model", required=True, choices=sorted(HUB_IDS), help="model family")
+    ap.add_argument("--model", required=True, choices=_calibratable(), help="model family")
     ap.add_argument("--prompts", help="text file, one prompt per line (default: one built-in prompt)")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default 28; 3 with --tiny)")
     ap.add_argument("--buckets", type=int, default=4, help="step buckets (policy step ranges); default 4")

@@ -16,7 +16,7 @@ YAML (all keys but `rules[].kernel` optional)::
         timesteps: [0.9, 1.0]    # normalised timestep, 1 = pure noise, 0 = clean (inclusive)
         layers: ["transformer_blocks.*"]               # fnmatch globs on module names
         blocks: [0, 3]           # block index range (inclusive), the number after the block list name
-        block_types: [double]    # double | single | self | refiner
+        block_types: [double]    # double | single | self | refiner, or one a model module declares
 
 Block types: `double` = blocks with separate text and image weights (Flux, HunyuanVideo, SD3/3.5 and
 Mochi `transformer_blocks`); `single` = one set of weights on the joint sequence (Flux and HunyuanVideo
@@ -44,8 +44,12 @@ from pathlib import Path
 
 from ..backends.base import FAMILIES
 
-BLOCK_TYPES = ("double", "single", "self", "refiner")
-MODEL_FAMILIES = ("flux", "sd3", "sd35", "cogvideox", "hunyuan_video", "mochi")
+from . import models as _models
+
+# Both come from the model registry (`integration/models/`): a new family module adds its name and the
+# block types it declares.
+BLOCK_TYPES = _models.block_types()
+MODEL_FAMILIES = _models.names()
 _TOP_KEYS = ("model", "default", "rules", "description")
 _RULE_KEYS = ("name", "kernel", "steps", "timesteps", "layers", "blocks", "block_types")
 _STEP_KEYS = ("first", "last", "range")
@@ -212,24 +216,10 @@ def load_policy(policy=None) -> Policy:
 
 # --------------------------------------------------------------------------------------------- parsing
 
-_BLOCK_RE = re.compile(r"(?:^|\.)(transformer_blocks|single_transformer_blocks|refiner_blocks)\.(\d+)\.(\w+)$")
-
-
 def layer_block(layer: str, family: str | None = None) -> tuple[int | None, str | None]:
-    """(block index, block type) of an attention module name; CogVideoX blocks are single-stream."""
-    m = _BLOCK_RE.search(layer)
-    if not m:
-        return None, None
-    lst, idx, attr = m.group(1), int(m.group(2)), m.group(3)
-    if lst == "refiner_blocks":
-        return idx, "refiner"
-    if lst == "single_transformer_blocks":
-        return idx, "single"
-    if attr == "attn2":
-        return idx, "self"
-    if family == "cogvideox":
-        return idx, "single"
-    return idx, "double"
+    """(block index, block type) of an attention module name, from the family's declared block types
+    (`models.ModelFamily.block_types`); e.g. CogVideoX blocks are single-stream."""
+    return _models.layer_block(layer, family)
 
 
 def _type_name(x) -> str:
@@ -290,8 +280,9 @@ def _unknown(keys, allowed, source, where):
 
 
 def _check_model(model, source):
-    if model is not None and model not in MODEL_FAMILIES:
-        raise PolicyError(f"{source}: model: unknown model {model!r}; allowed: {', '.join(MODEL_FAMILIES)}")
+    known_models = _models.names()  # the registry now: includes families registered after import
+    if model is not None and model not in known_models:
+        raise PolicyError(f"{source}: model: unknown model {model!r}; allowed: {', '.join(known_models)}")
     return model
 
 
@@ -348,7 +339,7 @@ def _parse(data, source: str) -> Policy:
         if "blocks" in r:
             kw["blocks"] = _pair(r["blocks"], source, f"{where}.blocks", "integer")
         if "block_types" in r:
-            kw["block_types"] = _strings(r["block_types"], source, f"{where}.block_types", BLOCK_TYPES)
+            kw["block_types"] = _strings(r["block_types"], source, f"{where}.block_types", _models.block_types())
         rules.append(Rule(**kw))
     return Policy(default=default, rules=tuple(rules), model=model, source=source)
 
@@ -360,14 +351,25 @@ def _rule_label(policy: Policy, index: int) -> str:
     return f"policy {policy.source}: rules[{index}]" + (f" ({rule.name!r})" if rule.name else "")
 
 
-def _block_ranges(layers, family) -> str:
+def _block_list(layer: str) -> tuple[str, int] | None:
+    """('transformer_2.blocks', 3) for 'transformer_2.blocks.3.attn1': the block list (with the transformer's
+    prefix in a two-transformer pipeline) and the index, read the way `models.layer_block` reads it."""
+    parts = layer.split(".")
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i].isdigit():
+            return ".".join(parts[:i]), int(parts[i])
+    return None
+
+
+def _block_ranges(layers) -> str:
     """'transformer_blocks 0..18, single_transformer_blocks 0..37' for the attention layers."""
     spans: dict = {}
     for layer in layers:
-        m = _BLOCK_RE.search(layer)
-        if m:
-            lo, hi = spans.get(m.group(1), (int(m.group(2)), int(m.group(2))))
-            spans[m.group(1)] = (min(lo, int(m.group(2))), max(hi, int(m.group(2))))
+        found = _block_list(layer)
+        if found:
+            name, idx = found
+            lo, hi = spans.get(name, (idx, idx))
+            spans[name] = (min(lo, idx), max(hi, idx))
     return ", ".join(f"{name} {lo}..{hi}" for name, (lo, hi) in spans.items()) or "none"
 
 
@@ -377,7 +379,9 @@ def unmatched_rule_warnings(policy: Policy, layers, family: str | None = None) -
     lacks, `steps.first`/`steps.last` of 0. One message per problem, naming the rule."""
     layers = list(layers)
     placed = [(layer, *layer_block(layer, family)) for layer in layers]
-    examples = ", ".join(repr(x) for x in sorted({re.sub(r"\.\d+\.", ".0.", x) for x in layers})[:4])
+    # Block indices folded to 0; up to six names, so both transformers of a two-transformer pipeline
+    # (`transformer_2.…`) show.
+    examples = ", ".join(repr(x) for x in sorted({re.sub(r"(?<=\.)\d+(?=\.|$)", "0", x) for x in layers})[:6])
     out = []
     for i, rule in enumerate(policy.rules):
         label = _rule_label(policy, i)
@@ -394,7 +398,7 @@ def unmatched_rule_warnings(policy: Policy, layers, family: str | None = None) -
                        f"{', '.join(types) or 'no typed'} blocks")
             elif rule.blocks is not None and all(b is None or b < rule.blocks[0] for _, b, _ in kept):
                 why = (f"blocks {list(rule.blocks)} lie beyond the model's blocks "
-                       f"({_block_ranges([p[0] for p in kept], family)})")
+                       f"({_block_ranges([p[0] for p in kept])})")
             else:
                 why = "its layers / blocks / block_types conditions together match no attention layer"
             out.append(f"{label} never matches: {why}")

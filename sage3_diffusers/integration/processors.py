@@ -43,6 +43,9 @@ class _Sage3Base:
     None = ask the runtime attached by `apply` (or "fp4" without one)."""
 
     family: str | None = None
+    # Filled by diffusers' `enable_parallelism`; these processors attend over the whole sequence they get,
+    # so with context parallelism (each rank holding a shard) they refuse to run rather than be wrong.
+    _parallel_config = None
 
     def __init__(self, kernel: str | None = None):
         self.kernel = _check_kernel_name(kernel)
@@ -52,6 +55,11 @@ class _Sage3Base:
 
     # -------------------------------------------------------------- attention op
     def _decide(self, attn):
+        if self._parallel_config is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support context parallelism (enable_parallelism was called "
+                "on its transformer); use sage3_diffusers.apply on a model whose processors call "
+                "dispatch_attention_fn, or diffusers' own processors")
         layer = getattr(attn, "_sage3_layer", None) or type(attn).__name__
         runtime = getattr(attn, "_sage3_runtime", None)
         if self.kernel is not None:
@@ -470,10 +478,3 @@ class Sage3Processor(_Sage3Base):
         if isinstance(impl, SD3Sage3Processor):
             return impl(attn, hidden_states, encoder_hidden_states, attention_mask)
         return impl(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-
-
-def processor_for(family: str, kernel: str | None = None) -> _Sage3Base:
-    """The family's processor class instance (what `apply` installs)."""
-    if family not in _FAMILY_PROCESSORS:
-        raise ValueError(f"unknown family {family!r}; allowed: {sorted(_FAMILY_PROCESSORS)}")
-    return _FAMILY_PROCESSORS[family](kernel)

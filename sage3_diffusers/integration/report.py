@@ -28,18 +28,10 @@ import torch
 
 from ..numerics import accuracy_metrics
 
-HUB_IDS = {
-    "flux": "black-forest-labs/FLUX.1-dev",
-    "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
-    "sd35": "stabilityai/stable-diffusion-3.5-large",
-    "cogvideox": "THUDM/CogVideoX-2b",
-    "hunyuan_video": "hunyuanvideo-community/HunyuanVideo",
-    "mochi": "genmo/mochi-1-preview",
-}
-# Latent (frames, height, width) grids and text lengths for real-model reports (moderate sizes).
-REAL_SHAPES = {"flux": ((1, 64, 64), 512), "sd3": ((1, 64, 64), 333), "sd35": ((1, 64, 64), 333),
-               "cogvideox": ((13, 30, 45), 226), "hunyuan_video": ((9, 30, 45), 256),
-               "mochi": ((7, 30, 53), 256)}
+
+def _families() -> list[str]:
+    from . import models
+    return list(models.names())
 
 
 def _flatten_output(out):
@@ -54,21 +46,24 @@ def _load(model: str, tiny: bool, dtype, device, layers: int):
         m = tiny_transformer(model, layers=layers).to(device)
         return m if dtype == torch.float32 else m.to(dtype)
     import diffusers
-    from .install import TRANSFORMER_FAMILIES
-    cls_name = {v: k for k, v in TRANSFORMER_FAMILIES.items()}["sd3" if model == "sd35" else model]
-    cls = getattr(diffusers, cls_name)
-    return cls.from_pretrained(HUB_IDS[model], subfolder="transformer", torch_dtype=dtype).to(device).eval()
+
+    from . import models
+    fam = models.get(model)
+    if not fam.hub_id or not fam.report_shape:
+        raise ValueError(f"report: model family {model!r} declares no hub id / report shapes: use --tiny")
+    cls = getattr(diffusers, models.get(fam.transformer_family).transformer_classes[0])
+    return cls.from_pretrained(fam.hub_id, subfolder="transformer", torch_dtype=dtype).to(device).eval()
 
 
 def step_timesteps(model: str, steps: int, timestep=None) -> list:
     """Timesteps (model units) of the report's steps: `[timestep]` for one step (None: the model's default
     input), else a linear schedule from pure noise, normalised 1, 1 - 1/steps, ..., 1/steps."""
-    from .steps import TIMESTEP_SCALE
+    from . import models
     if steps == 1:
         return [timestep]
     if timestep is not None:
         raise ValueError("timestep and steps > 1 exclude each other: the steps choose their own timesteps")
-    scale = TIMESTEP_SCALE.get(model, 1000.0)
+    scale = models.get(model).timestep_scale or 1000.0
     return [scale * (1.0 - i / steps) for i in range(steps)]
 
 
@@ -89,7 +84,8 @@ def run_report(model: str, *, kernels=("fp4", "int8_fp8"), tiny: bool = True, ba
     transformer = _load(model, tiny, dtype, device, layers)
     kw = dict(batch=batch, seed=seed, config=transformer.config, dtype=dtype, device=device)
     if not tiny:
-        grid, text_len = REAL_SHAPES[model]
+        from . import models
+        grid, text_len = models.get(model).report_shape
         kw.update(grid=grid, text_len=text_len)
 
     captured: dict = {}
@@ -235,20 +231,25 @@ def _positive_int(text: str) -> int:
 
 
 def _check_real_model_runnable(model: str) -> str | None:
-    """Why a report on hub weights cannot start here (no GPU; offline with no local copy), or None."""
+    """Why a report on hub weights cannot start here (no hub id or shapes declared; no GPU; offline with no
+    local copy), or None."""
+    from . import models
+    hub_id = models.get(model).hub_id
+    if not hub_id or not models.get(model).report_shape:
+        return f"model family {model!r} declares no hub id / report shapes: use --tiny"
     if not torch.cuda.is_available():
-        return (f"without --tiny the report loads {HUB_IDS[model]} and runs it on a CUDA GPU, and torch sees none "
+        return (f"without --tiny the report loads {hub_id} and runs it on a CUDA GPU, and torch sees none "
                 f"here; use --tiny for a tiny random model on CPU")
     import os
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     if offline:
         try:
             from huggingface_hub import try_to_load_from_cache
-            cached = try_to_load_from_cache(HUB_IDS[model], "transformer/config.json")
+            cached = try_to_load_from_cache(hub_id, "transformer/config.json")
         except Exception:  # noqa: BLE001 - any failure to look counts as "not cached"
             cached = None
         if not isinstance(cached, str):
-            return (f"HF_HUB_OFFLINE is set and the local Hugging Face cache has no {HUB_IDS[model]}; download it "
+            return (f"HF_HUB_OFFLINE is set and the local Hugging Face cache has no {hub_id}; download it "
                     f"first or unset HF_HUB_OFFLINE, or use --tiny")
     return None
 
@@ -256,7 +257,7 @@ def _check_real_model_runnable(model: str) -> str | None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sage3_diffusers report", description=__doc__.split("\n\n")[0],
                                  epilog="Without --tiny: hub weights on a CUDA GPU (fails at once without one).")
-    ap.add_argument("--model", required=True, choices=sorted(HUB_IDS), help="model family")
+    ap.add_argument("--model", required=True, choices=_families(), help="model family")
     ap.add_argument("--tiny", action="store_true", help="tiny random model built from config (CPU, no download)")
     ap.add_argument("--kernel", action="append", dest="kernels",
                     help="kernel or backend name to compare (repeatable; default: fp4 and int8_fp8)")

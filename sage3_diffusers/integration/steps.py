@@ -25,11 +25,28 @@ from .stats import KernelStats, logger
 
 HOOK_NAME = "sage3_step"
 
-# What the transformer receives as `timestep`, divided by this, gives t in [0, 1] (1 = pure noise).
-TIMESTEP_SCALE = {"flux": 1.0, "sd3": 1000.0, "sd35": 1000.0, "cogvideox": 1000.0, "hunyuan_video": 1000.0,
-                  "mochi": 1000.0}
-# ... and multiplied by this, the scheduler's units (Flux pipelines pass `t / 1000`).
-SCHEDULER_UNITS = {"flux": 1000.0}
+
+
+def timestep_units(family: str | None) -> tuple[float | None, float | None]:
+    """(timestep_scale, scheduler_units) of a registered family (see `models.ModelFamily`); (None, None),
+    i.e. inferred from the first forward, for an unknown one."""
+    from . import models
+    fam = models.find(family) if family else None
+    if fam is None:
+        return None, None
+    return fam.timestep_scale, fam.scheduler_units
+
+
+def infer_timestep_units(t_value: float, scheduler=None) -> tuple[float, float]:
+    """Units of a transformer's `timestep` from the first forward of a generation (the noisiest one):
+    a value <= 1 is a sigma (t / 1000), anything above is in [0, 1000]. A scheduler counting in
+    [0, 1000] then converts sigmas back with x1000."""
+    scale = 1.0 if abs(t_value) <= 1.0 + 1e-6 else 1000.0
+    units = 1.0
+    timesteps = getattr(scheduler, "timesteps", None)
+    if scale == 1.0 and timesteps is not None and len(timesteps) and float(max(timesteps)) > 1.5:
+        units = 1000.0
+    return scale, units
 
 
 class Sage3Runtime:
@@ -38,9 +55,15 @@ class Sage3Runtime:
     Processors stay stateless; they look this object up on the attention module (`_sage3_runtime`)."""
 
     def __init__(self, policy: Policy | None = None, family: str | None = None, stats: KernelStats | None = None,
-                 scheduler=None, num_inference_steps: int | None = None, log_summary: bool = True):
+                 scheduler=None, num_inference_steps: int | None = None, log_summary: bool = True,
+                 timestep_scale: float | None = None, scheduler_units: float | None = None):
         self.policy = load_policy(policy)
         self.family = family
+        # What the transformer receives as `timestep`, divided by `timestep_scale`, gives t in [0, 1]
+        # (1 = pure noise); multiplied by `scheduler_units`, the scheduler's units. None: inferred.
+        known_scale, known_units = timestep_units(family)
+        self.timestep_scale = timestep_scale if timestep_scale is not None else known_scale
+        self.scheduler_units = scheduler_units if scheduler_units is not None else known_units
         self.stats = stats if stats is not None else KernelStats()
         self.scheduler = scheduler
         self.num_inference_steps = num_inference_steps  # user override when no scheduler tells us
@@ -89,8 +112,12 @@ class Sage3Runtime:
         self._calls_per_step = None
 
     def begin_forward(self, t_value: float | None, context=None) -> None:
-        """Called once per transformer forward (by the hook) with the first sample's timestep."""
+        """Called once per transformer forward (by the hook) with its largest timestep."""
         prev_step, prev_gen = self.step, self.generation
+        if t_value is not None and (self.timestep_scale is None or self.scheduler_units is None):
+            scale, units = infer_timestep_units(t_value, self.scheduler)
+            self.timestep_scale = scale if self.timestep_scale is None else self.timestep_scale
+            self.scheduler_units = units if self.scheduler_units is None else self.scheduler_units
         index = num = None
         source = None
         if context is not None and getattr(context, "step_index", None) is not None:
@@ -129,7 +156,7 @@ class Sage3Runtime:
         self.step_source = source
         self._last_t = t_value
         if t_value is not None:
-            self.t_norm = t_value / TIMESTEP_SCALE.get(self.family or "", 1000.0)
+            self.t_norm = t_value / self.timestep_scale
         if (self.step, self.num_steps, self.t_norm) != self._decided_for:
             self._decide_all()
         if self.step != prev_step or self.generation != prev_gen:
@@ -154,7 +181,7 @@ class Sage3Runtime:
         timesteps = getattr(sched, "timesteps", None)
         if timesteps is None or len(timesteps) == 0:
             return None
-        t_sched = t_value * SCHEDULER_UNITS.get(self.family or "", 1.0)
+        t_sched = t_value * self.scheduler_units
         values = timesteps.detach().double().cpu() if isinstance(timesteps, torch.Tensor) else \
             torch.tensor(list(timesteps), dtype=torch.float64)
         tol = max(1e-3, 8e-3 * abs(t_sched))  # bf16/fp16 rounding of the timestep passed to the model
@@ -258,7 +285,9 @@ def _make_hook_class():
             mask = self._arg(self.mask_kwarg, args, kwargs) if self.mask_kwarg else None
             parts = []
             if isinstance(t, torch.Tensor) and t.numel():
-                parts.append(t.detach().reshape(-1)[:1].double())
+                # The noisiest token's: pipelines that pass one timestep per token (Wan 2.2 TI2V, LTX
+                # conditioning) put 0 on the conditioning frames.
+                parts.append(t.detach().reshape(-1).amax().reshape(1).double())
             elif isinstance(t, (int, float)):
                 parts.append(torch.tensor([float(t)], dtype=torch.float64))
             has_t = bool(parts)
@@ -301,4 +330,4 @@ def step_hook(runtime: Sage3Runtime, mask_kwarg: str | None = None):
     return _HOOK_CLS(runtime, mask_kwarg)
 
 
-__all__ = ["Sage3Runtime", "step_hook", "HOOK_NAME", "TIMESTEP_SCALE", "logger"]
+__all__ = ["Sage3Runtime", "step_hook", "HOOK_NAME", "timestep_units", "logger"]

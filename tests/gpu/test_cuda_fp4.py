@@ -1,4 +1,5 @@
-"""GPU tests of the NVFP4 (SageAttention3) CUDA kernels, extension _C_fp4.
+"""GPU tests of the NVFP4 (SageAttention3) CUDA kernels, extension _C_fp4 (and its test hooks, the test-only
+extension _C_fp4_testing: build with SAGE3_BUILD_TEST_EXT=1 or SAGE3_FP4_EMULATED=1).
 
 On Hopper these run the sm_90a image built with SAGE3_FP4_EMULATED=1: the same kernel source with the
 block-scaled FP4 MMA emulated in software. They check (1) the emulated MMA against a torch
@@ -33,8 +34,51 @@ def ext():
     return mod
 
 
-def test_mma_implementation_matches_device(ext):
-    arch, hardware = cuda_fp4.mma_impl()
+@pytest.fixture(scope="module")
+def testing_ext(ext):
+    try:
+        from sage3_diffusers import _C_fp4_testing
+    except ImportError as e:
+        pytest.skip(f"_C_fp4_testing not built (SAGE3_BUILD_TEST_EXT=1): {e}")
+    return _C_fp4_testing
+
+
+def _checked(res):
+    if isinstance(res, str):
+        raise RuntimeError(res)
+    return res
+
+
+def mma_probe(testing_ext, a, b, sfa, sfb, c, tid_a=0, tid_b=0):
+    """The block-scaled FP4 MMA device function run once (operand layout: csrc/fp4/testing/mma_probe.h)."""
+    (d,) = _checked(testing_ext.mma_probe(a, b, sfa, sfb, c, tid_a, tid_b))
+    return d
+
+
+def quantize_in_spec_order(q, k, v):
+    """The kernels' quantized Q', K', V in the specification's plain order (HND inputs), for bit-exact tests:
+    packed codes (`pack_fp4` of `sage3_quantize(...).x.codes`), scales as fp32 E4M3 values, tile scales."""
+    ext = cuda_fp4.FP4_EXT.require()
+    q_mean, k_mean, delta_s = cuda_fp4.smoothing_terms(q, k)
+    qc, qs, qg, kc, ks, kg, vc, vs, vg = _checked(ext.quantize(q, k, v, q_mean, k_mean))
+    b, hkv, skv, d = k.shape
+    sq = q.shape[2]
+    n_kt = vg.shape[2]
+    e4m3 = lambda x: x.view(torch.float8_e4m3fn).float()  # noqa: E731
+    # V: kernel [B, Hkv, D, n_kt*128] -> spec [B, Hkv, n_kt, D, 128] (tiles of tokens, quantized dim last).
+    v_codes = vc.view(b, hkv, d, n_kt, 64).permute(0, 1, 3, 2, 4)
+    v_scales = vs.view(b, hkv, d, n_kt, 8).permute(0, 1, 3, 2, 4)
+    return {
+        "q_codes": qc[:, :, :sq], "q_scales": e4m3(qs[:, :, :sq]), "q_tile_scale": qg,
+        "k_codes": kc[:, :, :skv], "k_scales": e4m3(ks[:, :, :skv]), "k_tile_scale": kg,
+        "v_codes": v_codes, "v_scales": e4m3(v_scales), "v_tile_scale": vg,
+        "q_mean": q_mean, "k_mean": k_mean, "delta_s": delta_s,
+    }
+
+
+def test_mma_implementation_matches_device(testing_ext):
+    (impl,) = _checked(testing_ext.mma_impl())
+    arch, hardware = (int(x) for x in impl.tolist())
     cap = torch.cuda.get_device_capability()
     assert arch == cap[0] * 100 + cap[1] * 10
     assert hardware == (cap[0] == 12), "sm_90a must use the emulation, sm_120/121 the hardware MMA"
@@ -51,7 +95,7 @@ def _random_e4m3_bytes(shape, gen, lo_exp=-6, hi_exp=6):
 
 @pytest.mark.parametrize("tid_a", [0, 1])
 @pytest.mark.parametrize("tid_b", [0, 1, 2, 3])
-def test_mma_matches_dequantized_matmul(ext, tid_a, tid_b):
+def test_mma_matches_dequantized_matmul(testing_ext, tid_a, tid_b):
     gen = torch.Generator().manual_seed(torch.seed() % (2**31))
     for _ in range(4):
         a_codes = torch.randint(0, 16, (16, 64), generator=gen, dtype=torch.uint8)
@@ -63,15 +107,15 @@ def test_mma_matches_dequantized_matmul(ext, tid_a, tid_b):
         b_deq = e2m1_decode(b_codes).double() * sfb.view(torch.float8_e4m3fn).double().repeat_interleave(16, dim=1)
         ref = (a_deq @ b_deq.T + c.double()).float()
         dev = "cuda"
-        d = cuda_fp4.mma_probe(pack_fp4(a_codes).to(dev), pack_fp4(b_codes).to(dev), sfa.contiguous().to(dev),
-                               sfb.contiguous().to(dev), c.to(dev), tid_a, tid_b).cpu()
+        d = mma_probe(testing_ext, pack_fp4(a_codes).to(dev), pack_fp4(b_codes).to(dev), sfa.contiguous().to(dev),
+                      sfb.contiguous().to(dev), c.to(dev), tid_a, tid_b).cpu()
         assert torch.isfinite(d).all(), "a lane the selectors do not name was read (poisoned scales)"
         # Products and 16-element block sums are exact; the emulation rounds the final sum once, like the fp64
         # reference rounded to fp32.
         assert torch.equal(d, ref), f"max diff {(d - ref).abs().max().item()}"
 
 
-def test_mma_fragment_layout_single_elements(ext):
+def test_mma_fragment_layout_single_elements(testing_ext):
     """One nonzero A element and one nonzero B element: D must have exactly one nonzero entry, where the
     documented layout puts it (catches transposed or permuted fragments even when sums would agree)."""
     dev = "cuda"
@@ -84,8 +128,8 @@ def test_mma_fragment_layout_single_elements(ext):
         b[col, kk] = 5  # 3.0
         sfa = ones.clone()
         sfa[row, kk // 16] = 0x40  # 2.0
-        d = cuda_fp4.mma_probe(pack_fp4(a).to(dev), pack_fp4(b).to(dev), sfa.to(dev), onesb.to(dev),
-                               torch.zeros(16, 8, device=dev), 0, 0).cpu()
+        d = mma_probe(testing_ext, pack_fp4(a).to(dev), pack_fp4(b).to(dev), sfa.to(dev), onesb.to(dev),
+                      torch.zeros(16, 8, device=dev), 0, 0).cpu()
         expect = torch.zeros(16, 8)
         expect[row, col] = 6.0
         assert torch.equal(d, expect), f"(row {row}, col {col}, k {kk}): nonzeros at {d.nonzero().tolist()}"
@@ -120,7 +164,7 @@ def _inputs(shape, dtype, *, magnitude=1.0, k_offset=0.0, seed=None):
 def test_quantization_bit_exact(ext, shape, dtype):
     q, k, v = _inputs(shape, dtype)
     ref = sage3_quantize(q, k, v)
-    got = cuda_fp4.quantize_debug(q, k, v)
+    got = quantize_in_spec_order(q, k, v)
     checks = {
         "q_codes": pack_fp4(ref.q.codes), "q_scales": ref.q.scales, "q_tile_scale": ref.q_tile_scale,
         "k_codes": pack_fp4(ref.k.codes), "k_scales": ref.k.scales, "k_tile_scale": ref.k_tile_scale,
@@ -147,7 +191,7 @@ def test_quantization_bit_exact_extreme(ext, kind):
     q, k, v = _inputs(shape, torch.bfloat16, magnitude=1e3 if kind == "large_magnitude" else 1.0,
                       k_offset=50.0 if kind == "k_offset" else 0.0)
     ref = sage3_quantize(q, k, v)
-    got = cuda_fp4.quantize_debug(q, k, v)
+    got = quantize_in_spec_order(q, k, v)
     assert torch.equal(got["q_codes"], pack_fp4(ref.q.codes)) and torch.equal(got["q_scales"], ref.q.scales)
     assert torch.equal(got["k_codes"], pack_fp4(ref.k.codes)) and torch.equal(got["k_scales"], ref.k.scales)
     assert torch.equal(got["v_codes"], pack_fp4(ref.v.codes)) and torch.equal(got["v_scales"], ref.v.scales)
@@ -167,8 +211,8 @@ def _run_kernel_poisoned(q, k, v, *, is_causal, sm_scale, return_lse):
 
 
 def test_extension_checks_report_errors(ext):
-    """C++ argument checks come back as an error message (never a C++ exception, which crashed the process on the
-    lent machine); the Python wrappers raise them."""
+    """C++ argument checks come back as an error message (never a C++ exception: csrc/common/binding_errors.h says
+    why); the Python wrappers raise them."""
     q, k, v = _inputs((1, 2, 2, 64, 64, 128), torch.bfloat16)
     q_mean, k_mean, delta_s = cuda_fp4.smoothing_terms(q, k)
     res = ext.quantize(q.float(), k.float(), v.float(), q_mean, k_mean)
@@ -180,7 +224,7 @@ def test_extension_checks_report_errors(ext):
     res = ext.attention(quantized, delta_s, bad_out, torch.empty(0, device=q.device), 64, False, 0.1, 0)
     assert isinstance(res, str) and "out shape" in res, res
     with pytest.raises(RuntimeError, match="not supported"):
-        cuda_fp4.quantize_debug(q.float(), k.float(), v.float())
+        quantize_in_spec_order(q.float(), k.float(), v.float())
 
 
 def _check_attention(q, k, v, *, is_causal, min_cos=0.9999):

@@ -46,7 +46,7 @@ def run_kernel(q, k, v, layout, causal, return_lse, sm_scale=None):
     out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
     hnd = to_hnd(q, layout)
     lse = torch.full(hnd.shape[:3], float("nan"), device=q.device) if return_lse else None
-    res = ext.forward(q, k, v, layout == "NHD", causal, scale, return_lse, out, lse)
+    res = ext.forward(q, k, v, layout == "NHD", causal, scale, return_lse, out=out, lse=lse)
     assert not isinstance(res, str), res
     o, l = res
     assert o.data_ptr() == out.data_ptr()
@@ -242,3 +242,103 @@ def test_deterministic():
     a, _ = run_kernel(q, k, v, "HND", True, False)
     b, _ = run_kernel(q, k, v, "HND", True, False)
     assert torch.equal(a, b)
+
+
+# ------------------------------ per-sample key lengths (kv_lens) ------------------------------
+KV_LENS_CASES = [
+    # b, hq, hkv, sq, skv, d, causal, layout, kv_lens
+    (3, 2, 2, 300, 300, 128, False, "HND", [300, 77, 129]),
+    (4, 4, 2, 200, 520, 64, True, "NHD", [520, 1, 256, 0]),
+    (2, 2, 1, 1, 700, 128, False, "HND", [700, 383]),
+    (2, 3, 3, 130, 130, 64, False, "NHD", [128, 129]),
+    (2, 2, 2, 333, 1000, 128, True, "HND", [999, 500]),
+]
+
+
+def check_kv_lens(check, out, lse, q, k, v, lens, layout, causal, sm_scale=None):
+    # Same-quantization reference: as tight as the plain-call tests (check_against_reference).
+    check(out, lse, q, k, v, lens, layout, causal, sm_scale=sm_scale, row_sum="quantized_p", min_cos=0.9999,
+          max_rel_l1=1e-2, lse_rtol=2e-3)
+
+
+@pytest.mark.parametrize("case", KV_LENS_CASES, ids=lambda c: "-".join(str(x) for x in c[:8]))
+def test_kv_lens_matches_reference_on_each_prefix(case, kv_lens_check):
+    b, hq, hkv, sq, skv, d, causal, layout, lens = case
+    q, k, v = make_qkv(b, hq, hkv, sq, skv, d, layout=layout)
+    kv_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
+    lse = torch.full(to_hnd(q, layout).shape[:3], float("nan"), device="cuda")
+    res = ext.forward(q, k, v, layout == "NHD", causal, d ** -0.5, True, kv_lens=kv_lens, out=out, lse=lse)
+    assert not isinstance(res, str), res
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "unwritten output elements"
+    check_kv_lens(kv_lens_check, out, lse, q, k, v, lens, layout, causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128])
+def test_kv_lens_full_length_is_bitwise_the_plain_call(causal, d):
+    q, k, v = make_qkv(2, 2, 2, 300, 333, d)
+    plain = ext.forward(q, k, v, False, causal, d ** -0.5, True)
+    full = ext.forward(q, k, v, False, causal, d ** -0.5, True,
+                       kv_lens=torch.full((2,), 333, dtype=torch.int32, device="cuda"))
+    assert torch.equal(plain[0], full[0]) and torch.equal(plain[1], full[1])
+
+
+def test_kv_lens_out_of_range_values_are_clamped(kv_lens_check):
+    q, k, v = make_qkv(3, 2, 2, 100, 200, 64)
+    lens = [-5, 10 ** 6, 150]
+    o, l = ext.forward(q, k, v, False, False, 0.125, True, kv_lens=torch.tensor(lens, dtype=torch.int32,
+                                                                                device="cuda"))
+    check_kv_lens(kv_lens_check, o, l, q, k, v, lens, "HND", False, sm_scale=0.125)
+
+
+def test_kv_lens_through_the_backend_and_bad_kv_lens():
+    from sage3_diffusers.backends.cuda_sm90 import CudaSm90Int8Fp8Backend
+    be = CudaSm90Int8Fp8Backend()
+    assert be.supports_kv_lens
+    q, k, v = make_qkv(2, 2, 2, 150, 150, 128, layout="NHD")
+    lens64 = torch.tensor([150, 40], device="cuda")  # int64 is converted on the device
+    out = be.forward(q, k, v, layout="NHD", is_causal=False, sm_scale=0.1, return_lse=False, kv_lens=lens64)
+    ref = ext.forward(q, k, v, True, False, 0.1, False, kv_lens=lens64.int())[0]
+    assert torch.equal(out, ref)
+    op = torch.ops.sage3.sm90_int8fp8_attn
+    with pytest.raises(ValueError, match=r"kv_lens must have shape \[2\]"):
+        op(q, k, v, "NHD", False, 0.1, False, torch.tensor([1, 2, 3], dtype=torch.int32, device="cuda"))
+    with pytest.raises(ValueError, match="kv_lens must be an int32"):
+        op(q, k, v, "NHD", False, 0.1, False, torch.tensor([1.0, 2.0], device="cuda"))
+    with pytest.raises(ValueError, match="kv_lens must be on q's device"):
+        op(q, k, v, "NHD", False, 0.1, False, torch.tensor([1, 2], dtype=torch.int32))
+    res = ext.forward(q, k, v, True, False, 0.1, False, kv_lens=torch.tensor([1, 2], dtype=torch.int64,
+                                                                             device="cuda"))
+    assert isinstance(res, str) and "kv_lens must be int32" in res, res
+
+
+def test_kv_lens_cuda_graph_reads_lengths_on_device():
+    """The lengths are read by the kernel: a captured graph follows new values written into the same tensor."""
+    from sage3_diffusers.backends import cuda_sm90  # noqa: F401  (registers the op)
+    op = torch.ops.sage3.sm90_int8fp8_attn
+    q, k, v = make_qkv(2, 4, 2, 257, 400, 128)
+    lens = torch.tensor([400, 100], dtype=torch.int32, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        op(q, k, v, "HND", False, 0.1, False, lens)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, _ = op(q, k, v, "HND", False, 0.1, False, lens)
+    for new in ([400, 100], [3, 0], [250, 399]):
+        lens.copy_(torch.tensor(new, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager, _ = op(q, k, v, "HND", False, 0.1, False, lens)
+        assert torch.equal(out, eager), new
+
+
+def test_kv_lens_opcheck():
+    from sage3_diffusers.backends import cuda_sm90  # noqa: F401  (registers the op)
+    q, k, v = make_qkv(2, 2, 2, 130, 130, 64)
+    lens = torch.tensor([130, 7], dtype=torch.int32, device="cuda")
+    torch.library.opcheck(torch.ops.sage3.sm90_int8fp8_attn.default, (q, k, v, "HND", False, 0.125, True, lens),
+                          test_utils=("test_schema", "test_faketensor"))

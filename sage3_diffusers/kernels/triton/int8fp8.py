@@ -1,13 +1,12 @@
 """Host side of the Triton SageAttention2++ kernels: buffers, launches, and the small cached autotuner.
 
-`int8fp8_attention(q, k, v, ...)` is the whole call (quantize K/V, attention with Q quantized in-kernel).
-`quantize_kv` + `attention_quantized` split it (for timing the attention kernel alone), `quantize_q`
-exposes the in-kernel Q quantization for tests. Imports triton: import this module lazily.
+`int8fp8_attention(q, k, v, ...)` is the whole call (quantize K/V, quantize Q, attention).
+`quantize_kv` + `attention_quantized` split it (for timing the attention kernel alone); `quantize_q` is the Q
+quantization the attention kernel reads. Imports triton: import this module lazily.
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -34,31 +33,23 @@ _QUANT_WARPS = 4
 
 @dataclass(frozen=True)
 class AttnConfig:
+    """Launch parameters of the attention kernel (its numerics do not depend on them)."""
+
     block_m: int
     num_warps: int
     num_stages: int
-    fold_qs: bool = False    # exp2 argument as one FMA (rounding differs from the reference's order by ~1 ulp)
-    q_prequant: bool = False  # INT8 Q from a separate kernel (TMA-loaded) instead of quantized in the kernel
-    i2f: bool = False         # int32 -> fp32 by cvt (else the exact magic-number add)
-    # With fold_qs the K scale is folded into the exp2 FMA too wherever K's grouping allows it (per_thread with
-    # k_block 128: 4 scales per key tile; per_block with k_block a multiple of 128: 1); other groupings take the
-    # plain fold automatically (`QuantizedKV.k_groups_per_tile`).
 
     def __str__(self):
-        return (f"BM{self.block_m}_w{self.num_warps}_s{self.num_stages}" + ("_fold" if self.fold_qs else "")
-                + ("_preq" if self.q_prequant else "") + ("_i2f" if self.i2f else ""))
+        return f"BM{self.block_m}_w{self.num_warps}_s{self.num_stages}"
 
 
-# Small per-head-dim candidate sets (first call compiles and times each once; results are cached per key).
-# Measured on H200 (bench/NOTES.md): BM=64 / 4 warps / 3 stages with the exp2 argument folded into one FMA,
-# INT8 Q from its own kernel and I2F conversion was fastest on every shape tried; BM=128 / 8 warps was 25-45% slower.
-# The K-group fold (part of fold_qs) gained 4-7% on the attention kernel (H200, 2026-11-27, device run 4).
+# Small per-head-dim candidate sets (the first call per shape class compiles and times each once; results are
+# cached per key). BM=64 / 4 warps was fastest on every shape measured; BM=128 / 8 warps 25-45% slower.
 _CANDIDATES = {
-    64: (AttnConfig(64, 4, 3, True, True, True), AttnConfig(64, 4, 4, True, True, True)),
-    128: (AttnConfig(64, 4, 3, True, True, True), AttnConfig(64, 4, 2, True, True, True)),
+    64: (AttnConfig(64, 4, 3), AttnConfig(64, 4, 4)),
+    128: (AttnConfig(64, 4, 3), AttnConfig(64, 4, 2)),
 }
 _tuned: dict = {}
-last_config: AttnConfig | None = None  # the config of the latest launch (reported by the benchmark)
 
 
 def has_fp8_dot(device) -> bool:
@@ -167,47 +158,27 @@ def _config_ok(cfg: AttnConfig, qk_quant_gran: str, q_block: int) -> bool:
 
 
 def _launch(q, kv: QuantizedKV, out, lse, *, layout, is_causal, sm_scale, return_lse, qk_quant_gran, q_block,
-            cfg: AttnConfig, use_tma: bool, q_quant=None):
+            cfg: AttnConfig, use_tma: bool, q_quant=None, kv_lens=None):
     b, hq, sq, d = _bhsd_shape(q, layout)
     if use_tma:
         k_desc = TensorDescriptor.from_tensor(kv.k_int8, [KV_TILE, d])
         v_desc = TensorDescriptor.from_tensor(kv.v_q, [d, KV_TILE])
     else:
         k_desc = v_desc = None
-    if cfg.q_prequant:
-        if q_quant is None:
-            q_quant = quantize_q(q, layout=layout, qk_quant_gran=qk_quant_gran, q_block=q_block)
-        qi, qsc = q_quant
-        qi = qi.view(b * hq * sq, d)
-        qi_desc = TensorDescriptor.from_tensor(qi, [cfg.block_m, d]) if use_tma else None
-    else:
-        qi = qsc = qi_desc = None
+    if q_quant is None:
+        q_quant = quantize_q(q, layout=layout, qk_quant_gran=qk_quant_gran, q_block=q_block)
+    qi, qsc = q_quant
+    qi = qi.view(b * hq * sq, d)
+    qi_desc = TensorDescriptor.from_tensor(qi, [cfg.block_m, d]) if use_tma else None
     grid = (triton.cdiv(sq, cfg.block_m), b * hq)
     _int8fp8_attn_kernel[grid](
         q, *_bhsd_strides(q, layout), qi, qi_desc, qsc,
         kv.k_int8, k_desc, kv.k_scale, kv.v_q, v_desc, kv.v_scale, kv.k_mean,
-        out, *_bhsd_strides(out, layout), lse, hq, kv.heads_kv, sq, kv.seq_kv, kv.seq_pad,
+        out, *_bhsd_strides(out, layout), lse, kv_lens, hq, kv.heads_kv, sq, kv.seq_kv, kv.seq_pad,
         sm_scale * LOG2E, sm_scale,
-        D=d, BM=cfg.block_m, BN=KV_TILE, Q_PER_THREAD=qk_quant_gran == "per_thread", Q_BLOCK=q_block,
-        IS_CAUSAL=bool(is_causal), RETURN_LSE=bool(return_lse), PV_FP8=kv.pv_fp8, USE_TMA=use_tma,
-        STAGES=cfg.num_stages, FOLD_QS=cfg.fold_qs, Q_PREQUANT=cfg.q_prequant, I2F=cfg.i2f,
-        KG=kv.k_groups_per_tile() if cfg.fold_qs else 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-def _forced_config() -> AttnConfig | None:
-    spec = os.environ.get("SAGE3_TRITON_CONFIG")  # "BM,warps,stages[,flags]", e.g. "64,4,3" or "64,4,3,fold+preq+i2f"
-    if not spec:
-        return None
-    parts = spec.split(",")
-    try:
-        bm, w, s = (int(x) for x in parts[:3])
-        flags = set(parts[3].split("+")) if len(parts) > 3 and parts[3] else set()
-        if len(parts) > 4 or flags - {"fold", "preq", "i2f"}:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"SAGE3_TRITON_CONFIG={spec!r}: expected 'block_m,num_warps,num_stages[,flag+flag]' with "
-                         "flags from fold, preq, i2f") from None
-    return AttnConfig(bm, w, s, "fold" in flags, "preq" in flags, "i2f" in flags)
+        D=d, BM=cfg.block_m, BN=KV_TILE, IS_CAUSAL=bool(is_causal), RETURN_LSE=bool(return_lse), PV_FP8=kv.pv_fp8,
+        USE_TMA=use_tma, STAGES=cfg.num_stages, KG=kv.k_groups_per_tile(), HAS_KV_LENS=kv_lens is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _bucket(n: int) -> int:
@@ -226,30 +197,25 @@ def _time_config(run, reps: int = 3) -> float:
 
 
 def pick_config(q, kv, out, lse, *, layout, is_causal, sm_scale, return_lse, qk_quant_gran, q_block,
-                use_tma, q_quant=None) -> AttnConfig:
-    forced = _forced_config()
-    if forced is not None:
-        if not _config_ok(forced, qk_quant_gran, q_block):
-            raise ValueError(f"SAGE3_TRITON_CONFIG block_m={forced.block_m} does not fit q_block={q_block}")
-        return forced
+                use_tma, q_quant=None, kv_lens=None) -> AttnConfig:
     b, hq, sq, d = _bhsd_shape(q, layout)
     cands = [c for c in _CANDIDATES[d] if _config_ok(c, qk_quant_gran, q_block)]
     if not cands:
         raise ValueError(f"no kernel config fits qk_quant_gran={qk_quant_gran!r}, q_block={q_block}")
     key = (q.device.index, torch.cuda.get_device_capability(q.device), d, bool(is_causal), kv.pv_fp8, use_tma,
-           kv.k_groups_per_tile(),
+           kv.k_groups_per_tile(), kv_lens is not None,
            q.dtype, qk_quant_gran, q_block, _bucket(sq), _bucket(kv.seq_kv), _bucket(b * hq))
     cfg = _tuned.get(key)
     if cfg is not None:
         return cfg
-    if len(cands) == 1 or torch.cuda.is_current_stream_capturing() or os.environ.get("SAGE3_TRITON_AUTOTUNE") == "0":
+    if len(cands) == 1 or torch.cuda.is_current_stream_capturing():
         return cands[0]  # no timing inside graph capture; not cached, so a later eager call still tunes
     times = {}
     for c in cands:
         times[c] = _time_config(lambda: _launch(q, kv, out, lse, layout=layout, is_causal=is_causal,
                                                 sm_scale=sm_scale, return_lse=return_lse,
                                                 qk_quant_gran=qk_quant_gran, q_block=q_block, cfg=c,
-                                                use_tma=use_tma, q_quant=q_quant))
+                                                use_tma=use_tma, q_quant=q_quant, kv_lens=kv_lens))
     cfg = _tuned[key] = min(times, key=times.get)
     return cfg
 
@@ -257,10 +223,12 @@ def pick_config(q, kv, out, lse, *, layout, is_causal, sm_scale, return_lse, qk_
 def attention_quantized(q: torch.Tensor, kv: QuantizedKV, *, layout: str = "HND", is_causal: bool = False,
                         sm_scale: float | None = None, return_lse: bool = False, qk_quant_gran: str = "per_thread",
                         q_block: int = 128, use_tma: bool | None = None, config: AttnConfig | None = None,
-                        out: torch.Tensor | None = None, lse: torch.Tensor | None = None, q_quant=None):
-    """Attention on quantized K/V. Returns (out in q's layout, lse or None). Q is quantized here (a separate
-    kernel, or inside the attention kernel, as the config says) unless `q_quant` = `quantize_q(q, ...)` is given.
-    `out` / `lse` may be given (tests poison them to check every element is written)."""
+                        out: torch.Tensor | None = None, lse: torch.Tensor | None = None, q_quant=None,
+                        kv_lens: torch.Tensor | None = None):
+    """Attention on quantized K/V. Returns (out in q's layout, lse or None). Q is quantized here unless
+    `q_quant` = `quantize_q(q, ...)` is given. `out` / `lse` may be given (tests poison them to check every
+    element is written). `kv_lens`: int32 [B] on q's device, or None: batch entry b attends to keys
+    [0, kv_lens[b]) (clamped to [0, Skv]; 0 gives zero rows and LSE -inf)."""
     _check_gran(qk_quant_gran, q_block, "q_block")
     b, hq, sq, d = _bhsd_shape(q, layout)
     if d not in (64, 128):
@@ -282,13 +250,12 @@ def attention_quantized(q: torch.Tensor, kv: QuantizedKV, *, layout: str = "HND"
     if config is None:
         config = pick_config(q, kv, out, lse, layout=layout, is_causal=is_causal, sm_scale=sm_scale,
                              return_lse=return_lse, qk_quant_gran=qk_quant_gran, q_block=q_block, use_tma=use_tma,
-                             q_quant=q_quant)
+                             q_quant=q_quant, kv_lens=kv_lens)
     elif not _config_ok(config, qk_quant_gran, q_block):
         raise ValueError(f"config {config} does not fit q_block={q_block}")
     _launch(q, kv, out, lse, layout=layout, is_causal=is_causal, sm_scale=sm_scale, return_lse=return_lse,
-            qk_quant_gran=qk_quant_gran, q_block=q_block, cfg=config, use_tma=use_tma, q_quant=q_quant)
-    global last_config
-    last_config = config
+            qk_quant_gran=qk_quant_gran, q_block=q_block, cfg=config, use_tma=use_tma, q_quant=q_quant,
+            kv_lens=kv_lens)
     return out, (lse if return_lse else None)
 
 
@@ -296,13 +263,15 @@ def int8fp8_attention(q, k, v, *, layout: str = "HND", is_causal: bool = False, 
                       return_lse: bool = False, qk_quant_gran: str = "per_thread", q_block: int = 128,
                       k_block: int = 128, smooth_k: bool = True, pv_fp8: bool | None = None,
                       use_tma: bool | None = None, config: AttnConfig | None = None,
-                      out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
+                      out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+                      kv_lens: torch.Tensor | None = None):
     """SageAttention2++ attention. q/k/v in `layout` ("HND" (B,H,S,D) or "NHD" (B,S,H,D)), fp16/bf16, any
     strides (read in place, never modified). Returns (out, lse or None); out is a new tensor in q's layout
-    and dtype, lse fp32 (B, Hq, Sq) natural log."""
+    and dtype, lse fp32 (B, Hq, Sq) natural log. `kv_lens` (int32 [B] on q's device): per-sample key lengths
+    (right padding); the K mean and V scales still include the padding keys (exact for the mean under
+    softmax, coarser scales otherwise), so padding must be finite."""
     kv = quantize_kv(k, v, layout=layout, qk_quant_gran=qk_quant_gran, k_block=k_block, smooth_k=smooth_k,
                      pv_fp8=pv_fp8)
-    # Q is quantized by `attention_quantized` (its own kernel, or inside the attention kernel, per config)
     return attention_quantized(q, kv, layout=layout, is_causal=is_causal, sm_scale=sm_scale,
                                return_lse=return_lse, qk_quant_gran=qk_quant_gran, q_block=q_block,
-                               use_tma=use_tma, config=config, out=out, lse=lse)
+                               use_tma=use_tma, config=config, out=out, lse=lse, kv_lens=kv_lens)

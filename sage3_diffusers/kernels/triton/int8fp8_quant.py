@@ -9,8 +9,7 @@ Passes over the caller's K/V (read through their strides, never copied or modifi
 3. `_kv_quant_kernel`: per (batch, kv-head, tile of `k_block` tokens, K or V): K - mean -> INT8 with per-group
    scales; V -> FP8 E4M3 (FP16 where the GPU has no FP8 dot) with per-channel scales, stored transposed
    (B*Hkv, D, S_pad) so the PV dot reads V K-major.
-Q: `_q_quant_kernel` (the default attention configs read its INT8 Q), or inside the attention kernel for
-configs without `q_prequant`; both use `quantize_q_tile`.
+Q: `_q_quant_kernel` (INT8 Q and its scales, which the attention kernel reads).
 """
 from __future__ import annotations
 

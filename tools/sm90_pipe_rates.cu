@@ -1,9 +1,9 @@
 // Issue cost of the attention softmax's instructions on one SM sub-partition (SMSP), measured with clock64():
 // cycles per warp-instruction with 1 or 2 warps per SMSP, each op alone and paired with MUFU.EX2 (a pair on a
-// shared pipe costs the sum, on separate pipes the max). Torch-free; used for bench/NOTES.md (v8).
-//   nvcc -O3 -gencode=arch=compute_90a,code=sm_90a csrc/tools/sm90_pipe_rates.cu -o /tmp/pipes && /tmp/pipes
-// Measured on an H200 (2026-11-27): MUFU.EX2 8.0 cycles (4 lanes/clk/SMSP); F2FP e4m3x2 ~1.1; FADD ~1.1;
-// IMNMX ~2; cvt.rn.f32.s32 (I2FP) does not share the MUFU pipe (MUFU + I2F pair costs 8.2, the max).
+// shared pipe costs the sum, on separate pipes the max). Torch-free.
+//   nvcc -O3 -gencode=arch=compute_90a,code=sm_90a tools/sm90_pipe_rates.cu -o /tmp/pipes && /tmp/pipes
+// On Hopper: MUFU.EX2 8.0 cycles (4 lanes/clk/SMSP); F2FP e4m3x2 ~1.1; FADD ~1.1; IMNMX ~2; cvt.rn.f32.s32
+// (I2FP) does not share the MUFU pipe (a MUFU + I2F pair costs 8.2, the max).
 #include <cstdio>
 #include <cstdint>
 #define N 8

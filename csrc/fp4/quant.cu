@@ -5,7 +5,7 @@
 #include <cuda_fp16.h>
 
 #include "common/fp4_convert.cuh"
-#include "sm120/fp4_api.h"
+#include "fp4/api.h"
 
 namespace sage3 {
 namespace {

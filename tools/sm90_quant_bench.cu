@@ -1,13 +1,14 @@
-// A/B harness for the sm90 quantization kernels (csrc/sm90/quant.cu), without torch: random 16-bit Q/K/V on
-// the GPU, v6 (previous) and v7 (default) run on the same inputs, every output buffer compared byte for byte
-// (buffers pre-filled with the same poison, so unwritten bytes are compared too), then CUDA-event timing of each
-// launch (kv_stats, quantize_qkv; median of 25 after warm-up, v6 and v7 alternating).
+// Timing harness for the sm90 quantization kernels (csrc/sm90/quant.cu), without torch: random 16-bit Q/K/V
+// on the GPU, the two launches run twice on the same inputs into two sets of output buffers pre-filled with
+// different poison bytes, every buffer compared byte for byte (so the kernels are deterministic and write every
+// byte), then CUDA-event timing of each launch (kv_stats, quantize_qkv; median of 25 after warm-up) with the
+// bytes each moves. Numerics against the reference are tested in tests/gpu/test_cuda_sm90.py.
 //
-//   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -Icsrc -gencode=arch=compute_90a,code=sm_90a \
-//        csrc/tools/sm90_quant_ab.cu -o /tmp/sm90_quant_ab && /tmp/sm90_quant_ab
-//   /tmp/sm90_quant_ab check     (bit-exactness only, no timing)
+//   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -Icsrc -Itools -gencode=arch=compute_90a,code=sm_90a \
+//        tools/sm90_quant_bench.cu -o /tmp/sm90_quant_bench && /tmp/sm90_quant_bench
+//   /tmp/sm90_quant_bench check     (the byte comparison only, no timing)
 //
-// Exit status 0 only if every case is byte-identical. The data: randn-like values (sum of uniforms) with a
+// Exit status 0 only if every case is byte-identical across the two runs. The data: randn-like values (sum of uniforms) with a
 // large per-channel K offset, sparse |x| ~ 1e3 outliers and bf16-subnormal values, in HND or NHD layout; plus
 // degenerate-channel cases (an all-zero V channel: scale 0; inf and NaN in V and K).
 #include <algorithm>
@@ -18,12 +19,12 @@
 #include <string>
 #include <vector>
 
+#include "check_cuda.h"
 #include "sm90/quant.cu"
-#include "tools/check_cuda.h"
 
 // A named namespace: an anonymous one here would make the kernel stubs' references to quant.cu's anonymous
 // namespace (sage3::sm90::<anon>) ambiguous once `using namespace` is in effect.
-namespace qab {
+namespace qbench {
 using namespace sage3::sm90;
 
 __device__ __forceinline__ uint32_t hash32(uint64_t x) {
@@ -66,13 +67,14 @@ struct Case {
   bool nhd, bf16, kmean, special, timed;
 };
 
-// Device buffers of one quantizer's outputs (each version has its own set).
+// Device buffers of one run's outputs (each run has its own set, poisoned with its own byte).
 struct Outs {
+  int poison = 0xab;
   std::vector<std::pair<const char*, std::pair<void*, size_t>>> bufs;
   void* add(const char* name, size_t bytes) {
     void* p = nullptr;
     CHECK_CUDA(cudaMalloc(&p, bytes ? bytes : 1));
-    CHECK_CUDA(cudaMemset(p, 0xab, bytes ? bytes : 1));  // poison: unwritten bytes compare too
+    CHECK_CUDA(cudaMemset(p, poison, bytes ? bytes : 1));  // unwritten bytes differ between the two runs
     bufs.push_back({name, {p, bytes}});
     return p;
   }
@@ -110,18 +112,16 @@ QuantArgs make_args(const Case& c, const void* q, const void* k, const void* v, 
 
 template <int D, typename T>
 struct Launchers {
-  static cudaError_t stats6(const QuantArgs& a) { return v6::launch_stats<D, T>(a, 0); }
-  static cudaError_t qkv6(const QuantArgs& a) { return v6::launch_qkv<D, T>(a, 0); }
-  static cudaError_t stats7(const QuantArgs& a) { return v7::launch_stats<D, T>(a, 0); }
-  static cudaError_t qkv7(const QuantArgs& a) { return v7::launch_qkv<D, T>(a, 0); }
+  static cudaError_t stats(const QuantArgs& a) { return launch_stats<D, T>(a, 0); }
+  static cudaError_t qkv(const QuantArgs& a) { return launch_qkv<D, T>(a, 0); }
 };
 using LaunchFn = cudaError_t (*)(const QuantArgs&);
-struct Fns { LaunchFn stats[2], qkv[2]; };
+struct Fns { LaunchFn stats, qkv; };
 
 template <int D, typename T>
 Fns fns_for() {
   using L = Launchers<D, T>;
-  return Fns{{L::stats6, L::stats7}, {L::qkv6, L::qkv7}};
+  return Fns{L::stats, L::qkv};
 }
 Fns pick(const Case& c) {
   if (c.D == 128) return c.bf16 ? fns_for<128, __nv_bfloat16>() : fns_for<128, __half>();
@@ -167,10 +167,11 @@ size_t run_case(const Case& c, bool timing) {
   std::string bad_names;
   {
     Outs o[2];
+    o[1].poison = 0xcd;
     QuantArgs a[2] = {make_args(c, q, k, v, o[0]), make_args(c, q, k, v, o[1])};
-    for (int ver = 0; ver < 2; ++ver) {
-      CHECK_CUDA(f.stats[ver](a[ver]));
-      CHECK_CUDA(f.qkv[ver](a[ver]));
+    for (int run = 0; run < 2; ++run) {
+      CHECK_CUDA(f.stats(a[run]));
+      CHECK_CUDA(f.qkv(a[run]));
     }
     CHECK_CUDA(cudaDeviceSynchronize());
     for (size_t i = 0; i < o[0].bufs.size(); ++i) {
@@ -188,31 +189,27 @@ size_t run_case(const Case& c, bool timing) {
     if (timing && c.timed) {
       cudaEvent_t ev[3];
       for (auto& e : ev) CHECK_CUDA(cudaEventCreate(&e));
-      std::vector<float> ts[2], tq[2];
+      std::vector<float> ts, tq;
       for (int rep = 0; rep < 28; ++rep) {
-        for (int ver = 0; ver < 2; ++ver) {  // alternating, same L2 history for both
-          CHECK_CUDA(cudaEventRecord(ev[0]));
-          CHECK_CUDA(f.stats[ver](a[ver]));
-          CHECK_CUDA(cudaEventRecord(ev[1]));
-          CHECK_CUDA(f.qkv[ver](a[ver]));
-          CHECK_CUDA(cudaEventRecord(ev[2]));
-          CHECK_CUDA(cudaEventSynchronize(ev[2]));
-          float t1, t2;
-          CHECK_CUDA(cudaEventElapsedTime(&t1, ev[0], ev[1]));
-          CHECK_CUDA(cudaEventElapsedTime(&t2, ev[1], ev[2]));
-          if (rep >= 3) {  // warm-up
-            ts[ver].push_back(t1 * 1e3f);
-            tq[ver].push_back(t2 * 1e3f);
-          }
+        CHECK_CUDA(cudaEventRecord(ev[0]));
+        CHECK_CUDA(f.stats(a[0]));
+        CHECK_CUDA(cudaEventRecord(ev[1]));
+        CHECK_CUDA(f.qkv(a[0]));
+        CHECK_CUDA(cudaEventRecord(ev[2]));
+        CHECK_CUDA(cudaEventSynchronize(ev[2]));
+        float t1, t2;
+        CHECK_CUDA(cudaEventElapsedTime(&t1, ev[0], ev[1]));
+        CHECK_CUDA(cudaEventElapsedTime(&t2, ev[1], ev[2]));
+        if (rep >= 3) {  // warm-up
+          ts.push_back(t1 * 1e3f);
+          tq.push_back(t2 * 1e3f);
         }
       }
       double sb, qb;
       launch_bytes(c, sb, qb);
-      for (int ver = 0; ver < 2; ++ver) {
-        const float s_us = median(ts[ver]), q_us = median(tq[ver]);
-        std::printf("    v%d  kv_stats %7.1f us %5.0f GB/s | quantize_qkv %7.1f us %5.0f GB/s | total %7.1f us\n",
-                    6 + ver, s_us, sb / s_us * 1e-3, q_us, qb / q_us * 1e-3, s_us + q_us);
-      }
+      const float s_us = median(ts), q_us = median(tq);
+      std::printf("    kv_stats %7.1f us %5.0f GB/s | quantize_qkv %7.1f us %5.0f GB/s | total %7.1f us\n", s_us,
+                  sb / s_us * 1e-3, q_us, qb / q_us * 1e-3, s_us + q_us);
       for (auto& e : ev) CHECK_CUDA(cudaEventDestroy(e));
     }
   }
@@ -222,7 +219,7 @@ size_t run_case(const Case& c, bool timing) {
   return bad_total;
 }
 
-}  // namespace qab
+}  // namespace qbench
 
 int main(int argc, char** argv) {
   const bool timing = !(argc > 1 && std::strcmp(argv[1], "check") == 0);
@@ -232,10 +229,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "no CUDA device\n");
     return 2;
   }
-  std::printf("%s, %d SMs; v6 = previous quantize_qkv, v7 = default (kv_stats is the same code in both)\n",
-              prop.name, prop.multiProcessorCount);
+  std::printf("%s, %d SMs\n", prop.name, prop.multiProcessorCount);
   //                name                                  B  Hq  Hkv    Sq     Skv    D  nhd   bf16  kmean special timed
-  using qab::Case;
+  using qbench::Case;
   const Case cases[] = {
       {"hd128 B4 H16 S4096 bf16 HND",        4, 16, 16,   4096,   4096, 128, false, true,  false, false, true},
       {"Flux B1 H24 S4608 D128 bf16 HND",    1, 24, 24,   4608,   4608, 128, false, true,  false, false, true},
@@ -252,7 +248,7 @@ int main(int argc, char** argv) {
       {"hd64 B1 H2 S200 fp16 inf/NaN/zero",  1,  2,  2,    200,    200,  64, true,  false, true,  true,  false},
   };
   size_t bad = 0;
-  for (const Case& c : cases) bad += qab::run_case(c, timing);
-  std::printf("%s\n", bad ? "FAIL: outputs differ" : "PASS: all outputs byte-identical");
+  for (const Case& c : cases) bad += qbench::run_case(c, timing);
+  std::printf("%s\n", bad ? "FAIL: the two runs differ" : "PASS: both runs byte-identical, every byte written");
   return bad ? 1 : 0;
 }

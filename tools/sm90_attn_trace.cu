@@ -1,13 +1,13 @@
 // Standalone timing and phase trace of the sm90 INT8-QK / FP8-PV attention kernel, without torch: random
 // already-quantized inputs (INT8 Q/K, e4m3 V^T, positive scales), the kernel alone, CUDA-event timing, and with
-// -DSAGE3_SM90_TRACE=1 the per-tile phase timeline of CTA (0, 0, 0) (csrc/sm90/trace.cuh).
+// -DSAGE3_SM90_TRACE=1 the per-tile phase timeline of CTA (0, 0, 0) (tools/sm90_trace.cuh).
 //
-//   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -Icsrc -gencode=arch=compute_90a,code=sm_90a \
-//        -DSAGE3_SM90_TRACE=1 csrc/tools/sm90_attn_trace.cu -o /tmp/sm90_attn_trace
+//   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -Icsrc -Itools -gencode=arch=compute_90a,code=sm_90a \
+//        -DSAGE3_SM90_TRACE=1 tools/sm90_attn_trace.cu -o /tmp/sm90_attn_trace
 //   /tmp/sm90_attn_trace [B H S D [causal]]        (default 4 16 4096 128 0)
 //
 // Timing with the trace compiled in includes the clock reads (a few per tile per warp, ~10% slower); build
-// without -DSAGE3_SM90_TRACE for a clean kernel-alone number. SAGE3_SM90_STAGES selects the ring depth as in the extension.
+// without -DSAGE3_SM90_TRACE for a clean kernel-alone number.
 // The output line ends with an FNV-1a hash of the output bytes (equal hashes: bit-identical outputs across two
 // builds); SAGE3_SM90_DUMP=path also writes the raw bf16 output there.
 #include <algorithm>
@@ -17,8 +17,12 @@
 #include <cstring>
 #include <vector>
 
+#ifndef SAGE3_SM90_TRACE
+#define SAGE3_SM90_TRACE 0
+#endif
+
+#include "check_cuda.h"
 #include "sm90/attn_kernel.cuh"
-#include "tools/check_cuda.h"
 
 using namespace sage3::sm90;
 
@@ -118,8 +122,8 @@ int main(int argc, char** argv) {
   const double flops = 4.0 * B * H * static_cast<double>(S) * S * D * (causal ? 0.5 : 1.0);
   cudaDeviceProp prop{};
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
-  // FNV-1a of the output bytes: two builds of the kernel (A/B macros) that must compute the same numbers print
-  // the same hash for the same arguments (the inputs come from a fixed-seed generator).
+  // FNV-1a of the output bytes: two builds of the kernel that must compute the same numbers print the same hash
+  // for the same arguments (the inputs come from a fixed-seed generator).
   std::vector<uint8_t> host_out(n_qk * 2);
   CHECK_CUDA(cudaMemcpy(host_out.data(), out, host_out.size(), cudaMemcpyDeviceToHost));
   if (const char* dump = std::getenv("SAGE3_SM90_DUMP")) {  // raw bf16 output, for comparing two builds offline

@@ -1,4 +1,4 @@
-// CHECK_CUDA(call): the standalone harnesses in csrc/tools exit with file, line, call and CUDA's message on an error.
+// CHECK_CUDA(call): the standalone harnesses in tools/ exit with file, line, call and CUDA's message on an error.
 #pragma once
 #include <cstdio>
 #include <cstdlib>

@@ -1,13 +1,9 @@
-// Phase timeline of the attention consumers, for kernel work. Compiled out unless SAGE3_SM90_TRACE=1 (only the
-// standalone harness csrc/tools/sm90_attn_trace.cu sets it; the torch extension never does).
-// Lane 0 of the first warp of each consumer warpgroup of CTA (0, 0, 0) records clock64() at fixed points of
-// each key tile's step, so one run shows where a tile's cycles go (softmax, waiting for the exp2 turn,
+// Phase timeline of the sm90 attention consumers, for kernel work (included by csrc/sm90/attn_kernel.cuh only
+// when SAGE3_SM90_TRACE=1, which only the standalone harness tools/sm90_attn_trace.cu sets; the extension never
+// does). Lane 0 of the first warp of each consumer warpgroup of CTA (0, 0, 0) records clock64() at fixed points
+// of each key tile's step, so one run shows where a tile's cycles go (softmax, waiting for the exp2 turn,
 // waiting for the wgmma groups).
 #pragma once
-
-#ifndef SAGE3_SM90_TRACE
-#define SAGE3_SM90_TRACE 0
-#endif
 
 namespace sage3::sm90 {
 
@@ -24,7 +20,6 @@ enum TracePoint : int {     // for key tile j
 };
 constexpr int kTraceTiles = 48;
 
-#if SAGE3_SM90_TRACE
 __device__ unsigned long long g_attn_trace[2][kTraceTiles][kTracePoints];
 #define SAGE3_TRACE(cw, tile, point)                                                                   \
   do {                                                                                                \
@@ -32,10 +27,5 @@ __device__ unsigned long long g_attn_trace[2][kTraceTiles][kTracePoints];
         (tile) < ::sage3::sm90::kTraceTiles)                                                          \
       ::sage3::sm90::g_attn_trace[(cw)][(tile)][(point)] = clock64();                                \
   } while (0)
-#else
-#define SAGE3_TRACE(cw, tile, point) \
-  do {                               \
-  } while (0)
-#endif
 
 }  // namespace sage3::sm90

@@ -3,9 +3,9 @@
 # block-scaled FP4 MMA (OMMA.SF.16864.F32.E2M1.E2M1.UE4M3.4X) and the FP4 pack (F2FP.SATFINITE.E2M1), and that
 # the sm_90a test build contains neither (its MMA is the software emulation).
 # Needs nvcc >= 12.8 (checked with 13.0) and cuobjdump (`pip install nvidia-cuda-cuobjdump` provides one).
-# Usage: csrc/check_sass_fp4.sh [outdir]
+# Usage: csrc/fp4/check_sass.sh [outdir]
 set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
+here="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-$(mktemp -d)}"
 mkdir -p "$out"
 find_pip_cuobjdump() {  # the nvidia-cuda-cuobjdump wheel puts it under site-packages/nvidia/<something>/bin
@@ -19,8 +19,8 @@ if [[ -z "$cuobjdump" || ! -x "$cuobjdump" ]]; then
   exit 2
 fi
 flags=(-O3 -std=c++17 --expt-relaxed-constexpr -I"$here" -c)
-nvcc "${flags[@]}" -gencode=arch=compute_120a,code=sm_120a "$here/sm120/fp4_attn.cu" -o "$out/fp4_attn_sm120a.o"
-nvcc "${flags[@]}" -gencode=arch=compute_90a,code=sm_90a "$here/sm120/fp4_attn.cu" -o "$out/fp4_attn_sm90a.o"
+nvcc "${flags[@]}" -gencode=arch=compute_120a,code=sm_120a "$here/fp4/attn.cu" -o "$out/fp4_attn_sm120a.o"
+nvcc "${flags[@]}" -gencode=arch=compute_90a,code=sm_90a "$here/fp4/attn.cu" -o "$out/fp4_attn_sm90a.o"
 "$cuobjdump" -sass "$out/fp4_attn_sm120a.o" > "$out/fp4_attn_sm120a.sass"
 "$cuobjdump" -sass "$out/fp4_attn_sm90a.o" > "$out/fp4_attn_sm90a.sass"
 

@@ -14,8 +14,8 @@
 #include "common/fp4_convert.cuh"
 #include "common/smem.cuh"
 #include "common/store_pair.cuh"
-#include "sm120/fp4_api.h"
-#include "sm120/fp4_mma.cuh"
+#include "fp4/api.h"
+#include "fp4/mma.cuh"
 
 namespace sage3 {
 namespace {

@@ -1,14 +1,15 @@
-// Test hooks for the block-scaled FP4 MMA device function: one MMA on plain-layout operands, and a report of
-// which implementation (hardware or emulation) the loaded device image contains.
-#include "sm120/fp4_api.h"
-#include "sm120/fp4_mma.cuh"
+// Test hooks for the block-scaled FP4 MMA device function (test-only extension _C_fp4_testing, never in _C_fp4):
+// one MMA on plain-layout operands, and a report of which implementation (hardware or emulation) the loaded
+// device image contains.
+#include "fp4/mma.cuh"
+#include "fp4/testing/mma_probe.h"
 
 namespace sage3 {
 namespace {
 
 __device__ __forceinline__ uint32_t ld32(const uint8_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
-// Operands are placed in registers exactly as fp4_mma.cuh documents; scale words of lanes the selectors do
+// Operands are placed in registers exactly as fp4/mma.cuh documents; scale words of lanes the selectors do
 // not name are poisoned with E4M3 NaN bytes, so an implementation that reads the wrong lane gives NaN.
 __global__ void mma_probe_kernel(const uint8_t* a, const uint8_t* b, const uint8_t* sfa, const uint8_t* sfb,
                                  const float* c, float* d, int tid_a, int tid_b) {

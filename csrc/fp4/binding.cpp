@@ -7,7 +7,7 @@
 #include <torch/extension.h>
 
 #include "common/binding_errors.h"
-#include "sm120/fp4_api.h"
+#include "fp4/api.h"
 
 namespace {
 
@@ -152,31 +152,6 @@ std::string attention(const std::vector<at::Tensor>& qz, const at::Tensor& delta
   return {};
 }
 
-std::string mma_probe(const at::Tensor& a, const at::Tensor& b, const at::Tensor& sfa, const at::Tensor& sfb,
-                      const at::Tensor& c, int64_t tid_a, int64_t tid_b, std::vector<at::Tensor>& result) {
-  SAGE3_CHECK(a.is_cuda() && a.scalar_type() == at::kByte && a.numel() == 16 * 32 && a.is_contiguous(), "a: 16x32 u8");
-  SAGE3_CHECK(b.is_cuda() && b.scalar_type() == at::kByte && b.numel() == 8 * 32 && b.is_contiguous(), "b: 8x32 u8");
-  SAGE3_CHECK(sfa.is_cuda() && sfa.scalar_type() == at::kByte && sfa.numel() == 16 * 4 && sfa.is_contiguous(), "sfa");
-  SAGE3_CHECK(sfb.is_cuda() && sfb.scalar_type() == at::kByte && sfb.numel() == 8 * 4 && sfb.is_contiguous(), "sfb");
-  SAGE3_CHECK(c.is_cuda() && c.scalar_type() == at::kFloat && c.numel() == 16 * 8 && c.is_contiguous(), "c: 16x8 f32");
-  const c10::cuda::CUDAGuard guard(a.device());
-  auto d = at::full({16, 8}, std::numeric_limits<float>::quiet_NaN(), c.options());
-  SAGE3_CUDA_CHECK(sage3::fp4_mma_probe(a.data_ptr<uint8_t>(), b.data_ptr<uint8_t>(), sfa.data_ptr<uint8_t>(),
-                                        sfb.data_ptr<uint8_t>(), c.data_ptr<float>(), d.data_ptr<float>(),
-                                        static_cast<int>(tid_a), static_cast<int>(tid_b),
-                                        c10::cuda::getCurrentCUDAStream()));
-  result = {d};
-  return {};
-}
-
-// (__CUDA_ARCH__ of the device image loaded on the current GPU, 1 if it uses the hardware FP4 MMA).
-std::string mma_impl(std::vector<at::Tensor>& result) {
-  auto buf = at::zeros({2}, at::TensorOptions().dtype(at::kInt).device(at::kCUDA));
-  SAGE3_CUDA_CHECK(sage3::fp4_mma_impl(buf.data_ptr<int>(), c10::cuda::getCurrentCUDAStream()));
-  result = {buf.cpu()};
-  return {};
-}
-
 // Device images compiled into this module (setup.py passes the gencodes as defines).
 std::map<std::string, bool> build_info() {
   std::map<std::string, bool> info;
@@ -219,22 +194,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return to_python(attention(qz, delta_s, out, lse_log2, Skv, causal, sm_scale, q_tile0));
       },
       "NVFP4 attention on quantized operands for a range of query tiles; writes out (and lse_log2) in place");
-  m.def(
-      "mma_probe",
-      [](const at::Tensor& a, const at::Tensor& b, const at::Tensor& sfa, const at::Tensor& sfb, const at::Tensor& c,
-         int64_t tid_a, int64_t tid_b) {
-        std::vector<at::Tensor> res;
-        const std::string err = mma_probe(a, b, sfa, sfb, c, tid_a, tid_b, res);
-        return to_python(err, res);
-      },
-      "Run the block-scaled FP4 MMA device function once on plain operands -> [d]");
-  m.def(
-      "mma_impl",
-      []() {
-        std::vector<at::Tensor> res;
-        const std::string err = mma_impl(res);
-        return to_python(err, res);
-      },
-      "[int32 (__CUDA_ARCH__, hardware MMA?)] of the loaded device image");
   m.def("build_info", &build_info, "Device images compiled into this module");
 }
