@@ -63,6 +63,9 @@ def parse_args(family: str, argv=None):
     ap.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     ap.add_argument("--model", help="override the hub id (real mode)")
     args = ap.parse_args(argv)
+    if args.tiny and family_spec(family).tiny_pipeline is None:
+        ap.error(f"--tiny: the {family} family has no tiny pipeline (sage3_diffusers/integration/models/ declares "
+                 f"none for it); run it on hub weights, or test its tiny transformer directly")
     if not args.kernel and not args.no_sage:
         try:  # a bad policy is a usage error, before any model is built
             load_policy(args.policy)

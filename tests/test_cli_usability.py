@@ -197,6 +197,16 @@ def test_every_example_validates_its_arguments(common, capsys, script):
         capsys, common.parse_args, family, ["--kernel", "nonsense"])
 
 
+def test_example_without_a_tiny_pipeline_says_so(common, capsys):
+    from sage3_diffusers.integration import models
+    no_tiny = [f.name for f in models.families() if f.tiny_pipeline is None
+               and (REPO / "examples" / f"{f.name}.py").exists()]
+    assert "ltx2" in no_tiny
+    for family in no_tiny:
+        assert f"--tiny: the {family} family has no tiny pipeline" in _usage_error(
+            capsys, common.parse_args, family, ["--tiny"])
+
+
 def test_example_compile_on_cpu_says_it_takes_a_while(common, monkeypatch, tmp_path, capsys):
     pytest.importorskip("diffusers")
     import torch
