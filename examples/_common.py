@@ -62,6 +62,9 @@ def parse_args(family: str, argv=None):
                          "emulation of its numerics (default on CPU), error")
     ap.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     ap.add_argument("--model", help="override the hub id (real mode)")
+    ap.add_argument("--cp", choices=("ulysses", "ring", "unified", "ulysses_anything", "ring_anything"),
+                    help="context parallelism over the processes of `torchrun --nproc-per-node N` (one GPU each; "
+                         "CPU processes with --tiny); *_anything: token counts (or heads) that do not split evenly")
     args = ap.parse_args(argv)
     if args.tiny and family_spec(family).tiny_pipeline is None:
         ap.error(f"--tiny: the {family} family has no tiny pipeline (sage3_diffusers/integration/models/ declares "
@@ -72,6 +75,50 @@ def parse_args(family: str, argv=None):
         except PolicyError as e:
             ap.error(f"--policy: {e}")
     return args
+
+
+def setup_context_parallel(args):
+    """--cp: join torchrun's process group and pin this process to its GPU. Returns (rank, world)."""
+    import torch.distributed as dist
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        raise SystemExit("--cp needs several processes: torchrun --nproc-per-node N examples/<model>.py --cp ...")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:  # diffusers places rank r at r % torch.accelerator.device_count(), 0 on a CPU-only machine
+        torch.accelerator.device_count = lambda: 1
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank, world
+
+
+def enable_context_parallel(family, pipe, args, world):
+    """apply (our kernels with the per-layer / per-step policy; it attaches the model registry's sequence plan where
+    diffusers has none), then diffusers' enable_parallelism. Returns (runtime or None, log line)."""
+    from diffusers import ContextParallelConfig
+    from sage3_diffusers.integration import apply, models
+    from sage3_diffusers.integration.context_parallel import prepare_context_parallel
+
+    fam = models.find(family)
+    if fam.route == "processor" and not fam.processor.supports_context_parallel:
+        raise SystemExit(f"--cp: {family} has no context-parallel path (its processors call SDPA directly and no "
+                         "sequence plan exists for it)")
+    runtime = None
+    if args.no_sage:  # diffusers' own attention; our plan where diffusers has none
+        if fam.route == "processor":
+            raise SystemExit(f"--cp with {family} needs our processors (diffusers' own cannot run the plan)")
+        prepare_context_parallel(pipe.transformer)
+        kernel = "diffusers default"
+    else:
+        runtime = apply(pipe, kernel=args.kernel) if args.kernel else apply(pipe, args.policy)
+        kernel = args.kernel or f"policy {runtime.policy.source}"
+    mode, anything = args.cp.replace("_anything", ""), args.cp.endswith("_anything")
+    degrees = {"ulysses": (1, world), "ring": (world, 1), "unified": (2, world // 2)}[mode]
+    if mode == "unified" and (world < 4 or world % 2):
+        raise SystemExit("--cp unified needs an even number of processes, 4 or more")
+    pipe.transformer.enable_parallelism(config=ContextParallelConfig(
+        ring_degree=degrees[0], ulysses_degree=degrees[1], **({f"{mode}_anything": True} if anything else {})))
+    return runtime, (f"context parallel {args.cp} over {world} processes (ring {degrees[0]}, ulysses "
+                     f"{degrees[1]}), kernel {kernel}")
 
 
 def build_pipeline(family: str, args):
@@ -133,10 +180,15 @@ def run(family: str, argv=None) -> int:
     fallback = args.fallback or ("emulate" if not torch.cuda.is_available() else None)
     if fallback:
         sage3_diffusers.set_fallback(fallback)
+    rank, world = setup_context_parallel(args) if args.cp else (0, 1)
     pipe, device = build_pipeline(family, args)
-    pipe.set_progress_bar_config(disable=False)
+    pipe.set_progress_bar_config(disable=rank != 0)
     runtime = None
-    if not args.no_sage:
+    if args.cp:
+        runtime, line = enable_context_parallel(family, pipe, args, world)
+        if rank == 0:
+            print(line)
+    elif not args.no_sage:
         runtime = apply(pipe, kernel=args.kernel) if args.kernel else apply(pipe, args.policy)
         print(f"sage3: policy {runtime.policy.source if not args.kernel else 'kernel=' + args.kernel}, "
               f"fallback {sage3_diffusers.dispatch.get_fallback()}, device {device}")
@@ -149,7 +201,11 @@ def run(family: str, argv=None) -> int:
     t0 = time.perf_counter()
     result = pipe(**kw)
     wall = time.perf_counter() - t0
+    if rank != 0:
+        return 0
     tag = "baseline" if args.no_sage else (args.kernel or "policy")
+    if args.cp:
+        tag = f"{tag}_cp_{args.cp}{world}"
     path = save(family, result, Path(args.out), ("tiny_" if args.tiny else "") + tag)
     print(f"saved {path}")
     print(f"wall time {wall:.2f} s ({kw['num_inference_steps']} steps)")

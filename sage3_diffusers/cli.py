@@ -39,6 +39,8 @@ BENCH_COMMANDS = {
     "plot": ("sage3_diffusers.bench", True, "draw the PNG of a `bench kernels --json` result"),
     "e2e": ("sage3_diffusers.bench_e2e", False, "one transformer forward at a model's real size, per processor "
                                                 "variant (GPU)"),
+    "cp": ("sage3_diffusers.bench_cp", False, "context parallel: one forward on N processes vs one (under "
+                                              "torchrun)"),
 }
 # Other commands: name -> (module whose main() runs it, help).
 COMMANDS = {

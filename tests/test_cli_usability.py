@@ -39,7 +39,7 @@ def test_bench_help_lists_every_subcommand(capsys):
         main(["bench", "--help"])
     out = capsys.readouterr().out
     assert out.startswith("usage: python -m sage3_diffusers bench")
-    for name in ("kernels", "plot", "e2e"):
+    for name in ("kernels", "plot", "e2e", "cp"):
         assert f"    {name} " in out
     assert main(["bench"]) == 2
     assert "e2e" in capsys.readouterr().err

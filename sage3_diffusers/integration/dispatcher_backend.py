@@ -16,10 +16,12 @@ step (`runtime.kernel_for`), records the call in the runtime's stats, and handle
 `CURRENT` is a plain Python object: dynamo traces the pre-hook's attribute writes and the backend's reads
 without a graph break. One model forward at a time per process (not thread-safe).
 
-Context parallelism: with `_parallel_config` set, the backend calls
-`sage3_diffusers.integration.context_parallel.parallel_attention(...)` with the layer's kernel when that
-module exists, else raises NotImplementedError; the backends are registered with
-`supports_context_parallel=True` only when it exists.
+Context parallelism (`transformer.enable_parallelism(config=ContextParallelConfig(...))`, before or after
+`apply`): with `_parallel_config` set, the backend hands the call to
+`sage3_diffusers.integration.context_parallel.parallel_attention(...)` with the layer's kernel (diffusers'
+templated Ulysses / ring / unified attention, inference only) and records the backend that actually ran; a
+key mask is gathered over the ranks there, any other mask raises. The backends are registered with
+`supports_context_parallel=True` only when that module exists (else CP raises NotImplementedError).
 
 Limits of "sage3" / "sage2pp" through `set_attention_backend` (prefer `apply`):
 - Only dispatcher-based processors are reached (Flux, HunyuanVideo, Wan, ...). SD3/SD3.5, CogVideoX and
@@ -28,7 +30,7 @@ Limits of "sage3" / "sage2pp" through `set_attention_backend` (prefer `apply`):
 - One kernel for every layer and step: no policy, no step hook. Calls are counted in
   `stats.GLOBAL_STATS` under the layer name "<dispatcher:NAME>".
 - A padding mask costs one host sync per layer here; other masks go to exact SDPA.
-  No dropout, no LSE.
+  No dropout, no LSE (except under context parallelism, where diffusers' ring merge asks for it).
 - diffusers' backend names are a closed enum; registration extends it through private internals of
   diffusers 0.42 (`AttentionBackendName`, `_AttentionBackendRegistry`). `set_attention_backend` also
   sets diffusers' *global* active backend, which `reset_attention_backend()` does not undo:
@@ -135,19 +137,18 @@ def _make_backend_fn(name: str, kernel: str | None):
             runtime, layer, requested = None, fixed_layer, kernel
         if dropout_p:
             raise ValueError(f"attention backend {name!r} is inference-only: dropout_p must be 0")
-        if return_lse:
-            raise ValueError(f"attention backend {name!r} does not return the LSE through the dispatcher")
         if _parallel_config is not None:
             if not context_parallel_available():
                 raise NotImplementedError(
                     f"attention backend {name!r} (kernel {requested!r}, layer {layer}) with context parallelism: "
                     f"not supported without {_CONTEXT_PARALLEL_MODULE}")
             from . import context_parallel
-            out = context_parallel.parallel_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal,
-                                                      scale=scale, kernel=requested,
-                                                      parallel_config=_parallel_config)
-            _record(runtime, layer, requested, "context_parallel")
-            return out
+            return context_parallel.parallel_attention(
+                query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, kernel=requested,
+                parallel_config=_parallel_config, return_lse=return_lse,
+                on_choice=lambda backend, note: _record(runtime, layer, requested, backend, note))
+        if return_lse:
+            raise ValueError(f"attention backend {name!r} does not return the LSE through the dispatcher")
         if enable_gqa and key.shape[2] != query.shape[2]:
             groups = query.shape[2] // key.shape[2]
             key, value = key.repeat_interleave(groups, dim=2), value.repeat_interleave(groups, dim=2)

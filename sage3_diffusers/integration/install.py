@@ -108,6 +108,9 @@ def _install(transformer, fam: models.ModelFamily, runtime, prefix: str) -> _Ins
     from .dispatcher_backend import backend_member, enter_layer_hook
     inst = _Installation(fam.route)
     processor = fam.processor() if fam.route == "processor" else None  # one stateless instance for all layers
+    if processor is not None and _context_parallel(transformer):
+        # enable_parallelism came first and configured the processors it found; ours replace them
+        processor._parallel_config = transformer._parallel_config
     member = backend_member() if fam.route == "dispatcher" else None
     saved_backends: set[int] = set()
     for name, module in transformer.named_modules():
@@ -174,12 +177,14 @@ def apply(target, policy=None, *, kernel: str | None = None, stats: KernelStats 
     fam = resolve_family(primary, timestep_scale=timestep_scale, scheduler_units=scheduler_units)
     targets = _pipeline_transformers(pipe, primary, fam) if pipe is not None else [("", primary)]
     for _, transformer in targets:
-        if getattr(transformer, "_sage3_installed", None) is not None:
-            remove(transformer)
-        if fam.route == "processor" and _context_parallel(transformer):
+        if (fam.route == "processor" and not fam.processor.supports_context_parallel
+                and _context_parallel(transformer)):
             raise NotImplementedError(
                 f"sage3_diffusers.apply: {type(transformer).__name__} has context parallelism enabled; the "
                 f"{fam.name} processors do not support it (they would attend within each rank's shard only)")
+    for _, transformer in targets:
+        if getattr(transformer, "_sage3_installed", None) is not None:
+            _remove_one(transformer)  # replaced right below, also under context parallelism
     pol = fixed_policy(kernel) if kernel is not None else load_policy(policy)
     declared = models.find(pol.model) if pol.model else None
     if declared is not None and declared.transformer_family != fam.transformer_family:
@@ -204,6 +209,10 @@ def apply(target, policy=None, *, kernel: str | None = None, stats: KernelStats 
         raise ValueError(f"sage3_diffusers.apply: no default attention processor of {fam.name} "
                          f"({', '.join(fam.attention_processors)}) found in {type(primary).__name__} "
                          "(already replaced by another plugin?)")
+    if fam.cp_plan is not None:  # the sequence plan enable_parallelism needs (diffusers ships none)
+        from .context_parallel import prepare_context_parallel
+        for transformer, _ in installed:
+            prepare_context_parallel(transformer)
     runtime.register_layers(layers)
     warn_unmatched_rules(pol, layers, fam.name)
     from diffusers.hooks import HookRegistry
@@ -239,14 +248,26 @@ def _installed_transformers(target) -> list:
 
 
 def remove(target) -> None:
-    """Restore the original processors (the same objects), backend attributes and hooks."""
-    for transformer in _installed_transformers(target):
-        inst = getattr(transformer, "_sage3_installed", None)
-        if inst is None:
-            continue
-        _uninstall(transformer, inst)
-        del transformer._sage3_installed
-        del transformer._sage3_runtime
+    """Restore the original processors (the same objects), backend attributes and hooks, and drop the
+    context-parallel plan `apply` attached. Refuses while context parallelism is enabled (diffusers' processors
+    would then attend within each rank's shard, or have no plan)."""
+    installed = [t for t in _installed_transformers(target) if getattr(t, "_sage3_installed", None) is not None]
+    for transformer in installed:
+        if _context_parallel(transformer):
+            raise RuntimeError(f"sage3_diffusers.remove: context parallelism is enabled on "
+                               f"{type(transformer).__name__}; remove the plugin before enable_parallelism or "
+                               "in a process without it")
+    for transformer in installed:
+        _remove_one(transformer)
+
+
+def _remove_one(transformer) -> None:
+    from .context_parallel import unprepare_context_parallel
+    inst = transformer._sage3_installed
+    unprepare_context_parallel(transformer)
+    _uninstall(transformer, inst)
+    del transformer._sage3_installed
+    del transformer._sage3_runtime
 
 
 def get_runtime(target) -> Sage3Runtime | None:

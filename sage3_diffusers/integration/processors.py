@@ -43,9 +43,11 @@ class _Sage3Base:
     None = ask the runtime attached by `apply` (or "fp4" without one)."""
 
     family: str | None = None
-    # Filled by diffusers' `enable_parallelism`; these processors attend over the whole sequence they get,
-    # so with context parallelism (each rank holding a shard) they refuse to run rather than be wrong.
+    # Filled by diffusers' `enable_parallelism`. Processors with `supports_context_parallel` then attend through
+    # `context_parallel.parallel_attention` (the model needs our sequence plan: `prepare_context_parallel`); the
+    # others raise instead of attending only within the rank's shard.
     _parallel_config = None
+    supports_context_parallel = False
 
     def __init__(self, kernel: str | None = None):
         self.kernel = _check_kernel_name(kernel)
@@ -55,11 +57,6 @@ class _Sage3Base:
 
     # -------------------------------------------------------------- attention op
     def _decide(self, attn):
-        if self._parallel_config is not None:
-            raise NotImplementedError(
-                f"{type(self).__name__} does not support context parallelism (enable_parallelism was called "
-                "on its transformer); use sage3_diffusers.apply on a model whose processors call "
-                "dispatch_attention_fn, or diffusers' own processors")
         layer = getattr(attn, "_sage3_layer", None) or type(attn).__name__
         runtime = getattr(attn, "_sage3_runtime", None)
         if self.kernel is not None:
@@ -77,14 +74,32 @@ class _Sage3Base:
         elif not torch.compiler.is_compiling():  # no runtime to flush compiled calls into: not counted
             GLOBAL_STATS.record(0, None, layer, requested, backend, reason)
 
+    def _refuse_context_parallel(self):
+        if self._parallel_config is not None:
+            from .context_parallel import PROCESSOR_ROUTE_CP_ERROR
+            raise NotImplementedError(PROCESSOR_ROUTE_CP_ERROR)
+
     def _attend(self, attn, q, k, v, *, layout: str, valid: list[int] | None = None, rows: str = "all"):
         """Attention with the layer's kernel; see `attend_valid_prefix` for `valid` and `rows`."""
+        if self._parallel_config is not None and self.supports_context_parallel and valid is None:
+            return self._attend_parallel(attn, q, k, v, layout=layout)
+        self._refuse_context_parallel()
         layer, runtime, kernel = self._decide(attn)
         out, backend, note = attend_valid_prefix(q, k, v, kernel, layout, q.shape[-1] ** -0.5, valid, rows)
         self._record(runtime, layer, kernel, backend, note)
         return out
 
+    def _attend_parallel(self, attn, q, k, v, *, layout: str):
+        """The layer's kernel over the whole context-parallel group (this rank holds a shard of the sequence)."""
+        from .context_parallel import parallel_attention
+        layer, runtime, kernel = self._decide(attn)
+        nhd = [t if layout == "NHD" else t.transpose(1, 2) for t in (q, k, v)]
+        out = parallel_attention(*nhd, kernel=kernel, parallel_config=self._parallel_config,
+                                 on_choice=lambda backend, note: self._record(runtime, layer, kernel, backend, note))
+        return out if layout == "NHD" else out.transpose(1, 2)
+
     def _exact(self, attn, q, k, v, *, layout: str, attn_mask, reason: str):
+        self._refuse_context_parallel()
         layer, runtime, kernel = self._decide(attn)
         out, backend, _ = _op(q, k, v, "sdpa", layout, q.shape[-1] ** -0.5, attn_mask=attn_mask)
         self._record(runtime, layer, kernel, backend, reason)
@@ -262,9 +277,12 @@ class SD3Sage3Processor(_Sage3Base):
 # ============================================================================================= CogVideoX
 
 class CogVideoXSage3Processor(_Sage3Base):
-    """Replaces `CogVideoXAttnProcessor2_0` (text concatenated before the projections, RoPE on video)."""
+    """Replaces `CogVideoXAttnProcessor2_0` (text concatenated before the projections, RoPE on video). Under
+    context parallelism (our plan shards text and video; `apply` attaches it) it attends through
+    `parallel_attention`."""
 
     family = "cogvideox"
+    supports_context_parallel = True
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None):
@@ -468,6 +486,18 @@ class Sage3Processor(_Sage3Base):
             raise ValueError(f"unknown family {family!r}; allowed: {sorted(_FAMILY_PROCESSORS)}")
         self.family = family
         self._impls = {name: cls(kernel) for name, cls in _FAMILY_PROCESSORS.items()}
+
+    # diffusers' `enable_parallelism` sets this on the processor it finds; the family processors that attend (and
+    # refuse, or run, context parallelism) must see it too.
+    @property
+    def _parallel_config(self):
+        return self.__dict__.get("_parallel_config_value")
+
+    @_parallel_config.setter
+    def _parallel_config(self, config):
+        self.__dict__["_parallel_config_value"] = config
+        for impl in self._impls.values():
+            impl._parallel_config = config
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None):

@@ -43,6 +43,11 @@ What a family module declares (`ModelFamily`; only `name` and `transformer_class
   (frames, height, width) and text length for the accuracy report on hub weights; `attention_shape`: the
   name of its real self-attention in the kernel benchmark's shape list (`sage3_diffusers/bench.py`
   `DIT_SHAPES`), where `calibrate` reads kernel speeds.
+- `cp_plan()`: a diffusers context-parallel plan (what a transformer's `_cp_plan` holds) for a model diffusers
+  ships without one; `context_parallel.prepare_context_parallel` attaches it (`apply` does, for these
+  families), after `prepare_cp(transformer)`, which checks the model variant and installs the hooks the plan
+  needs (undone by `unprepare_cp(transformer)`). On the processor route only our processors (with
+  `supports_context_parallel`) run the plan.
 
 Transformers without a family module still work when their processors call `dispatch_attention_fn`: `apply`
 uses the generic dispatcher adapter (`generic_family`); those that call SDPA directly get a clear error.
@@ -107,6 +112,9 @@ class ModelFamily:
     report_shape: tuple[tuple[int, int, int], int] | None = None
     attention_shape: str | None = None
     description: str = ""
+    cp_plan: Callable[[], dict] | None = None
+    prepare_cp: Callable[[Any], None] | None = None
+    unprepare_cp: Callable[[Any], None] | None = None
 
     def __post_init__(self):
         if self.route not in ROUTES:

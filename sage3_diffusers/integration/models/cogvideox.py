@@ -2,7 +2,8 @@
 projections), RoPE on video.
 
 `CogVideoXAttnProcessor2_0` calls SDPA directly: the processor route. The transformer receives the DDIM
-integer timestep in [0, 1000); pipelines pass no attention mask.
+integer timestep in [0, 1000); pipelines pass no attention mask. diffusers has no context-parallel plan for
+it: `cp_plan` is ours, run by our processor (diffusers' own cannot run it).
 """
 import torch
 
@@ -62,6 +63,23 @@ def bench_inputs(batch, device, dtype, *, height, width, frames, gen):
                 timestep=torch.full((batch,), 500, device=device, dtype=torch.long))
 
 
+def cp_plan():
+    """[text, video] sharded as [text_r, video_r] on rank r, RoPE sharded per block."""
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    rope_shard = ContextParallelInput(split_dim=0, expected_dims=2, split_output=False)
+    return {
+        # Rank r holds [text_r, video_r]; the patch embedding (text and video together) runs before the split.
+        "transformer_blocks.0": {
+            "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+            "encoder_hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+        },
+        # RoPE (cos, sin) of the video tokens, [S_video, D], passed to every block (None without RoPE).
+        "transformer_blocks.*": {"image_rotary_emb": [rope_shard, rope_shard]},
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+
+
 COGVIDEOX = ModelFamily(
     name="cogvideox",
     transformer_classes=("CogVideoXTransformer3DModel",),
@@ -82,6 +100,7 @@ COGVIDEOX = ModelFamily(
     report_shape=((13, 30, 45), 226),
     attention_shape="CogVideoX-2B-480p",
     description="CogVideoX: single-stream blocks on [text, video]",
+    cp_plan=cp_plan,
 )
 
 FAMILIES = (COGVIDEOX,)

@@ -3,7 +3,8 @@
 `HunyuanVideoAttnProcessor2_0` calls `dispatch_attention_fn`: the dispatcher route. The transformer builds
 a bool [B, 1, 1, N] key mask (right-padded text) on every forward, from `encoder_attention_mask`; the token
 refiner's `AttnProcessor2_0` has an arbitrary [B, 1, S, S] mask and stays exact SDPA, counted. The
-transformer receives `timestep` in [0, 1000].
+transformer receives `timestep` in [0, 1000]. diffusers has no context-parallel plan for it: `cp_plan` is ours,
+with a hook (`prepare_cp`) that gives each joint attention the mask of the rank's own keys.
 """
 import torch
 
@@ -74,6 +75,107 @@ def bench_inputs(batch, device, dtype, *, height, width, frames, gen):
                 guidance=torch.full((batch,), 6016.0, device=device))
 
 
+# ------------------------------------------------------------------ context parallelism (diffusers has no plan)
+
+def cp_plan():
+    """The joint sequence [video, text] sharded as [video_r, text_r] on rank r; see `prepare_cp` for its mask."""
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    rope_shard = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)
+    return {
+        # RoPE (cos, sin) of the video tokens, [S_video, D]: sharded like the video tokens.
+        "rope": {0: rope_shard, 1: rope_shard},
+        # The joint sequence is sharded as [video_r, text_r] on rank r: both streams enter the first dual block
+        # sharded. The token refiner and the mask construction run before it, on the whole text.
+        "transformer_blocks.0": {
+            "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+            "encoder_hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+        },
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+
+
+_MASK_HOOK = "sage3_cp_joint_mask"
+
+
+def prepare_cp(transformer):
+    """Before the plan: refuse I2V (token_replace) and put the joint-mask hook on every joint attention module."""
+    if getattr(transformer.config, "image_condition_type", None) == "token_replace":
+        raise ValueError("HunyuanVideo context parallelism: image_condition_type='token_replace' (I2V) treats "
+                         "the first frame's tokens specially; the sequence plan cannot shard it")
+    from diffusers.hooks import HookRegistry
+    hook_cls, shared = _joint_mask_hook(), {}
+    for attn in _joint_attention_modules(transformer):
+        registry = HookRegistry.check_if_exists_or_initialize(attn)
+        if registry.get_hook(_MASK_HOOK) is None:
+            registry.register_hook(hook_cls(shared), _MASK_HOOK)
+
+
+def unprepare_cp(transformer):
+    for attn in _joint_attention_modules(transformer):
+        registry = getattr(attn, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(_MASK_HOOK) is not None:
+            registry.remove_hook(_MASK_HOOK, recurse=False)
+
+
+def _joint_mask_hook():
+    """The class of the hook on HunyuanVideo's attention modules: under context parallelism the transformer still
+    builds its key mask over the whole joint sequence [video, text] (before the plan shards the streams), while
+    rank r holds [video_r, text_r]. The hook gives the attention the mask of the rank's own keys, in that layout;
+    diffusers' Ulysses all-gather and our ring/unified path then see the keys and the mask in the same order.
+    Without it the mask would silently address the wrong keys. Inert without context parallelism."""
+    import torch.distributed as dist
+    from diffusers.hooks import ModelHook
+    from diffusers.models._modeling_parallel import gather_size_by_comm
+
+    class JointMaskHook(ModelHook):
+        def __init__(self, shared):
+            super().__init__()
+            self.shared = shared  # one dict per transformer: the last (whole mask, local mask) pair
+
+        def pre_forward(self, module, *args, **kwargs):
+            mask = kwargs.get("attention_mask")
+            config = getattr(getattr(module, "processor", None), "_parallel_config", None)
+            cp = getattr(config, "context_parallel_config", None)
+            if mask is None or cp is None:
+                return args, kwargs
+            hs, ehs = kwargs.get("hidden_states"), kwargs.get("encoder_hidden_states")
+            if hs is None or ehs is None or args:
+                raise RuntimeError("HunyuanVideo context parallelism: the attention module was called without "
+                                   "hidden_states/encoder_hidden_states keyword arguments; cannot shard its mask")
+            n_video, n_text = hs.shape[1], ehs.shape[1]
+            if mask.shape[-1] == n_video + n_text:
+                return args, kwargs  # already over the local keys
+            last = self.shared.get("last")
+            if last is not None and last[0] is mask and last[1] == (n_video, n_text):
+                kwargs["attention_mask"] = last[2]  # the same local mask object for every layer of a forward
+                return args, kwargs
+            group = cp._flattened_mesh.get_group()
+            world, rank = dist.get_world_size(group), dist.get_rank(group)
+            if cp.ulysses_anything or cp.ring_anything:
+                video_sizes, text_sizes = gather_size_by_comm(n_video, group), gather_size_by_comm(n_text, group)
+            else:
+                video_sizes, text_sizes = [n_video] * world, [n_text] * world
+            total_video, total_text = sum(video_sizes), sum(text_sizes)
+            if mask.shape[-1] != total_video + total_text:
+                raise ValueError(f"HunyuanVideo context parallelism: the attention mask covers {mask.shape[-1]} keys, "
+                                 f"expected the whole joint sequence ({total_video} video + {total_text} text)")
+            v0, t0 = sum(video_sizes[:rank]), total_video + sum(text_sizes[:rank])
+            local = torch.cat([mask[..., v0:v0 + n_video], mask[..., t0:t0 + n_text]], dim=-1)
+            self.shared["last"] = (mask, (n_video, n_text), local)
+            kwargs["attention_mask"] = local
+            return args, kwargs
+
+    return JointMaskHook
+
+
+def _joint_attention_modules(transformer):
+    """HunyuanVideo's joint attention modules (the ones the mask hook sits on); none for other models."""
+    for name in ("transformer_blocks", "single_transformer_blocks"):
+        for block in getattr(transformer, name, ()):
+            yield block.attn
+
+
 HUNYUAN_VIDEO = ModelFamily(
     name="hunyuan_video",
     transformer_classes=("HunyuanVideoTransformer3DModel",),
@@ -99,6 +201,9 @@ HUNYUAN_VIDEO = ModelFamily(
     report_shape=((9, 30, 45), 256),
     attention_shape="HunyuanVideo-720p",
     description="HunyuanVideo: 20 double + 40 single blocks, token refiner exact",
+    cp_plan=cp_plan,
+    prepare_cp=prepare_cp,
+    unprepare_cp=unprepare_cp,
 )
 
 FAMILIES = (HUNYUAN_VIDEO,)
