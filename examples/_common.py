@@ -23,16 +23,38 @@ def family_spec(family: str):
     return models.get(family)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _kernel(text: str) -> str:
+    from sage3_diffusers.integration.policy import allowed_kernels
+    if text not in allowed_kernels():
+        raise argparse.ArgumentTypeError(f"unknown kernel {text!r}; allowed: {', '.join(allowed_kernels())}")
+    return text
+
+
 def parse_args(family: str, argv=None):
+    from sage3_diffusers.integration.policy import PolicyError, bundled_policies, load_policy
+
     ap = argparse.ArgumentParser(description=f"{family} with Sage3 attention (SageAttention3 / SageAttention2++)")
     ap.add_argument("--tiny", action="store_true", help="tiny random components built from config: CPU, offline")
-    ap.add_argument("--policy", default=str(REPO / "sage3_diffusers" / "configs" / f"{family}.yaml"),
-                    help="policy YAML (default: configs/%(prog)s one); see docs/diffusers.md")
-    ap.add_argument("--kernel", help="one kernel for every layer and step instead of the policy (fp4, int8_fp8, "
-                                     "sdpa or a backend name)")
+    ap.add_argument("--policy", default=family,
+                    help=f"a bundled policy name ({', '.join(bundled_policies())}), a policy YAML file or a kernel "
+                         f"(default: {family}, the bundled {family} policy); see docs/diffusers.md")
+    ap.add_argument("--kernel", type=_kernel, metavar="KERNEL",
+                    help="one kernel for every layer and step instead of the policy: auto, fp4, int8_fp8, sdpa or a "
+                         "backend name")
     ap.add_argument("--no-sage", action="store_true", help="baseline: diffusers' own attention")
     ap.add_argument("--prompt", default=family_spec(family).example.prompt)
-    ap.add_argument("--steps", type=int, help="denoising steps (default: 4 tiny, model card value otherwise)")
+    ap.add_argument("--steps", type=_positive_int,
+                    help="denoising steps, >= 1 (default: 4 with --tiny, the model card's value otherwise)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="outputs", help="output directory")
     ap.add_argument("--fallback", choices=("auto", "emulate", "error"),
@@ -43,7 +65,16 @@ def parse_args(family: str, argv=None):
     ap.add_argument("--cp", choices=("ulysses", "ring", "unified", "ulysses_anything", "ring_anything"),
                     help="context parallelism over the processes of `torchrun --nproc-per-node N` (one GPU each; "
                          "CPU processes with --tiny); *_anything: token counts (or heads) that do not split evenly")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.tiny and family_spec(family).tiny_pipeline is None:
+        ap.error(f"--tiny: the {family} family has no tiny pipeline (sage3_diffusers/integration/models/ declares "
+                 f"none for it); run it on hub weights, or test its tiny transformer directly")
+    if not args.kernel and not args.no_sage:
+        try:  # a bad policy is a usage error, before any model is built
+            load_policy(args.policy)
+        except PolicyError as e:
+            ap.error(f"--policy: {e}")
+    return args
 
 
 def setup_context_parallel(args):
@@ -108,15 +139,20 @@ def build_pipeline(family: str, args):
 def call_kwargs(family: str, args):
     if args.tiny:
         from sage3_diffusers.integration.tiny import pipeline_call_kwargs
-        return pipeline_call_kwargs(family, prompt=args.prompt, steps=args.steps or 4, seed=args.seed)
+        return pipeline_call_kwargs(family, prompt=args.prompt, steps=4 if args.steps is None else args.steps,
+                                    seed=args.seed)
     kw = dict(family_spec(family).example.call_kwargs)
-    if args.steps:
+    if args.steps is not None:
         kw["num_inference_steps"] = args.steps
     kw.update(prompt=args.prompt, generator=torch.Generator("cpu").manual_seed(args.seed))
     return kw
 
 
 def save(family: str, result, out_dir: Path, tag: str) -> Path:
+    """PNG for images; MP4 for videos when the `video` extra (imageio-ffmpeg) is installed, else GIF (Pillow)
+    with one line saying how to get MP4."""
+    from sage3_diffusers.extras import available, install_hint
+
     out_dir.mkdir(parents=True, exist_ok=True)
     if not family_spec(family).example.video:
         path = out_dir / f"{family}_{tag}.png"
@@ -124,14 +160,20 @@ def save(family: str, result, out_dir: Path, tag: str) -> Path:
         return path
     from diffusers.utils import export_to_gif, export_to_video
     frames = result.frames[0]
-    try:
+    if available("imageio_ffmpeg"):
         return Path(export_to_video(frames, str(out_dir / f"{family}_{tag}.mp4"), fps=8))
-    except Exception:  # no ffmpeg backend (imageio-ffmpeg / opencv): GIF needs only Pillow
-        return Path(export_to_gif(frames, str(out_dir / f"{family}_{tag}.gif"), fps=8))
+    print(f"writing a GIF: MP4 needs imageio-ffmpeg, install it with: {install_hint('imageio_ffmpeg')}")
+    return Path(export_to_gif(frames, str(out_dir / f"{family}_{tag}.gif"), fps=8))
 
 
 def run(family: str, argv=None) -> int:
+    from sage3_diffusers.extras import MissingExtraError, require
     args = parse_args(family, argv)
+    try:
+        require("diffusers", f"examples/{family}.py")
+    except MissingExtraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     import sage3_diffusers
     from sage3_diffusers.integration import apply
 
@@ -151,6 +193,9 @@ def run(family: str, argv=None) -> int:
         print(f"sage3: policy {runtime.policy.source if not args.kernel else 'kernel=' + args.kernel}, "
               f"fallback {sage3_diffusers.dispatch.get_fallback()}, device {device}")
     if args.compile:
+        if device == "cpu":
+            print("torch.compile on CPU: compiling takes a minute or more (several on a busy machine) before the first "
+                  "step runs")
         pipe.transformer = torch.compile(pipe.transformer)
     kw = call_kwargs(family, args)
     t0 = time.perf_counter()

@@ -1,8 +1,8 @@
 """CogVideoX-2b text-to-video with Sage3 attention (CogVideoX-5b: --model THUDM/CogVideoX-5b).
 
-    python examples/cogvideox.py --tiny                      # tiny random components, CPU, offline
-    python examples/cogvideox.py --policy cogvideox    # hub weights on a GPU
-    python examples/cogvideox.py --kernel int8_fp8          # one kernel everywhere
+    python examples/cogvideox.py --tiny              # tiny random components, CPU, offline
+    python examples/cogvideox.py                     # hub weights on a GPU, the bundled cogvideox policy
+    python examples/cogvideox.py --kernel int8_fp8   # one kernel everywhere
 """
 import sys
 

@@ -1,8 +1,8 @@
 """FLUX.1-dev text-to-image with Sage3 attention.
 
-    python examples/flux.py --tiny                      # tiny random components, CPU, offline
-    python examples/flux.py --policy flux    # hub weights on a GPU
-    python examples/flux.py --kernel int8_fp8          # one kernel everywhere
+    python examples/flux.py --tiny              # tiny random components, CPU, offline
+    python examples/flux.py                     # hub weights on a GPU, the bundled flux policy
+    python examples/flux.py --kernel int8_fp8   # one kernel everywhere
 """
 import sys
 

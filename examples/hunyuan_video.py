@@ -1,8 +1,8 @@
 """HunyuanVideo text-to-video with Sage3 attention (its right-padding text mask stays on the quantized kernels).
 
-    python examples/hunyuan_video.py --tiny                      # tiny random components, CPU, offline
-    python examples/hunyuan_video.py --policy hunyuan_video    # hub weights on a GPU
-    python examples/hunyuan_video.py --kernel int8_fp8          # one kernel everywhere
+    python examples/hunyuan_video.py --tiny              # tiny random components, CPU, offline
+    python examples/hunyuan_video.py                     # hub weights on a GPU, the bundled hunyuan_video policy
+    python examples/hunyuan_video.py --kernel int8_fp8   # one kernel everywhere
 """
 import sys
 

@@ -8,17 +8,20 @@ or a whole head for K/V, which are smoothed by their mean).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .backends.base import describe_problem
-from .dispatch import Selection, decide, select_backend
+from .dispatch import Selection, decide, explain_selection
 
 
 def resolve(q, k, v, kernel: str = "auto", *, is_causal: bool = False, tensor_layout: str = "HND",
             return_lse: bool = False, attn_mask=None, kv_lens=None) -> Selection:
-    """Which backend `sage_attention` would run for these inputs, and why the others were rejected."""
-    return select_backend(describe_problem(q, k, v, tensor_layout, is_causal, return_lse, attn_mask, kv_lens),
-                          kernel)
+    """Which backend `sage_attention` would run for these inputs, and why the others were rejected. With
+    SAGE3_FALLBACK=error and no runnable backend, `.backend` is None and `.explain()` lists every reason."""
+    return explain_selection(describe_problem(q, k, v, tensor_layout, is_causal, return_lse, attn_mask, kv_lens),
+                             kernel)
 
 
 def choose(q, k, v, kernel: str = "auto", *, is_causal: bool = False, tensor_layout: str = "HND",
@@ -27,6 +30,17 @@ def choose(q, k, v, kernel: str = "auto", *, is_causal: bool = False, tensor_lay
     per call signature (see `dispatch.decide`)."""
     backend, note, _ = decide(q, k, v, kernel, tensor_layout, is_causal, return_lse, attn_mask, kv_lens)
     return backend, note
+
+
+def _checked_scale(sm_scale) -> float:
+    try:
+        scale = float(sm_scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"sm_scale must be a finite number > 0 (or None for head_dim ** -0.5), got "
+                         f"{type(sm_scale).__name__} {sm_scale!r}") from None
+    if isinstance(sm_scale, bool) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"sm_scale must be a finite number > 0 (or None for head_dim ** -0.5), got {sm_scale!r}")
+    return scale
 
 
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "auto", *,
@@ -40,7 +54,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: st
     kv_lens[b] keys, every query row included); read on the device by the backend, never on the host. Backends
     without `supports_kv_lens` are not chosen for such calls (the dispatcher says why)."""
     backend, _, empty = decide(q, k, v, kernel, tensor_layout, is_causal, return_lse, attn_mask, kv_lens)
-    scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
+    scale = q.shape[-1] ** -0.5 if sm_scale is None else _checked_scale(sm_scale)
     if empty:
         out = q.new_empty(q.shape[:3] + (v.shape[3],))
         b, h, s = (q.shape[0], q.shape[2], q.shape[1]) if tensor_layout == "NHD" else q.shape[:3]

@@ -134,7 +134,7 @@ def _compare(out, ref) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="sage3-diffusers bench cp", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m sage3_diffusers bench cp", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="hunyuan_video", help="flux, hunyuan_video, cogvideox (or a family of bench "
                                                              "e2e whose transformer has a context-parallel plan)")

@@ -158,7 +158,7 @@ def _install(model, variant: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="sage3-diffusers bench e2e", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m sage3_diffusers bench e2e", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="flux", choices=sorted(MODEL_CONFIGS))
     ap.add_argument("--layers", default=None, help="blocks per kind, e.g. 2,4 for Flux (double,single); default: all")

@@ -51,13 +51,14 @@ _fallback_override: str | None = None
 
 @dataclass(frozen=True)
 class Selection:
-    backend: AttentionBackend
+    backend: AttentionBackend | None  # None only from `explain_selection`: no backend runs, the call raises
     requested: str
     rejected: tuple[tuple[str, tuple[str, ...]], ...] = field(default=())
     note: str | None = None  # set when the result is a fallback from what was requested
 
     def explain(self) -> str:
-        lines = [f"requested {self.requested!r} -> {self.backend.name}" + (f" ({self.note})" if self.note else "")]
+        ran = self.backend.name if self.backend is not None else "no backend (the call raises)"
+        lines = [f"requested {self.requested!r} -> {ran}" + (f" ({self.note})" if self.note else "")]
         lines += [f"  rejected {name}: {'; '.join(reasons)}" for name, reasons in self.rejected]
         return "\n".join(lines)
 
@@ -147,7 +148,7 @@ def _warn_once(key, msg):
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
-def _select_uncached(problem: AttentionProblem, kernel: str, fallback: str) -> Selection:
+def _select_uncached(problem: AttentionProblem, kernel: str, fallback: str, explain_only: bool = False) -> Selection:
     rejected: list = []
     if kernel in _registry:
         b = _registry[kernel]
@@ -174,6 +175,9 @@ def _select_uncached(problem: AttentionProblem, kernel: str, fallback: str) -> S
                            " (set SAGE3_FALLBACK=emulate or =error to change this)")
             return Selection(b, kernel, tuple(rejected), note)
         if fallback == "error":
+            if explain_only:
+                return Selection(None, kernel, tuple(rejected),
+                                 f"no {family} backend can run this call and SAGE3_FALLBACK=error")
             raise ValueError(f"no {family} backend can run this call (SAGE3_FALLBACK=error): " +
                              _reasons_text(rejected))
         if fallback == "emulate":
@@ -187,7 +191,18 @@ def _select_uncached(problem: AttentionProblem, kernel: str, fallback: str) -> S
 
 
 def _selection_key(problem: AttentionProblem, kernel: str) -> tuple:
-    return problem, os.environ.get("SAGE3_BACKEND") or kernel, get_fallback()
+    return problem, _forced_kernel(kernel), get_fallback()
+
+
+def _forced_kernel(kernel: str) -> str:
+    """`kernel`, or what SAGE3_BACKEND forces (checked: an unknown name is an error naming the variable)."""
+    forced = os.environ.get("SAGE3_BACKEND")
+    if not forced:
+        return kernel
+    if forced != "auto" and forced not in FAMILIES and forced not in _registry:
+        raise ValueError(f"SAGE3_BACKEND={forced!r} is not a backend name or kernel; allowed: 'auto', {FAMILIES} "
+                         f"or a backend name {sorted(_registry)} (unset it to let each call choose)")
+    return forced
 
 
 def select_backend(problem: AttentionProblem, kernel: str = "auto") -> Selection:
@@ -206,6 +221,17 @@ def select_backend(problem: AttentionProblem, kernel: str = "auto") -> Selection
         if trusted:  # None: unchecked during CUDA graph capture, so not cached
             _cache[key] = sel
     return sel
+
+
+def explain_selection(problem: AttentionProblem, kernel: str = "auto") -> Selection:
+    """`select_backend`, except that where the fallback setting "error" makes the call raise, the Selection
+    says so (backend None, every rejection listed) instead of raising. Unknown names still raise."""
+    _ensure_loaded()
+    kernel = _forced_kernel(kernel)
+    fallback = get_fallback()
+    if fallback != "error":
+        return select_backend(problem, kernel)
+    return _select_uncached(problem, kernel, fallback, explain_only=True)
 
 
 # Representative sequence lengths under torch.compile: quarter octaves from 1 to 2**20 tokens.

@@ -79,7 +79,12 @@ def test_fallback_emulate_and_error(fakes):
     assert sel.backend.name == "reference_fp4" and "emulated" in sel.note
     dispatch.set_fallback("error")
     with pytest.raises(ValueError, match=r"no fp4 backend can run.*fake_fp4: head_dim 128 not supported"):
-        resolve(q, k, v, "fp4")
+        sage_attention(q, k, v, "fp4")
+    sel = resolve(q, k, v, "fp4")  # resolve explains instead of raising
+    assert sel.backend is None and "SAGE3_FALLBACK=error" in sel.note
+    text = sel.explain()
+    assert text.startswith("requested 'fp4' -> no backend (the call raises)")
+    assert "rejected fake_fp4: head_dim 128 not supported" in text
     with pytest.raises(ValueError, match="unknown fallback"):
         dispatch.set_fallback("maybe")
 
@@ -99,8 +104,10 @@ def test_env_forces_a_backend(fakes, monkeypatch):
     monkeypatch.setenv("SAGE3_BACKEND", "sdpa")
     assert resolve(q, k, v, "fp4").backend.name == "sdpa"
     monkeypatch.setenv("SAGE3_BACKEND", "nonexistent")
-    with pytest.raises(ValueError, match="unknown kernel 'nonexistent'"):
+    with pytest.raises(ValueError, match="SAGE3_BACKEND='nonexistent' is not a backend name or kernel"):
         resolve(q, k, v, "fp4")
+    with pytest.raises(ValueError, match="SAGE3_BACKEND='nonexistent'"):
+        sage_attention(q, k, v)
     monkeypatch.setenv("SAGE3_BACKEND", "")
     monkeypatch.setenv("SAGE3_FALLBACK", "bogus")
     with pytest.raises(ValueError, match="SAGE3_FALLBACK='bogus'"):

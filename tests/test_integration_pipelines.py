@@ -1,4 +1,5 @@
 """Tiny offline pipelines of the five families with the hybrid policy; torch.compile; examples; report CLI."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -92,8 +93,11 @@ def _run(args, timeout=300):
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+_VIDEO_EXT = "mp4" if importlib.util.find_spec("imageio_ffmpeg") else "gif"  # the `video` extra gives MP4
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family,ext", [("flux", "png"), ("mochi", "gif")])
+@pytest.mark.parametrize("family,ext", [("flux", "png"), ("mochi", _VIDEO_EXT)])
 def test_example_runs_offline_and_saves(tmp_path, family, ext):
     r = _run([f"examples/{family}.py", "--tiny", "--out", str(tmp_path)])
     assert r.returncode == 0, r.stderr[-3000:]

@@ -62,14 +62,14 @@ def test_block_types_per_family():
 def test_kernel_name_shortcuts():
     assert load_policy("int8_fp8").kernel_for("anything", step=0, num_steps=1) == "int8_fp8"
     assert load_policy({"default": "reference_fp4"}).default == "reference_fp4"
-    with pytest.raises(PolicyError, match="unknown kernel 'fp3'"):
+    with pytest.raises(PolicyError, match="policy 'fp3': not a bundled policy"):
         load_policy("fp3")
 
 
 BAD_FILES = [
     # (file text, fragments the error must contain)
     ("default: fp4\nrule: []\n", ["unknown key 'rule'", "allowed keys: model, default, rules"]),
-    ("default: fp8\n", ["default", "unknown kernel 'fp8'", "allowed: fp4, int8_fp8, sdpa"]),
+    ("default: fp8\n", ["default", "unknown kernel 'fp8'", "allowed: auto, fp4, int8_fp8, sdpa"]),
     ("rules:\n  - kernel: int4\n", ["rules[0].kernel", "unknown kernel 'int4'"]),
     ("rules:\n  - kernel: fp4\n    step: {first: 1}\n", ["rules[0]", "unknown key 'step'", "steps"]),
     ("rules:\n  - kernel: fp4\n    steps: {first: 1, middle: 2}\n", ["rules[0].steps", "unknown key 'middle'",

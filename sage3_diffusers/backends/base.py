@@ -213,6 +213,25 @@ def fake_attention_outputs(q: torch.Tensor, layout: str, return_lse: bool) -> tu
     return q.new_empty(q.shape), q.new_empty((b, h, s) if return_lse else (0,), dtype=torch.float32)
 
 
+def build_hint(extensions: str, arch_list: str, extra_env: str = "") -> str:
+    """How to build a CUDA extension here, or why it cannot be built on this machine: a CPU-only torch or no
+    nvcc gets no build command. In a source checkout: an in-place build; from an installed wheel: a reinstall
+    from a checkout."""
+    if torch.version.cuda is None:
+        return f"building it needs a CUDA build of torch and nvcc (this torch, {torch.__version__}, is CPU-only)"
+    import os
+    import shutil
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    if shutil.which("nvcc") is None and not os.path.isfile(os.path.join(cuda_home, "bin", "nvcc")):
+        return "building it needs nvcc (the CUDA toolkit) on PATH or under CUDA_HOME"
+    env = f"SAGE3_EXTENSIONS={extensions} {extra_env}TORCH_CUDA_ARCH_LIST={arch_list}"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if os.path.isfile(os.path.join(root, "setup.py")) and os.path.isdir(os.path.join(root, "csrc")):
+        return f"build with: cd {root} && {env} python setup.py build_ext --inplace"
+    return (f"build with (from a sage3-diffusers source checkout): {env} pip install . --no-build-isolation "
+            f"--no-deps --force-reinstall")
+
+
 class CompiledExtension:
     """A compiled extension module imported on first use; `module()` is None when it is not built (or was built
     against another torch), and `error` then says why. One instance per extension, shared by its backends and

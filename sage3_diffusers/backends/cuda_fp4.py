@@ -20,13 +20,18 @@ import torch
 
 from ..numerics.attention_common import LN2, expand_kv_heads
 from ..numerics.sage3_reference import SAGE3_Q_BLOCK, block_means
-from .base import CompiledExtension, CudaKernelBackend, describe_problem, fake_attention_outputs, to_hnd
+from .base import CompiledExtension, CudaKernelBackend, build_hint, describe_problem, fake_attention_outputs, to_hnd
 
 FP4_EXT = CompiledExtension("sage3_diffusers._C_fp4")
 _NATIVE_CAPS = ((12, 0), (12, 1))
-_BUILD_HINT_NATIVE = "SAGE3_EXTENSIONS=fp4 TORCH_CUDA_ARCH_LIST=12.0a python setup.py build_ext --inplace"
-_BUILD_HINT_EMULATED = ("SAGE3_EXTENSIONS=fp4 SAGE3_FP4_EMULATED=1 TORCH_CUDA_ARCH_LIST=9.0a "
-                        "python setup.py build_ext --inplace")
+
+
+def _build_hint_native() -> str:
+    return build_hint("fp4", "12.0a")
+
+
+def _build_hint_emulated() -> str:
+    return build_hint("fp4", "9.0a", "SAGE3_FP4_EMULATED=1 ")
 
 
 def _checked(result):
@@ -152,7 +157,7 @@ class CudaSm120Fp4Backend(_CudaFp4Backend):
         if not (info.get("sm_120a") or info.get("sm_121a")):
             only = (" (it holds only the sm_90a emulated MMA build: for numerics tests, not speed)"
                     if info.get("sm_90a_emulated") else "")
-            return [f"extension _C_fp4 built without sm_120a/sm_121a{only}; rebuild with {_BUILD_HINT_NATIVE}"]
+            return [f"extension _C_fp4 built without sm_120a/sm_121a{only}; {_build_hint_native()}"]
         return []
 
     def _capability_reason(self, cap: str) -> str:
@@ -174,7 +179,7 @@ class CudaFp4EmulatedBackend(_CudaFp4Backend):
 
     def _image_reasons(self) -> list[str]:
         if not build_info().get("sm_90a_emulated"):
-            return [f"extension _C_fp4 built without the emulated sm_90a image (rebuild with {_BUILD_HINT_EMULATED})"]
+            return [f"extension _C_fp4 built without the emulated sm_90a image ({_build_hint_emulated()})"]
         return []
 
     def _capability_reason(self, cap: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import kv_lens_for_kernel
-from .base import CompiledExtension, CudaKernelBackend, describe_problem, fake_attention_outputs
+from .base import CompiledExtension, CudaKernelBackend, build_hint, describe_problem, fake_attention_outputs
 
 SM90_EXT = CompiledExtension("sage3_diffusers._C_sm90")
 
@@ -68,8 +68,7 @@ class CudaSm90Int8Fp8Backend(CudaKernelBackend):
 
     def unavailable_reasons(self) -> list[str]:
         if SM90_EXT.module() is None:
-            return [f"extension _C_sm90 not built ({SM90_EXT.error}); build with "
-                    "SAGE3_EXTENSIONS=sm90 TORCH_CUDA_ARCH_LIST=9.0a python setup.py build_ext --inplace"]
+            return [f"extension _C_sm90 not built ({SM90_EXT.error}); {build_hint('sm90', '9.0a')}"]
         if not torch.cuda.is_available():
             return ["no CUDA device available"]
         return []

@@ -31,7 +31,8 @@ key mask is gathered over the ranks there, any other mask raises. The backends a
 
 Limits of "sage3" / "sage2pp" through `set_attention_backend` (prefer `apply`):
 - Only dispatcher-based processors are reached (Flux, HunyuanVideo, Wan, ...). SD3/SD3.5, CogVideoX and
-  Mochi call SDPA directly, so for them it is a silent no-op (diffusers' behaviour, not ours).
+  Mochi call SDPA directly, so for them it is a no-op (diffusers' behaviour, not ours); `backend_warning`
+  warns when that happens.
 - One kernel for every layer and step: no policy, no step hook. Calls are counted in
   `stats.GLOBAL_STATS` under the layer name "<dispatcher:NAME>".
 - A padding mask costs one host sync per layer here; other masks go to exact SDPA.

@@ -17,8 +17,9 @@ import functools
 
 import torch
 
+from ..extras import require
 from . import models
-from .policy import fixed_policy, load_policy
+from .policy import fixed_policy, load_policy, warn_unmatched_rules
 from .processors import _Sage3Base
 from .stats import KernelStats, logger
 from .steps import HOOK_NAME, Sage3Runtime, step_hook
@@ -170,13 +171,16 @@ def apply(target, policy=None, *, kernel: str | None = None, stats: KernelStats 
           scheduler_units: float | None = None) -> Sage3Runtime:
     """Install Sage3 attention on a pipeline (its transformer(s)) or a transformer.
 
-    policy: YAML path, bundled policy name ("flux"), dict, Policy, a kernel name, or None (default: int8_fp8
-    on the first and last steps, fp4 elsewhere). kernel: shortcut for one kernel everywhere.
+    policy: a bundled policy name ("flux", ...; `bundled_policies()`), YAML path, dict, Policy, a kernel
+    name, or None (default: int8_fp8 on the first and last steps, fp4 elsewhere). kernel: shortcut for one
+    kernel everywhere ("auto": the dispatcher's choice per call). Rules that can never match this model's
+    attention layers (of every transformer it installs on) are warned about, naming the rule.
     num_inference_steps: the step count when no pipeline scheduler tells it (for "last N steps" rules on a
     bare transformer). timestep_scale / scheduler_units: the timestep units of a transformer without a
     family module (see `models.ModelFamily`; inferred from the first forward when not given).
     Returns the runtime (`.stats`, `.policy`, `.step`); also at `transformer._sage3_runtime`.
     Applying again replaces the previous installation. Logs one line naming the adapter and route."""
+    require("diffusers", "sage3_diffusers.apply")
     pipe, primary = _split_target(target)
     fam = resolve_family(primary, timestep_scale=timestep_scale, scheduler_units=scheduler_units)
     targets = _pipeline_transformers(pipe, primary, fam) if pipe is not None else [("", primary)]
@@ -218,6 +222,7 @@ def apply(target, policy=None, *, kernel: str | None = None, stats: KernelStats 
         for transformer, _ in installed:
             prepare_context_parallel(transformer)
     runtime.register_layers(layers, {layer: m for _, inst in installed for layer, m in inst.modules.items()})
+    warn_unmatched_rules(pol, layers, fam.name)
     from diffusers.hooks import HookRegistry
     for transformer, _ in installed:
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(step_hook(runtime),

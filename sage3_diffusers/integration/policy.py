@@ -10,8 +10,8 @@ YAML (all keys but `rules[].kernel` optional)::
     model: flux                  # informational; one of the known families
     default: fp4                 # kernel when no rule matches
     rules:
-      - name: precise-edges      # shown in stats/errors only
-        kernel: int8_fp8         # fp4 | int8_fp8 | sdpa | a backend name (see `list_backends()`)
+      - name: precise-edges      # shown in warnings/errors only
+        kernel: int8_fp8         # auto | fp4 | int8_fp8 | sdpa | a backend name (see `list_backends()`)
         steps: {first: 1, last: 1, range: [10, 12]}   # step indices within the generation, 0-based
         timesteps: [0.9, 1.0]    # normalised timestep, 1 = pure noise, 0 = clean (inclusive)
         layers: ["transformer_blocks.*"]               # fnmatch globs on module names
@@ -23,6 +23,13 @@ Mochi `transformer_blocks`); `single` = one set of weights on the joint sequence
 `single_transformer_blocks`, CogVideoX blocks); `self` = SD3.5's image-only `attn2`; `refiner` =
 HunyuanVideo's token refiner (always exact SDPA: it has an arbitrary mask).
 
+`auto` is the dispatcher's choice per call (the fastest backend that can run it; see `dispatch`). An empty
+policy (an empty file, or neither `default` nor `rules`) is an error: write `default: fp4` for one kernel
+everywhere, or use `policy=None` / a bundled policy for the recommended hybrid. `apply` warns, naming the
+rule, about a rule that can never match this model (a `layers` glob matching no attention layer, `blocks`
+beyond the model's blocks, `block_types` it does not have) and, once the step count is known, about a
+`steps` condition beyond the run's steps.
+
 `last` needs the number of steps: known from a pipeline's scheduler (`apply(pipe)`), a
 `CacheContext`, or `runtime.num_inference_steps`; when unknown, `last` does not match. When the step
 itself is unknown (a forward without `timestep`), no step or timestep condition matches.
@@ -30,6 +37,8 @@ itself is unknown (a forward without `timestep`), no step or timestep condition 
 from __future__ import annotations
 
 import fnmatch
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,8 +60,10 @@ class PolicyError(ValueError):
 
 
 def allowed_kernels() -> tuple[str, ...]:
+    """Kernel names a policy, `apply(kernel=...)` or `Sage3Processor(kernel=...)` accepts: "auto" (the
+    dispatcher's choice per call), a family, or a backend name."""
     from ..dispatch import list_backends
-    return tuple(FAMILIES) + tuple(b.name for b in list_backends() if b.name not in FAMILIES)
+    return ("auto",) + tuple(FAMILIES) + tuple(b.name for b in list_backends() if b.name not in FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,16 @@ class Rule:
     def has_step_condition(self) -> bool:
         return self.first_steps is not None or self.last_steps is not None or self.step_range is not None
 
+    def matches_layer(self, layer: str, block: int | None, block_type: str | None) -> bool:
+        """Whether the layer conditions (layers, blocks, block_types) hold; step conditions are not looked at."""
+        if self.layers is not None and not any(fnmatch.fnmatchcase(layer, g) for g in self.layers):
+            return False
+        if self.blocks is not None and (block is None or not self.blocks[0] <= block <= self.blocks[1]):
+            return False
+        if self.block_types is not None and block_type not in self.block_types:
+            return False
+        return True
+
     def matches(self, layer: str, block: int | None, block_type: str | None, step: int | None,
                 num_steps: int | None, t_norm: float | None) -> bool:
         if self.has_step_condition:
@@ -84,13 +105,7 @@ class Rule:
         if self.timesteps is not None:
             if t_norm is None or not (self.timesteps[0] <= t_norm <= self.timesteps[1]):
                 return False
-        if self.layers is not None and not any(fnmatch.fnmatchcase(layer, g) for g in self.layers):
-            return False
-        if self.blocks is not None and (block is None or not self.blocks[0] <= block <= self.blocks[1]):
-            return False
-        if self.block_types is not None and block_type not in self.block_types:
-            return False
-        return True
+        return self.matches_layer(layer, block, block_type)
 
     def to_dict(self) -> dict:
         d: dict = {"kernel": self.kernel}
@@ -161,9 +176,11 @@ def default_policy() -> Policy:
                                              last_steps=1),), source="<default policy>")
 
 
-def fixed_policy(kernel: str) -> Policy:
-    """One kernel for every layer and step."""
-    _check_kernel(kernel, "<fixed>", "kernel")
+def fixed_policy(kernel: str, where: str = "the kernel= argument of apply") -> Policy:
+    """One kernel for every layer and step. `where` names the argument in error messages."""
+    allowed = allowed_kernels()
+    if not isinstance(kernel, str) or kernel not in allowed:
+        raise PolicyError(f"{where}: unknown kernel {kernel!r}; allowed: {', '.join(allowed)}")
     return Policy(default=kernel, rules=(), source=f"<fixed {kernel}>")
 
 
@@ -181,7 +198,10 @@ def load_policy(policy=None) -> Policy:
                 not Path(text).exists():
             if text in bundled_policies():
                 return load_policy(BUNDLED_DIR / f"{text}.yaml")
-            return fixed_policy(text)
+            if text not in allowed_kernels():
+                raise PolicyError(f"policy {text!r}: not a bundled policy ({', '.join(bundled_policies())}), "
+                                  f"a kernel ({', '.join(allowed_kernels())}) or an existing YAML file")
+            return fixed_policy(text, "policy")
         path = Path(policy)
         if not path.is_file():
             raise PolicyError(f"{path}: policy file not found")
@@ -259,17 +279,27 @@ def _unknown(keys, allowed, source, where):
             raise PolicyError(f"{source}: {where}unknown key {k!r}; allowed keys: {', '.join(allowed)}")
 
 
+def _check_model(model, source):
+    known_models = _models.names()  # the registry now: includes families registered after import
+    if model is not None and model not in known_models:
+        raise PolicyError(f"{source}: model: unknown model {model!r}; allowed: {', '.join(known_models)}")
+    return model
+
+
 def _parse(data, source: str) -> Policy:
-    if data is None:
-        data = {}
+    if data is None or (isinstance(data, dict) and "default" not in data and not data.get("rules")):
+        if isinstance(data, dict):  # name a bad key or model before calling the policy empty
+            _unknown(data, _TOP_KEYS, source, "")
+            _check_model(data.get("model"), source)
+        raise PolicyError(f"{source}: the policy is empty (no 'default', no 'rules'); write 'default: fp4' for "
+                          f"one kernel everywhere, or use a bundled policy ({', '.join(bundled_policies())}) or "
+                          f"policy=None for the recommended hybrid (int8_fp8 on the first and last steps, fp4 "
+                          f"elsewhere)")
     if not isinstance(data, dict):
         raise PolicyError(f"{source}: the top level must be a mapping with keys {', '.join(_TOP_KEYS)}, "
                           f"got {_type_name(data)}")
     _unknown(data, _TOP_KEYS, source, "")
-    model = data.get("model")
-    known_models = _models.names()  # the registry now: includes families registered after import
-    if model is not None and model not in known_models:
-        raise PolicyError(f"{source}: model: unknown model {model!r}; allowed: {', '.join(known_models)}")
+    model = _check_model(data.get("model"), source)
     default = _check_kernel(data.get("default", "fp4"), source, "default")
     rules_data = data.get("rules", [])
     if rules_data is None:
@@ -312,3 +342,100 @@ def _parse(data, source: str) -> Policy:
             kw["block_types"] = _strings(r["block_types"], source, f"{where}.block_types", _models.block_types())
         rules.append(Rule(**kw))
     return Policy(default=default, rules=tuple(rules), model=model, source=source)
+
+
+# --------------------------------------------------------------------------------------------- rules that never match
+
+def _rule_label(policy: Policy, index: int) -> str:
+    rule = policy.rules[index]
+    return f"policy {policy.source}: rules[{index}]" + (f" ({rule.name!r})" if rule.name else "")
+
+
+def _block_list(layer: str) -> tuple[str, int] | None:
+    """('transformer_2.blocks', 3) for 'transformer_2.blocks.3.attn1': the block list (with the transformer's
+    prefix in a two-transformer pipeline) and the index, read the way `models.layer_block` reads it."""
+    parts = layer.split(".")
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i].isdigit():
+            return ".".join(parts[:i]), int(parts[i])
+    return None
+
+
+def _block_ranges(layers) -> str:
+    """'transformer_blocks 0..18, single_transformer_blocks 0..37' for the attention layers."""
+    spans: dict = {}
+    for layer in layers:
+        found = _block_list(layer)
+        if found:
+            name, idx = found
+            lo, hi = spans.get(name, (idx, idx))
+            spans[name] = (min(lo, idx), max(hi, idx))
+    return ", ".join(f"{name} {lo}..{hi}" for name, (lo, hi) in spans.items()) or "none"
+
+
+def unmatched_rule_warnings(policy: Policy, layers, family: str | None = None) -> list[str]:
+    """Why rules (or parts of rules) of `policy` can never match the attention `layers` of a model: a
+    `layers` glob that matches none of them, `blocks` beyond the model's blocks, `block_types` the model
+    lacks, `steps.first`/`steps.last` of 0. One message per problem, naming the rule."""
+    layers = list(layers)
+    placed = [(layer, *layer_block(layer, family)) for layer in layers]
+    # Block indices folded to 0; up to six names, so both transformers of a two-transformer pipeline
+    # (`transformer_2.…`) show.
+    examples = ", ".join(repr(x) for x in sorted({re.sub(r"(?<=\.)\d+(?=\.|$)", "0", x) for x in layers})[:6])
+    out = []
+    for i, rule in enumerate(policy.rules):
+        label = _rule_label(policy, i)
+        if not any(rule.matches_layer(*p) for p in placed):
+            dead_globs = rule.layers is not None and not any(
+                fnmatch.fnmatchcase(x, g) for x in layers for g in rule.layers)
+            types = sorted({t for _, _, t in placed if t is not None})
+            kept = [p for p in placed if rule.block_types is None or p[2] in rule.block_types]
+            if dead_globs:
+                why = (f"layers {list(rule.layers)} match no attention layer of this {family or 'model'} model "
+                       f"(its attention layers are named like {examples})")
+            elif rule.block_types is not None and not kept:
+                why = (f"block_types {list(rule.block_types)}: this {family or 'model'} model has only "
+                       f"{', '.join(types) or 'no typed'} blocks")
+            elif rule.blocks is not None and all(b is None or b < rule.blocks[0] for _, b, _ in kept):
+                why = (f"blocks {list(rule.blocks)} lie beyond the model's blocks "
+                       f"({_block_ranges([p[0] for p in kept])})")
+            else:
+                why = "its layers / blocks / block_types conditions together match no attention layer"
+            out.append(f"{label} never matches: {why}")
+            continue
+        for g in rule.layers or ():
+            if not any(fnmatch.fnmatchcase(x, g) for x in layers):
+                out.append(f"{label}: layers glob {g!r} matches no attention layer of this {family or 'model'} "
+                           f"model (its attention layers are named like {examples})")
+        for key, value in (("first", rule.first_steps), ("last", rule.last_steps)):
+            if value == 0:
+                other = rule.first_steps if key == "last" else rule.last_steps
+                never = rule.step_range is None and not other
+                out.append(f"{label}: steps.{key} 0 matches no step" + (": the rule never matches" if never else ""))
+    return out
+
+
+def steps_beyond_warnings(policy: Policy, num_steps: int) -> list[tuple[int, str]]:
+    """(rule index, message) for each rule whose `steps.range` lies beyond a run of `num_steps` steps."""
+    out = []
+    for i, rule in enumerate(policy.rules):
+        if rule.step_range is not None and rule.step_range[0] >= num_steps:
+            lo, hi = rule.step_range
+            others = rule.first_steps or rule.last_steps
+            out.append((i, f"{_rule_label(policy, i)}: steps.range [{lo}, {hi}] lies beyond this run's {num_steps} "
+                           f"steps (0..{num_steps - 1}); " +
+                        ("that part of the rule never matches" if others else "the rule never matches")))
+    return out
+
+
+def warn_unmatched_rules(policy: Policy, layers, family: str | None = None, stacklevel: int = 3) -> None:
+    for msg in unmatched_rule_warnings(policy, layers, family):
+        warnings.warn(f"sage3_diffusers: {msg}", UserWarning, stacklevel=stacklevel)
+
+
+def warn_steps_beyond(policy: Policy, num_steps: int, seen: set, stacklevel: int = 3) -> None:
+    """Warn about rules beyond a run of `num_steps` steps, once per (rule, step count) recorded in `seen`."""
+    for i, msg in steps_beyond_warnings(policy, num_steps):
+        if (i, num_steps) not in seen:
+            seen.add((i, num_steps))
+            warnings.warn(f"sage3_diffusers: {msg}", UserWarning, stacklevel=stacklevel)

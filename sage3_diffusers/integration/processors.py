@@ -40,7 +40,8 @@ def _check_kernel_name(kernel):
         return None
     from .policy import allowed_kernels
     if kernel not in allowed_kernels():
-        raise ValueError(f"unknown kernel {kernel!r}; allowed: {', '.join(allowed_kernels())}")
+        raise ValueError(f"Sage3Processor(kernel=...): unknown kernel {kernel!r}; allowed: "
+                         f"{', '.join(allowed_kernels())}")
     return kernel
 
 

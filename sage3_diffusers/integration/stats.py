@@ -89,26 +89,24 @@ class KernelStats:
         gen = self.calls[-1].generation if gen is None else gen
         return [c for c in self.calls if c.generation == gen]
 
-    @staticmethod
-    def backends_by_step(calls) -> dict:
-        """{step: {backend: count}} for the given calls."""
+    def backends_by_step(self, calls=None) -> dict:
+        """{step: {backend: count}} for `calls` (default: the latest generation)."""
         out: dict = {}
-        for c in calls:
+        for c in self.generation() if calls is None else calls:
             out.setdefault(c.step, Counter())[c.backend] += 1
         return {k: dict(v) for k, v in out.items()}
 
-    @staticmethod
-    def requested_by_step(calls) -> dict:
-        """{step: {requested kernel: count}}."""
+    def requested_by_step(self, calls=None) -> dict:
+        """{step: {requested kernel: count}} for `calls` (default: the latest generation)."""
         out: dict = {}
-        for c in calls:
+        for c in self.generation() if calls is None else calls:
             out.setdefault(c.step, Counter())[c.requested] += 1
         return {k: dict(v) for k, v in out.items()}
 
-    @staticmethod
-    def fallbacks(calls) -> dict:
-        """{(requested, backend, reason): count} for calls that carry a reason."""
-        return dict(Counter((c.requested, c.backend, c.reason) for c in calls if c.reason))
+    def fallbacks(self, calls=None) -> dict:
+        """{(requested, backend, reason): count} for the calls (default: the latest generation) with a reason."""
+        return dict(Counter((c.requested, c.backend, c.reason) for c in (self.generation() if calls is None
+                                                                        else calls) if c.reason))
 
     def table(self, gen: int | None = None) -> list[dict]:
         """Per (step, layer): the backends that ran and the reasons (JSON-friendly)."""

@@ -32,7 +32,7 @@ import inspect
 
 import torch
 
-from .policy import Policy, layer_block, load_policy
+from .policy import Policy, layer_block, load_policy, warn_steps_beyond
 from .stats import CallSlot, KernelStats, logger
 
 HOOK_NAME = "sage3_step"
@@ -81,6 +81,7 @@ class Sage3Runtime:
         self.num_inference_steps = num_inference_steps  # user override when no scheduler tells us
         self.log_summary = log_summary
         self.stats.position_of = lambda: (max(self.generation, 0), self.step)
+        self._steps_warned: set = set()  # (rule index, step count) already warned about (policy.warn_steps_beyond)
         self.reset()
 
     # ------------------------------------------------------------------ step tracking
@@ -318,6 +319,8 @@ class Sage3Runtime:
         self.stats.flush_compiled(max(self.generation, 0), self.step)
 
     def _decide_all(self) -> None:
+        if self.num_steps is not None:
+            warn_steps_beyond(self.policy, self.num_steps, self._steps_warned)
         self._decided_for = (self.step, self.num_steps, self.t_norm)
         for layer in self.layers:
             kernel = self.policy.kernel_for(layer, step=self.step, num_steps=self.num_steps, t_norm=self.t_norm,

@@ -78,7 +78,9 @@ def bench_inputs(batch, device, dtype, *, height, width, frames, gen):
     lat_f, lat_h, lat_w = (frames - 1) // 4 + 1, height // 16, width // 16
     mask = torch.zeros(batch, 1000, device=device, dtype=torch.long)
     mask[:, :200] = 1
-    return dict(hidden_states=rnd(batch, 65, lat_f, lat_h, lat_w), timestep=torch.full((batch,), 500.0, device=device),
+    # The pipeline passes the timestep in the latents' dtype (the time embedding casts its projection to it).
+    return dict(hidden_states=rnd(batch, 65, lat_f, lat_h, lat_w),
+                timestep=torch.full((batch,), 500.0, device=device, dtype=dtype),
                 encoder_hidden_states=rnd(batch, 1000, 3584), encoder_attention_mask=mask,
                 encoder_hidden_states_2=rnd(batch, 256, 1472),
                 encoder_attention_mask_2=torch.zeros(batch, 256, device=device, dtype=torch.long),
