@@ -147,7 +147,12 @@ class MaskedTextMixin(FamilyConfig):
         single = {k: (v[-1:] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == len(self.text_lengths)
                       else v) for k, v in inputs.items()}
         alone = self.output(model(**single))
-        torch.testing.assert_close(batched[-1:], alone, atol=1e-4, rtol=1e-4, msg=f"seed {seed}")
+        # Batched and single forwards differ by float rounding, which can flip one INT8/FP8 rounding step in a
+        # few elements (seen: 2 of 128 elements off by 4e-4). Padding that reached the sample would move every
+        # element, so the mean difference is the test and the maximum only bounds the rare flips.
+        diff = (batched[-1:] - alone).abs()
+        assert diff.mean() < 2e-5 and diff.max() < 2e-3, (f"seed {seed}: mean {diff.mean():.2e}, "
+                                                          f"max {diff.max():.2e}")
         remove(model)
 
 
