@@ -17,10 +17,15 @@ SM90_EXT = CompiledExtension("sage3_diffusers._C_sm90")
 
 
 def _kernel_ready(x: torch.Tensor) -> torch.Tensor:
-    """The kernels read channels contiguously with 16-byte rows; anything else is copied once."""
+    """The kernels read channels contiguously with 16-byte rows from a 16-byte aligned base; anything else is
+    copied once. A contiguous view that starts off alignment (ring attention's all-gathered K/V buffer sliced
+    at an odd offset) stays a view under `.contiguous()`, so it is cloned into a fresh, aligned allocation."""
     ok = (x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and
           all(x.stride(d) % 8 == 0 or x.size(d) == 1 for d in range(3)))
-    return x if ok else x.contiguous()
+    if ok:
+        return x
+    y = x.contiguous()
+    return y if y.data_ptr() % 16 == 0 else y.clone()
 
 
 @torch.library.custom_op("sage3::sm90_int8fp8_attn", mutates_args=())

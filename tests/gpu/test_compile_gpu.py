@@ -66,13 +66,15 @@ def test_dynamic_shapes_three_resolutions_one_graph_on_cuda():
         pytest.skip("no int8_fp8 kernel here")
     model = _model("hunyuan_video")
     apply(model, kernel="int8_fp8", log_summary=False)
-    grids = [(2, 4, 4), (2, 4, 6), (3, 6, 4)]
+    # Inductor's matmul padding pass guards on 2*F*H*W < 128 by itself (seen on an H100: a recompile between
+    # grids of 64 and 144); grids on one side of it, and the pass off, keep the test about our code.
+    grids = [(2, 6, 6), (2, 6, 8), (3, 6, 6)]
     refs = [model(**_inputs("hunyuan_video", i, g))[0] for i, g in enumerate(grids)]
     compiled = torch.compile(model, fullgraph=True, dynamic=True)
     old = torch.fx.experimental._config.use_duck_shape
     torch.fx.experimental._config.use_duck_shape = False
     try:
-        with torch._dynamo.config.patch(error_on_recompile=True):
+        with torch._dynamo.config.patch(error_on_recompile=True), torch._inductor.config.patch(shape_padding=False):
             for i, g in enumerate(grids):
                 out = compiled(**_inputs("hunyuan_video", i, g))[0]
                 cos = torch.nn.functional.cosine_similarity(out.float().flatten(), refs[i].float().flatten(),
