@@ -23,16 +23,6 @@ def family_spec(family: str):
     return models.get(family)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
 def _kernel(text: str) -> str:
     from sage3_diffusers.integration.policy import allowed_kernels
     if text not in allowed_kernels():
@@ -42,6 +32,7 @@ def _kernel(text: str) -> str:
 
 def parse_args(family: str, argv=None):
     from sage3_diffusers.integration.policy import PolicyError, bundled_policies, load_policy
+    from sage3_diffusers.integration.report import positive_int
 
     ap = argparse.ArgumentParser(description=f"{family} with Sage3 attention (SageAttention3 / SageAttention2++)")
     ap.add_argument("--tiny", action="store_true", help="tiny random components built from config: CPU, offline")
@@ -53,7 +44,7 @@ def parse_args(family: str, argv=None):
                          "backend name")
     ap.add_argument("--no-sage", action="store_true", help="baseline: diffusers' own attention")
     ap.add_argument("--prompt", default=family_spec(family).example.prompt)
-    ap.add_argument("--steps", type=_positive_int,
+    ap.add_argument("--steps", type=positive_int,
                     help="denoising steps, >= 1 (default: 4 with --tiny, the model card's value otherwise)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="outputs", help="output directory")

@@ -220,7 +220,8 @@ def plot_report(result: dict, path: str) -> str:
     return path
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (report's and the examples' counts)."""
     try:
         value = int(text)
     except ValueError:
@@ -261,11 +262,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny random model built from config (CPU, no download)")
     ap.add_argument("--kernel", action="append", dest="kernels",
                     help="kernel or backend name to compare (repeatable; default: fp4 and int8_fp8)")
-    ap.add_argument("--batch", type=_positive_int, default=2, help="samples per forward (>= 1, default 2)")
+    ap.add_argument("--batch", type=positive_int, default=2, help="samples per forward (>= 1, default 2)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--layers", type=_positive_int, default=2,
+    ap.add_argument("--layers", type=positive_int, default=2,
                     help="blocks per block list of the tiny model (>= 1, default 2)")
-    ap.add_argument("--steps", type=_positive_int, default=1,
+    ap.add_argument("--steps", type=positive_int, default=1,
                     help="timesteps to evaluate, a linear schedule from pure noise (>= 1, default 1)")
     ap.add_argument("--timestep", type=float, default=None,
                     help="timestep passed to the model (model units), with --steps 1")
