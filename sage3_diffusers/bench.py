@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from . import perf_model
+from .extras import headless_pyplot
 
 MODE_HELP = {
     "eager_single": "one call between CUDA events, device idle before it; median",
@@ -536,11 +537,8 @@ def format_table(result: dict) -> str:
 
 def plot(result: dict, path: str) -> bool:
     """One panel per mode (ratio of each column to the baseline, per shape) and one of host µs per call."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = headless_pyplot()
+    if plt is None:
         print(f"matplotlib is not installed: skipping the plot ({path})")
         return False
     meta, rows = result["meta"], result["rows"]

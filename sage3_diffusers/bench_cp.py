@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from .extras import headless_pyplot
+
 DISPATCHER_NAME = {"int8_fp8": "sage2pp", "fp4": "sage3"}
 MODES = ("ulysses", "ring", "unified")
 _TINY_SHAPES = {"flux": dict(grid=(1, 4, 4), text_len=8), "hunyuan_video": dict(grid=(2, 4, 4), text_len=12),
@@ -251,11 +253,8 @@ def _report(args, rows, card, world):
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)
     if args.plot:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = headless_pyplot()
+        if plt is None:
             print("matplotlib not installed: no plot")
             return
         labels = [f"{r['mode']} x{r['gpus']} {r['variant']}" for r in rows]

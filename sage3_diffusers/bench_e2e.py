@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from .extras import headless_pyplot
+
 
 def _bench_families() -> dict:
     """family -> its `models.BenchSpec` (the model registry's families that declare one)."""
@@ -228,11 +230,8 @@ def main(argv=None) -> int:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)
     if args.plot:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = headless_pyplot()
+        if plt is None:
             print("matplotlib not installed: no plot")
         else:
             fig, ax = plt.subplots(figsize=(6, 3))

@@ -25,6 +25,21 @@ def available(module: str) -> bool:
     return True
 
 
+def headless_pyplot(what: str | None = None):
+    """matplotlib.pyplot on the non-interactive Agg backend (plots are files, never windows). Without matplotlib:
+    None, or MissingExtraError when `what` (the command that needs the plot) is given."""
+    if what is not None:
+        matplotlib = require("matplotlib", what)
+    else:
+        try:
+            import matplotlib
+        except ImportError:
+            return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def require(module: str, what: str):
     """Import and return `module`, or raise MissingExtraError saying that `what` needs it and how to install it."""
     try:

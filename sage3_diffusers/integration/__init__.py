@@ -1,7 +1,7 @@
 """The Diffusers layer: the model registry (`models`), processors, dispatcher backends, the step-aware
 policy, apply/remove, stats."""
 from .dispatcher_backend import register_dispatcher_backends
-from .install import apply, detect_family, get_runtime, remove, resolve_family
+from .install import apply, detect_family, get_runtime, remove
 from .policy import Policy, PolicyError, Rule, default_policy, fixed_policy, load_policy
 from .processors import (CogVideoXSage3Processor, FluxSage3Processor, HunyuanVideoSage3Processor, MochiSage3Processor,
                          SD3Sage3Processor, Sage3Processor)

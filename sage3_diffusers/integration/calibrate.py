@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..backends.base import AttentionBackend, AttentionProblem, describe_problem, to_hnd
+from ..extras import headless_pyplot
 from ..numerics import accuracy_metrics
 
 CANDIDATES = ("fp4", "int8_fp8")   # quantized families, exact "sdpa" is always allowed
@@ -458,7 +459,7 @@ def policy_yaml(cal: Calibration, policy: dict) -> str:
         f"budget: {cal.budget} per layer and step bucket and on the final latent",
         f"target card: {cal.card or 'unknown'} (calibrated on: {cal.present})",
         f"speed: {'; '.join(cal.speed_sources)}",
-        f"errors measured with: " + "; ".join(f"{f}: {', '.join(sorted(b))}" for f, b in cal.measured_with.items()),
+        "errors measured with: " + "; ".join(f"{f}: {', '.join(sorted(b))}" for f, b in cal.measured_with.items()),
         f"predicted attention speed-up vs exact: {cal.predicted_speedup:.2f}x; measured final-latent error "
         f"vs exact: {_fmt_err(cal.budget, cal.final_error)}",
     ]
@@ -494,7 +495,6 @@ def _recording(recorder: _Recorder):
 def calibrate(runner: _Runner, *, prompts, steps: int, budget: Budget, card: str | None, n_buckets=None,
               rounds: int = 4, seed: int = 0, speed_shape=None, log=print) -> Calibration:
     from .. import dispatch
-    from .install import get_runtime
     speed = SpeedModel(card)
     families = speed.families()
     buckets = step_buckets(steps, n_buckets)
@@ -615,12 +615,9 @@ def format_summary(cal: Calibration) -> str:
 
 def heat_map(cal: Calibration, path: str) -> bool:
     """Writes the PNG; False (nothing written) without matplotlib."""
-    try:
-        import matplotlib
-    except ImportError:
+    plt = headless_pyplot()
+    if plt is None:
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
     kernels = ["sdpa", "int8_fp8", "fp4"]
     grid = [[kernels.index(cal.choice.get((layer, b), "sdpa")) for b in range(len(cal.buckets))]

@@ -178,10 +178,8 @@ def format_report(result: dict) -> str:
 
 def plot_report(result: dict, path: str) -> str:
     """Write a PNG: per kernel, heat maps (layers x steps) of the isolated cos sim and relative L1."""
-    from ..extras import require
-    matplotlib = require("matplotlib", "report --plot")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..extras import headless_pyplot
+    plt = headless_pyplot("report --plot")
     import numpy as np
 
     kernels = list(result["kernels"])

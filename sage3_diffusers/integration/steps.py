@@ -33,7 +33,7 @@ import inspect
 import torch
 
 from .policy import Policy, layer_block, load_policy, warn_steps_beyond
-from .stats import CallSlot, KernelStats, logger
+from .stats import KernelStats, logger
 
 HOOK_NAME = "sage3_step"
 
