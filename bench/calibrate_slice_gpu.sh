@@ -4,15 +4,7 @@
 # blocks, no download) with its predicted attention speed-up checked against the measured one.
 # usage (GPU machine, repo root, diffusers wheel in .whl/): OUT=/some/dir bash bench/calibrate_slice_gpu.sh
 set -o pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/gpu.txt
-date -u | tee -a $OUT/gpu.txt
-t0=$(date +%s)
-python3 -c "import sage3_diffusers._C_sm90" 2>/dev/null || \
-  SAGE3_EXTENSIONS=sm90 TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 timeout 400 python3 setup.py build_ext --inplace \
-    > $OUT/build.log 2>&1 || { tail -40 $OUT/build.log; exit 1; }
-echo "build: $(( $(date +%s) - t0 )) s"
+. bench/gpu_prelude.sh
 PYTHONUNBUFFERED=1 timeout 120 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_selfcheck_gpu.py 2>&1 | \
   grep -E "passed|FAILED|failed|skipped|Error" | tail -20
 PYTHONUNBUFFERED=1 timeout 120 python3 bench/selfcheck_cost.py --json $OUT/selfcheck_cost.json

@@ -2,19 +2,11 @@
 # End to end on one GPU for the families of issue 13, at each pipeline's real default size (random weights, real
 # configs, fewer blocks so each row fits the time budget): diffusers' default attention vs our int8_fp8 kernel
 # through the dispatcher route. One JSON per family in $OUT, to copy into docs/results/.
-# Usage (GPU machine, repo root): OUT=/some/dir bash bench/e2e_new_families.sh [family ...]
+# Usage (GPU machine, repo root, diffusers wheel in .whl/): OUT=/some/dir bash bench/e2e_new_families.sh [family ...]
 #   default families: wan wan22_ti2v qwenimage ltx ltx2 flux2 hunyuan_video15
 set -uo pipefail
-OUT=${OUT:-/tmp/sage3_out}
-mkdir -p "$OUT"
+. bench/gpu_prelude.sh
 log() { echo "== $* ($(date +%H:%M:%S))" | tee -a "$OUT/e2e_new_families.txt"; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
-
-if ! python3 -c "import sage3_diffusers._C_sm90" 2>/dev/null; then
-  log "build: _C_sm90 (sm_90a)"
-  SAGE3_EXTENSIONS=sm90 TORCH_CUDA_ARCH_LIST="9.0a" MAX_JOBS=16 timeout 400 python3 setup.py build_ext --inplace \
-    > "$OUT/build.txt" 2>&1 || { tail -40 "$OUT/build.txt"; log "BUILD FAILED"; }
-fi
 python3 -m sage3_diffusers env 2>&1 | grep -E "GPU 0|_C_|kernel='" | tee -a "$OUT/e2e_new_families.txt"
 
 # family: blocks per kind (--layers), what the default size is (the pipeline's default, see the family module)
