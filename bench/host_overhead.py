@@ -11,7 +11,12 @@ the dispatcher's decision, the backend's wrapper, the processor's bookkeeping. R
 - processor masked sdpa: HunyuanVideo's right-padding text mask path (per-sample key lengths).
 Best of `--repeats` runs of `--calls` calls each. Prints a table (and JSON with --json).
 
-    PYTHONPATH=$PWD python bench/host_overhead.py
+With `--cuda` (a GPU): the same question for the compiled kernels at a small bf16 shape, layer by layer from the
+C++ floor up: the sm90 extension's `forward` called directly, its custom op `torch.ops.sage3.sm90_int8fp8_attn`,
+the api with the backend named, and the processor; against torch SDPA with cuDNN pinned. Each batch of calls is
+drained (synchronized) before the next, so the launch queue never blocks the host.
+
+    PYTHONPATH=$PWD python bench/host_overhead.py [--cuda]
 """
 from __future__ import annotations
 
@@ -57,12 +62,81 @@ def per_call_us(fn, calls: int, repeats: int) -> float:
     return min(times)  # the least disturbed run: other processes share this machine
 
 
+def per_call_us_cuda(fn, calls: int, repeats: int) -> float:
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+        torch.cuda.synchronize()
+    return min(times)
+
+
+def cuda_rows(args) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from sage3_diffusers.backends import cuda_sm90, triton_int8fp8  # noqa: F401 - registers the custom ops
+    from sage3_diffusers.integration.processors import FluxSage3Processor
+    from sage3_diffusers.integration.steps import Sage3Runtime
+
+    b, s, h, d = 1, 1024, 24, 128
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    scale = d ** -0.5
+    ext = cuda_sm90.SM90_EXT.require()
+    proc = FluxSage3Processor()
+
+    def attn_with(kernel):
+        a = torch.nn.Module()
+        a._sage3_layer = "transformer_blocks.0.attn"
+        a._sage3_family = "flux"
+        a._sage3_runtime = Sage3Runtime(kernel, "flux", log_summary=False)
+        a._sage3_runtime.register_layers({a._sage3_layer: a})
+        a._sage3_runtime.stats.max_calls = 10 ** 9
+        return a
+
+    a_sm90, a_triton = attn_with("cuda_sm90_int8_fp8"), attn_with("triton_int8_fp8")
+    cudnn = sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+    cudnn.__enter__()  # pinned for the whole run: the context manager's own cost is not SDPA's
+    rows = [
+        ("torch SDPA cuDNN (HND, direct)", lambda: F.scaled_dot_product_attention(qh, kh, vh)),
+        ("_C_sm90.forward (C++ floor, NHD)", lambda: ext.forward(q, k, v, True, False, scale, False)),
+        ("torch.ops.sage3.sm90_int8fp8_attn (NHD)",
+         lambda: torch.ops.sage3.sm90_int8fp8_attn(q, k, v, "NHD", False, scale, False)),
+        ("api cuda_sm90_int8_fp8 (NHD)", lambda: sage_attention(q, k, v, "cuda_sm90_int8_fp8", tensor_layout="NHD")),
+        ("processor cuda_sm90_int8_fp8 (NHD)", lambda: proc._attend(a_sm90, q, k, v, layout="NHD")),
+        ("api triton_int8_fp8 (NHD)", lambda: sage_attention(q, k, v, "triton_int8_fp8", tensor_layout="NHD")),
+        ("processor triton_int8_fp8 (NHD)", lambda: proc._attend(a_triton, q, k, v, layout="NHD")),
+        ("api sdpa (NHD)", lambda: sage_attention(q, k, v, "sdpa", tensor_layout="NHD")),
+    ]
+    calls = min(args.calls, 200)
+    results = [{"row": name, "host_us_per_call": round(per_call_us_cuda(fn, calls, args.repeats), 2)}
+               for name, fn in rows]
+    cudnn.__exit__(None, None, None)
+    dev = torch.cuda.get_device_name()
+    if args.json:
+        print(json.dumps({"torch": torch.__version__, "device": dev, "shape_bshd": [b, s, h, d], "rows": results},
+                         indent=1))
+        return
+    print(f"host µs per call, {dev}, bf16 q/k/v (B,S,H,D)=({b},{s},{h},{d}), torch {torch.__version__}")
+    print(f"{'call':44s} {'µs/call':>9s}")
+    for r in results:
+        print(f"{r['row']:44s} {r['host_us_per_call']:9.2f}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--cuda", action="store_true", help="the compiled kernels' host path on the GPU")
     args = ap.parse_args(argv)
+    if args.cuda:
+        return cuda_rows(args)
     torch.set_num_threads(1)
     register_backend(NoopBackend())
 
