@@ -199,17 +199,15 @@ def quant_kernels():
                 vscale_ptr="*fp32")
     for d in (128, 64):
         t = dict(ptrs, **_strides("k"), **_strides("v"), **_strides("q"))
-        # the launch parameters of `int8fp8.quantize_kv` / `quantize_q` (per_thread, k_block = q_block = 128)
+        # the launch parameters of `int8fp8.quantize` (per_thread, k_block = q_block = 128)
         k = compile_kernel(Q._kv_stats_kernel, t, dict(D=d, BLOCK_S=I._STATS_BLOCK_S), num_warps=4)
         res.append((f"kv stats hd{d}", k, False))
-        k = compile_kernel(Q._kv_finalize_kernel, t, dict(D=d, SMOOTH_K=True, CHUNKS_P2=64), num_warps=4)
-        res.append((f"kv finalize hd{d}", k, False))
-        k = compile_kernel(Q._kv_quant_kernel, t, dict(D=d, K_BLOCK=128, SUB=I._QUANT_SUB, K_PER_THREAD=True,
-                                                       V_FP8=True, UNROLL=I._QUANT_UNROLL),
+        k = compile_kernel(Q._qkv_quant_kernel, t, dict(D=d, K_BLOCK=128, SUB=I._QUANT_SUB, K_PER_THREAD=True,
+                                                        V_FP8=True, UNROLL=I._QUANT_UNROLL, SMOOTH_K=True,
+                                                        CHUNKS_P2=64, BM=I._Q_QUANT_BM, Q_PER_THREAD=True,
+                                                        Q_BLOCK=128),
                            num_warps=I._QUANT_WARPS)
-        res.append((f"kv quant hd{d}", k, False))
-        k = compile_kernel(Q._q_quant_kernel, t, dict(D=d, BM=64, PER_THREAD=True, Q_BLOCK=128), num_warps=4)
-        res.append((f"q quant hd{d}", k, False))
+        res.append((f"qkv quant hd{d}", k, False))
     return res
 
 

@@ -282,7 +282,7 @@ def graph_only_columns(q, k, v, cudnn_fp8) -> tuple[dict, dict, dict]:
     scale = q.shape[-1] ** -0.5
     try:
         from .kernels.triton import int8fp8 as tk
-        kv, q_quant = tk.quantize_kv(k, v), tk.quantize_q(q)
+        kv, q_quant = tk.quantize(q, k, v)
         fns["triton_kernel"] = lambda: tk.attention_quantized(q, kv, sm_scale=scale, q_quant=q_quant)
     except Exception as exc:  # noqa: BLE001 - a diagnostic column never stops the benchmark
         errors["triton_kernel"] = f"{type(exc).__name__}: {exc}"

@@ -129,7 +129,7 @@ def test_kgroup_fold_and_fallback(gran, k_block, groups):
     the per-score K scale (the others)."""
     m = _k()
     q, k, v = _dit_inputs(1, 4, 2, 300, 700, 128, torch.bfloat16)
-    assert m.quantize_kv(k, v, qk_quant_gran=gran, k_block=k_block).k_groups_per_tile() == groups
+    assert m.quantize(q, k, v, qk_quant_gran=gran, k_block=k_block)[0].k_groups_per_tile() == groups
     ref = sage2pp_attention_reference(q, k, v, qk_quant_gran=gran, k_block=k_block, row_sum=ROW_SUM)
     cfg = m._CANDIDATES[128][0]
     o, _ = m.int8fp8_attention(q, k, v, qk_quant_gran=gran, k_block=k_block, config=cfg)
@@ -142,9 +142,9 @@ def test_quantization_matches_reference():
     for gran in ("per_thread", "per_block"):
         q, k, v = _dit_inputs(2, 4, 2, 333, 401, 128, torch.bfloat16, k_offset=30.0)
         ref = sage2pp_quantize(q, k, v, qk_quant_gran=gran)
-        kv = m.quantize_kv(k, v, qk_quant_gran=gran)
-        qi, qs = m.quantize_q(q, qk_quant_gran=gran)
-        assert torch.equal(qi.float(), ref.q_int8) and torch.equal(qs, ref.q_scale)
+        kv, (qi, qs) = m.quantize(q, k, v, qk_quant_gran=gran)
+        assert torch.equal(qi.view(ref.q_int8.shape).float(), ref.q_int8)
+        assert torch.equal(qs.view(ref.q_scale.shape), ref.q_scale)
         torch.testing.assert_close(kv.k_mean.view_as(ref.k_mean), ref.k_mean, rtol=1e-6, atol=1e-5)
         ki = kv.k_int8.view(ref.k_int8.shape).float()
         # the K mean is summed in another order than torch's: rare off-by-one roundings only

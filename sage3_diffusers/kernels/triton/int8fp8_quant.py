@@ -2,14 +2,15 @@
 
 Importing this module imports triton; `kernels/triton/__init__.py` keeps the package importable without it.
 
-Passes over the caller's K/V (read through their strides, never copied or modified):
+Two launches per call, both reading the caller's Q/K/V through their strides (never copied or modified):
 1. `_kv_stats_kernel`: per (batch, kv-head, chunk of tokens) partial column sums of K and column amax of |V|.
-   Partials, not atomics, so the K mean is deterministic and independent of the GPU.
-2. `_kv_finalize_kernel`: per (batch, kv-head) K mean and V per-channel scale from the partials.
-3. `_kv_quant_kernel`: per (batch, kv-head, tile of `k_block` tokens, K or V): K - mean -> INT8 with per-group
-   scales; V -> FP8 E4M3 (FP16 where the GPU has no FP8 dot) with per-channel scales, stored transposed
-   (B*Hkv, D, S_pad) so the PV dot reads V K-major.
-Q: `_q_quant_kernel` (INT8 Q and its scales, which the attention kernel reads).
+   Partials, not atomics, so the K mean is deterministic and independent of the GPU. A separate launch: the
+   K mean and V scales depend on every token of the head.
+2. `_qkv_quant_kernel`: one 1-D grid of K tiles, V tiles and Q tiles. A K or V program first reduces its head's
+   partials to the K mean / V per-channel scale (`_kv_mean`, `_v_scale`; the program of tile 0 stores them),
+   then quantizes its tile of `k_block` tokens: K - mean -> INT8 with per-group scales; V -> FP8 E4M3 (FP16 where
+   the GPU has no FP8 dot) with per-channel scales, stored transposed (B*Hkv, D, S_pad) so the PV dot reads V
+   K-major. A Q program writes INT8 Q and its scales, which the attention kernel reads.
 """
 from __future__ import annotations
 
@@ -96,12 +97,10 @@ def q_block_amax(q_ptr, stride_qs, stride_qd, start_m, Sq, BM: tl.constexpr, D: 
 
 
 @triton.jit
-def _q_quant_kernel(q_ptr, stride_qb, stride_qh, stride_qs, stride_qd, qi_ptr, qs_ptr, H, Sq,
-                    D: tl.constexpr, BM: tl.constexpr, PER_THREAD: tl.constexpr, Q_BLOCK: tl.constexpr):
-    """Q quantization with the attention kernel's own tile code (the default configs' separate Q pass).
+def _quant_q_tile(q_ptr, stride_qb, stride_qh, stride_qs, stride_qd, qi_ptr, qs_ptr, H, Sq, pid_m, bh,
+                  D: tl.constexpr, BM: tl.constexpr, PER_THREAD: tl.constexpr, Q_BLOCK: tl.constexpr):
+    """Q quantization of rows [pid_m*BM, pid_m*BM + BM) of head bh with the attention kernel's own tile code.
     Writes int8 [B*H, Sq, D] and per-row scales [B*H, Sq] (without sm_scale)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     rows = pid_m * BM + tl.arange(0, BM)
@@ -153,23 +152,33 @@ def _kv_stats_kernel(k_ptr, stride_kb, stride_kh, stride_ks, stride_kd,
 
 
 @triton.jit
-def _kv_finalize_kernel(ksum_ptr, vmax_ptr, kmean_ptr, vscale_ptr, S, N_CHUNKS,
-                        D: tl.constexpr, SMOOTH_K: tl.constexpr, CHUNKS_P2: tl.constexpr):
-    """Per (batch, kv-head): K mean and V per-channel scale from the partials of `_kv_stats_kernel`."""
-    bh = tl.program_id(0)
+def _kv_mean(ksum_ptr, bh, S, N_CHUNKS, D: tl.constexpr, SMOOTH_K: tl.constexpr, CHUNKS_P2: tl.constexpr):
+    """K mean [D] of head bh from the partial sums of `_kv_stats_kernel`, summed over the chunks in the order
+    that the register layout of the partials load gives. The load is [CHUNKS_P2, 1, D]: Triton gives a load the
+    layout of the widest access among the same-shaped memory operations of the kernel, and no tile of this
+    kernel has that shape, so its layout is the one a [CHUNKS_P2, D] load has alone (the middle axis takes no
+    thread): the summation order, and the bits of the mean, do not depend on the tiles around it."""
+    offs_d = tl.arange(0, D)
+    if SMOOTH_K:
+        cidx = tl.arange(0, CHUNKS_P2)
+        part = (bh * N_CHUNKS + cidx)[:, None, None] * D + offs_d[None, None, :]
+        parts = tl.load(ksum_ptr + part, mask=cidx[:, None, None] < N_CHUNKS, other=0.0)
+        kmean = tl.reshape(tl.sum(parts, axis=0), [D]) / S
+    else:
+        kmean = tl.zeros([D], dtype=tl.float32)
+    return kmean
+
+
+@triton.jit
+def _v_scale(vmax_ptr, bh, N_CHUNKS, D: tl.constexpr, CHUNKS_P2: tl.constexpr):
+    """V per-channel scale [D] of head bh (amax / 448) from the partial amax of `_kv_stats_kernel`; NaN sticks."""
     offs_d = tl.arange(0, D)
     cidx = tl.arange(0, CHUNKS_P2)
     part = (bh * N_CHUNKS + cidx)[:, None] * D + offs_d[None, :]
-    pmask = cidx[:, None] < N_CHUNKS
-    if SMOOTH_K:
-        kmean = tl.sum(tl.load(ksum_ptr + part, mask=pmask, other=0.0), axis=0) / S
-    else:
-        kmean = tl.zeros([D], dtype=tl.float32)
-    vparts = tl.load(vmax_ptr + part, mask=pmask, other=0.0)
+    vparts = tl.load(vmax_ptr + part, mask=cidx[:, None] < N_CHUNKS, other=0.0)
     vamax = tl.max(vparts, axis=0)
     vamax = tl.where(tl.max((vparts != vparts).to(tl.int32), axis=0) > 0, float("nan"), vamax)
-    tl.store(kmean_ptr + bh * D + offs_d, kmean)
-    tl.store(vscale_ptr + bh * D + offs_d, tl.math.div_rn(vamax, tl.full([D], E4M3_MAX, tl.float32)))
+    return tl.math.div_rn(vamax, tl.full([D], E4M3_MAX, tl.float32))
 
 
 @triton.jit
@@ -198,63 +207,103 @@ def _k_rows_scale(g, SUB: tl.constexpr, K_PER_THREAD: tl.constexpr):
 
 
 @triton.jit
-def _kv_quant_kernel(k_ptr, stride_kb, stride_kh, stride_ks, stride_kd,
-                     v_ptr, stride_vb, stride_vh, stride_vs, stride_vd,
-                     kq_ptr, kscale_ptr, kmean_ptr, vq_ptr, vscale_ptr, H, S, S_PAD,
-                     D: tl.constexpr, K_BLOCK: tl.constexpr, SUB: tl.constexpr, K_PER_THREAD: tl.constexpr,
-                     V_FP8: tl.constexpr, UNROLL: tl.constexpr):
-    """Program (tile, bh, 0) quantizes a K tile of K_BLOCK tokens, (tile, bh, 1) the V tile; both in chunks of
-    SUB rows (K in two passes: group amax, then quantize; the second pass re-reads the tile from L2)."""
-    t = tl.program_id(0)
-    bh = tl.program_id(1)
+def _quant_k_tile(k_ptr, stride_kb, stride_kh, stride_ks, stride_kd, kq_ptr, kscale_ptr, kmean_ptr, ksum_ptr,
+                  H, S, N_CHUNKS, t, bh,
+                  D: tl.constexpr, K_BLOCK: tl.constexpr, SUB: tl.constexpr, K_PER_THREAD: tl.constexpr,
+                  UNROLL: tl.constexpr, SMOOTH_K: tl.constexpr, CHUNKS_P2: tl.constexpr):
+    """K tile t (K_BLOCK tokens) of head bh in chunks of SUB rows, in two passes: group amax, then quantize (the
+    second pass re-reads the tile from L2)."""
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, D)
     row0 = t * K_BLOCK
-    if tl.program_id(2) == 0:
-        kmean = tl.load(kmean_ptr + bh * D + offs_d)
-        k_base = k_ptr + b * stride_kb + h * stride_kh
-        if K_PER_THREAD:
-            g = tl.zeros([4], dtype=tl.float32)
-        else:
-            g = tl.zeros([1], dtype=tl.float32)
-        for c in tl.range(0, K_BLOCK, SUB, loop_unroll_factor=UNROLL):  # unrolled: several chunk loads in flight
-            rows = row0 + c + tl.arange(0, SUB)
-            rmask = rows < S
-            x = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=rmask[:, None],
-                        other=0.0).to(tl.float32)
-            x = tl.where(rmask[:, None], x - kmean[None, :], 0.0)
-            gc = _k_group_amax(x, SUB, K_PER_THREAD)
-            g = tl.where((gc != gc) | (g != g), float("nan"), tl.maximum(g, gc))  # NaN sticks
-        scale_g = tl.math.div_rn(g, tl.zeros_like(g) + INT8_MAX)
-        for c in tl.range(0, K_BLOCK, SUB, loop_unroll_factor=UNROLL):  # unrolled: several chunk loads in flight
-            rows = row0 + c + tl.arange(0, SUB)
-            rmask = rows < S
-            x = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=rmask[:, None],
-                        other=0.0).to(tl.float32)
-            x = x - kmean[None, :]
-            scale = _k_rows_scale(scale_g, SUB, K_PER_THREAD)
-            s = scale[:, None]
-            safe = tl.where(s == 0, 1.0, s)
-            ki = tl.where(s == 0, 0.0, _rne_int8(tl.math.div_rn(x, tl.broadcast_to(safe, x.shape))))
-            ki = tl.where(ki != ki, 0.0, ki)
-            tl.store(kq_ptr + (bh * S + rows)[:, None] * D + offs_d[None, :], ki.to(tl.int8), mask=rmask[:, None])
-            tl.store(kscale_ptr + bh * S + rows, scale, mask=rmask)
+    kmean = _kv_mean(ksum_ptr, bh, S, N_CHUNKS, D, SMOOTH_K, CHUNKS_P2)
+    if t == 0:
+        tl.store(kmean_ptr + bh * D + offs_d, kmean)  # for the attention kernel's LSE term
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    if K_PER_THREAD:
+        g = tl.zeros([4], dtype=tl.float32)
     else:
-        vscale = tl.load(vscale_ptr + bh * D + offs_d)
-        vs = vscale[None, :]
-        vsafe = tl.where(vs == 0, 1.0, vs)
-        for c in tl.range(0, K_BLOCK, SUB, loop_unroll_factor=UNROLL):  # unrolled: several chunk loads in flight
-            rows = row0 + c + tl.arange(0, SUB)
-            v = tl.load(v_ptr + b * stride_vb + h * stride_vh + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                        mask=(rows < S)[:, None], other=0.0).to(tl.float32)
-            vq = tl.where(vs == 0, 0.0, tl.math.div_rn(v, tl.broadcast_to(vsafe, v.shape)))
-            vq = tl.minimum(tl.maximum(vq, -E4M3_MAX), E4M3_MAX)  # |v| = amax can divide to 448 + 1 ulp
-            if V_FP8:
-                vq = vq.to(tl.float8e4nv)
-            else:
-                vq = vq.to(tl.float16)
-            # transposed store; columns in [S, S_PAD) get zeros (rows >= S were loaded as 0)
-            tl.store(vq_ptr + (bh * D + offs_d)[:, None] * S_PAD + rows[None, :], tl.trans(vq),
-                     mask=(rows < S_PAD)[None, :])
+        g = tl.zeros([1], dtype=tl.float32)
+    for c in tl.range(0, K_BLOCK, SUB, loop_unroll_factor=UNROLL):  # unrolled: several chunk loads in flight
+        rows = row0 + c + tl.arange(0, SUB)
+        rmask = rows < S
+        x = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=rmask[:, None],
+                    other=0.0).to(tl.float32)
+        x = tl.where(rmask[:, None], x - kmean[None, :], 0.0)
+        gc = _k_group_amax(x, SUB, K_PER_THREAD)
+        g = tl.where((gc != gc) | (g != g), float("nan"), tl.maximum(g, gc))  # NaN sticks
+    scale_g = tl.math.div_rn(g, tl.zeros_like(g) + INT8_MAX)
+    for c in tl.range(0, K_BLOCK, SUB, loop_unroll_factor=UNROLL):  # unrolled: several chunk loads in flight
+        rows = row0 + c + tl.arange(0, SUB)
+        rmask = rows < S
+        x = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=rmask[:, None],
+                    other=0.0).to(tl.float32)
+        x = x - kmean[None, :]
+        scale = _k_rows_scale(scale_g, SUB, K_PER_THREAD)
+        s = scale[:, None]
+        safe = tl.where(s == 0, 1.0, s)
+        ki = tl.where(s == 0, 0.0, _rne_int8(tl.math.div_rn(x, tl.broadcast_to(safe, x.shape))))
+        ki = tl.where(ki != ki, 0.0, ki)
+        tl.store(kq_ptr + (bh * S + rows)[:, None] * D + offs_d[None, :], ki.to(tl.int8), mask=rmask[:, None])
+        tl.store(kscale_ptr + bh * S + rows, scale, mask=rmask)
 
+
+@triton.jit
+def _quant_v_tile(v_ptr, stride_vb, stride_vh, stride_vs, stride_vd, vq_ptr, vscale_ptr, vmax_ptr,
+                  H, S, S_PAD, N_CHUNKS, t, bh,
+                  D: tl.constexpr, K_BLOCK: tl.constexpr, SUB: tl.constexpr, V_FP8: tl.constexpr,
+                  UNROLL: tl.constexpr, CHUNKS_P2: tl.constexpr):
+    """V tile t (K_BLOCK tokens) of head bh in chunks of SUB rows, divided by the per-channel scale, stored
+    transposed."""
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, D)
+    row0 = t * K_BLOCK
+    vscale = _v_scale(vmax_ptr, bh, N_CHUNKS, D, CHUNKS_P2)
+    if t == 0:
+        tl.store(vscale_ptr + bh * D + offs_d, vscale)
+    vs = vscale[None, :]
+    vsafe = tl.where(vs == 0, 1.0, vs)
+    for c in tl.range(0, K_BLOCK, SUB, loop_unroll_factor=UNROLL):  # unrolled: several chunk loads in flight
+        rows = row0 + c + tl.arange(0, SUB)
+        v = tl.load(v_ptr + b * stride_vb + h * stride_vh + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                    mask=(rows < S)[:, None], other=0.0).to(tl.float32)
+        vq = tl.where(vs == 0, 0.0, tl.math.div_rn(v, tl.broadcast_to(vsafe, v.shape)))
+        vq = tl.minimum(tl.maximum(vq, -E4M3_MAX), E4M3_MAX)  # |v| = amax can divide to 448 + 1 ulp
+        if V_FP8:
+            vq = vq.to(tl.float8e4nv)
+        else:
+            vq = vq.to(tl.float16)
+        # transposed store; columns in [S, S_PAD) get zeros (rows >= S were loaded as 0)
+        tl.store(vq_ptr + (bh * D + offs_d)[:, None] * S_PAD + rows[None, :], tl.trans(vq),
+                 mask=(rows < S_PAD)[None, :])
+
+
+@triton.jit
+def _qkv_quant_kernel(q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
+                      k_ptr, stride_kb, stride_kh, stride_ks, stride_kd,
+                      v_ptr, stride_vb, stride_vh, stride_vs, stride_vd,
+                      ksum_ptr, vmax_ptr, qi_ptr, qs_ptr, kq_ptr, kscale_ptr, kmean_ptr, vq_ptr, vscale_ptr,
+                      Hq, Sq, Hkv, S, S_PAD, N_CHUNKS, K_TILES, KV_PROGRAMS, Q_TILES,
+                      D: tl.constexpr, K_BLOCK: tl.constexpr, SUB: tl.constexpr, K_PER_THREAD: tl.constexpr,
+                      V_FP8: tl.constexpr, UNROLL: tl.constexpr, SMOOTH_K: tl.constexpr, CHUNKS_P2: tl.constexpr,
+                      BM: tl.constexpr, Q_PER_THREAD: tl.constexpr, Q_BLOCK: tl.constexpr):
+    """One 1-D grid: programs [0, KV_PROGRAMS) are K tiles, [KV_PROGRAMS, 2*KV_PROGRAMS) V tiles (tile index
+    fastest, then head: KV_PROGRAMS = K_TILES * B*Hkv), the rest Q tiles of BM rows (Q_TILES per head)."""
+    pid = tl.program_id(0)
+    if pid < 2 * KV_PROGRAMS:
+        kv = pid % KV_PROGRAMS
+        t = kv % K_TILES
+        bh = kv // K_TILES
+        if pid < KV_PROGRAMS:
+            _quant_k_tile(k_ptr, stride_kb, stride_kh, stride_ks, stride_kd, kq_ptr, kscale_ptr, kmean_ptr,
+                          ksum_ptr, Hkv, S, N_CHUNKS, t, bh, D, K_BLOCK, SUB, K_PER_THREAD, UNROLL, SMOOTH_K,
+                          CHUNKS_P2)
+        else:
+            _quant_v_tile(v_ptr, stride_vb, stride_vh, stride_vs, stride_vd, vq_ptr, vscale_ptr, vmax_ptr,
+                          Hkv, S, S_PAD, N_CHUNKS, t, bh, D, K_BLOCK, SUB, V_FP8, UNROLL, CHUNKS_P2)
+    else:
+        r = pid - 2 * KV_PROGRAMS
+        _quant_q_tile(q_ptr, stride_qb, stride_qh, stride_qs, stride_qd, qi_ptr, qs_ptr, Hq, Sq, r % Q_TILES,
+                      r // Q_TILES, D, BM, Q_PER_THREAD, Q_BLOCK)
