@@ -19,9 +19,19 @@ using sage3::binding::to_python;
 using sage3::sm90::QuantArgs;
 using sage3::sm90::QuantShapes;
 
+// The quantized operands of one call: raw pointers into one workspace allocation (`ws` keeps it alive), so the
+// hot path creates no tensor per intermediate (host time per call); `quantize()` wraps them as tensors for tests.
 struct Quantized {
   QuantShapes s;
-  at::Tensor q_i8, q_scale, q_kmean, k_i8, k_scale, k_mean, v_t, v_scale;
+  at::Tensor ws;
+  int8_t* q_i8 = nullptr;
+  float* q_scale = nullptr;
+  float* q_kmean = nullptr;
+  int8_t* k_i8 = nullptr;
+  float* k_scale = nullptr;
+  float* k_mean = nullptr;
+  uint8_t* v_t = nullptr;
+  float* v_scale = nullptr;
 };
 
 std::string check_input(const at::Tensor& x, const char* name) {
@@ -29,14 +39,19 @@ std::string check_input(const at::Tensor& x, const char* name) {
   SAGE3_CHECK(x.dim() == 4, "sm90 attention: ", name, " must be 4-D, got ", x.dim(), "-D");
   SAGE3_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "sm90 attention: ", name, " must be float16 or bfloat16, got ", x.scalar_type());
-  SAGE3_CHECK(x.stride(3) == 1, "sm90 attention: ", name, " needs a contiguous last (channel) dimension");
-  for (int d = 0; d < 3; ++d) {
-    SAGE3_CHECK(x.stride(d) % 8 == 0 || x.size(d) == 1, "sm90 attention: ", name,
-                " strides must be multiples of 8 elements (16-byte rows), got ", x.strides());
-  }
-  SAGE3_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "sm90 attention: ", name,
-              " data pointer must be 16-byte aligned");
   return {};
+}
+
+// The kernels read channels contiguously in 16-byte rows from a 16-byte aligned base. A tensor laid out otherwise
+// (a transposed view, odd strides, a view sliced at an odd offset such as ring attention's chunk of an all-gathered
+// buffer) is copied once into a fresh allocation, which the caching allocator aligns; the caller's tensor is only
+// read.
+at::Tensor kernel_ready(const at::Tensor& x) {
+  bool ok = x.stride(3) == 1 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  for (int d = 0; d < 3 && ok; ++d) ok = x.stride(d) % 8 == 0 || x.size(d) == 1;
+  if (ok) return x;
+  at::Tensor y = x.contiguous();
+  return reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0 ? y : y.clone();
 }
 
 // Logical [B, H, S, D] sizes and strides of a tensor in layout HND ([B,H,S,D]) or NHD ([B,S,H,D]).
@@ -48,11 +63,12 @@ View view_of(const at::Tensor& x, bool nhd) {
   return {x.size(0), x.size(1), x.size(2), x.size(3), x.stride(0), x.stride(1), x.stride(2)};
 }
 
-std::string quantize_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool nhd, bool want_qk_mean,
-                          Quantized& r) {
-  SAGE3_TRY(check_input(q, "q"));
-  SAGE3_TRY(check_input(k, "k"));
-  SAGE3_TRY(check_input(v, "v"));
+std::string quantize_impl(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, bool nhd,
+                          bool want_qk_mean, Quantized& r) {
+  SAGE3_TRY(check_input(q_in, "q"));
+  SAGE3_TRY(check_input(k_in, "k"));
+  SAGE3_TRY(check_input(v_in, "v"));
+  const at::Tensor q = kernel_ready(q_in), k = kernel_ready(k_in), v = kernel_ready(v_in);
   SAGE3_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "sm90 attention: q, k, v must share one dtype");
   SAGE3_CHECK(q.device() == k.device() && q.device() == v.device(), "sm90 attention: q, k, v on different devices");
@@ -71,7 +87,7 @@ std::string quantize_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   const QuantShapes& s = r.s;
   // All intermediates of the call in one allocation (one caching-allocator call instead of ten: host time per
   // call), each at a 256-byte aligned offset (TMA needs 16-byte aligned bases). Memory is what separate
-  // allocations would take; it returns to the caching allocator when the last view dies, as they would.
+  // allocations would take; it returns to the caching allocator when the call's last reference dies.
   const int64_t B = s.B, Hq = s.Hq, Hkv = s.Hkv, Sq = s.Sq, Skv = s.Skv, D = s.D;
   int64_t total = 0;
   auto reserve = [&total](int64_t bytes) {
@@ -89,21 +105,16 @@ std::string quantize_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t o_kmean = reserve(B * Hkv * D * 4);
   const int64_t o_vt = reserve(B * Hkv * D * s.skv_pad());
   const int64_t o_vscale = reserve(B * Hkv * D * 4);
-  const at::Tensor ws = at::empty({total}, q.options().dtype(at::kByte));
-  auto carve = [&ws](int64_t offset, at::IntArrayRef shape, at::ScalarType dtype) {
-    const int64_t bytes = c10::multiply_integers(shape) * c10::elementSize(dtype);
-    return ws.narrow(0, offset, bytes).view(dtype).view(shape);
-  };
-  at::Tensor partial_ksum = carve(o_ksum, {B, Hkv, s.n_chunks(), D}, at::kFloat);
-  at::Tensor partial_vamax = carve(o_vamax, {B, Hkv, s.n_chunks(), D}, at::kFloat);
-  r.q_i8 = carve(o_qi8, {B, Hq, Sq, D}, at::kChar);
-  r.q_scale = carve(o_qscale, {B, Hq, s.n_qgroups()}, at::kFloat);
-  r.q_kmean = want_qk_mean ? carve(o_qkmean, {B, Hq, Sq}, at::kFloat) : at::Tensor();
-  r.k_i8 = carve(o_ki8, {B, Hkv, Skv, D}, at::kChar);
-  r.k_scale = carve(o_kscale, {B, Hkv, s.n_ktiles() * 4}, at::kFloat);
-  r.k_mean = carve(o_kmean, {B, Hkv, D}, at::kFloat);
-  r.v_t = carve(o_vt, {B, Hkv, D, s.skv_pad()}, at::kByte);
-  r.v_scale = carve(o_vscale, {B, Hkv, D}, at::kFloat);
+  r.ws = at::empty({total}, q.options().dtype(at::kByte));
+  uint8_t* base = r.ws.data_ptr<uint8_t>();
+  r.q_i8 = reinterpret_cast<int8_t*>(base + o_qi8);
+  r.q_scale = reinterpret_cast<float*>(base + o_qscale);
+  r.q_kmean = want_qk_mean ? reinterpret_cast<float*>(base + o_qkmean) : nullptr;
+  r.k_i8 = reinterpret_cast<int8_t*>(base + o_ki8);
+  r.k_scale = reinterpret_cast<float*>(base + o_kscale);
+  r.k_mean = reinterpret_cast<float*>(base + o_kmean);
+  r.v_t = base + o_vt;
+  r.v_scale = reinterpret_cast<float*>(base + o_vscale);
 
   QuantArgs a;
   a.s = s;
@@ -111,16 +122,16 @@ std::string quantize_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   a.q = q.data_ptr(); a.q_sb = vq.sb; a.q_sh = vq.sh; a.q_ss = vq.ss;
   a.k = k.data_ptr(); a.k_sb = vk.sb; a.k_sh = vk.sh; a.k_ss = vk.ss;
   a.v = v.data_ptr(); a.v_sb = vv.sb; a.v_sh = vv.sh; a.v_ss = vv.ss;
-  a.partial_ksum = partial_ksum.data_ptr<float>();
-  a.partial_vamax = partial_vamax.data_ptr<float>();
-  a.q_i8 = r.q_i8.data_ptr<int8_t>();
-  a.q_scale = r.q_scale.data_ptr<float>();
-  a.q_kmean = want_qk_mean ? r.q_kmean.data_ptr<float>() : nullptr;
-  a.k_i8 = r.k_i8.data_ptr<int8_t>();
-  a.k_scale = r.k_scale.data_ptr<float>();
-  a.k_mean = r.k_mean.data_ptr<float>();
-  a.v_t = r.v_t.data_ptr<uint8_t>();
-  a.v_scale = r.v_scale.data_ptr<float>();
+  a.partial_ksum = reinterpret_cast<float*>(base + o_ksum);
+  a.partial_vamax = reinterpret_cast<float*>(base + o_vamax);
+  a.q_i8 = r.q_i8;
+  a.q_scale = r.q_scale;
+  a.q_kmean = r.q_kmean;
+  a.k_i8 = r.k_i8;
+  a.k_scale = r.k_scale;
+  a.k_mean = r.k_mean;
+  a.v_t = r.v_t;
+  a.v_scale = r.v_scale;
   cudaError_t e = sage3::sm90::launch_quantize(a, c10::cuda::getCurrentCUDAStream());
   SAGE3_CHECK(e == cudaSuccess, "sm90 quantization launch failed: ", cudaGetErrorString(e));
   return {};
@@ -133,7 +144,22 @@ std::string quantize(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   c10::cuda::CUDAGuard guard(q.device());
   Quantized r;
   SAGE3_TRY(quantize_impl(q, k, v, nhd, with_qk_mean, r));
-  result = {r.q_i8, r.q_scale, r.k_i8, r.k_scale, r.k_mean, r.v_t, r.v_scale, r.q_kmean};
+  const QuantShapes& s = r.s;
+  const int64_t B = s.B, Hq = s.Hq, Hkv = s.Hkv, Sq = s.Sq, Skv = s.Skv, D = s.D;
+  uint8_t* base = r.ws.data_ptr<uint8_t>();
+  auto view = [&](const void* p, at::IntArrayRef shape, at::ScalarType dtype) {
+    const int64_t offset = static_cast<const uint8_t*>(p) - base;
+    const int64_t bytes = c10::multiply_integers(shape) * c10::elementSize(dtype);
+    return r.ws.narrow(0, offset, bytes).view(dtype).view(shape);
+  };
+  result = {view(r.q_i8, {B, Hq, Sq, D}, at::kChar),
+            view(r.q_scale, {B, Hq, s.n_qgroups()}, at::kFloat),
+            view(r.k_i8, {B, Hkv, Skv, D}, at::kChar),
+            view(r.k_scale, {B, Hkv, s.n_ktiles() * 4}, at::kFloat),
+            view(r.k_mean, {B, Hkv, D}, at::kFloat),
+            view(r.v_t, {B, Hkv, D, s.skv_pad()}, at::kByte),
+            view(r.v_scale, {B, Hkv, D}, at::kFloat),
+            r.q_kmean ? view(r.q_kmean, {B, Hq, Sq}, at::kFloat) : at::Tensor()};
   return {};
 }
 
@@ -183,14 +209,17 @@ std::string forward_quantized(const at::Tensor& q, const std::vector<at::Tensor>
   const View vq = view_of(q, nhd);
   Quantized r;
   r.s = QuantShapes{(int)vq.B, (int)vq.H, (int)heads_kv, (int)vq.S, (int)seq_kv, (int)vq.D};
-  r.q_i8 = qz[0]; r.q_scale = qz[1]; r.k_i8 = qz[2]; r.k_scale = qz[3]; r.k_mean = qz[4];
-  r.v_t = qz[5]; r.v_scale = qz[6]; r.q_kmean = qz[7];
-  SAGE3_CHECK(!return_lse || r.q_kmean.defined(), "forward_quantized: return_lse needs quantize(..., with_qk_mean=True)");
-  SAGE3_CHECK(r.k_scale.is_contiguous() && reinterpret_cast<uintptr_t>(r.k_scale.data_ptr()) % 16 == 0 &&
-                 r.v_scale.is_contiguous() && reinterpret_cast<uintptr_t>(r.v_scale.data_ptr()) % 8 == 0,
+  const at::Tensor &q_i8 = qz[0], &q_scale = qz[1], &k_i8 = qz[2], &k_scale = qz[3], &k_mean = qz[4], &v_t = qz[5],
+                   &v_scale = qz[6], &q_kmean = qz[7];
+  SAGE3_CHECK(!return_lse || q_kmean.defined(), "forward_quantized: return_lse needs quantize(..., with_qk_mean=True)");
+  SAGE3_CHECK(k_scale.is_contiguous() && reinterpret_cast<uintptr_t>(k_scale.data_ptr()) % 16 == 0 &&
+                 v_scale.is_contiguous() && reinterpret_cast<uintptr_t>(v_scale.data_ptr()) % 8 == 0,
              "forward_quantized: k_scale / v_scale must be contiguous and aligned as quantize() returns them");
-  SAGE3_CHECK(r.k_i8.size(2) == seq_kv && r.k_i8.size(1) == heads_kv && r.q_i8.sizes() == at::IntArrayRef({vq.B, vq.H, vq.S, vq.D}),
+  SAGE3_CHECK(k_i8.size(2) == seq_kv && k_i8.size(1) == heads_kv && q_i8.sizes() == at::IntArrayRef({vq.B, vq.H, vq.S, vq.D}),
               "forward_quantized: shapes do not match the quantized tensors");
+  r.q_i8 = q_i8.data_ptr<int8_t>(); r.q_scale = q_scale.data_ptr<float>(); r.k_i8 = k_i8.data_ptr<int8_t>();
+  r.k_scale = k_scale.data_ptr<float>(); r.k_mean = k_mean.data_ptr<float>(); r.v_t = v_t.data_ptr<uint8_t>();
+  r.v_scale = v_scale.data_ptr<float>(); r.q_kmean = q_kmean.defined() ? q_kmean.data_ptr<float>() : nullptr;
   return run_attention(r, q, nhd, is_causal, sm_scale, return_lse, c10::nullopt, c10::nullopt, c10::nullopt, result);
 }
 
@@ -227,13 +256,13 @@ std::string run_attention(const Quantized& r, const at::Tensor& q, bool nhd, boo
   a.causal = is_causal;
   a.return_lse = return_lse;
   a.sm_scale = sm_scale;
-  a.q_i8 = r.q_i8.data_ptr<int8_t>();
-  a.q_scale = r.q_scale.data_ptr<float>();
-  a.q_kmean = return_lse ? r.q_kmean.data_ptr<float>() : nullptr;
-  a.k_i8 = r.k_i8.data_ptr<int8_t>();
-  a.k_scale = r.k_scale.data_ptr<float>();
-  a.v_t = r.v_t.data_ptr<uint8_t>();
-  a.v_scale = r.v_scale.data_ptr<float>();
+  a.q_i8 = r.q_i8;
+  a.q_scale = r.q_scale;
+  a.q_kmean = return_lse ? r.q_kmean : nullptr;
+  a.k_i8 = r.k_i8;
+  a.k_scale = r.k_scale;
+  a.v_t = r.v_t;
+  a.v_scale = r.v_scale;
   a.out = out.data_ptr();
   a.o_sb = vo.sb; a.o_sh = vo.sh; a.o_ss = vo.ss;
   a.lse = return_lse ? lse.data_ptr<float>() : nullptr;
