@@ -76,9 +76,13 @@ def _backend_lines(problem: AttentionProblem) -> dict[str, str]:
         try:
             with warnings.catch_warnings():  # the note below says the same
                 warnings.simplefilter("ignore")
-                sel = select_backend(problem, kernel)
-            lines[f"kernel={kernel}"] = (f"  kernel={kernel!r} -> {sel.backend.name}" +
-                                         (f" ({sel.note})" if sel.note else ""))
+                sels = {mode: select_backend(problem, kernel, mode) for mode in perf_model.DISPATCH_MODES}
+            eager = sels["eager"]
+            others = [f"{mode} calls: {sel.backend.name}" for mode, sel in sels.items()
+                      if mode != "eager" and sel.backend is not eager.backend]
+            lines[f"kernel={kernel}"] = (f"  kernel={kernel!r} -> {eager.backend.name}" +
+                                         (f" ({eager.note})" if eager.note else "") +
+                                         (f" in eager calls; {'; '.join(others)}" if others else " in every mode"))
         except ValueError as e:
             lines[f"kernel={kernel}"] = f"  kernel={kernel!r} -> error: {e}"
     return lines

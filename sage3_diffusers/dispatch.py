@@ -6,9 +6,17 @@
     "auto"    (default) fp4 -> int8_fp8 -> sdpa, one warning per distinct case;
     "emulate" run the family's torch emulation (reference numerics, slow; for accuracy studies);
     "error"   raise ValueError listing every backend's reasons.
-- "auto" takes the fastest backend of any family (never an emulation). "Fastest" is the measured table in
-  `perf_model` where it covers every runnable candidate (Hopper), else the backends' static priorities; so on
-  Hopper, "auto" may well choose exact SDPA (cuDNN) where it is faster than the quantized kernels.
+- "auto" takes the fastest backend of any family (never an emulation). "Fastest" is decided per execution mode
+  (`perf_model.current_mode()`: "eager", "graph" under CUDA-graph capture, "compile" under torch.compile) from
+  this card's measured table (`perf_model`) in that mode only, never from a column measured in another mode:
+  - every runnable candidate has a measurement of this mode: the fastest of them, so "auto" may well choose
+    exact SDPA (cuDNN) where it is faster than the quantized kernels;
+  - the card has a table but some runnable candidate has no measurement of this mode: exact SDPA, never a
+    quantized kernel on a guess (the rejections say "no <mode> measurement on this card");
+  - no table for this card (or a problem off CUDA): the backends' static priorities.
+  A family chooses among its own kernels the same way, except that unmeasured it takes them by priority (the
+  family runs: it was asked for). The mode is part of every cached decision, so a choice made for one mode is
+  never reused in another.
 Environment: SAGE3_BACKEND=<backend name> forces one backend for every call; SAGE3_FALLBACK sets the
 fallback (`set_fallback` does the same from Python); SAGE3_SELFCHECK=0 turns off the self-check that a
 compiled kernel passes before its first use (`selfcheck`).
@@ -25,7 +33,7 @@ import torch
 
 from . import selfcheck
 from .backends.base import FAMILIES, AttentionBackend, AttentionProblem, describe_problem
-from .perf_model import SOURCE as PERF_SOURCE, estimated_tflops
+from .perf_model import BASELINE, DISPATCH_MODES, current_mode, expected_speed, table_for
 
 FALLBACKS = ("auto", "emulate", "error")
 _DEGRADE = {"fp4": "int8_fp8", "int8_fp8": "sdpa"}
@@ -41,7 +49,8 @@ _BACKEND_MODULES = [
 
 _registry: dict[str, AttentionBackend] = {}
 _loaded = False
-# Selections: (problem, kernel, fallback) -> Selection, and `decide`'s call signatures -> (backend, note, empty)
+# Selections: (problem, kernel, fallback, mode) -> Selection, and `decide`'s call signatures (mode included) ->
+# (backend, note, empty)
 # in the same dict, so whatever clears one (new backend, settings, self-check) clears both.
 _cache: dict = {}
 _CACHE_SIZE = 8192
@@ -55,10 +64,12 @@ class Selection:
     requested: str
     rejected: tuple[tuple[str, tuple[str, ...]], ...] = field(default=())
     note: str | None = None  # set when the result is a fallback from what was requested
+    mode: str = "eager"  # the execution mode the choice was made for (perf_model.current_mode())
 
     def explain(self) -> str:
         ran = self.backend.name if self.backend is not None else "no backend (the call raises)"
-        lines = [f"requested {self.requested!r} -> {ran}" + (f" ({self.note})" if self.note else "")]
+        lines = [f"requested {self.requested!r} -> {ran}" + (f" ({self.note})" if self.note else "") +
+                 f"; chosen for {self.mode} calls"]
         lines += [f"  rejected {name}: {'; '.join(reasons)}" for name, reasons in self.rejected]
         return "\n".join(lines)
 
@@ -113,9 +124,11 @@ def backend_reasons(backend: AttentionBackend, problem: AttentionProblem) -> lis
     return backend.unavailable_reasons() or ([failed] if failed else []) or backend.input_reasons(problem)
 
 
-def _pick(candidates, problem, rejected, family="any"):
-    """The fastest runnable candidate by measured speed when every runnable one has a measurement for this
-    call (perf_model), else the highest priority. Every candidate not taken gets its reason in `rejected`."""
+def _pick(candidates, problem, rejected, mode, family="any"):
+    """The candidate to run (None if none can), every other one with its reason in `rejected`: the fastest by the
+    card's measurement of `mode` when every runnable candidate has one; else, on a card with a table, exact SDPA
+    for "auto" (family "any": never a quantized kernel on a guess) and the highest priority for a family; without
+    a table, the highest priority."""
     if not candidates:
         rejected.append((f"{family} kernels", ("none is built or registered in this install",)))
         return None
@@ -126,16 +139,32 @@ def _pick(candidates, problem, rejected, family="any"):
             rejected.append((b.name, tuple(reasons)))
         else:
             runnable.append(b)
-    if not runnable:
-        return None
-    est = {b.name: estimated_tflops(b.name, problem) for b in runnable}
-    if len(runnable) > 1 and all(v is not None for v in est.values()):
-        best = max(runnable, key=lambda b: est[b.name])
-        rejected += [(b.name, (f"slower for this call: ~{est[b.name]:.0f} vs ~{est[best.name]:.0f} TFLOPS "
-                               f"for {best.name} (measured: {PERF_SOURCE})",)) for b in runnable if b is not best]
+    if len(runnable) <= 1:
+        return runnable[0] if runnable else None
+    est = {b.name: expected_speed(b.name, problem, mode, stand_in=False) for b in runnable}
+    unmeasured = [name for name, e in est.items() if e is None]
+    if not unmeasured:
+        best = max(runnable, key=lambda b: est[b.name].tflops)
+        rejected += [(b.name, (f"slower for this call in {mode} calls: ~{est[b.name].tflops:.0f} vs "
+                               f"~{est[best.name].tflops:.0f} TFLOPS for {best.name} (measured: "
+                               f"{est[best.name].source})",)) for b in runnable if b is not best]
         return best
-    rejected += [(b.name, (f"lower priority than {runnable[0].name}",)) for b in runnable[1:]]
-    return runnable[0]
+    table = table_for(problem)
+    if table is None or family != "any" or BASELINE not in est:
+        why = "" if table is None else (f"; no {mode} measurement on this card for {', '.join(unmeasured)} at this "
+                                        f"call ({table.describe_source})")
+        rejected += [(b.name, (f"lower priority than {runnable[0].name}{why}",)) for b in runnable[1:]]
+        return runnable[0]
+    guess = f"exact {BASELINE} runs rather than a guess ({table.describe_source})"
+    for b in runnable:
+        if b.name == BASELINE:
+            exact = b
+        elif est[b.name] is None:
+            rejected.append((b.name, (f"no {mode} measurement on this card at this call: {guess}",)))
+        else:
+            rejected.append((b.name, (f"~{est[b.name].tflops:.0f} TFLOPS in {mode} calls, but {', '.join(unmeasured)} "
+                                      f"has no {mode} measurement on this card at this call: {guess}",)))
+    return exact
 
 
 def _reasons_text(rejected) -> str:
@@ -148,24 +177,25 @@ def _warn_once(key, msg):
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
-def _select_uncached(problem: AttentionProblem, kernel: str, fallback: str, explain_only: bool = False) -> Selection:
+def _select_uncached(problem: AttentionProblem, kernel: str, fallback: str, mode: str,
+                     explain_only: bool = False) -> Selection:
     rejected: list = []
     if kernel in _registry:
         b = _registry[kernel]
         reasons = backend_reasons(b, problem)
         if reasons:
             raise ValueError(f"backend {kernel!r} cannot run this call: " + "; ".join(reasons))
-        return Selection(b, kernel)
+        return Selection(b, kernel, mode=mode)
     if kernel == "auto":
-        b = _pick([b for b in _registry.values() if b.auto_eligible], problem, rejected)
-        return Selection(b, kernel, tuple(rejected))
+        b = _pick([b for b in _registry.values() if b.auto_eligible], problem, rejected, mode)
+        return Selection(b, kernel, tuple(rejected), mode=mode)
     if kernel not in FAMILIES:
         raise ValueError(f"unknown kernel {kernel!r}; allowed: 'auto', {FAMILIES} or a backend name "
                          f"{sorted(_registry)}")
     family = kernel
     while True:
         b = _pick([b for b in _registry.values() if b.family == family and b.auto_eligible], problem, rejected,
-                  family)
+                  mode, family)
         if b is not None:
             note = None if family == kernel else f"no {kernel} kernel can run this call; fell back to {family}"
             if note:
@@ -173,25 +203,25 @@ def _select_uncached(problem: AttentionProblem, kernel: str, fallback: str, expl
                            f"sage3_diffusers: {note}. Reasons: " +
                            _reasons_text(rejected) +
                            " (set SAGE3_FALLBACK=emulate or =error to change this)")
-            return Selection(b, kernel, tuple(rejected), note)
+            return Selection(b, kernel, tuple(rejected), note, mode)
         if fallback == "error":
             if explain_only:
                 return Selection(None, kernel, tuple(rejected),
-                                 f"no {family} backend can run this call and SAGE3_FALLBACK=error")
+                                 f"no {family} backend can run this call and SAGE3_FALLBACK=error", mode)
             raise ValueError(f"no {family} backend can run this call (SAGE3_FALLBACK=error): " +
                              _reasons_text(rejected))
         if fallback == "emulate":
             b = _pick([b for b in _registry.values() if b.family == kernel and not b.auto_eligible], problem,
-                      rejected)
+                      rejected, mode, kernel)
             if b is None:
                 raise ValueError(f"no {kernel} backend, emulation included, can run this call: " +
                                  _reasons_text(rejected))
-            return Selection(b, kernel, tuple(rejected), "emulated (SAGE3_FALLBACK=emulate)")
+            return Selection(b, kernel, tuple(rejected), "emulated (SAGE3_FALLBACK=emulate)", mode)
         family = _DEGRADE[family]
 
 
-def _selection_key(problem: AttentionProblem, kernel: str) -> tuple:
-    return problem, _forced_kernel(kernel), get_fallback()
+def _selection_key(problem: AttentionProblem, kernel: str, mode: str) -> tuple:
+    return problem, _forced_kernel(kernel), get_fallback(), mode
 
 
 def _forced_kernel(kernel: str) -> str:
@@ -205,33 +235,43 @@ def _forced_kernel(kernel: str) -> str:
     return forced
 
 
-def select_backend(problem: AttentionProblem, kernel: str = "auto") -> Selection:
-    """Choose the backend for `problem`. Cached per (problem, kernel, settings)."""
+def _checked_mode(mode: str | None) -> str:
+    if mode is None:
+        return current_mode()
+    if mode not in DISPATCH_MODES:
+        raise ValueError(f"unknown execution mode {mode!r}; allowed: {DISPATCH_MODES} (None: the current one)")
+    return mode
+
+
+def select_backend(problem: AttentionProblem, kernel: str = "auto", mode: str | None = None) -> Selection:
+    """Choose the backend for `problem` in execution `mode` ("eager", "graph", "compile"; None: the mode this call
+    runs in, `perf_model.current_mode()`). Cached per (problem, kernel, settings, mode)."""
     _ensure_loaded()
-    key = _selection_key(problem, kernel)
-    _, kernel, fallback = key
+    key = _selection_key(problem, kernel, _checked_mode(mode))
+    _, kernel, fallback, mode = key
     sel = _cache.get(key)
     if sel is None:
-        sel = _select_uncached(problem, kernel, fallback)
+        sel = _select_uncached(problem, kernel, fallback, mode)
         trusted = selfcheck.vet(sel.backend, problem)  # compiled kernels prove themselves once (selfcheck.py)
         while trusted is False:  # now disabled with "failed self-check: ..." as its reason: choose again
             _cache.clear()
-            sel = _select_uncached(problem, kernel, fallback)
+            sel = _select_uncached(problem, kernel, fallback, mode)
             trusted = selfcheck.vet(sel.backend, problem)
         if trusted:  # None: unchecked during CUDA graph capture, so not cached
             _cache[key] = sel
     return sel
 
 
-def explain_selection(problem: AttentionProblem, kernel: str = "auto") -> Selection:
+def explain_selection(problem: AttentionProblem, kernel: str = "auto", mode: str | None = None) -> Selection:
     """`select_backend`, except that where the fallback setting "error" makes the call raise, the Selection
     says so (backend None, every rejection listed) instead of raising. Unknown names still raise."""
     _ensure_loaded()
     kernel = _forced_kernel(kernel)
     fallback = get_fallback()
+    mode = _checked_mode(mode)
     if fallback != "error":
-        return select_backend(problem, kernel)
-    return _select_uncached(problem, kernel, fallback, explain_only=True)
+        return select_backend(problem, kernel, mode)
+    return _select_uncached(problem, kernel, fallback, mode, explain_only=True)
 
 
 # Representative sequence lengths under torch.compile: quarter octaves from 1 to 2**20 tokens.
@@ -246,22 +286,23 @@ def _problem_at(fields: tuple, seq: int) -> AttentionProblem:
 
 
 @torch._dynamo.assume_constant_result
-def _length_segments(fields: tuple, kernel: str) -> tuple:
-    """((smallest seq_q*seq_kv, backend name, note), ...): the choice at every representative length, runs of equal
-    choices merged. One segment (no measured table, or one backend wins at every length) means the choice does
-    not depend on the lengths at all."""
+def _length_segments(fields: tuple, kernel: str, mode: str) -> tuple:
+    """((smallest seq_q*seq_kv, backend name, note), ...): the choice in `mode` at every representative length,
+    runs of equal choices merged. One segment (no measured table, or one backend wins at every length) means the
+    choice does not depend on the lengths at all."""
     segments: list = []
     for seq in _SEGMENT_LENGTHS:
-        sel = select_backend(_problem_at(fields, seq), kernel)
+        sel = select_backend(_problem_at(fields, seq), kernel, mode)
         if not segments or segments[-1][1:] != (sel.backend.name, sel.note):
             segments.append((0 if not segments else seq * seq, sel.backend.name, sel.note))
     return tuple(segments)
 
 
-def backend_for(problem: AttentionProblem, kernel: str = "auto") -> tuple[AttentionBackend, str | None]:
+def backend_for(problem: AttentionProblem, kernel: str = "auto",
+                mode: str | None = None) -> tuple[AttentionBackend, str | None]:
     """(backend, fallback note) as `select_backend` chooses them, safe inside torch.compile: while tracing, the
-    choice is made once per graph (the graph holds only the chosen backend's op) and changing settings later
-    does not retrace (call torch.compiler.reset() or recompile).
+    choice is made once per graph for the "compile" mode (the graph holds only the chosen backend's op) and
+    changing settings later does not retrace (call torch.compiler.reset() or recompile).
 
     Under torch.compile the sizes never reach the choice as values, so static and dynamic shapes are handled
     alike and no size is specialized: the batch counts as 1 (no backend depends on it); head counts and head dims
@@ -272,14 +313,15 @@ def backend_for(problem: AttentionProblem, kernel: str = "auto") -> tuple[Attent
     device, e.g. any CPU) there is no guard and one graph serves every length; with a measured table, one graph
     per length range with a different winner. Eagerly the choice uses the exact lengths; compiled it may differ
     from it within a quarter octave of a crossover."""
-    if not torch.compiler.is_compiling():
-        sel = select_backend(problem, kernel)
+    mode = _checked_mode(mode)
+    if mode != "compile":
+        sel = select_backend(problem, kernel, mode)
         return sel.backend, sel.note
     p = problem
     fields = (1, operator.index(p.heads_q), operator.index(p.heads_kv), 1, 1, operator.index(p.head_dim),
               operator.index(p.head_dim_v), p.dtype, p.device_type, p.capability, p.layout, p.is_causal,
               p.return_lse, p.has_mask, p.has_kv_lens)
-    segments = _length_segments(fields, kernel)
+    segments = _length_segments(fields, kernel, mode)
     _, name, note = segments[0]
     if len(segments) > 1:
         area = p.seq_q * p.seq_kv
@@ -289,32 +331,34 @@ def backend_for(problem: AttentionProblem, kernel: str = "auto") -> tuple[Attent
     return _registry[name], note
 
 
-def _call_key(q, k, v, kernel, layout, is_causal, return_lse, attn_mask, kv_lens):
+def _call_key(q, k, v, kernel, layout, is_causal, return_lse, attn_mask, kv_lens, mode):
     return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, kernel, layout,
             is_causal, return_lse, None if attn_mask is None else type(attn_mask),
             None if kv_lens is None else (type(kv_lens), kv_lens.dtype, kv_lens.shape, kv_lens.device),
-            os.environ.get("SAGE3_BACKEND"), _fallback_override or os.environ.get("SAGE3_FALLBACK"))
+            os.environ.get("SAGE3_BACKEND"), _fallback_override or os.environ.get("SAGE3_FALLBACK"), mode)
 
 
 def decide(q, k, v, kernel: str, layout: str, is_causal: bool, return_lse: bool, attn_mask=None, kv_lens=None):
     """(backend, fallback note or None, empty) for one call: what `sage_attention` and the processors run.
     empty: the call has no query, batch or head, and needs no kernel.
 
-    Eagerly the answer is cached per call signature (shapes, dtypes, devices, flags, settings), so a repeated call
-    costs one dict lookup: inputs are validated (`describe_problem`) and the backend chosen on a miss only.
-    Under torch.compile it is traced: the validation becomes guards, the choice `backend_for`'s."""
-    if torch.compiler.is_compiling():
+    Eagerly (and under CUDA-graph capture) the answer is cached per call signature (shapes, dtypes, devices,
+    flags, settings, execution mode), so a repeated call costs the mode check and one dict lookup: inputs are
+    validated (`describe_problem`) and the backend chosen on a miss only. Under torch.compile it is traced: the
+    validation becomes guards, the choice `backend_for`'s."""
+    mode = current_mode()
+    if mode == "compile":
         p = describe_problem(q, k, v, layout, is_causal, return_lse, attn_mask, kv_lens)
-        backend, note = backend_for(p, kernel)
+        backend, note = backend_for(p, kernel, mode)
         return backend, note, p.seq_q == 0 or p.batch == 0 or p.heads_q == 0
-    key = _call_key(q, k, v, kernel, layout, is_causal, return_lse, attn_mask, kv_lens)
+    key = _call_key(q, k, v, kernel, layout, is_causal, return_lse, attn_mask, kv_lens, mode)
     hit = _cache.get(key)
     if hit is None:
         _ensure_loaded()
         p = describe_problem(q, k, v, layout, is_causal, return_lse, attn_mask, kv_lens)
-        backend, note = backend_for(p, kernel)
+        backend, note = backend_for(p, kernel, mode)
         hit = (backend, note, p.seq_q == 0 or p.batch == 0 or p.heads_q == 0)
-        if _selection_key(p, kernel) in _cache:  # not cached: a choice not yet vetted (selfcheck, graph capture)
+        if _selection_key(p, kernel, mode) in _cache:  # not cached: a choice not yet vetted (selfcheck, graph capture)
             if len(_cache) >= _CACHE_SIZE:
                 _cache.clear()
             _cache[key] = hit

@@ -14,12 +14,14 @@ Modes (how the call is run, see `bench kernels`):
   eager_stream  calls back to back (the GPU-bound steady state inside a model)
   graph         CUDA-graph replays (no host cost)
   compile       a torch.compile'd function around the call, back to back
-Requested modes: "eager" (the default, what an uncompiled model runs) is the conservative choice: each backend's
-speed is the cuDNN-SDPA speed times the *smaller* of its two eager ratios to SDPA, so a kernel that loses to
-SDPA in either eager mode never wins the comparison. "graph" and "compile" read their own columns; `current_mode()`
-says which one a call runs in. A card whose table lacks a requested mode is estimated from its graph column (the
-only mode older tables have), and every estimate says which mode it came from (`expected_speed`). A card with no
-table (or a problem off CUDA) has no estimate: the dispatcher then uses the backends' static priorities.
+`current_mode()` says which mode a call runs in: "eager", "graph" (CUDA-graph capture) or "compile" (torch.compile
+tracing); the dispatcher asks for the estimate of that mode (`DISPATCH_MODES`). "eager" is the conservative
+choice: each backend's speed is the cuDNN-SDPA speed times the *smaller* of its eager ratios to SDPA, so a kernel
+that loses to SDPA in either eager mode never wins the comparison. "graph" and "compile" read their own columns.
+A table that lacks the requested mode has no estimate of it: the dispatcher asks with `stand_in=False` and never
+decides from another mode's column (see `dispatch`). For people, `expected_speed` (by default) still answers from
+the graph column (the only mode older tables have), and then says that it is standing in. A card with no table (or a
+problem off CUDA) has no estimate at all: the dispatcher then uses the backends' static priorities.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from .backends.base import AttentionProblem
 MODES = ("eager_single", "eager_stream", "graph", "compile")
 EAGER_MODES = ("eager_single", "eager_stream")
 REQUEST_MODES = ("eager", *MODES)
+DISPATCH_MODES = ("eager", "graph", "compile")  # what `current_mode()` returns
 BASELINE = "sdpa"  # the backend every ratio is taken against (exact SDPA, cuDNN pinned first)
 DATA_PACKAGE = "sage3_diffusers.data.perf"
 
@@ -133,14 +136,18 @@ def table_for(problem: AttentionProblem, card: str | None = None) -> PerfTable |
     return table
 
 
+_CUDA_BUILT = torch.backends.cuda.is_built()
+
+
 def current_mode() -> str:
-    """How the calling code runs right now: "graph" while a CUDA graph is being captured on the current stream,
-    "compile" while torch.compile traces (also inside a torch._dynamo.assume_constant_result function called
-    from traced code), else "eager"."""
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return "graph"
+    """How the calling code runs right now: "compile" while torch.compile traces (also inside a
+    torch._dynamo.assume_constant_result function called from traced code: what is traced is what later runs),
+    "graph" while a CUDA graph is being captured on the current stream, else "eager". Cheap (a flag and, with a
+    CUDA build, one query that never initializes CUDA): the dispatcher's hot path calls it on every call."""
     if torch.compiler.is_compiling():
         return "compile"
+    if _CUDA_BUILT and torch.cuda.is_current_stream_capturing():
+        return "graph"
     return "eager"
 
 
@@ -171,49 +178,56 @@ def _column(table: PerfTable, backend: str, mode: str, head_dim: int, seq: float
     return None if not pts else _interp(pts, seq)
 
 
-def _estimate(table: PerfTable, backend: str, p: AttentionProblem, mode: str) -> Estimate | None:
+def _eager_estimate(table: PerfTable, backend: str, hd: int, seq: float) -> Estimate | None:
+    ratios = {}
+    for m in EAGER_MODES:
+        ours, base = _column(table, backend, m, hd, seq), _column(table, BASELINE, m, hd, seq)
+        if ours is not None and base:
+            ratios[m] = ours / base
+    if not ratios:
+        return None
+    ref_mode = "eager_stream" if "eager_stream" in ratios else next(iter(ratios))
+    worst = min(ratios, key=ratios.get)
+    tf = _column(table, BASELINE, ref_mode, hd, seq) * ratios[worst]
+    how = (f"{BASELINE} {ref_mode} x the smaller ratio to {BASELINE} over "
+           f"{', '.join(ratios)} ({worst}: {ratios[worst]:.2f}x)")
+    return Estimate(tf, "eager", how, table.describe_source)
+
+
+def _estimate(table: PerfTable, backend: str, p: AttentionProblem, mode: str, stand_in: bool) -> Estimate | None:
+    """The estimate of `mode` from its own column(s); with `stand_in`, the graph column where those are missing."""
     seq = math.sqrt(p.seq_q * p.seq_kv)
     hd = p.head_dim
     if mode == "eager":
-        ratios = {}
-        for m in EAGER_MODES:
-            ours, base = _column(table, backend, m, hd, seq), _column(table, BASELINE, m, hd, seq)
-            if ours is not None and base:
-                ratios[m] = ours / base
-        if ratios:
-            ref_mode = "eager_stream" if "eager_stream" in ratios else next(iter(ratios))
-            worst = min(ratios, key=ratios.get)
-            tf = _column(table, BASELINE, ref_mode, hd, seq) * ratios[worst]
-            how = (f"{BASELINE} {ref_mode} x the smaller ratio to {BASELINE} over "
-                   f"{', '.join(ratios)} ({worst}: {ratios[worst]:.2f}x)")
-            return Estimate(tf, mode, how, table.describe_source)
-        mode_col = "graph"
-        stand_in = "graph column, standing in for eager: this card's table has no eager measurement"
-    elif mode in MODES:
-        mode_col, stand_in = mode, mode
-        if table.points(backend, mode, hd) is None and mode != "graph":
-            mode_col = "graph"
-            stand_in = f"graph column, standing in for {mode}: this card's table has no {mode} measurement"
+        est = _eager_estimate(table, backend, hd, seq)
     else:
-        raise ValueError(f"unknown mode {mode!r}; allowed: {REQUEST_MODES}")
-    tf = _column(table, backend, mode_col, hd, seq)
-    return None if tf is None else Estimate(tf, mode, stand_in, table.describe_source)
+        tf = _column(table, backend, mode, hd, seq)
+        est = None if tf is None else Estimate(tf, mode, mode, table.describe_source)
+    if est is not None or not stand_in or mode == "graph":
+        return est
+    tf = _column(table, backend, "graph", hd, seq)
+    why = "no eager measurement" if mode == "eager" else f"no {mode} measurement"
+    return None if tf is None else Estimate(tf, mode, f"graph column, standing in for {mode}: this card's table "
+                                                     f"has {why} for this call", table.describe_source)
 
 
 def expected_speed(backend_name: str, problem: AttentionProblem, mode: str = "eager",
-                   card: str | None = None) -> Estimate | None:
-    """The measured estimate for this call in `mode` ("eager", "graph", "compile" or one table column), with
-    where it came from; None off CUDA, for a card without a table, or a backend / head dim never measured.
-    `card`: a table slug (`resolve_card`) to ask about another card than the one present."""
+                   card: str | None = None, stand_in: bool = True) -> Estimate | None:
+    """The estimate for this call in `mode` ("eager", "graph", "compile" or one table column), with where it came
+    from; None off CUDA, for a card without a table, or a backend / head dim never measured. `stand_in`: where the
+    table lacks `mode` for this call, answer from its graph column (and say so) instead of None; for people
+    only, the dispatcher never does. `card`: a table slug (`resolve_card`) to ask about another card than the
+    one present."""
     if mode not in REQUEST_MODES:
         raise ValueError(f"unknown mode {mode!r}; allowed: {REQUEST_MODES}")
     table = table_for(problem, card)
-    return None if table is None else _estimate(table, backend_name, problem, mode)
+    return None if table is None else _estimate(table, backend_name, problem, mode, stand_in)
 
 
 def estimated_tflops(backend_name: str, problem: AttentionProblem, mode: str = "eager",
                      card: str | None = None) -> float | None:
-    """`expected_speed(...).tflops`, or None. The default mode is the conservative eager estimate."""
+    """`expected_speed(...).tflops` (stand-ins included), or None. The default mode is the conservative eager
+    estimate."""
     est = expected_speed(backend_name, problem, mode, card)
     return None if est is None else est.tflops
 
@@ -234,19 +248,17 @@ def describe(problem: AttentionProblem | None = None) -> str:
         return (f"the {card} table is for sm_{table.capability[0]}{table.capability[1]}, this call's device is "
                 f"{problem.capability}: static priorities decide")
     eager = [m for m in EAGER_MODES if m in table.modes]
-    how = (f"eager = min ratio to {BASELINE} over {', '.join(eager)}" if eager
-           else "eager estimated from CUDA-graph replays (this table has no eager measurement)")
-    return f"{table.describe_source}; modes {', '.join(table.modes)}; {how}"
-
-
-class _CurrentSource:
-    """Formats as `describe()` at the time it is printed (the dispatcher quotes it in its rejection reasons)."""
-
-    def __str__(self) -> str:
-        return describe()
-
-    def __format__(self, spec: str) -> str:
-        return format(str(self), spec)
-
-
-SOURCE = _CurrentSource()
+    how, missing = [], []
+    for mode in DISPATCH_MODES:
+        cols = eager if mode == "eager" else [mode] if mode in table.modes else []
+        if not cols:
+            missing.append(mode)
+            how.append(f"{mode} calls: no {mode} measurement on this card")
+        elif mode == "eager":
+            how.append(f"eager calls by the smaller ratio to {BASELINE} over {', '.join(cols)}")
+        else:
+            how.append(f"{mode} calls by the {mode} column")
+    if missing:
+        how.append(f"in {', '.join(missing)} calls kernel='auto' runs exact {BASELINE} and a family its kernels by "
+                   f"priority")
+    return f"{table.describe_source}; modes {', '.join(table.modes)}; {'; '.join(how)}"

@@ -219,7 +219,7 @@ class _LongWins(_ShortWins):
 
 
 def test_auto_under_dynamic_shapes_guards_only_where_the_choice_changes(monkeypatch):
-    from sage3_diffusers import selfcheck
+    from sage3_diffusers import perf_model, selfcheck
     monkeypatch.setenv("SAGE3_SELFCHECK", "0")  # the test doubles are not attention: no self-check for them
     selfcheck.reset()
     dispatch._ensure_loaded()
@@ -228,12 +228,13 @@ def test_auto_under_dynamic_shapes_guards_only_where_the_choice_changes(monkeypa
         dispatch.register_backend(b)
     crossover = 1000  # a measured table where the "long" kernel wins from ~1000 tokens on
 
-    def estimated(name, p):
+    def estimated(name, p, mode, stand_in):
+        assert mode == "compile" and not stand_in  # traced: the compile column, never a stand-in
         if name not in (_ShortWins.name, _LongWins.name):
-            return 0.0
+            return perf_model.Estimate(0.0, mode, mode, "test")
         long = (p.seq_q * p.seq_kv) ** 0.5 >= crossover
-        return 2.0 if (name == _LongWins.name) == long else 1.0
-    monkeypatch.setattr(dispatch, "estimated_tflops", estimated)
+        return perf_model.Estimate(2.0 if (name == _LongWins.name) == long else 1.0, mode, mode, "test")
+    monkeypatch.setattr(dispatch, "expected_speed", estimated)
     try:
         fn = torch.compile(lambda q: s3.sage_attention(q, q, q, "int8_fp8"), fullgraph=True, dynamic=True,
                            backend="eager")

@@ -166,10 +166,11 @@ def test_measured_speed_beats_static_priority_on_hopper(fakes, make_problem, fak
     fake_perf_table({"fake_int8_a": {"graph": {128: [[1024, 200], [16384, 700]]}},
                      "fake_int8_b": {"graph": {128: [[1024, 300], [16384, 600]]}}})
     short, long = _hopper_problem(make_problem, 1024), _hopper_problem(make_problem, 16384)
-    assert dispatch.select_backend(short, "int8_fp8").backend.name == "fake_int8_b"  # faster at 1k
-    sel = dispatch.select_backend(long, "int8_fp8")
+    assert dispatch.select_backend(short, "int8_fp8", "graph").backend.name == "fake_int8_b"  # faster at 1k
+    sel = dispatch.select_backend(long, "int8_fp8", "graph")
     assert sel.backend.name == "fake_int8_a"
-    assert any(n == "fake_int8_b" and "slower for this call: ~600 vs ~700" in r[0] for n, r in sel.rejected)
+    assert any(n == "fake_int8_b" and "slower for this call in graph calls: ~600 vs ~700" in r[0]
+               for n, r in sel.rejected)
     # Interpolation in log(S) between the measured points; clamped outside them.
     assert perf_model.estimated_tflops("fake_int8_a", _hopper_problem(make_problem, 4096)) == pytest.approx(450)
     assert perf_model.estimated_tflops("fake_int8_a", _hopper_problem(make_problem, 100000)) == 700
@@ -177,7 +178,7 @@ def test_measured_speed_beats_static_priority_on_hopper(fakes, make_problem, fak
     from dataclasses import replace
     other = replace(_hopper_problem(make_problem, 16384), capability=(12, 0))
     assert perf_model.estimated_tflops("fake_int8_a", other) is None
-    assert dispatch.select_backend(other, "int8_fp8").backend.name == "fake_int8_a"
+    assert dispatch.select_backend(other, "int8_fp8", "graph").backend.name == "fake_int8_a"
 
 
 def test_auto_never_takes_a_kernel_that_loses_in_either_eager_mode(fakes, make_problem, fake_perf_table):
@@ -196,3 +197,123 @@ def test_auto_never_takes_a_kernel_that_loses_in_either_eager_mode(fakes, make_p
     if dispatch.backend_reasons(dispatch.get_backend("sdpa"), p):
         pytest.skip("sdpa cannot take a CUDA problem on this machine")
     assert dispatch.select_backend(p, "auto").backend.name == "sdpa"
+
+
+# One table where each mode says something else at 4608 tokens: fake_int8_a loses to sdpa as a single eager call
+# (0.90x) and under torch.compile (0.94x), wins in CUDA-graph replays (1.30x).
+_EVERY_MODE = {"sdpa": {"eager_single": {128: [[4608, 600]]}, "eager_stream": {128: [[4608, 620]]},
+                        "graph": {128: [[4608, 630]]}, "compile": {128: [[4608, 640]]}},
+               "fake_int8_a": {"eager_single": {128: [[4608, 540]]}, "eager_stream": {128: [[4608, 682]]},
+                               "graph": {128: [[4608, 820]]}, "compile": {128: [[4608, 600]]}}}
+
+
+def test_each_execution_mode_picks_by_its_own_measurement(fakes, make_problem, fake_perf_table, monkeypatch):
+    dispatch.register_backend(FastInt8())
+    fake_perf_table(_EVERY_MODE)
+    p = _hopper_problem(make_problem, 4608)
+    eager = dispatch.select_backend(p, "auto")  # outside capture and tracing: the current mode is eager
+    assert eager.backend.name == "sdpa" and eager.mode == "eager"
+    assert "chosen for eager calls" in eager.explain()
+    assert any(n == "fake_int8_a" and "slower for this call in eager calls: ~558 vs ~620" in r[0]
+               for n, r in eager.rejected), eager.rejected
+    graph = dispatch.select_backend(p, "auto", "graph")
+    assert graph.backend.name == "fake_int8_a" and "chosen for graph calls" in graph.explain()
+    assert any(n == "sdpa" and "in graph calls: ~630 vs ~820" in r[0] for n, r in graph.rejected)
+    assert dispatch.select_backend(p, "auto", "compile").backend.name == "sdpa"
+    # The mode the dispatcher sees is perf_model.current_mode(): CUDA-graph capture reads the graph column, and
+    # the eager choice cached above is not reused for it (nor the other way round).
+    monkeypatch.setattr(dispatch, "current_mode", lambda: "graph")
+    assert dispatch.select_backend(p, "auto").backend.name == "fake_int8_a"
+    monkeypatch.setattr(dispatch, "current_mode", lambda: "eager")
+    assert dispatch.select_backend(p, "auto").backend.name == "sdpa"
+    with pytest.raises(ValueError, match="unknown execution mode 'fast'"):
+        dispatch.select_backend(p, "auto", "fast")
+
+
+def test_compiled_length_segments_are_per_mode(fakes, make_problem, fake_perf_table):
+    dispatch.register_backend(FastInt8())
+    fake_perf_table({b: {m: {128: [[1024, tf * 0.5], [4608, tf]]} for m, per_d in per_mode.items()
+                         for tf in [per_d[128][0][1]]} for b, per_mode in _EVERY_MODE.items()})
+    p = _hopper_problem(make_problem, 4608)
+    fields = (1, p.heads_q, p.heads_kv, 1, 1, p.head_dim, p.head_dim_v, p.dtype, p.device_type, p.capability,
+              p.layout, p.is_causal, p.return_lse, p.has_mask, p.has_kv_lens)
+    assert {name for _, name, _ in dispatch._length_segments(fields, "auto", "graph")} == {"fake_int8_a"}
+    assert {name for _, name, _ in dispatch._length_segments(fields, "auto", "compile")} == {"sdpa"}
+
+
+def test_a_table_without_the_mode_never_guesses(fakes, make_problem, fake_perf_table):
+    from sage3_diffusers import perf_model
+    dispatch.register_backend(FastInt8())
+    dispatch.register_backend(SlowInt8())
+    # Only CUDA-graph replays measured (as the older shipped tables): the quantized kernels win there.
+    fake_perf_table({"sdpa": {"graph": {128: [[4608, 600]]}},
+                     "fake_int8_a": {"graph": {128: [[4608, 800]]}},
+                     "fake_int8_b": {"graph": {128: [[4608, 900]]}}})
+    p = _hopper_problem(make_problem, 4608)
+    for mode in ("eager", "compile"):
+        sel = dispatch.select_backend(p, "auto", mode)
+        assert sel.backend.name == "sdpa", sel.explain()
+        for name in ("fake_int8_a", "fake_int8_b"):
+            (reason,) = dict(sel.rejected)[name]
+            assert f"no {mode} measurement on this card" in reason and "exact sdpa runs" in reason
+        # A family asked for by name still runs, its kernels taken by priority, not by the graph column.
+        fam = dispatch.select_backend(p, "int8_fp8", mode)
+        assert fam.backend.name == "fake_int8_a" and fam.note is None
+        (reason,) = dict(fam.rejected)["fake_int8_b"]
+        assert reason.startswith("lower priority than fake_int8_a") and f"no {mode} measurement" in reason
+    assert dispatch.select_backend(p, "auto", "graph").backend.name == "fake_int8_b"
+    assert dispatch.select_backend(p, "int8_fp8", "graph").backend.name == "fake_int8_b"
+    # For people the graph column can still stand in, saying so; the dispatcher never asks for that.
+    assert "standing in for eager" in perf_model.expected_speed("fake_int8_b", p).measured_as
+    assert perf_model.expected_speed("fake_int8_b", p, stand_in=False) is None
+    assert "in eager, compile calls kernel='auto' runs exact sdpa" in perf_model.describe(p)
+
+
+def test_auto_takes_exact_sdpa_unless_every_candidate_is_measured_in_the_mode(fakes, make_problem,
+                                                                               fake_perf_table):
+    dispatch.register_backend(FastInt8())
+    dispatch.register_backend(SlowInt8())
+    table = {b: dict(per_mode) for b, per_mode in _EVERY_MODE.items()}
+    table["fake_int8_a"]["eager_single"] = {128: [[4608, 900]]}  # faster than sdpa in both eager modes
+    table["fake_int8_b"] = {"graph": {128: [[4608, 900]]}}  # but fake_int8_b has no eager measurement
+    fake_perf_table(table)
+    p = _hopper_problem(make_problem, 4608)
+    sel = dispatch.select_backend(p, "auto", "eager")
+    assert sel.backend.name == "sdpa"
+    (reason,) = dict(sel.rejected)["fake_int8_a"]
+    assert "~682 TFLOPS in eager calls, but fake_int8_b has no eager measurement on this card" in reason
+    assert "no eager measurement on this card" in dict(sel.rejected)["fake_int8_b"][0]
+    assert dispatch.select_backend(p, "int8_fp8", "eager").backend.name == "fake_int8_a"  # by priority
+
+
+class _Doubler(AttentionBackend):
+    name, family, priority, description, verified = "mode_test_doubler", "int8_fp8", 10, "test double", "test"
+    dtypes, head_dims = (torch.float32,), None
+
+    def forward(self, q, k, v, *, layout, is_causal, sm_scale, return_lse, attn_mask=None):
+        return q * 2.0
+
+
+class _Tripler(_Doubler):
+    name = "mode_test_tripler"
+
+    def forward(self, q, k, v, *, layout, is_causal, sm_scale, return_lse, attn_mask=None):
+        return q * 3.0
+
+
+def test_call_signature_cache_does_not_leak_between_modes(fakes, monkeypatch):
+    """The repeated-call fast path (`decide`) keys on the execution mode: a call first made eagerly and then under
+    CUDA-graph capture (or the other way round) is decided for each mode."""
+    from sage3_diffusers import perf_model
+    for b in (_Doubler(), _Tripler()):
+        dispatch.register_backend(b)
+    winner = {"eager": _Doubler.name, "graph": _Tripler.name}
+
+    def estimated(name, p, mode, stand_in):
+        assert not stand_in
+        return perf_model.Estimate(2.0 if winner[mode] == name else 1.0, mode, mode, "test")
+    monkeypatch.setattr(dispatch, "expected_speed", estimated)
+    q = torch.ones(1, 1, 8, 4)
+    for mode in ("eager", "graph", "eager", "graph"):
+        monkeypatch.setattr(dispatch, "current_mode", lambda: mode)
+        assert sage_attention(q, q, q, "int8_fp8")[0, 0, 0, 0].item() == (2.0 if mode == "eager" else 3.0), mode

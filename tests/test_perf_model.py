@@ -57,8 +57,12 @@ def test_modes_and_stand_ins(make_problem, fake_perf_table):
     comp = perf_model.expected_speed("ours", p, "compile")
     assert comp.tflops == 700 and "standing in for compile" in comp.measured_as
     assert perf_model.expected_speed("sdpa", p, "compile").measured_as == "compile"
+    assert perf_model.expected_speed("ours", p, stand_in=False) is None  # what the dispatcher asks
+    assert perf_model.expected_speed("ours", p, "compile", stand_in=False) is None
+    assert perf_model.expected_speed("ours", p, "graph", stand_in=False).tflops == 700
     assert perf_model.estimated_tflops("ours", make_problem(head_dim=64, head_dim_v=64)) is None
-    assert "eager estimated from CUDA-graph replays" in str(perf_model.SOURCE)
+    text = perf_model.describe(p)
+    assert "eager calls: no eager measurement on this card" in text and "compile calls by the compile column" in text
     with pytest.raises(ValueError, match="unknown mode 'fast'"):
         perf_model.expected_speed("ours", p, "fast")
 

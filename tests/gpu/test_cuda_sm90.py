@@ -123,8 +123,8 @@ def test_non_contiguous_inputs():
 def test_custom_sm_scale_and_backend_path():
     import sage3_diffusers as s3
     from sage3_diffusers.api import resolve
-    # The int8_fp8 family takes the faster of this kernel and Triton by the measured table (perf_model):
-    # Triton at short sequences, this kernel at long hd128 ones.
+    # The int8_fp8 family takes the faster of this kernel and Triton by the card's eager measurements (perf_model)
+    # where it has them, by priority (this kernel first) where not: this kernel at long hd128 sequences either way.
     long_q = torch.empty(1, 24, 44776, 128, device="cuda", dtype=torch.bfloat16)
     sel = resolve(long_q, long_q, long_q, kernel="int8_fp8")
     assert sel.backend.name == "cuda_sm90_int8_fp8", sel.explain()
