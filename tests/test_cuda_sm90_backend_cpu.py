@@ -107,3 +107,37 @@ def test_kv_lens_checked_before_the_extension(lens, error, match):
     assert kv_lens_for_kernel(None, 2, torch.device("cpu")) is None
     with pytest.raises(ValueError, match="kv_lens must be on q's device"):
         kv_lens_for_kernel(torch.tensor([5, 0], device="meta"), 2, torch.device("cpu"))
+
+
+def test_eager_calls_skip_the_custom_op_traced_calls_use_it(monkeypatch):
+    """Eagerly on plain tensors the backend calls the op's implementation directly (no dispatcher round trip);
+    under a dispatch mode (FakeTensorMode), with autograd recording, or while torch.compile traces, it goes
+    through `torch.ops.sage3.sm90_int8fp8_attn`, which the tracers see as one op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sage3_diffusers.backends.base import through_custom_op
+    calls = []
+
+    def impl(q, k, v, layout, is_causal, sm_scale, return_lse, kv_lens=None):
+        calls.append(layout)
+        return q.clone(), q.new_empty((0,), dtype=torch.float32)
+    monkeypatch.setattr(cuda_sm90, "_sm90_forward", impl)
+    be = CudaSm90Int8Fp8Backend()
+    q = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)
+    assert not through_custom_op(q)
+    out = be.forward(q, q, q, layout="HND", is_causal=False, sm_scale=0.1, return_lse=False)
+    assert calls == ["HND"] and torch.equal(out, q)
+    with FakeTensorMode():
+        fq = torch.empty(1, 2, 8, 64, dtype=torch.bfloat16)
+        assert through_custom_op(fq)
+        out = be.forward(fq, fq, fq, layout="HND", is_causal=False, sm_scale=0.1, return_lse=False)
+        assert out.shape == fq.shape
+    assert calls == ["HND"]  # the fake implementation ran, not the kernel's
+    assert through_custom_op(q.clone().requires_grad_())
+    with torch.no_grad():
+        assert not through_custom_op(q.clone().requires_grad_())
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def traced(x):
+        return x + 1 if through_custom_op(x) else x - 1
+    assert torch.equal(traced(torch.zeros(2)), torch.ones(2))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 # Kernel families users choose between; backends implement one of them.
 FAMILIES = ("fp4", "int8_fp8", "sdpa")
@@ -196,6 +197,15 @@ class CudaKernelBackend(AttentionBackend):
         if p.seq_q < 1 or p.seq_kv < 1:
             reasons.append(f"empty sequence (seq_q={p.seq_q}, seq_kv={p.seq_kv})")
         return reasons
+
+
+def through_custom_op(q: torch.Tensor) -> bool:
+    """Whether a compiled kernel's call goes through its torch.library custom op rather than straight to the op's
+    implementation: while torch.compile or torch.export traces, under a dispatch mode (make_fx, FakeTensorMode),
+    for a tensor subclass, or when autograd would record the call. Eagerly on plain tensors the implementation is
+    called directly: the dispatcher's round trip into Python costs host time on every call and adds nothing there."""
+    return (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or type(q) is not torch.Tensor
+            or (q.requires_grad and torch.is_grad_enabled()))
 
 
 def to_hnd(x: torch.Tensor, layout: str) -> torch.Tensor:

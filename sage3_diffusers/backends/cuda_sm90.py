@@ -4,14 +4,15 @@ The kernels live in the compiled extension `sage3_diffusers._C_sm90` (csrc/sm90)
 launches: K-mean / V-amax partials, fused Q/K/V quantization, the warp-specialized wgmma attention.
 It is exposed as the torch.library custom op `torch.ops.sage3.sm90_int8fp8_attn` (with a fake
 implementation, so torch.compile and CUDA graphs see through it) and as the dispatcher backend
-`cuda_sm90_int8_fp8`.
+`cuda_sm90_int8_fp8`, which calls the op's implementation directly in eager calls (`through_custom_op`).
 """
 from __future__ import annotations
 
 import torch
 
 from ..kernels import kv_lens_for_kernel
-from .base import CompiledExtension, CudaKernelBackend, build_hint, describe_problem, fake_attention_outputs
+from .base import (CompiledExtension, CudaKernelBackend, build_hint, describe_problem, fake_attention_outputs,
+                   through_custom_op)
 
 SM90_EXT = CompiledExtension("sage3_diffusers._C_sm90")
 
@@ -27,10 +28,8 @@ def _check_once(q, k, v, layout, is_causal, return_lse) -> None:
         _validated.add(key)
 
 
-@torch.library.custom_op("sage3::sm90_int8fp8_attn", mutates_args=())
-def sm90_int8fp8_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool,
-                      sm_scale: float, return_lse: bool,
-                      kv_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _sm90_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool, sm_scale: float,
+                  return_lse: bool, kv_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """out (q's layout and dtype, contiguous) and lse [B, Hq, Sq] fp32 (an empty tensor unless return_lse).
     kv_lens: None, or int32 [B] on q's device: batch entry b attends to its first kv_lens[b] keys (right padding,
     read by the kernel: no host sync); kv_lens[b] == 0 gives zero rows and LSE -inf. The quantization still sees
@@ -48,6 +47,16 @@ def sm90_int8fp8_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
     if not return_lse:
         lse = q.new_empty((0,), dtype=torch.float32)
     return out, lse
+
+
+
+
+@torch.library.custom_op("sage3::sm90_int8fp8_attn", mutates_args=())
+def sm90_int8fp8_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool,
+                      sm_scale: float, return_lse: bool,
+                      kv_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_sm90_forward` as a custom op (torch.compile, torch.export and dispatch modes see it as one opaque op)."""
+    return _sm90_forward(q, k, v, layout, is_causal, sm_scale, return_lse, kv_lens)
 
 
 @sm90_int8fp8_attn.register_fake
@@ -85,8 +94,8 @@ class CudaSm90Int8Fp8Backend(CudaKernelBackend):
     def forward(self, q, k, v, *, layout, is_causal, sm_scale, return_lse, attn_mask=None, kv_lens=None):
         if attn_mask is not None:
             raise ValueError(f"{self.name} does not take attn_mask (per-sample key lengths: kv_lens)")
-        out, lse = torch.ops.sage3.sm90_int8fp8_attn(q, k, v, layout, bool(is_causal), float(sm_scale),
-                                                     bool(return_lse), kv_lens)
+        op = torch.ops.sage3.sm90_int8fp8_attn if through_custom_op(q) else _sm90_forward
+        out, lse = op(q, k, v, layout, bool(is_causal), float(sm_scale), bool(return_lse), kv_lens)
         return (out, lse) if return_lse else out
 
 

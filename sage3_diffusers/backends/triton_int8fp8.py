@@ -15,13 +15,12 @@ import torch
 
 from ..kernels import kv_lens_for_kernel
 from ..kernels.triton import triton_available
-from .base import AttentionBackend, AttentionProblem, fake_attention_outputs
+from .base import AttentionBackend, AttentionProblem, fake_attention_outputs, through_custom_op
 
 
-@torch.library.custom_op("sage3::triton_int8fp8_attn", mutates_args=(), device_types="cuda")
-def triton_int8fp8_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool,
-                        sm_scale: float, return_lse: bool, qk_quant_gran: str,
-                        kv_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool,
+                    sm_scale: float, return_lse: bool, qk_quant_gran: str,
+                    kv_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out in q's layout and dtype, lse fp32 (B, Hq, Sq) natural log, or an empty tensor when
     return_lse is False). kv_lens: None, or int32 [B] on q's device: batch entry b attends to its first
     kv_lens[b] keys (read by the kernel: no host sync); kv_lens[b] == 0 gives zero rows and LSE -inf."""
@@ -32,6 +31,16 @@ def triton_int8fp8_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     if lse is None:
         lse = torch.empty((0,), dtype=torch.float32, device=q.device)
     return out, lse
+
+
+
+
+@torch.library.custom_op("sage3::triton_int8fp8_attn", mutates_args=(), device_types="cuda")
+def triton_int8fp8_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool,
+                        sm_scale: float, return_lse: bool, qk_quant_gran: str,
+                        kv_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_triton_forward` as a custom op (torch.compile, torch.export and dispatch modes see it as one opaque op)."""
+    return _triton_forward(q, k, v, layout, is_causal, sm_scale, return_lse, qk_quant_gran, kv_lens)
 
 
 @triton_int8fp8_attn.register_fake
@@ -78,8 +87,8 @@ class TritonInt8Fp8Backend(AttentionBackend):
     def forward(self, q, k, v, *, layout, is_causal, sm_scale, return_lse, attn_mask=None, kv_lens=None):
         if attn_mask is not None:
             raise ValueError("triton_int8_fp8 does not take attn_mask (per-sample key lengths: kv_lens)")
-        out, lse = torch.ops.sage3.triton_int8fp8_attn(q, k, v, layout, bool(is_causal), float(sm_scale),
-                                                      bool(return_lse), "per_thread", kv_lens)
+        op = torch.ops.sage3.triton_int8fp8_attn if through_custom_op(q) else _triton_forward
+        out, lse = op(q, k, v, layout, bool(is_causal), float(sm_scale), bool(return_lse), "per_thread", kv_lens)
         return (out, lse) if return_lse else out
 
 
