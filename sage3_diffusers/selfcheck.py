@@ -143,8 +143,12 @@ def run_check(backend: AttentionBackend, problem: AttentionProblem) -> CheckResu
             if isinstance(out, tuple):
                 out = out[0]
             hnd = [t if problem.layout == "HND" else t.transpose(1, 2) for t in (q, k, v)]
-            ref = torch.nn.functional.scaled_dot_product_attention(
-                *(t.float() for t in hnd), is_causal=problem.is_causal, scale=scale)
+            # The fp32 reference runs on SDPA's math backend whatever backends the caller has pinned (a caller
+            # inside `sdpa_kernel([CUDNN_ATTENTION])` has no fp32 kernel enabled: the check must not fail on it).
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            with sdpa_kernel([SDPBackend.MATH]):
+                ref = torch.nn.functional.scaled_dot_product_attention(
+                    *(t.float() for t in hnd), is_causal=problem.is_causal, scale=scale)
             if problem.layout == "NHD":
                 ref = ref.transpose(1, 2)
             if not isinstance(out, torch.Tensor):

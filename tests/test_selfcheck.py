@@ -198,3 +198,19 @@ def test_exact_and_reference_backends_are_not_checked(registry):
     for kernel in ("sdpa", "reference_fp4", "reference_int8_fp8"):
         sage_attention(q, k, v, kernel)
     assert selfcheck.results() == []
+
+
+def test_check_ignores_the_callers_pinned_sdpa_backend(registry):
+    """A caller inside `sdpa_kernel([CUDNN_ATTENTION])` (the fastest exact kernel on Hopper) has no SDPA kernel
+    for the check's fp32 reference enabled; the check computes it on the math backend anyway instead of failing
+    and disabling a correct kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    registry(GoodInt8())
+    q, k, v = qkv(torch.bfloat16)
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        with pytest.raises(RuntimeError):  # what the check's reference used to run into
+            torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        sage_attention(q, k, v, "int8_fp8")
+    [result] = selfcheck.results()
+    assert result.passed, result
+    assert resolve(q, k, v, "int8_fp8").backend.name == "fake_good_int8"

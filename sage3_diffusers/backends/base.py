@@ -208,6 +208,18 @@ def through_custom_op(q: torch.Tensor) -> bool:
             or (q.requires_grad and torch.is_grad_enabled()))
 
 
+def run_op(op_name: str, op, impl, *args):
+    """One call of a compiled kernel: through its custom op `op` where `through_custom_op` says so, else `impl`
+    directly; a direct call still shows in torch.profiler traces as the op `op_name` ("sage3::...") when a
+    profiler is recording (attention-share measurements and users' traces find it there)."""
+    if through_custom_op(args[0]):
+        return op(*args)
+    if torch.autograd._profiler_enabled():
+        with torch.profiler.record_function(op_name):
+            return impl(*args)
+    return impl(*args)
+
+
 def to_hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x if layout == "HND" else x.transpose(1, 2)
 

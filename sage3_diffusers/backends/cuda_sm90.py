@@ -12,7 +12,7 @@ import torch
 
 from ..kernels import kv_lens_for_kernel
 from .base import (CompiledExtension, CudaKernelBackend, build_hint, describe_problem, fake_attention_outputs,
-                   through_custom_op)
+                   run_op)
 
 SM90_EXT = CompiledExtension("sage3_diffusers._C_sm90")
 
@@ -94,8 +94,8 @@ class CudaSm90Int8Fp8Backend(CudaKernelBackend):
     def forward(self, q, k, v, *, layout, is_causal, sm_scale, return_lse, attn_mask=None, kv_lens=None):
         if attn_mask is not None:
             raise ValueError(f"{self.name} does not take attn_mask (per-sample key lengths: kv_lens)")
-        op = torch.ops.sage3.sm90_int8fp8_attn if through_custom_op(q) else _sm90_forward
-        out, lse = op(q, k, v, layout, bool(is_causal), float(sm_scale), bool(return_lse), kv_lens)
+        out, lse = run_op("sage3::sm90_int8fp8_attn", torch.ops.sage3.sm90_int8fp8_attn, _sm90_forward, q, k, v,
+                          layout, bool(is_causal), float(sm_scale), bool(return_lse), kv_lens)
         return (out, lse) if return_lse else out
 
 
