@@ -9,8 +9,9 @@
 - "auto" takes the fastest backend of any family (never an emulation). "Fastest" is decided per execution mode
   (`perf_model.current_mode()`: "eager", "graph" under CUDA-graph capture, "compile" under torch.compile) from
   this card's measured table (`perf_model`) in that mode only, never from a column measured in another mode:
-  - every runnable candidate has a measurement of this mode: the fastest of them, so "auto" may well choose
-    exact SDPA (cuDNN) where it is faster than the quantized kernels;
+  - every runnable candidate has a measurement of this mode: the fastest of them, except that a quantized kernel
+    must beat exact SDPA by AUTO_MARGIN (5%) to be taken; so "auto" chooses exact SDPA (cuDNN) wherever the
+    quantized kernels are slower or only within the tables' noise;
   - the card has a table but some runnable candidate has no measurement of this mode: exact SDPA, never a
     quantized kernel on a guess (the rejections say "no <mode> measurement on this card");
   - no table for this card (or a problem off CUDA): the backends' static priorities.
@@ -124,9 +125,15 @@ def backend_reasons(backend: AttentionBackend, problem: AttentionProblem) -> lis
     return backend.unavailable_reasons() or ([failed] if failed else []) or backend.input_reasons(problem)
 
 
+# kernel="auto" leaves exact SDPA only for a kernel measured at least this much faster in the call's mode: the
+# tables' run-to-run noise is a few percent, and within it a lossy kernel would win on noise alone.
+AUTO_MARGIN = 1.05
+
+
 def _pick(candidates, problem, rejected, mode, family="any"):
     """The candidate to run (None if none can), every other one with its reason in `rejected`: the fastest by the
-    card's measurement of `mode` when every runnable candidate has one; else, on a card with a table, exact SDPA
+    card's measurement of `mode` when every runnable candidate has one (for "auto", a quantized kernel only when it
+    beats exact SDPA by AUTO_MARGIN); else, on a card with a table, exact SDPA
     for "auto" (family "any": never a quantized kernel on a guess) and the highest priority for a family; without
     a table, the highest priority."""
     if not candidates:
@@ -145,6 +152,15 @@ def _pick(candidates, problem, rejected, mode, family="any"):
     unmeasured = [name for name, e in est.items() if e is None]
     if not unmeasured:
         best = max(runnable, key=lambda b: est[b.name].tflops)
+        exact = next((b for b in runnable if b.name == BASELINE), None)
+        if family == "any" and exact is not None and best is not exact and \
+                est[best.name].tflops < AUTO_MARGIN * est[BASELINE].tflops:
+            gain = est[best.name].tflops / est[BASELINE].tflops
+            rejected += [(b.name, (f"{gain:.2f}x exact {BASELINE} in {mode} calls is within the margin "
+                                   f"({AUTO_MARGIN:.2f}x) auto asks before giving up exact attention: the table's "
+                                   f"run-to-run noise is a few percent (measured: {est[b.name].source})",))
+                         for b in runnable if b is not exact]
+            return exact
         rejected += [(b.name, (f"slower for this call in {mode} calls: ~{est[b.name].tflops:.0f} vs "
                                f"~{est[best.name].tflops:.0f} TFLOPS for {best.name} (measured: "
                                f"{est[best.name].source})",)) for b in runnable if b is not best]

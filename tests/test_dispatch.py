@@ -199,6 +199,23 @@ def test_auto_never_takes_a_kernel_that_loses_in_either_eager_mode(fakes, make_p
     assert dispatch.select_backend(p, "auto").backend.name == "sdpa"
 
 
+def test_auto_keeps_exact_sdpa_unless_a_kernel_beats_it_by_the_margin(fakes, make_problem, fake_perf_table):
+    """A quantized kernel measured only a few percent faster (within the tables' run-to-run noise) does not make
+    "auto" give up exact attention; a clear win does. A family asked for by name is not held to the margin."""
+    dispatch.register_backend(FastInt8())
+    fake_perf_table({"sdpa": {"graph": {128: [[4608, 600], [65536, 600]]}},
+                     "fake_int8_a": {"graph": {128: [[4608, 618], [65536, 900]]}}})
+    short, long = _hopper_problem(make_problem, 4608), _hopper_problem(make_problem, 65536)
+    if dispatch.backend_reasons(dispatch.get_backend("sdpa"), short):
+        pytest.skip("sdpa cannot take a CUDA problem on this machine")
+    sel = dispatch.select_backend(short, "auto", "graph")
+    assert sel.backend.name == "sdpa"
+    assert any(n == "fake_int8_a" and "1.03x exact sdpa in graph calls is within the margin (1.05x)" in r[0]
+               for n, r in sel.rejected), sel.rejected
+    assert dispatch.select_backend(long, "auto", "graph").backend.name == "fake_int8_a"
+    assert dispatch.select_backend(short, "int8_fp8", "graph").backend.name == "fake_int8_a"
+
+
 # One table where each mode says something else at 4608 tokens: fake_int8_a loses to sdpa as a single eager call
 # (0.90x) and under torch.compile (0.94x), wins in CUDA-graph replays (1.30x).
 _EVERY_MODE = {"sdpa": {"eager_single": {128: [[4608, 600]]}, "eager_stream": {128: [[4608, 620]]},
