@@ -6,7 +6,7 @@ heads, each writing its slice of one output, bounds the quantized copies to one 
 that costs in speed: per shape and chunk size, ms per call back to back, TFLOPS, the ratio to cuDNN SDPA in the
 same process, and the peak extra MiB of one call next to SDPA's.
 
-    python bench/sm90_head_chunks.py [--shapes HunyuanVideo-720p,Wan2.1-14B-720p] [--chunks 0,8,4,2,1] [--json F]
+    python bench/sm90_head_chunks.py [--shapes HunyuanVideo-720p,Wan2.1-14B-720p] [--chunks 0,12,8,4,2,1] [--json F]
 
 chunk 0 = one call over all heads (what the backend runs).
 """

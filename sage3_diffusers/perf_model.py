@@ -146,7 +146,8 @@ def current_mode() -> str:
     CUDA build, one query that never initializes CUDA): the dispatcher's hot path calls it on every call."""
     if torch.compiler.is_compiling():
         return "compile"
-    if _CUDA_BUILT and torch.cuda.is_current_stream_capturing():
+    # Capture needs an initialized CUDA context; asking without one would fail where no GPU is visible.
+    if _CUDA_BUILT and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
         return "graph"
     return "eager"
 

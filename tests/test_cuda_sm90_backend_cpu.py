@@ -136,6 +136,22 @@ def test_eager_calls_skip_the_custom_op_traced_calls_use_it(monkeypatch):
     assert through_custom_op(q.clone().requires_grad_())
     with torch.no_grad():
         assert not through_custom_op(q.clone().requires_grad_())
+    # Every input counts: K/V that need gradients (q frozen), or a K/V subclass (ring attention's all-gathered
+    # K/V before their wait) take the op, whose dispatch handles them.
+    assert through_custom_op(q, q.clone().requires_grad_(), q)
+
+    class Wrapped(torch.Tensor):
+        pass
+    assert through_custom_op(q, q.as_subclass(Wrapped), q)
+    assert not through_custom_op(q, q, q, None)
+    # Transforms and tracers: functorch (vmap), forward-mode AD, torch.jit tracing.
+    seen = []
+    torch.func.vmap(lambda x: seen.append(through_custom_op(x)) or x)(q)
+    import torch.autograd.forward_ad as fwad
+    with fwad.dual_level():
+        seen.append(through_custom_op(q))
+    torch.jit.trace(lambda x: seen.append(through_custom_op(x)) or x * 1, (q,), check_trace=False)
+    assert seen == [True, True, True], seen
 
     @torch.compile(backend="eager", fullgraph=True)
     def traced(x):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 # Kernel families users choose between; backends implement one of them.
@@ -199,20 +200,31 @@ class CudaKernelBackend(AttentionBackend):
         return reasons
 
 
-def through_custom_op(q: torch.Tensor) -> bool:
+def through_custom_op(*tensors) -> bool:
     """Whether a compiled kernel's call goes through its torch.library custom op rather than straight to the op's
-    implementation: while torch.compile or torch.export traces, under a dispatch mode (make_fx, FakeTensorMode),
-    for a tensor subclass, or when autograd would record the call. Eagerly on plain tensors the implementation is
-    called directly: the dispatcher's round trip into Python costs host time on every call and adds nothing there."""
-    return (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or type(q) is not torch.Tensor
-            or (q.requires_grad and torch.is_grad_enabled()))
+    implementation. The op is what every tracer, transform and tensor subclass understands: torch.compile and
+    torch.export tracing, dispatch modes (make_fx, FakeTensorMode), functorch transforms (vmap, grad,
+    functionalize), forward-mode AD, torch.jit tracing, autograd recording (any input requiring grad: the op then
+    says it has no backward instead of dropping the gradient), and any input that is not a plain tensor (a DTensor,
+    or ring attention's not-yet-waited all-gather results, whose data the subclass must produce first). Eagerly on
+    plain tensors the implementation is called directly: the dispatcher's round trip into Python costs host time
+    on every call and adds nothing there. `tensors`: every tensor argument of the call (None entries ignored)."""
+    if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+            or torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
+            or torch._C._get_tracing_state() is not None):
+        return True
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+            return True
+    return False
 
 
 def run_op(op_name: str, op, impl, *args):
     """One call of a compiled kernel: through its custom op `op` where `through_custom_op` says so, else `impl`
     directly; a direct call still shows in torch.profiler traces as the op `op_name` ("sage3::...") when a
     profiler is recording (attention-share measurements and users' traces find it there)."""
-    if through_custom_op(args[0]):
+    if through_custom_op(*(a for a in args if isinstance(a, torch.Tensor))):
         return op(*args)
     if torch.autograd._profiler_enabled():
         with torch.profiler.record_function(op_name):

@@ -25,6 +25,8 @@ def _check_once(q, k, v, layout, is_causal, return_lse) -> None:
            return_lse)
     if key not in _validated:
         CudaSm90Int8Fp8Backend().check_call(describe_problem(q, k, v, layout, is_causal, return_lse, None))
+        if len(_validated) >= 4096:  # dynamic resolutions: bounded like the dispatcher's cache
+            _validated.clear()
         _validated.add(key)
 
 

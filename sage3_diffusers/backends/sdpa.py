@@ -2,6 +2,8 @@
 torch falls through the other backends the caller has enabled when cuDNN cannot take an input."""
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -17,6 +19,7 @@ except ImportError:  # pragma: no cover - torch < 2.3
 _get_order = getattr(torch._C, "_get_sdp_priority_order", None)
 _set_order = getattr(torch._C, "_set_sdp_priority_order", None)
 _cudnn_first_orders: dict = {}
+_order_lock = threading.Lock()
 
 
 def cudnn_first(order) -> list:
@@ -32,13 +35,17 @@ def sdpa_cudnn_first(q, k, v, attn_mask, is_causal, scale, enable_gqa):
     """F.scaled_dot_product_attention with cuDNN tried first, the caller's priority order restored after. Only
     the order is set, the enabled backends stay the caller's: `sdpa_kernel(..., set_priority=True)` would enable
     and disable each backend on entry and exit, tens of µs of host time per call."""
-    previous = _get_order()
-    _set_order(cudnn_first(previous))
-    try:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                                              enable_gqa=enable_gqa)
-    finally:
-        _set_order(previous)
+    # The order is process-wide: the lock keeps overlapping calls from different threads from restoring each
+    # other's cuDNN-first order for good (another thread's own SDPA calls still see it while one of ours runs, as
+    # with sdpa_kernel).
+    with _order_lock:
+        previous = _get_order()
+        _set_order(cudnn_first(previous))
+        try:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                                  enable_gqa=enable_gqa)
+        finally:
+            _set_order(previous)
 
 
 def _sdpa(q, k, v, attn_mask, is_causal, scale):

@@ -8,6 +8,7 @@ module lazily.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -227,9 +228,17 @@ def _descriptor(base, shape, strides, block_shape):
     arguments): the plan fixes what they check. Every base is a workspace buffer at a 256-byte offset, its
     rows are D or S_pad (a multiple of 16) elements of 1 or 2 bytes, the last stride is 1, the block shapes are
     powers of two."""
+    if not _DESCRIPTOR_FIELDS_KNOWN:  # a Triton whose descriptor has other fields: its own constructor
+        return TensorDescriptor(base, shape, strides, block_shape)
     desc = object.__new__(TensorDescriptor)
     desc.base, desc.shape, desc.strides, desc.block_shape, desc.padding = base, shape, strides, block_shape, "zero"
     return desc
+
+
+# `_descriptor` fills exactly these fields; a Triton whose TensorDescriptor has others gets its constructor.
+_DESCRIPTOR_FIELDS_KNOWN = (TensorDescriptor is not None and dataclasses.is_dataclass(TensorDescriptor) and
+                            [f.name for f in dataclasses.fields(TensorDescriptor)] ==
+                            ["base", "shape", "strides", "block_shape", "padding"])
 
 
 class _AttnPlan:
