@@ -62,6 +62,18 @@ def per_call_us(fn, calls: int, repeats: int) -> float:
     return min(times)  # the least disturbed run: other processes share this machine
 
 
+def attn_with(kernel: str, family: str) -> torch.nn.Module:
+    """An attention module with what `apply` sets on it (layer name, family, a runtime choosing `kernel`)."""
+    from sage3_diffusers.integration.steps import Sage3Runtime
+    a = torch.nn.Module()
+    a._sage3_layer = "transformer_blocks.0.attn"
+    a._sage3_family = family
+    a._sage3_runtime = Sage3Runtime(kernel, family, log_summary=False)
+    a._sage3_runtime.register_layers({a._sage3_layer: a})
+    a._sage3_runtime.stats.max_calls = 10 ** 9
+    return a
+
+
 def per_call_us_cuda(fn, calls: int, repeats: int) -> float:
     for _ in range(10):
         fn()
@@ -79,9 +91,8 @@ def per_call_us_cuda(fn, calls: int, repeats: int) -> float:
 def cuda_rows(args) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from sage3_diffusers.backends import cuda_sm90, triton_int8fp8  # noqa: F401 - registers the custom ops
+    from sage3_diffusers.backends import cuda_sm90
     from sage3_diffusers.integration.processors import FluxSage3Processor
-    from sage3_diffusers.integration.steps import Sage3Runtime
 
     b, s, h, d = 1, 1024, 24, 128
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -90,16 +101,7 @@ def cuda_rows(args) -> None:
     ext = cuda_sm90.SM90_EXT.require()
     proc = FluxSage3Processor()
 
-    def attn_with(kernel):
-        a = torch.nn.Module()
-        a._sage3_layer = "transformer_blocks.0.attn"
-        a._sage3_family = "flux"
-        a._sage3_runtime = Sage3Runtime(kernel, "flux", log_summary=False)
-        a._sage3_runtime.register_layers({a._sage3_layer: a})
-        a._sage3_runtime.stats.max_calls = 10 ** 9
-        return a
-
-    a_sm90, a_triton = attn_with("cuda_sm90_int8_fp8"), attn_with("triton_int8_fp8")
+    a_sm90, a_triton = attn_with("cuda_sm90_int8_fp8", "flux"), attn_with("triton_int8_fp8", "flux")
     rows = [
         ("_C_sm90.forward (C++ floor, NHD)", lambda: ext.forward(q, k, v, True, False, scale, False)),
         ("torch.ops.sage3.sm90_int8fp8_attn (NHD)",
@@ -146,22 +148,11 @@ def main(argv=None):
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
 
     from sage3_diffusers.integration.processors import FluxSage3Processor, HunyuanVideoSage3Processor
-    from sage3_diffusers.integration.steps import Sage3Runtime
-
-    def attn_with(kernel):
-        """An attention module with what `apply` sets on it."""
-        a = torch.nn.Module()
-        a._sage3_layer = "transformer_blocks.0.attn"
-        a._sage3_family = "hunyuan_video"
-        a._sage3_runtime = Sage3Runtime(kernel, "hunyuan_video", log_summary=False)
-        a._sage3_runtime.register_layers({a._sage3_layer: a})
-        a._sage3_runtime.stats.max_calls = 10 ** 9
-        return a
 
     proc = FluxSage3Processor()
     hproc = HunyuanVideoSage3Processor()
-    a_sdpa, a_noop = attn_with("sdpa"), attn_with(NoopBackend.name)
-    a_hv = attn_with("sdpa")
+    a_sdpa, a_noop = attn_with("sdpa", "hunyuan_video"), attn_with(NoopBackend.name, "hunyuan_video")
+    a_hv = attn_with("sdpa", "hunyuan_video")
     mask = (torch.arange(s)[None, :] < torch.tensor([s, s - 5])[:, None])[:, None, None, :]
 
     rows = [

@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="flux", choices=sorted(MODEL_CONFIGS))
     ap.add_argument("--layers", default=None, help="blocks per kind, e.g. 2,4 for Flux (double,single); default: all")
     ap.add_argument("--variants", default="sdpa_default,int8_fp8",
-                    help="comma list: sdpa_default (diffusers' processors), sdpa, int8_fp8, fp4 or a backend name")
+                    help="comma list: sdpa_default (diffusers' processors), auto, sdpa, int8_fp8, fp4 or a backend name")
     ap.add_argument("--height", type=int)
     ap.add_argument("--width", type=int)
     ap.add_argument("--frames", type=int)

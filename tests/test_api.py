@@ -171,3 +171,22 @@ def test_custom_op_fake_shapes_on_meta(module, op, extra, layout):
         assert out.shape == q.shape and out.dtype == q.dtype
         b, h, s = (2, 50, 3) if layout == "NHD" else (2, 3, 50)
         assert lse.shape == ((b, h, s) if return_lse else (0,)) and lse.dtype == torch.float32
+
+
+def test_sdpa_backend_tries_cudnn_first_and_restores_the_callers_order():
+    """The exact backend moves cuDNN to the front of SDPA's priority order for its call only (no enable/disable
+    of backends: the caller's choices stand), and restores the order afterwards, also when the call raises."""
+    from torch.nn.attention import SDPBackend
+
+    from sage3_diffusers.backends import sdpa
+    before = torch._C._get_sdp_priority_order()
+    order = sdpa.cudnn_first(before)
+    assert order[0] == int(SDPBackend.CUDNN_ATTENTION) and sorted(order) == sorted(int(b) for b in before)
+    assert [b for b in order[1:]] == [int(b) for b in before if int(b) != int(SDPBackend.CUDNN_ATTENTION)]
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    out = sdpa.sdpa_cudnn_first(q, k, v, None, False, 0.3, False)
+    assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3))
+    assert torch._C._get_sdp_priority_order() == before
+    with pytest.raises(RuntimeError):
+        sdpa.sdpa_cudnn_first(q, k[..., :4], v, None, False, 0.3, False)
+    assert torch._C._get_sdp_priority_order() == before
