@@ -80,7 +80,7 @@ def _capture(model, name, inputs):
 
 def test_hunyuan_layer_with_other_masks_matches_its_default_processor():
     """A key mask with a hole and a per-query mask in a HunyuanVideo layer: the output is what the default
-    processor gives; a per-query mask runs exact SDPA, counted with its reason."""
+    processor gives; with a quantized kernel, a per-query mask runs exact SDPA, counted with its reason."""
     model = tiny_transformer("hunyuan_video")
     inputs = transformer_inputs("hunyuan_video", seed=fresh_seed(), text_lengths=[12, 7])
     name = "transformer_blocks.0.attn"
@@ -90,16 +90,17 @@ def test_hunyuan_layer_with_other_masks_matches_its_default_processor():
     holes[0, ..., 3] = False
     per_query = holes.expand(-1, -1, holes.shape[-1], -1).clone()
     per_query[1, 0, 5, :4] = False
-    for mask in (holes, per_query):
+    for mask, kernels in ((holes, ["sdpa"]), (per_query, ["sdpa", "reference_int8_fp8"])):
         kwargs["attention_mask"] = mask
         ref = module(*args, **kwargs)
-        runtime = apply(model, kernel="sdpa", log_summary=False)
-        out = module(*args, **kwargs)
-        for o, r in zip(out, ref):
-            torch.testing.assert_close(o, r, atol=1e-5, rtol=0)
-        last = runtime.stats.calls[-1]
-        assert last.layer == name and last.backend == "sdpa"
-        remove(model)
+        for kernel in kernels:
+            runtime = apply(model, kernel=kernel, log_summary=False)
+            out = module(*args, **kwargs)
+            for o, r in zip(out, ref):
+                torch.testing.assert_close(o, r, atol=1e-5, rtol=0)
+            last = runtime.stats.calls[-1]
+            assert last.layer == name and last.backend == "sdpa"
+            remove(model)
     assert "exact SDPA" in last.reason
 
 

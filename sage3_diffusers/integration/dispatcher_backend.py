@@ -165,11 +165,19 @@ def _make_backend_fn(name: str, kernel: str | None):
                 on_choice=lambda backend, note: _record(runtime, layer, requested, backend, note, slot=slot))
         if return_lse:
             raise ValueError(f"attention backend {name!r} does not return the LSE through the dispatcher")
-        if enable_gqa and key.shape[2] != query.shape[2]:
-            groups = query.shape[2] // key.shape[2]
-            key, value = key.repeat_interleave(groups, dim=2), value.repeat_interleave(groups, dim=2)
+        # GQA (fewer key/value heads) needs no repeated copies: every backend takes it (`supports_gqa`).
         sm_scale = query.shape[-1] ** -0.5 if scale is None else scale
         batch, total = query.shape[0], key.shape[1]
+        if attn_mask is not None:
+            backend, note = choose(query, key, value, requested, tensor_layout="NHD", is_causal=is_causal)
+            if backend.supports_mask:
+                # The layer's kernel is exact SDPA (asked for, or what the dispatcher picks for this call): the
+                # mask goes to it as diffusers passes it, as the default does, without the reading, gathers and
+                # host syncs the quantized kernels need.
+                mask = attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask
+                _record(runtime, layer, requested, backend.name, note, slot=slot)
+                return backend.forward(query, key, value, layout="NHD", is_causal=is_causal, sm_scale=sm_scale,
+                                       return_lse=False, attn_mask=mask)
         kv_mask = None if attn_mask is None or is_causal else \
             (attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask)
         if kv_mask is not None and key_lengths(kv_mask, batch, total) is not None:

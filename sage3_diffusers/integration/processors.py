@@ -7,11 +7,11 @@ of the five families: it dispatches on the module's family (tagged by `apply`, e
 | family        | replaces                         | joint order    | layout | mask handling                         |
 |---------------|----------------------------------|----------------|--------|---------------------------------------|
 | Flux          | FluxAttnProcessor                | [text, image]  | NHD    | a mask (never passed by Flux) -> SDPA |
-| SD3 / SD3.5   | JointAttnProcessor2_0 (+attn2)   | [image, text]  | HND    | ignored, as the default does          |
-| CogVideoX     | CogVideoXAttnProcessor2_0        | [text, video]  | HND    | a mask (never passed) -> SDPA         |
+| SD3 / SD3.5   | JointAttnProcessor2_0 (+attn2)   | [image, text]  | NHD    | ignored, as the default does          |
+| CogVideoX     | CogVideoXAttnProcessor2_0        | [text, video]  | NHD    | a mask (never passed) -> SDPA         |
 | HunyuanVideo  | HunyuanVideoAttnProcessor2_0     | [video, text]  | NHD    | key mask -> per-sample key lengths    |
 | HunyuanVideo  | AttnProcessor2_0 (token refiner) | text           | HND    | [B,1,S,S] mask -> exact SDPA, counted |
-| Mochi         | MochiAttnProcessor2_0            | [video, text]  | HND    | valid text first -> key lengths       |
+| Mochi         | MochiAttnProcessor2_0            | [video, text]  | NHD    | valid text first -> key lengths       |
 
 Masks stay on the device: a boolean key mask becomes per-sample key lengths (`kv_lens`, int32 [B]) with no host
 read, so masked batches compile with fullgraph and export. Backends that take `kv_lens` read them in the kernel;
@@ -285,11 +285,15 @@ class SD3Sage3Processor(_Sage3Base):
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None):
+        # The default works in HND (B, H, S, D); here q, k, v stay NHD (B, S, H, D) views of the projections, so
+        # the attention output (NHD from our kernels, and from SDPA, which follows q's layout) flattens to
+        # (B, S, H*D) without the copy the default's transpose(1, 2).reshape makes. Same values: the q/k norms
+        # act on the last dim, and joining text after image on the sequence dim is the same join.
         batch = hidden_states.shape[0]
         n_img = hidden_states.shape[1]
         query, key, value = _linear_qkv(attn, hidden_states, "to_qkv", ("to_q", "to_k", "to_v"))
         head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim) for t in (query, key, value))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -297,17 +301,17 @@ class SD3Sage3Processor(_Sage3Base):
         if encoder_hidden_states is not None:
             eq, ek, ev = _linear_qkv(attn, encoder_hidden_states, "to_added_qkv",
                                      ("add_q_proj", "add_k_proj", "add_v_proj"))
-            eq, ek, ev = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (eq, ek, ev))
+            eq, ek, ev = (t.view(batch, -1, attn.heads, head_dim) for t in (eq, ek, ev))
             if attn.norm_added_q is not None:
                 eq = attn.norm_added_q(eq)
             if attn.norm_added_k is not None:
                 ek = attn.norm_added_k(ek)
-            query = torch.cat([query, eq], dim=2)
-            key = torch.cat([key, ek], dim=2)
-            value = torch.cat([value, ev], dim=2)
+            query = torch.cat([query, eq], dim=1)
+            key = torch.cat([key, ek], dim=1)
+            value = torch.cat([value, ev], dim=1)
 
-        out = self._attend(attn, query, key, value, layout="HND")
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = self._attend(attn, query, key, value, layout="NHD")
+        out = out.reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         if encoder_hidden_states is not None:
             out, encoder_out = out[:, :n_img], out[:, n_img:]
             if not attn.context_pre_only:
@@ -332,29 +336,32 @@ class CogVideoXSage3Processor(_Sage3Base):
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None):
         from diffusers.models.embeddings import apply_rotary_emb
 
+        # NHD (B, S, H, D) where the default works in HND: the q/k layer norms read their input in place (on a
+        # transposed view they copy it first) and the attention output flattens without a copy (see SD3). RoPE
+        # is written into the video rows in place, as the default does, instead of joining a new tensor.
         n_txt = encoder_hidden_states.size(1)
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         batch, seq, _ = hidden_states.shape
         query, key, value = _linear_qkv(attn, hidden_states, "to_qkv", ("to_q", "to_k", "to_v"))
         head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim) for t in (query, key, value))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if image_rotary_emb is not None:
-            query = torch.cat([query[:, :, :n_txt], apply_rotary_emb(query[:, :, n_txt:], image_rotary_emb)], dim=2)
+            query[:, n_txt:] = apply_rotary_emb(query[:, n_txt:], image_rotary_emb, sequence_dim=1)
             if not attn.is_cross_attention:
-                key = torch.cat([key[:, :, :n_txt], apply_rotary_emb(key[:, :, n_txt:], image_rotary_emb)], dim=2)
+                key[:, n_txt:] = apply_rotary_emb(key[:, n_txt:], image_rotary_emb, sequence_dim=1)
 
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, seq, batch)
             mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
-            out = self._exact(attn, query, key, value, layout="HND", attn_mask=mask,
+            out = self._exact(attn, query, key, value, layout="NHD", attn_mask=mask,
                               reason="attention_mask given: exact SDPA")
         else:
-            out = self._attend(attn, query, key, value, layout="HND")
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+            out = self._attend(attn, query, key, value, layout="NHD")
+        out = out.reshape(batch, -1, attn.heads * head_dim)
         out = attn.to_out[1](attn.to_out[0](out))
         encoder_out, out = out.split([n_txt, out.size(1) - n_txt], dim=1)
         return out, encoder_out
@@ -460,11 +467,12 @@ class MochiSage3Processor(_Sage3Base):
             order, n_valid = valid_keys_first(attention_mask.reshape(batch, n_txt).bool())
             eq, ek, ev = (gather_tokens(t, order, 1) for t in (eq, ek, ev))
             kv_lens = n_valid + n_vid
-        q = torch.cat([query, eq], dim=1).transpose(1, 2)
-        k = torch.cat([key, ek], dim=1).transpose(1, 2)
-        v = torch.cat([value, ev], dim=1).transpose(1, 2)
-        out = self._attend(attn, q, k, v, layout="HND", kv_lens=kv_lens, rows="valid")
-        out = out.transpose(1, 2).flatten(2, 3)
+        # NHD throughout: the attention output flattens to (B, S, H*D) without a copy (see SD3).
+        q = torch.cat([query, eq], dim=1)
+        k = torch.cat([key, ek], dim=1)
+        v = torch.cat([value, ev], dim=1)
+        out = self._attend(attn, q, k, v, layout="NHD", kv_lens=kv_lens, rows="valid")
+        out = out.flatten(2, 3)
         out, encoder_out = out.split_with_sizes((n_vid, n_txt), dim=1)
         out = attn.to_out[1](attn.to_out[0](out))
         if hasattr(attn, "to_add_out"):
