@@ -170,10 +170,11 @@ def _make_backend_fn(name: str, kernel: str | None):
         batch, total = query.shape[0], key.shape[1]
         if attn_mask is not None:
             backend, note = choose(query, key, value, requested, tensor_layout="NHD", is_causal=is_causal)
-            if backend.supports_mask:
+            if backend.name == "sdpa":
                 # The layer's kernel is exact SDPA (asked for, or what the dispatcher picks for this call): the
                 # mask goes to it as diffusers passes it, as the default does, without the reading, gathers and
-                # host syncs the quantized kernels need.
+                # host syncs the quantized kernels need. (Other mask-taking backends, such as calibration's
+                # recorder, get the call as the quantized kernels do.)
                 mask = attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask
                 _record(runtime, layer, requested, backend.name, note, slot=slot)
                 return backend.forward(query, key, value, layout="NHD", is_causal=is_causal, sm_scale=sm_scale,
