@@ -7,8 +7,9 @@
 
 kernels: non-causal attention forward on DiT shapes and the FA3-paper grid (B·S = 16k, H·D = 2048), bf16, DiT-like
 inputs (Q with outlier channels, K with a large per-channel offset). Columns: torch SDPA with the flash and the
-cuDNN backend forced, and every runnable backend of the registry called as users call it
-(`sage_attention(q, k, v, kernel=<backend>)`, quantization included). Each column is measured in every mode users
+cuDNN backend forced, every runnable backend of the registry called as users call it
+(`sage_attention(q, k, v, kernel=<backend>)`, quantization included), and `auto` (`kernel="auto"`: what the
+dispatcher picks in each mode from this card's shipped table, checked against the columns beside it). Each column is measured in every mode users
 run (TFLOPS = 4·B·H·Sq·Skv·D / time):
   eager_single  one call between CUDA events, the device idle before it (host launch cost exposed); median
   eager_stream  calls back to back, time / calls (the GPU-bound steady state inside a model); median of repeats
@@ -112,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     k.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)} (default: all)")
     k.add_argument("--columns", default=None,
                    help="comma list of columns to measure (default: sdpa_flash, sdpa_cudnn, every runnable backend, "
-                        "triton_kernel, cudnn_fp8)")
+                        "auto, triton_kernel, cudnn_fp8)")
     k.add_argument("--json", dest="json_path", default=None, help="write results as JSON here")
     k.add_argument("--plot", dest="plot_path", default=None, help="write a PNG here (needs matplotlib)")
     k.add_argument("--no-accuracy", action="store_true", help="skip the fp32 SDPA accuracy comparison")
@@ -278,6 +279,8 @@ def columns_for(q, k, v, dry_run: bool) -> dict:
         cols["sdpa_cudnn"] = _sdpa_call(SDPBackend.CUDNN_ATTENTION)
     for name in runnable_backends(q, k, v, dry_run):
         cols[name] = _api_call(name)
+    if q.is_cuda:
+        cols["auto"] = _api_call("auto")  # what kernel="auto" runs in each mode (never written to the speed table)
     return cols
 
 
@@ -581,7 +584,7 @@ def plot(result: dict, path: str) -> bool:
 # ---- the dispatch table -------------------------------------------------------------------------------------
 
 _LEGACY_COLUMNS = {"sdpa_cudnn": "sdpa", "triton_incl_quant": TRITON_BACKEND}
-_NOT_DISPATCHABLE = set(RAW_SDPA) | set(GRAPH_ONLY) | {"triton_incl_quant"}
+_NOT_DISPATCHABLE = set(RAW_SDPA) | set(GRAPH_ONLY) | {"triton_incl_quant", "auto"}
 
 
 def _row_columns_by_mode(row: dict, meta: dict) -> dict:

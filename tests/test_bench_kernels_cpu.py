@@ -79,3 +79,13 @@ def test_legacy_graph_only_results_read_as_graph_mode():
     # sm90's graph capture had failed (timed eagerly): it is left out rather than mixed into the graph column.
     assert table["tflops"] == {"sdpa": {"graph": {"128": [[4608, 600.0]]}},
                                "triton_int8_fp8": {"graph": {"128": [[4608, 720.0]]}}}
+
+
+def test_auto_column_is_measured_but_never_written_to_the_speed_table():
+    """`auto` is what the dispatcher picks from the shipped table: a check of that table, not a backend of it."""
+    row = {"shape": "Flux-1024", "B": 1, "H": 24, "S": 4608, "D": 128,
+           "modes": {"eager_stream": {"sdpa_cudnn": {"tflops": 600.0}, "cuda_sm90_int8_fp8": {"tflops": 570.0},
+                                      "auto": {"tflops": 601.0}}}}
+    meta = {"card": "NVIDIA H100 80GB HBM3", "capability": [9, 0], "modes": {"eager_stream": "back to back"}}
+    table = bench.table_from_result({"meta": meta, "rows": [row]}, "k.json")
+    assert set(table["tflops"]) == {"sdpa", "cuda_sm90_int8_fp8"}
