@@ -50,16 +50,21 @@ class NoopBackend(AttentionBackend):
         return q
 
 
-def per_call_us(fn, calls: int, repeats: int) -> float:
+def per_call_us(fn, calls: int, repeats: int, drain=lambda: None) -> float:
+    """Host µs per call: the best of `repeats` batches of `calls` calls (the least disturbed run: other processes
+    share the machine); `drain` (a device synchronize) runs after the warm-up and after each batch, so the launch
+    queue never blocks the host."""
     for _ in range(max(calls // 10, 10)):
         fn()
+    drain()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
         times.append((time.perf_counter() - t0) / calls * 1e6)
-    return min(times)  # the least disturbed run: other processes share this machine
+        drain()
+    return min(times)
 
 
 def attn_with(kernel: str, family: str) -> torch.nn.Module:
@@ -72,20 +77,6 @@ def attn_with(kernel: str, family: str) -> torch.nn.Module:
     a._sage3_runtime.register_layers({a._sage3_layer: a})
     a._sage3_runtime.stats.max_calls = 10 ** 9
     return a
-
-
-def per_call_us_cuda(fn, calls: int, repeats: int) -> float:
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - t0) / calls * 1e6)
-        torch.cuda.synchronize()
-    return min(times)
 
 
 def cuda_rows(args) -> None:
@@ -116,9 +107,10 @@ def cuda_rows(args) -> None:
     # cuDNN is pinned around its own row only (the context manager's cost is not SDPA's, and a pin left on would
     # also apply to the self-check's fp32 reference of the compiled kernels).
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        results = [{"row": "torch SDPA cuDNN (HND, direct)", "host_us_per_call": round(per_call_us_cuda(
-            lambda: F.scaled_dot_product_attention(qh, kh, vh), calls, args.repeats), 2)}]
-    results += [{"row": name, "host_us_per_call": round(per_call_us_cuda(fn, calls, args.repeats), 2)}
+        results = [{"row": "torch SDPA cuDNN (HND, direct)", "host_us_per_call": round(per_call_us(
+            lambda: F.scaled_dot_product_attention(qh, kh, vh), calls, args.repeats, torch.cuda.synchronize), 2)}]
+    results += [{"row": name,
+                 "host_us_per_call": round(per_call_us(fn, calls, args.repeats, torch.cuda.synchronize), 2)}
                 for name, fn in rows]
     dev = torch.cuda.get_device_name()
     if args.json:
