@@ -153,17 +153,19 @@ def _pick(candidates, problem, rejected, mode, family="any"):
     if not unmeasured:
         best = max(runnable, key=lambda b: est[b.name].tflops)
         exact = next((b for b in runnable if b.name == BASELINE), None)
+        slower = [(b.name, (f"slower for this call in {mode} calls: ~{est[b.name].tflops:.0f} vs "
+                            f"~{est[best.name].tflops:.0f} TFLOPS for {best.name} (measured: "
+                            f"{est[best.name].source})",)) for b in runnable if b is not best]
         if family == "any" and exact is not None and best is not exact and \
                 est[best.name].tflops < AUTO_MARGIN * est[BASELINE].tflops:
             gain = est[best.name].tflops / est[BASELINE].tflops
-            rejected += [(b.name, (f"{gain:.2f}x exact {BASELINE} in {mode} calls is within the margin "
-                                   f"({AUTO_MARGIN:.2f}x) auto asks before giving up exact attention: the table's "
-                                   f"run-to-run noise is a few percent (measured: {est[b.name].source})",))
-                         for b in runnable if b is not exact]
+            rejected += [r for r in slower if r[0] != BASELINE]
+            rejected.append((best.name, (f"{gain:.2f}x exact {BASELINE} in {mode} calls is within the margin "
+                                         f"({AUTO_MARGIN:.2f}x) auto asks before giving up exact attention: the "
+                                         f"table's run-to-run noise is a few percent (measured: "
+                                         f"{est[best.name].source})",)))
             return exact
-        rejected += [(b.name, (f"slower for this call in {mode} calls: ~{est[b.name].tflops:.0f} vs "
-                               f"~{est[best.name].tflops:.0f} TFLOPS for {best.name} (measured: "
-                               f"{est[best.name].source})",)) for b in runnable if b is not best]
+        rejected += slower
         return best
     table = table_for(problem)
     if table is None or family != "any" or BASELINE not in est:

@@ -51,8 +51,6 @@ def _sm90_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str
     return out, lse
 
 
-
-
 @torch.library.custom_op("sage3::sm90_int8fp8_attn", mutates_args=())
 def sm90_int8fp8_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool,
                       sm_scale: float, return_lse: bool,

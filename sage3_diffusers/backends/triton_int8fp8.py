@@ -33,8 +33,6 @@ def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: s
     return out, lse
 
 
-
-
 @torch.library.custom_op("sage3::triton_int8fp8_attn", mutates_args=(), device_types="cuda")
 def triton_int8fp8_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool,
                         sm_scale: float, return_lse: bool, qk_quant_gran: str,
