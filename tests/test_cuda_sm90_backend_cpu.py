@@ -162,3 +162,15 @@ def test_eager_calls_skip_the_custom_op_traced_calls_use_it(monkeypatch):
         be.forward(q, q, q, layout="HND", is_causal=False, sm_scale=0.1, return_lse=False)
     assert calls == ["HND", "HND"]
     assert any(e.name == "sage3::sm90_int8fp8_attn" for e in prof.events())
+
+
+def test_large_calls_run_in_chunks_of_kv_heads():
+    """Chunks only where the quantized copies would be large and there are heads to split."""
+    small = torch.empty(1, 24, 4608, 128, device="meta")
+    video = torch.empty(1, 24, 119056, 128, device="meta")
+    assert cuda_sm90.kv_heads_per_chunk(small, small, False) is None  # Flux: 42 MiB of copies
+    assert cuda_sm90.kv_heads_per_chunk(video, video, False) == cuda_sm90.CHUNK_KV_HEADS
+    nhd = video.transpose(1, 2)
+    assert cuda_sm90.kv_heads_per_chunk(nhd, nhd, True) == cuda_sm90.CHUNK_KV_HEADS
+    few = torch.empty(1, 4, 500000, 128, device="meta")
+    assert cuda_sm90.kv_heads_per_chunk(few, few, False) is None  # nothing to split

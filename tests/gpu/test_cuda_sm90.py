@@ -342,3 +342,44 @@ def test_kv_lens_opcheck():
     lens = torch.tensor([130, 7], dtype=torch.int32, device="cuda")
     torch.library.opcheck(torch.ops.sage3.sm90_int8fp8_attn.default, (q, k, v, "HND", False, 0.125, True, lens),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+@pytest.mark.parametrize("b,hq,hkv,causal,lens", [
+    (1, 12, 12, False, None),
+    (2, 8, 4, True, None),      # GQA, causal, B > 1 (the LSE is copied chunk by chunk)
+    (2, 6, 6, False, [300, 77]),  # per-sample key lengths, a last chunk narrower than the others
+])
+def test_head_chunks_are_bit_identical_to_one_call(monkeypatch, layout, b, hq, hkv, causal, lens):
+    """A call whose quantized copies would exceed the workspace bound runs over chunks of key/value heads; every
+    quantization statistic is per head, so output and LSE equal the one-piece call's bit for bit, and the
+    caller's tensors are untouched."""
+    from sage3_diffusers.backends import cuda_sm90
+    q, k, v = make_qkv(b, hq, hkv, 333, 300, 128, layout=layout)
+    before = [t.clone() for t in (q, k, v)]
+    kv_lens = None if lens is None else torch.tensor(lens, dtype=torch.int32, device="cuda")
+    whole = cuda_sm90._sm90_forward(q, k, v, layout, causal, 0.09, True, kv_lens)
+    monkeypatch.setattr(cuda_sm90, "WORKSPACE_CHUNK_BYTES", 0)
+    monkeypatch.setattr(cuda_sm90, "CHUNK_KV_HEADS", 4 if hkv > 4 else 2)
+    assert cuda_sm90.kv_heads_per_chunk(q, k, layout == "NHD") is not None
+    chunked = cuda_sm90._sm90_forward(q, k, v, layout, causal, 0.09, True, kv_lens)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+    assert chunked[0].is_contiguous() and chunked[0].shape == q.shape
+    assert all(torch.equal(a, c) for a, c in zip(before, (q, k, v)))
+
+
+def test_head_chunks_bound_the_extra_memory():
+    """At a video-sized call the chunked run's peak extra memory stays near SDPA's (its output), not 2.5x it."""
+    from sage3_diffusers.backends import cuda_sm90
+    q, k, v = make_qkv(1, 24, 24, 16384, 16384, 128)
+    assert cuda_sm90.kv_heads_per_chunk(q, k, False) == cuda_sm90.CHUNK_KV_HEADS
+    out_bytes = q.numel() * q.element_size()
+    cuda_sm90._sm90_forward(q, k, v, "HND", False, 0.09, False)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out, _ = cuda_sm90._sm90_forward(q, k, v, "HND", False, 0.09, False)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    one_piece = out_bytes * 2.5
+    assert extra <= out_bytes * (1 + 1.6 * cuda_sm90.CHUNK_KV_HEADS / 24) + (8 << 20), (extra, out_bytes, one_piece)
