@@ -12,10 +12,11 @@ cuDNN backend forced, every runnable backend of the registry called as users cal
 dispatcher picks in each mode from this card's shipped table, checked against the columns beside it). Each column is measured in every mode users
 run (TFLOPS = 4·B·H·Sq·Skv·D / time):
   eager_single  one call between CUDA events, the device idle before it (host launch cost exposed); median
-  eager_stream  calls back to back, time / calls (the GPU-bound steady state inside a model); median of repeats
+  eager_stream  calls back to back, time / calls (the GPU-bound steady state inside a model)
   graph         a CUDA graph holding several calls, replayed; median per call (no host cost)
   compile       torch.compile of a function around the call, then back to back as eager_stream
-plus host µs per call (CPU time of the Python call, no synchronization, in short batches so the launch queue never
+Within a mode the columns take turns (one sample of each per repeat, the order rotating), so a drift of the card's
+clocks over a row moves all columns alike; each entry is the median of its repeats, with their spread. Plus host µs per call (CPU time of the Python call, no synchronization, in short batches so the launch queue never
 fills; median over batches; the SDPA columns with their backend pinned once around the batches, as a user pins it
 around a model, so the pin's own cost is not counted) and the peak extra GPU memory of one call (torch.cuda.max_memory_allocated above what
 was allocated before it, after warm-up). Ratios are to SDPA cuDNN in the same process and mode. Graph mode only:
@@ -52,9 +53,9 @@ from .extras import headless_pyplot
 
 MODE_HELP = {
     "eager_single": "one call between CUDA events, device idle before it; median",
-    "eager_stream": "calls back to back, time / calls; median of repeats",
-    "graph": "CUDA graph of several calls, replayed; median per call",
-    "compile": "torch.compile'd function around the call, calls back to back; median of repeats",
+    "eager_stream": "calls back to back, time / calls; median of interleaved repeats",
+    "graph": "CUDA graph of several calls, replayed; median per call over interleaved replays",
+    "compile": "torch.compile'd function around the call, calls back to back; median of interleaved repeats",
 }
 MODES = perf_model.MODES
 GRAPH_ONLY = ("triton_kernel", "cudnn_fp8")  # diagnostics: not what users call
@@ -194,19 +195,8 @@ def time_eager_stream(fn, device, calls: int, repeats: int = 3) -> float:
 
 def time_graph(fn, device, calls: int, replays: int = 5) -> float:
     """Median per-call time of replays of a CUDA graph holding `calls` calls. Raises if capture fails."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # warm-up on the capture stream
-        stream.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(calls):
-                fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        times.append(_elapsed_ms(graph.replay, device) / calls)
+    graph, replay = _graph_timer(fn, device, calls)
+    times = [replay() for _ in range(replays)]
     del graph
     return statistics.median(times)
 
@@ -333,8 +323,52 @@ def _accuracy(outs: dict, q, k, v, rows: torch.Tensor) -> dict:
 
 
 def _compiled(call, backend: str):
-    torch._dynamo.reset()  # a fresh cache per column: no recompile limit, no guard sharing across columns
     return torch.compile(call, backend=backend, dynamic=False)
+
+
+def _graph_timer(fn, device, calls: int):
+    """A CUDA graph holding `calls` calls of `fn` (captured now; raises if capture fails) and a function that
+    replays it once and returns ms per call."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm-up on the capture stream
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(calls):
+                fn()
+    torch.cuda.synchronize()
+    return graph, (lambda: _elapsed_ms(graph.replay, device) / calls)
+
+
+def _mode_timers(mode: str, fns: dict, calls: dict, est: dict, args, device, row: dict) -> dict:
+    """column -> function that takes one timing sample (ms per call) in `mode`; what cannot run in this mode is
+    recorded in row["errors"]. The objects the timers need (graphs, compiled functions) live in their closures."""
+    timers = {}
+    if mode == "compile":
+        torch._dynamo.reset()  # one fresh cache per shape, shared by the columns (distinct closures, own guards)
+    for name, fn in fns.items():
+        n = calls[name]
+        try:
+            if mode == "eager_single":
+                timers[name] = (lambda fn=fn, n=n: time_eager_single(fn, device, n))
+            elif mode == "eager_stream":
+                timers[name] = (lambda fn=fn, n=n: time_eager_stream(fn, device, n, repeats=1))
+            elif mode == "graph":
+                if device.type != "cuda":
+                    row["errors"][f"{name}/graph"] = "CUDA graphs need CUDA"
+                    continue
+                _, timers[name] = _graph_timer(fn, device, _calls(est[name], args.budget_ms / 4, 100, least=1))
+            else:  # compile
+                cf = _compiled(fn.call, args.compile_backend)
+                cfn = (lambda cf=cf, fn=fn: cf(*fn.args))
+                cfn(), cfn()
+                timers[name] = (lambda cfn=cfn, n=n: time_eager_stream(cfn, device, n, repeats=1))
+        except Exception as exc:  # noqa: BLE001 - report and keep going with the other columns
+            row["errors"][f"{name}/{mode}"] = f"{type(exc).__name__}: {exc}"
+            print(f"  {row['shape']} {name} {mode}: {row['errors'][f'{name}/{mode}']}", file=sys.stderr)
+    return timers
 
 
 def measure_row(shape: Shape, args, device, dtype, cudnn_fp8) -> dict:
@@ -346,44 +380,46 @@ def measure_row(shape: Shape, args, device, dtype, cudnn_fp8) -> dict:
     modes = args.mode_list
     row = {"shape": shape.name, "B": shape.batch, "H": shape.heads, "S": shape.seq, "D": shape.head_dim,
            "modes": {m: {} for m in modes}, "host_us": {}, "peak_mem_mib": {}, "errors": {}}
+    fns, est, calls = {}, {}, {}
     for name, call in cols.items():
         fn = (lambda call=call: call(q, k, v))
+        fn.call, fn.args = call, (q, k, v)
         try:
             fn(), fn()  # warm-up (autotuning, extension loading, the dispatcher's cache)
-            est = _elapsed_ms(fn, device)
+            est[name] = _elapsed_ms(fn, device)
         except Exception as exc:  # noqa: BLE001 - report and keep going with the other columns
             row["errors"][name] = f"{type(exc).__name__}: {exc}"
             print(f"  {shape.name} {name}: {row['errors'][name]}", file=sys.stderr)
             continue
-        n = _calls(est, args.budget_ms, args.max_calls)
-        reps = 3 if est < 20 else 2  # long calls vary little between repeats; their time is the budget
-        for mode in modes:
-            try:
-                if mode == "eager_single":
-                    ms = time_eager_single(fn, device, n)
-                elif mode == "eager_stream":
-                    ms = time_eager_stream(fn, device, n, repeats=reps)
-                elif mode == "graph":
-                    if device.type != "cuda":
-                        row["errors"][f"{name}/graph"] = "CUDA graphs need CUDA"
-                        continue
-                    ms = time_graph(fn, device, _calls(est, args.budget_ms / 4, 100, least=1), replays=reps + 2)
-                else:  # compile
-                    cf = _compiled(call, args.compile_backend)
-                    cfn = (lambda cf=cf: cf(q, k, v))
-                    cfn(), cfn()
-                    ms = time_eager_stream(cfn, device, n, repeats=reps)
-                    del cf, cfn
-            except Exception as exc:  # noqa: BLE001
-                row["errors"][f"{name}/{mode}"] = f"{type(exc).__name__}: {exc}"
-                print(f"  {shape.name} {name} {mode}: {row['errors'][f'{name}/{mode}']}", file=sys.stderr)
+        fns[name], calls[name] = fn, _calls(est[name], args.budget_ms, args.max_calls)
+    # The columns take turns within each mode (a sample of every column per repeat, the order rotating), so a
+    # drift of the card's clocks or temperature over the row moves every column alike instead of biasing the
+    # ratios; each entry is the median of its samples, with their spread ((max - min) / median) beside it.
+    reps = 5 if max(est.values(), default=0.0) < 20 else 3
+    for mode in modes:
+        timers = _mode_timers(mode, fns, calls, est, args, device, row)
+        samples = {name: [] for name in timers}
+        names = list(timers)
+        for rep in range(reps):
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                try:
+                    samples[name].append(timers[name]())
+                except Exception as exc:  # noqa: BLE001
+                    row["errors"][f"{name}/{mode}"] = f"{type(exc).__name__}: {exc}"
+        for name, xs in samples.items():
+            if f"{name}/{mode}" in row["errors"] or not xs:
                 continue
-            row["modes"][mode][name] = {"ms": ms, "tflops": shape.flops / ms / 1e9, "calls": n}
+            ms = statistics.median(xs)
+            row["modes"][mode][name] = {"ms": ms, "tflops": shape.flops / ms / 1e9, "calls": calls[name],
+                                        "repeats": len(xs), "spread": (max(xs) - min(xs)) / ms}
+        del timers
+    for name, fn in fns.items():
+        call = cols[name]
         pinned = getattr(call, "pinned", None)
         with (pinned[0]() if pinned else contextlib.nullcontext()):
             host_fn = (lambda bare=pinned[1]: bare(q, k, v)) if pinned else fn
-            row["host_us"][name] = host_us_per_call(host_fn, device, args.host_calls if est < 5 else 3,
-                                                    batches=5 if est < 5 else 2)
+            row["host_us"][name] = host_us_per_call(host_fn, device, args.host_calls if est[name] < 5 else 3,
+                                                    batches=5 if est[name] < 5 else 2)
         if device.type == "cuda":
             row["peak_mem_mib"][name] = peak_extra_mib(fn, device)
     if "graph" in modes and device.type == "cuda" and not args.columns:

@@ -27,6 +27,7 @@ def test_dry_run_json_schema_and_table(tmp_path, make_problem, fake_perf_table, 
         for col in result["columns"]:
             e = row["modes"][mode][col]
             assert e["ms"] > 0 and e["tflops"] > 0 and e["vs_baseline"] > 0 and e["calls"] >= 3, (mode, col)
+            assert e["repeats"] >= 3 and e["spread"] >= 0, (mode, col)
         assert row["modes"][mode]["sdpa"]["vs_baseline"] == 1.0
     assert all(row["host_us"][c] > 0 for c in result["columns"])
     assert row["peak_mem_mib"] == {}  # CUDA only
@@ -89,3 +90,26 @@ def test_auto_column_is_measured_but_never_written_to_the_speed_table():
     meta = {"card": "NVIDIA H100 80GB HBM3", "capability": [9, 0], "modes": {"eager_stream": "back to back"}}
     table = bench.table_from_result({"meta": meta, "rows": [row]}, "k.json")
     assert set(table["tflops"]) == {"sdpa", "cuda_sm90_int8_fp8"}
+
+
+def test_columns_take_turns_within_a_mode(monkeypatch):
+    """Every repeat samples every column, the order rotating: a clock drift over the row cannot favour a column."""
+    log = []
+
+    def column(name):
+        def call(q, k, v):
+            log.append(name)
+            return q
+        return call
+    monkeypatch.setattr(bench, "columns_for", lambda q, k, v, dry: {"sdpa": column("a"), "x": column("b")})
+    args = bench.parse_args(["kernels", "--dry-run", "--modes", "eager_stream", "--max-calls", "3", "--budget-ms",
+                             "1", "--no-accuracy"])
+    args.mode_list, args.baseline = ["eager_stream"], "sdpa"
+    shape = bench.shapes_for(False, "tiny-hd64", dry_run=True)[0]
+    log.clear()
+    monkeypatch.setattr(bench, "host_us_per_call", lambda *a, **k: 1.0)
+    row = bench.measure_row(shape, args, bench.torch.device("cpu"), bench.torch.float32, None)
+    timed = log[6:6 + 5 * 2 * 3]  # after two warm-ups and one estimate per column: 5 repeats x 2 columns x 3 calls
+    blocks = [timed[i][0] for i in range(0, len(timed), 3)]
+    assert blocks == ["a", "b", "b", "a", "a", "b", "b", "a", "a", "b"]
+    assert row["modes"]["eager_stream"]["x"]["repeats"] == 5
