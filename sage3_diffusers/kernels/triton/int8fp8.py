@@ -19,6 +19,7 @@ from ...numerics.attention_common import LOG2E
 from ...numerics.int8 import QK_QUANT_GRANULARITIES
 from .int8fp8_attn import _int8fp8_attn_kernel
 from .int8fp8_quant import _kv_stats_kernel, _qkv_quant_kernel
+from .launch import KernelLaunch, aligned
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -172,6 +173,8 @@ class _QuantPlan:
                                V_FP8=pv_fp8, UNROLL=_QUANT_UNROLL, SMOOTH_K=smooth_k,
                                CHUNKS_P2=triton.next_power_of_2(n_chunks), BM=_Q_QUANT_BM, Q_PER_THREAD=per_thread,
                                Q_BLOCK=q_block, num_warps=_QUANT_WARPS)
+        self.stats_launch = KernelLaunch(_kv_stats_kernel, self.stats_grid, self.stats_meta)
+        self.quant_launch = KernelLaunch(_qkv_quant_kernel, self.quant_grid, self.quant_meta)
 
     def views(self, ws: torch.Tensor):
         """The intermediates as flat typed views of the uint8 workspace `ws` (self.ws_bytes long)."""
@@ -179,18 +182,22 @@ class _QuantPlan:
         return [parts[i].view(dt) for i, dt in zip(self.split_index, self.dtypes)]
 
     def run(self, q, k, v):
-        """Both launches; returns (QuantizedKV, (q_int8 flat, q_scale flat))."""
+        """Both launches; returns (QuantizedKV, (q_int8 flat, q_scale flat), whether the workspace that holds all
+        of them is 16-byte aligned)."""
         ws = torch.empty(self.ws_bytes, dtype=torch.uint8, device=self.device)
         ksum, vmax, qi, qsc, k_int8, k_scale, k_mean, v_q, v_scale = self.views(ws)
+        # launch keys: the alignment of each caller tensor and of the workspace (its buffers sit at multiples of
+        # 256 bytes from its start); the plan fixes every dtype and integer argument
+        k_al, v_al, ws_al = aligned(k), aligned(v), aligned(ws)
         ks_, vs_, stats_ints = self.stats_args
-        _kv_stats_kernel[self.stats_grid](k, *ks_, v, *vs_, ksum, vmax, *stats_ints, **self.stats_meta)
+        self.stats_launch((k_al, v_al, ws_al), k, *ks_, v, *vs_, ksum, vmax, *stats_ints)
         qs_, ks_, vs_, quant_ints = self.quant_args
-        _qkv_quant_kernel[self.quant_grid](q, *qs_, k, *ks_, v, *vs_, ksum, vmax, qi, qsc, k_int8, k_scale, k_mean,
-                                           v_q, v_scale, *quant_ints, **self.quant_meta)
+        self.quant_launch((aligned(q), k_al, v_al, ws_al), q, *qs_, k, *ks_, v, *vs_, ksum, vmax, qi, qsc, k_int8,
+                          k_scale, k_mean, v_q, v_scale, *quant_ints)
         b, hkv, skv, d = self.shape_kv
         kv = QuantizedKV(k_int8, k_scale, k_mean, v_q, v_scale, b, hkv, skv, self.seq_pad, d, self.pv_fp8,
                          self.k_block, self.k_gran)
-        return kv, (qi, qsc)
+        return kv, (qi, qsc), ws_al
 
 
 _quant_plans: dict = {}
@@ -213,7 +220,8 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str =
     """Q, K and V quantized as the attention kernel reads them (two launches: K/V statistics, then Q, K and V
     together). Returns (QuantizedKV, (q_int8 [B*Hq*Sq*D] int8, q_scale [B*Hq*Sq] fp32)); Q rows are ordered
     (batch, head, token) whatever the layout."""
-    return _quant_plan(q, k, v, layout, qk_quant_gran, q_block, k_block, smooth_k, pv_fp8).run(q, k, v)
+    kv, q_quant, _ = _quant_plan(q, k, v, layout, qk_quant_gran, q_block, k_block, smooth_k, pv_fp8).run(q, k, v)
+    return kv, q_quant
 
 
 def _config_ok(cfg: AttnConfig, qk_quant_gran: str, q_block: int) -> bool:
@@ -261,8 +269,11 @@ class _AttnPlan:
         self.meta = dict(D=d, BM=cfg.block_m, BN=KV_TILE, IS_CAUSAL=bool(is_causal), RETURN_LSE=bool(return_lse),
                          PV_FP8=kv.pv_fp8, USE_TMA=use_tma, STAGES=cfg.num_stages, KG=kv.k_groups_per_tile(),
                          HAS_KV_LENS=has_kv_lens, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        self.launch = KernelLaunch(_int8fp8_attn_kernel, self.grid, self.meta)
 
-    def run(self, q, kv: QuantizedKV, q_quant, out, out_strides, lse, kv_lens, sm_scale):
+    def run(self, q, kv: QuantizedKV, q_quant, out, out_strides, lse, kv_lens, sm_scale, ws_aligned=None):
+        """One launch. `ws_aligned`: whether kv and q_quant are views of one workspace whose start has that
+        16-byte alignment (as `_QuantPlan.run` returns them); None: their addresses are checked one by one."""
         qi, qsc = q_quant
         if self.use_tma:
             k_desc = _descriptor(kv.k_int8, *self.k_desc)
@@ -270,10 +281,17 @@ class _AttnPlan:
             qi_desc = _descriptor(qi, *self.q_desc)
         else:
             k_desc = v_desc = qi_desc = None
-        _int8fp8_attn_kernel[self.grid](
-            q, *self.q_strides, qi, qi_desc, qsc,
-            kv.k_int8, k_desc, kv.k_scale, kv.v_q, v_desc, kv.v_scale, kv.k_mean,
-            out, *out_strides, lse, kv_lens, *self.ints, sm_scale * LOG2E, sm_scale, **self.meta)
+        if ws_aligned is None:
+            ws_aligned = (aligned(qi), aligned(qsc), aligned(kv.k_int8), aligned(kv.k_scale), aligned(kv.v_q),
+                          aligned(kv.v_scale), aligned(kv.k_mean))
+        # launch key: what the plan does not fix (q's dtype: the plan serves both; the caller's out strides; the
+        # alignment of every tensor; kv_lens' dtype)
+        key = (q.dtype, out_strides, ws_aligned, aligned(q), aligned(out), aligned(lse),
+               None if kv_lens is None else (kv_lens.dtype, aligned(kv_lens)))
+        sm_scale = float(sm_scale)  # an int scale would specialize the kernel (1 becomes a constant)
+        self.launch(key, q, *self.q_strides, qi, qi_desc, qsc,
+                    kv.k_int8, k_desc, kv.k_scale, kv.v_q, v_desc, kv.v_scale, kv.k_mean,
+                    out, *out_strides, lse, kv_lens, *self.ints, sm_scale * LOG2E, sm_scale)
 
 
 _attn_plans: dict = {}
@@ -451,7 +469,7 @@ def int8fp8_attention(q, k, v, *, layout: str = "HND", is_causal: bool = False, 
                                        smooth_k, pv_fp8, use_tma, config)
     if sm_scale is None:
         sm_scale = call.default_scale
-    kv, q_quant = call.quant.run(q, k, v)
+    kv, q_quant, ws_aligned = call.quant.run(q, k, v)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         out_strides = None
@@ -471,5 +489,6 @@ def int8fp8_attention(q, k, v, *, layout: str = "HND", is_causal: bool = False, 
         attn = _attn_plan(q, layout, kv, is_causal, return_lse, call.use_tma, cfg, has_lens)
         if settled:
             call.attn = attn
-    attn.run(q, kv, q_quant, out, attn.out_strides if out_strides is None else out_strides, lse, kv_lens, sm_scale)
+    attn.run(q, kv, q_quant, out, attn.out_strides if out_strides is None else out_strides, lse, kv_lens, sm_scale,
+             ws_aligned)
     return out, (lse if return_lse else None)
