@@ -13,8 +13,10 @@ Best of `--repeats` runs of `--calls` calls each. Prints a table (and JSON with 
 
 With `--cuda` (a GPU): the same question for the compiled kernels at a small bf16 shape, layer by layer from the
 C++ floor up: the sm90 extension's `forward` called directly, its custom op `torch.ops.sage3.sm90_int8fp8_attn`,
-the api with the backend named, and the processor; against torch SDPA with cuDNN pinned. Each batch of calls is
-drained (synchronized) before the next, so the launch queue never blocks the host.
+the api with the backend named, and the processor; against torch SDPA with cuDNN pinned. The Triton rows come
+twice: with direct launches of its cached kernels (the default) and with every launch through Triton's
+`JITFunction.run` (SAGE3_TRITON_DIRECT_LAUNCH=0). Each batch of calls is drained (synchronized) before the next, so
+the launch queue never blocks the host.
 
     PYTHONPATH=$PWD python bench/host_overhead.py [--cuda]
 """
@@ -84,6 +86,7 @@ def cuda_rows(args) -> None:
 
     from sage3_diffusers.backends import cuda_sm90
     from sage3_diffusers.integration.processors import FluxSage3Processor
+    from sage3_diffusers.kernels.triton import launch as triton_launch
 
     b, s, h, d = 1, 1024, 24, 128
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -101,6 +104,9 @@ def cuda_rows(args) -> None:
         ("processor cuda_sm90_int8_fp8 (NHD)", lambda: proc._attend(a_sm90, q, k, v, layout="NHD")),
         ("api triton_int8_fp8 (NHD)", lambda: sage_attention(q, k, v, "triton_int8_fp8", tensor_layout="NHD")),
         ("processor triton_int8_fp8 (NHD)", lambda: proc._attend(a_triton, q, k, v, layout="NHD")),
+        ("api triton_int8_fp8 (NHD), Triton launches",
+         lambda: sage_attention(q, k, v, "triton_int8_fp8", tensor_layout="NHD")),
+        ("processor triton_int8_fp8 (NHD), Triton launches", lambda: proc._attend(a_triton, q, k, v, layout="NHD")),
         ("api sdpa (NHD)", lambda: sage_attention(q, k, v, "sdpa", tensor_layout="NHD")),
     ]
     calls = min(args.calls, 200)
@@ -109,15 +115,23 @@ def cuda_rows(args) -> None:
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         results = [{"row": "torch SDPA cuDNN (HND, direct)", "host_us_per_call": round(per_call_us(
             lambda: F.scaled_dot_product_attention(qh, kh, vh), calls, args.repeats, torch.cuda.synchronize), 2)}]
-    results += [{"row": name,
-                 "host_us_per_call": round(per_call_us(fn, calls, args.repeats, torch.cuda.synchronize), 2)}
-                for name, fn in rows]
+    direct = triton_launch.DIRECT_LAUNCH
+    for name, fn in rows:
+        # the rows named "Triton launches" run with the direct launches off (as SAGE3_TRITON_DIRECT_LAUNCH=0)
+        triton_launch.DIRECT_LAUNCH = direct and not name.endswith("Triton launches")
+        try:
+            us = per_call_us(fn, calls, args.repeats, torch.cuda.synchronize)
+        finally:
+            triton_launch.DIRECT_LAUNCH = direct
+        results.append({"row": name, "host_us_per_call": round(us, 2)})
     dev = torch.cuda.get_device_name()
+    direct_state = "on" if direct else f"off ({triton_launch.UNSUPPORTED or 'SAGE3_TRITON_DIRECT_LAUNCH=0'})"
     if args.json:
-        print(json.dumps({"torch": torch.__version__, "device": dev, "shape_bshd": [b, s, h, d], "rows": results},
-                         indent=1))
+        print(json.dumps({"torch": torch.__version__, "device": dev, "shape_bshd": [b, s, h, d],
+                          "triton_direct_launch": direct_state, "rows": results}, indent=1))
         return
     print(f"host µs per call, {dev}, bf16 q/k/v (B,S,H,D)=({b},{s},{h},{d}), torch {torch.__version__}")
+    print(f"Triton direct launches: {direct_state}")
     print(f"{'call':44s} {'µs/call':>9s}")
     for r in results:
         print(f"{r['row']:44s} {r['host_us_per_call']:9.2f}")

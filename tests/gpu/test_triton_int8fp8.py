@@ -5,6 +5,7 @@ rounding of P); kernel vs fp32 SDPA should be as accurate as the reference itsel
 NaN before each run and must be fully written.
 """
 import importlib.util
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -330,3 +331,114 @@ def test_kv_lens_backend_compile_and_cuda_graph():
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(static_out, f(q, k, v, lens)), new
+
+
+# ------------------------------ direct launches (kernels/triton/launch.py) ------------------------------
+def _launch_mod():
+    from sage3_diffusers.kernels.triton import launch
+    return launch
+
+
+@pytest.fixture
+def direct_launches(monkeypatch):
+    """Counts the direct launches (each reads the stream through `launch._current_stream` once; launches through
+    Triton do not); `set(on)` switches the fast path."""
+    L = _launch_mod()
+    if L.UNSUPPORTED is not None:
+        import triton
+        if triton.__version__.startswith("3.6."):
+            pytest.fail(f"the fast path should support triton {triton.__version__}: {L.UNSUPPORTED}")
+        pytest.skip(L.UNSUPPORTED)
+    count = [0]
+    stream = L._current_stream
+
+    def counting(dev):
+        count[0] += 1
+        return stream(dev)
+    monkeypatch.setattr(L, "_current_stream", counting)
+    return SimpleNamespace(count=count, set=lambda on: monkeypatch.setattr(L, "DIRECT_LAUNCH", on))
+
+
+def _unaligned_inputs(b, hq, hkv, s, d, dtype, layout):
+    """(aligned, unaligned) q/k/v of the same shape and strides: views at element 0 and 1 of wider rows, so the
+    second's addresses are 2 bytes past a 16-byte boundary (same launch plan, other alignment)."""
+    out = ([], [])
+    for h in (hq, hkv, hkv):
+        shape = (b, h, s, d + 8) if layout == "HND" else (b, s, h, d + 8)
+        wide = torch.randn(shape, device=DEV).to(dtype)
+        out[0].append(wide[..., :d])
+        out[1].append(wide[..., 1:d + 1])
+    assert all(x.data_ptr() % 16 == 0 for x in out[0]) and all(x.data_ptr() % 16 for x in out[1])
+    return out
+
+
+def _signatures():
+    """(name, q, k, v, kwargs) call signatures: HND, NHD GQA causal with LSE, key lengths, MQA with a caller's
+    out, and the same plan with aligned and unaligned caller tensors."""
+    q, k, v = _dit_inputs(1, 4, 4, 300, 300, 128, torch.bfloat16, seed=1)
+    g = [_to_layout(x, "NHD") for x in _dit_inputs(2, 8, 2, 200, 520, 64, torch.float16, seed=2)]
+    kl = _dit_inputs(3, 2, 2, 300, 300, 128, torch.bfloat16, seed=3)
+    lens = torch.tensor([300, 77, 129], dtype=torch.int32, device=DEV)
+    mq = _dit_inputs(1, 4, 1, 129, 1000, 64, torch.float16, seed=4)
+    al, un = _unaligned_inputs(2, 4, 2, 150, 128, torch.bfloat16, "NHD")
+    return [
+        ("hnd", q, k, v, {}),
+        ("nhd_gqa_causal_lse", *g, dict(layout="NHD", is_causal=True, return_lse=True)),
+        ("kv_lens", *kl, dict(kv_lens=lens, return_lse=True)),
+        ("mqa_out", *mq, dict(out=torch.empty_like(mq[0]))),
+        ("aligned", *al, dict(layout="NHD", return_lse=True)),
+        ("unaligned", *un, dict(layout="NHD", return_lse=True)),
+    ]
+
+
+def _outputs(m, sig):
+    _, q, k, v, kw = sig
+    if "out" in kw:
+        kw = dict(kw, out=torch.full_like(kw["out"], float("nan")))
+    o, lse = m.int8fp8_attention(q, k, v, **kw)
+    return o.clone(), None if lse is None else lse.clone()
+
+
+def _same(a, b):
+    return torch.equal(a[0], b[0]) and (a[1] is None) == (b[1] is None) and (a[1] is None or torch.equal(a[1], b[1]))
+
+
+def test_direct_launch_bit_identical_to_triton_launch(direct_launches):
+    """Every signature's output and LSE through direct launches equal Triton's own launches bit for bit, also
+    with calls alternating between signatures (and between the aligned and unaligned views of one plan)."""
+    m = _k()
+    sigs = _signatures()
+    direct_launches.set(False)
+    expect = [_outputs(m, s) for s in sigs]            # also tunes each shape class
+    assert direct_launches.count[0] == 0
+    direct_launches.set(True)
+    for rnd in range(3):
+        for sig, ref in zip(sigs, expect):
+            assert _same(_outputs(m, sig), ref), (sig[0], rnd)
+    # round 0 launched each new key through Triton; the aligned and unaligned signatures share one plan
+    assert direct_launches.count[0] >= 2 * 3 * len(sigs), direct_launches.count[0]
+    order = [0, 4, 5, 4, 1, 5, 2, 3, 0, 5]              # alternating signatures, alignments back and forth
+    for i in order:
+        assert _same(_outputs(m, sigs[i]), expect[i]), sigs[i][0]
+
+
+def test_direct_launch_off_with_a_launch_hook(direct_launches):
+    """A Triton launch hook sees every launch (three per call): the fast path steps aside while one is set."""
+    import triton
+    m = _k()
+    q, k, v = _dit_inputs(1, 2, 2, 200, 200, 64, torch.bfloat16, seed=5)
+    ref = m.int8fp8_attention(q, k, v)[0].clone()
+    m.int8fp8_attention(q, k, v)
+    seen = []
+    hook = lambda metadata: seen.append(metadata.get()["name"])  # noqa: E731
+    triton.knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        before = direct_launches.count[0]
+        for _ in range(2):
+            assert torch.equal(m.int8fp8_attention(q, k, v)[0], ref)
+        assert direct_launches.count[0] == before
+    finally:
+        triton.knobs.runtime.launch_enter_hook.remove(hook)
+    assert len(seen) == 6 and any("attn" in n for n in seen), seen
+    assert torch.equal(m.int8fp8_attention(q, k, v)[0], ref)
+    assert direct_launches.count[0] > before
