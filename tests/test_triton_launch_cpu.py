@@ -78,7 +78,7 @@ META = dict(D=64, num_warps=4, BLOCK=32)  # constexprs in another order than the
 
 
 def _launch(kl, x, n=64, scale=0.5):
-    kl((L.aligned(x),), x, n, scale)
+    kl.launch((L.aligned(x),), x, n, scale)
 
 
 def _kinds(fn):
@@ -117,7 +117,7 @@ def test_key_none_and_switches_go_through_triton(fake_triton, monkeypatch):
     fn, x = FakeJIT(), torch.zeros(64)
     kl = L.KernelLaunch(fn, (1,), META)
     _launch(kl, x)
-    kl(None, x, 64, 0.5)                      # no key: the caller cannot vouch for its arguments
+    kl.launch(None, x, 64, 0.5)                     # no key: the caller cannot vouch for its arguments
     monkeypatch.setattr(L, "DIRECT_LAUNCH", False)
     _launch(kl, x)
     monkeypatch.setattr(L, "DIRECT_LAUNCH", True)
@@ -297,7 +297,8 @@ def test_plan_keys_follow_caller_alignment(fake_triton, monkeypatch):
     k, v = torch.randn(b, h, s, d).half(), torch.randn(b, h, s, d).half()
     plan = m._quant_plan(q, k, v, "HND", "per_thread", 128, 128, True, True)
     assert m._quant_plan(q_un, k, v, "HND", "per_thread", 128, 128, True, True) is plan
-    plan.stats_launch.launch, plan.quant_launch.launch = through_triton("stats"), through_triton("quant")
+    plan.stats_launch.through_triton = through_triton("stats")
+    plan.quant_launch.through_triton = through_triton("quant")
     for x in (q, q, q_un, q_un, q):
         kv, q_quant, ws_al = plan.run(x, k, v)
     sd, qd = "stats direct", "quant direct"
@@ -306,7 +307,7 @@ def test_plan_keys_follow_caller_alignment(fake_triton, monkeypatch):
 
     log.clear()
     attn = m._attn_plan(q, "HND", kv, False, False, False, m.AttnConfig(64, 4, 3), False)
-    attn.launch.launch = through_triton("attn")
+    attn.launch.through_triton = through_triton("attn")
     for x in (q, q, q_un, q, q.float(), q.float()):
         attn.run(x, kv, q_quant, torch.empty_like(x), attn.out_strides, q_quant[1], None, 0.125, ws_al)
     assert [e if isinstance(e, str) else e[0] for e in log] == \
@@ -364,7 +365,7 @@ def test_direct_launch_passes_what_tritons_own_run_passes(monkeypatch):
     ks_, vs_, ints = plan.stats_args
 
     def call(k):
-        kl((L.aligned(k), L.aligned(v), L.aligned(ws)), k, *ks_, v, *vs_, ksum, vmax, *ints)
+        kl.launch((L.aligned(k), L.aligned(v), L.aligned(ws)), k, *ks_, v, *vs_, ksum, vmax, *ints)
 
     for k in (k_al, k_al, k_un, k_un, k_al):
         call(k)
@@ -386,3 +387,76 @@ def test_direct_launch_passes_what_tritons_own_run_passes(monkeypatch):
     finally:
         triton.knobs.runtime.launch_enter_hook.remove(seen.append)
     assert len(entry_log) == 6 and entry_log[-1][11] is triton.knobs.runtime.launch_enter_hook
+
+
+@pytest.mark.skipif(not HAS_TRITON or INTERPRET, reason="needs triton (compiled mode: JITFunction kernels)")
+@pytest.mark.parametrize("use_tma,return_lse,layout", [(False, True, "NHD"), (True, False, "HND"),
+                                                       (True, True, "NHD")])
+def test_int8fp8_attention_direct_arguments_match_tritons(fake_triton, monkeypatch, use_tma, return_lse, layout):
+    """`int8fp8_attention` end to end on CPU tensors with recording kernels: the second call launches the three
+    kernels directly, with the workspace's buffers as addresses; each argument must be what the first call gave
+    Triton (the same caller tensor, the same offset into the workspace, the same descriptor, the same number)."""
+    from sage3_diffusers.kernels.triton import int8fp8 as m
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    class RecordingJIT(FakeJIT):
+        def __init__(self, name, real):
+            super().__init__()
+            self.name, self.arg_names, self.log = name, real.arg_names, log
+
+        def __getitem__(self, grid):
+            def run(*args, **meta):
+                log.append(("triton", self.name, args))
+                kernel = FakeCompiled(None, log, function=self.name)
+                kernel.run.tag = "direct"
+                return kernel
+            return run
+
+    log = []
+    monkeypatch.setattr(L, "_JITFunction", RecordingJIT)
+    for name in ("_kv_stats_kernel", "_qkv_quant_kernel", "_int8fp8_attn_kernel"):
+        monkeypatch.setattr(m, name, RecordingJIT(name, getattr(m, name)))
+    for cache in ("_calls", "_quant_plans", "_attn_plans"):
+        monkeypatch.setattr(m, cache, {})
+    b, h, hkv, s, d = 2, 4, 2, 70, 64
+    shape = (lambda hh: (b, hh, s, d)) if layout == "HND" else (lambda hh: (b, s, hh, d))
+    q, k, v = torch.randn(shape(h)).half(), torch.randn(shape(hkv)).half(), torch.randn(shape(hkv)).half()
+    kw = dict(layout=layout, pv_fp8=True, use_tma=use_tma, config=m.AttnConfig(64, 4, 3), return_lse=return_lse,
+              sm_scale=1)
+    out1, lse1 = m.int8fp8_attention(q, k, v, **kw)
+    assert [e[:2] for e in log] == [("triton", "_kv_stats_kernel"), ("triton", "_qkv_quant_kernel"),
+                                    ("triton", "_int8fp8_attn_kernel")]
+    out2, lse2 = m.int8fp8_attention(q, k, v, **kw)
+    assert [e[0] for e in log[3:]] == ["direct"] * 3
+    assert (lse1 is None) == (lse2 is None) == (not return_lse) and out2.shape == q.shape
+    ws_base = {"triton": log[0][2][10].data_ptr(), "direct": log[3][1][13 + 10]}  # ksum: offset 0
+    for (_, name, by_triton), (_, entry_args) in zip(log[:3], log[3:]):
+        assert entry_args[4] == name                       # the function handle of that kernel
+        direct, tail = entry_args[13:13 + len(by_triton)], entry_args[13 + len(by_triton):]
+        kernel = getattr(m, name)
+        assert len(by_triton) + len(tail) == len(kernel.arg_names)
+        for i, (t, dd) in enumerate(zip(by_triton, direct)):
+            where = f"{name} argument {kernel.arg_names[i]}"
+            if isinstance(dd, int) and isinstance(t, torch.Tensor):    # a workspace buffer by its address
+                assert dd - ws_base["direct"] == t.data_ptr() - ws_base["triton"], where
+            elif isinstance(t, torch.Tensor):
+                assert t is dd or (t.shape, t.stride(), t.dtype) == (dd.shape, dd.stride(), dd.dtype), where
+                assert t is dd or not any(t is x for x in (q, k, v)), where  # caller tensors: the same
+            elif isinstance(t, TensorDescriptor):
+                assert (dd.base.data_ptr() - ws_base["direct"] == t.base.data_ptr() - ws_base["triton"]), where
+                assert (t.shape, t.strides, t.block_shape, t.padding) == \
+                    (dd.shape, dd.strides, dd.block_shape, dd.padding), where
+            else:
+                assert type(t) is type(dd) and t == dd, where
+        assert any(isinstance(x, int) and not isinstance(x, bool) and x > 1 << 20 for x in direct)
+    # sm_scale=1 arrives as a float in both (an int 1 would specialize the kernel)
+    assert log[2][2][-1] == 1.0 and type(log[2][2][-1]) is float
+    if return_lse:  # a caller's LSE buffer 4 bytes off a 16-byte boundary: the attention kernel's own key
+        del log[:]
+        buf = torch.empty(b * h * s + 8)
+        off = (16 - buf.data_ptr() % 16) % 16 // 4
+        lse_un = buf[off + 1:off + 1 + b * h * s].view(b, h, s)
+        for _ in range(2):
+            assert m.int8fp8_attention(q, k, v, **kw, lse=lse_un)[1] is lse_un
+        assert [e[0] if e[0] == "direct" else e[1] for e in log] == ["direct", "direct", "_int8fp8_attn_kernel"] + \
+            ["direct"] * 3

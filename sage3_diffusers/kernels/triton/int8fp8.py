@@ -19,7 +19,7 @@ from ...numerics.attention_common import LOG2E
 from ...numerics.int8 import QK_QUANT_GRANULARITIES
 from .int8fp8_attn import _int8fp8_attn_kernel
 from .int8fp8_quant import _kv_stats_kernel, _qkv_quant_kernel
-from .launch import KernelLaunch, aligned
+from .launch import Address, KernelLaunch, aligned, current_stream, direct_state
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -160,6 +160,7 @@ class _QuantPlan:
             idx.append(i)
             i += 2 if triton.cdiv(n * dt.itemsize, _WS_ALIGN) * _WS_ALIGN > n * dt.itemsize else 1
         self.split_index = tuple(idx)
+        self.offsets = tuple(sum(sizes[:i]) for i in idx)  # byte offset of each buffer in the workspace
         self.ws_bytes = sum(sizes)
         qs_, ks_, vs_ = _bhsd_strides(q, layout), _bhsd_strides(k, layout), _bhsd_strides(v, layout)
         self.stats_grid = (n_chunks, bh)
@@ -181,19 +182,36 @@ class _QuantPlan:
         parts = ws.split_with_sizes(self.split_sizes)
         return [parts[i].view(dt) for i, dt in zip(self.split_index, self.dtypes)]
 
-    def run(self, q, k, v):
-        """Both launches; returns (QuantizedKV, (q_int8 flat, q_scale flat), whether the workspace that holds all
-        of them is 16-byte aligned)."""
-        ws = torch.empty(self.ws_bytes, dtype=torch.uint8, device=self.device)
-        ksum, vmax, qi, qsc, k_int8, k_scale, k_mean, v_q, v_scale = self.views(ws)
-        # launch keys: the alignment of each caller tensor and of the workspace (its buffers sit at multiples of
-        # 256 bytes from its start); the plan fixes every dtype and integer argument
+    def addresses(self, ws: torch.Tensor):
+        """The device addresses of the intermediates in `ws`, in the order `views` returns them."""
+        base = ws.data_ptr()
+        return [base + off for off in self.offsets]
+
+    def keys(self, q, k, v, ws):
+        """(stats key, quantization key, workspace alignment): what a call varies in that Triton specializes the
+        two launches on. The plan fixes every dtype and integer argument; what remains is the 16-byte alignment
+        of each caller tensor and of the workspace (its buffers sit at multiples of 256 bytes from its start)."""
         k_al, v_al, ws_al = aligned(k), aligned(v), aligned(ws)
-        ks_, vs_, stats_ints = self.stats_args
-        self.stats_launch((k_al, v_al, ws_al), k, *ks_, v, *vs_, ksum, vmax, *stats_ints)
-        qs_, ks_, vs_, quant_ints = self.quant_args
-        self.quant_launch((aligned(q), k_al, v_al, ws_al), q, *qs_, k, *ks_, v, *vs_, ksum, vmax, qi, qsc, k_int8,
-                          k_scale, k_mean, v_q, v_scale, *quant_ints)
+        return (k_al, v_al, ws_al), (aligned(q), k_al, v_al, ws_al), ws_al
+
+    def stats_arguments(self, k, v, ksum, vmax):
+        ks_, vs_, ints = self.stats_args
+        return (k, *ks_, v, *vs_, ksum, vmax, *ints)
+
+    def quant_arguments(self, q, k, v, ksum, vmax, qi, qsc, k_int8, k_scale, k_mean, v_q, v_scale):
+        qs_, ks_, vs_, ints = self.quant_args
+        return (q, *qs_, k, *ks_, v, *vs_, ksum, vmax, qi, qsc, k_int8, k_scale, k_mean, v_q, v_scale, *ints)
+
+    def run(self, q, k, v, ws=None):
+        """Both launches; returns (QuantizedKV, (q_int8 flat, q_scale flat), whether the workspace that holds all
+        of them is 16-byte aligned). `ws`: the workspace, when the caller already allocated it."""
+        if ws is None:
+            ws = torch.empty(self.ws_bytes, dtype=torch.uint8, device=self.device)
+        ksum, vmax, qi, qsc, k_int8, k_scale, k_mean, v_q, v_scale = self.views(ws)
+        stats_key, quant_key, ws_al = self.keys(q, k, v, ws)
+        self.stats_launch.launch(stats_key, *self.stats_arguments(k, v, ksum, vmax))
+        self.quant_launch.launch(quant_key, *self.quant_arguments(q, k, v, ksum, vmax, qi, qsc, k_int8, k_scale,
+                                                                  k_mean, v_q, v_scale))
         b, hkv, skv, d = self.shape_kv
         kv = QuantizedKV(k_int8, k_scale, k_mean, v_q, v_scale, b, hkv, skv, self.seq_pad, d, self.pv_fp8,
                          self.k_block, self.k_gran)
@@ -270,28 +288,40 @@ class _AttnPlan:
                          PV_FP8=kv.pv_fp8, USE_TMA=use_tma, STAGES=cfg.num_stages, KG=kv.k_groups_per_tile(),
                          HAS_KV_LENS=has_kv_lens, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         self.launch = KernelLaunch(_int8fp8_attn_kernel, self.grid, self.meta)
+        # direct launches pass the workspace's buffers as addresses; a descriptor built by Triton's own
+        # constructor (another Triton's TensorDescriptor) would want a tensor
+        self.direct_ok = not use_tma or _DESCRIPTOR_FIELDS_KNOWN
+
+    def key(self, q, out, out_strides, lse_aligned, kv_lens, ws_aligned):
+        """What a call varies in that Triton specializes the launch on: q's dtype (the plan serves both), the
+        strides of a caller's out, the 16-byte alignment of each tensor (`ws_aligned`: of the quantized
+        tensors), kv_lens' dtype."""
+        return (q.dtype, out_strides, ws_aligned, aligned(q), aligned(out), lse_aligned,
+                None if kv_lens is None else (kv_lens.dtype, aligned(kv_lens)))
+
+    def arguments(self, q, qi, qsc, k_int8, k_scale, k_mean, v_q, v_scale, out, out_strides, lse, kv_lens,
+                  sm_scale, base=lambda x: x):
+        """The kernel's arguments; `base(x)` is what a tensor descriptor is given for buffer x."""
+        if self.use_tma:
+            k_desc = _descriptor(base(k_int8), *self.k_desc)
+            v_desc = _descriptor(base(v_q), *self.v_desc)
+            qi_desc = _descriptor(base(qi), *self.q_desc)
+        else:
+            k_desc = v_desc = qi_desc = None
+        sm_scale = float(sm_scale)  # an int scale would specialize the kernel (1 becomes a constant)
+        return (q, *self.q_strides, qi, qi_desc, qsc, k_int8, k_desc, k_scale, v_q, v_desc, v_scale, k_mean,
+                out, *out_strides, lse, kv_lens, *self.ints, sm_scale * LOG2E, sm_scale)
 
     def run(self, q, kv: QuantizedKV, q_quant, out, out_strides, lse, kv_lens, sm_scale, ws_aligned=None):
         """One launch. `ws_aligned`: whether kv and q_quant are views of one workspace whose start has that
         16-byte alignment (as `_QuantPlan.run` returns them); None: their addresses are checked one by one."""
         qi, qsc = q_quant
-        if self.use_tma:
-            k_desc = _descriptor(kv.k_int8, *self.k_desc)
-            v_desc = _descriptor(kv.v_q, *self.v_desc)
-            qi_desc = _descriptor(qi, *self.q_desc)
-        else:
-            k_desc = v_desc = qi_desc = None
         if ws_aligned is None:
             ws_aligned = (aligned(qi), aligned(qsc), aligned(kv.k_int8), aligned(kv.k_scale), aligned(kv.v_q),
                           aligned(kv.v_scale), aligned(kv.k_mean))
-        # launch key: what the plan does not fix (q's dtype: the plan serves both; the caller's out strides; the
-        # alignment of every tensor; kv_lens' dtype)
-        key = (q.dtype, out_strides, ws_aligned, aligned(q), aligned(out), aligned(lse),
-               None if kv_lens is None else (kv_lens.dtype, aligned(kv_lens)))
-        sm_scale = float(sm_scale)  # an int scale would specialize the kernel (1 becomes a constant)
-        self.launch(key, q, *self.q_strides, qi, qi_desc, qsc,
-                    kv.k_int8, k_desc, kv.k_scale, kv.v_q, v_desc, kv.v_scale, kv.k_mean,
-                    out, *out_strides, lse, kv_lens, *self.ints, sm_scale * LOG2E, sm_scale)
+        key = self.key(q, out, out_strides, aligned(lse), kv_lens, ws_aligned)
+        self.launch.launch(key, *self.arguments(q, qi, qsc, kv.k_int8, kv.k_scale, kv.k_mean, kv.v_q, kv.v_scale,
+                                                out, out_strides, lse, kv_lens, sm_scale))
 
 
 _attn_plans: dict = {}
@@ -456,7 +486,9 @@ def int8fp8_attention(q, k, v, *, layout: str = "HND", is_causal: bool = False, 
 
     Three launches (K/V statistics; Q, K and V quantization; attention). The host work of a repeated call
     signature is one dictionary lookup, one workspace allocation and the launches: every decision (shapes,
-    grids, strides, device facts, the tuned config) is cached per signature."""
+    grids, strides, device facts, the tuned config) is cached per signature, and once each launch's key (the
+    alignment of the caller's tensors) has been launched through Triton, the three go straight to their compiled
+    kernels' launchers with the workspace's buffers as addresses (launch.py)."""
     has_lens = kv_lens is not None
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
            layout, is_causal, return_lse, qk_quant_gran, q_block, k_block, smooth_k, pv_fp8, use_tma, config,
@@ -469,7 +501,6 @@ def int8fp8_attention(q, k, v, *, layout: str = "HND", is_causal: bool = False, 
                                        smooth_k, pv_fp8, use_tma, config)
     if sm_scale is None:
         sm_scale = call.default_scale
-    kv, q_quant, ws_aligned = call.quant.run(q, k, v)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         out_strides = None
@@ -477,11 +508,18 @@ def int8fp8_attention(q, k, v, *, layout: str = "HND", is_causal: bool = False, 
         b, hq, sq, _ = call.quant.shape_q
         _check_out(out, lse, q, b, hq, sq, return_lse)
         out_strides = _bhsd_strides(out, layout)
+    if return_lse and lse is None:
+        lse = torch.empty(call.lse_shape, dtype=torch.float32, device=q.device)
+    quant, attn = call.quant, call.attn
+    ws = torch.empty(quant.ws_bytes, dtype=torch.uint8, device=quant.device)
+    if attn is not None and attn.direct_ok:
+        state = direct_state()
+        if state is not None and _launch_direct(quant, attn, state, ws, q, k, v, out, out_strides,
+                                                lse if return_lse else None, kv_lens, sm_scale):
+            return out, (lse if return_lse else None)
+    kv, q_quant, ws_aligned = quant.run(q, k, v, ws)
     if not return_lse:
         lse = q_quant[1]  # a pointer the kernel never touches without RETURN_LSE
-    elif lse is None:
-        lse = torch.empty(call.lse_shape, dtype=torch.float32, device=q.device)
-    attn = call.attn
     if attn is None:
         cfg, settled = (call.config, True) if call.config is not None else _pick_config(
             q, kv, q_quant, out, out_strides or _bhsd_strides(out, layout), lse, kv_lens, layout=layout, is_causal=is_causal, sm_scale=sm_scale,
@@ -492,3 +530,28 @@ def int8fp8_attention(q, k, v, *, layout: str = "HND", is_causal: bool = False, 
     attn.run(q, kv, q_quant, out, attn.out_strides if out_strides is None else out_strides, lse, kv_lens, sm_scale,
              ws_aligned)
     return out, (lse if return_lse else None)
+
+
+def _launch_direct(quant: _QuantPlan, attn: _AttnPlan, state, ws, q, k, v, out, out_strides, lse, kv_lens,
+                   sm_scale) -> bool:
+    """The three launches of `int8fp8_attention` straight through their compiled kernels' launchers, with the
+    workspace's buffers as addresses (no tensor views); False (nothing launched) unless all three were launched
+    through Triton before with the same keys. `lse` None: no LSE (the kernel gets an address it never touches)."""
+    stats_key, quant_key, ws_al = quant.keys(q, k, v, ws)
+    if out_strides is None:
+        out_strides = attn.out_strides
+    ksum, vmax, qi, qsc, k_int8, k_scale, k_mean, v_q, v_scale = quant.addresses(ws)
+    attn_key = attn.key(q, out, out_strides, ws_al if lse is None else aligned(lse), kv_lens, ws_al)
+    stats_run = quant.stats_launch.entry(state, stats_key)
+    quant_run = quant.quant_launch.entry(state, quant_key)
+    attn_run = attn.launch.entry(state, attn_key)
+    if stats_run is None or quant_run is None or attn_run is None:
+        return False
+    stream = current_stream(state)
+    quant.stats_launch.run_direct(stats_run, stream, *quant.stats_arguments(k, v, ksum, vmax))
+    quant.quant_launch.run_direct(quant_run, stream, *quant.quant_arguments(q, k, v, ksum, vmax, qi, qsc, k_int8,
+                                                                            k_scale, k_mean, v_q, v_scale))
+    attn.launch.run_direct(attn_run, stream, *attn.arguments(q, qi, qsc, k_int8, k_scale, k_mean, v_q, v_scale,
+                                                             out, out_strides, qsc if lse is None else lse,
+                                                             kv_lens, sm_scale, base=Address))
+    return True

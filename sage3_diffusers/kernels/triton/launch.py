@@ -146,39 +146,79 @@ def aligned(t) -> bool:
     return not t.data_ptr() & 15
 
 
+class Address:
+    """A device address where Triton's launcher takes a tensor (it reads `data_ptr()`): the base of a tensor
+    descriptor launched directly. A pointer argument launched directly may be a plain int (the launcher takes
+    ints as addresses)."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+
 def _hook_idle(hook) -> bool:
     return hook is None or (type(hook) is _HookChain and not hook.calls)
+
+
+def direct_state():
+    """What a direct launch's key adds to the caller's (the current device, Triton's debug flag and
+    instrumentation mode), or None when launches go through Triton now (switched off, a launch hook set)."""
+    if not DIRECT_LAUNCH:
+        return None
+    rt = _knobs.runtime
+    if not (_hook_idle(rt.launch_enter_hook) and _hook_idle(rt.launch_exit_hook)):
+        return None
+    return _current_device(), rt.debug, _knobs.compilation.instrumentation_mode
+
+
+def current_stream(state):
+    """The stream Triton would launch on: the current stream of the current device (`state[0]`)."""
+    return _current_stream(state[0])
 
 
 class KernelLaunch:
     """The launches of one @triton.jit kernel at one call site: a fixed grid and fixed constexprs and options
     (`meta`); per call a key (what the caller's arguments vary in that Triton specializes on, see the module
-    docstring; None: launch through Triton) and the positional arguments before the constexprs."""
+    docstring; None: launch through Triton) and the positional arguments before the constexprs.
 
-    __slots__ = ("fn", "jit", "grid", "meta", "launch", "direct", "tail")
+    `launch(key, *args)` launches directly where it can, else through Triton (and keeps what Triton compiled).
+    A caller that launches several kernels can look each one's direct launch up first (`entry`) and launch with
+    `run_direct`, passing addresses (ints, `Address`) where a tensor sits at a known place in memory."""
+
+    __slots__ = ("fn", "jit", "grid", "meta", "through_triton", "direct", "tail")
 
     def __init__(self, fn, grid, meta):
         self.fn, self.grid, self.meta = fn, tuple(grid), dict(meta)
         self.jit = _JITFunction is not None and isinstance(fn, _JITFunction)  # not the interpreter's function
-        self.launch = fn[self.grid]
-        self.direct = {}   # full key -> (launcher entry, grid, leading launcher arguments)
+        self.through_triton = fn[self.grid]
+        self.direct = {}   # (key, state) -> (launcher entry, grid x, y, z, the launcher arguments after the stream)
         self.tail = None   # the constexprs in signature order, after the positional arguments
 
-    def __call__(self, key, *args):
-        if DIRECT_LAUNCH and key is not None and self.jit and not self.fn.pre_run_hooks:
-            rt = _knobs.runtime
-            if _hook_idle(rt.launch_enter_hook) and _hook_idle(rt.launch_exit_hook):
-                dev = _current_device()
-                full = (key, dev, rt.debug, _knobs.compilation.instrumentation_mode)
-                entry = self.direct.get(full)
-                if entry is not None:
-                    run, (gx, gy, gz), head = entry
-                    run(gx, gy, gz, _current_stream(dev), *head, *args, *self.tail)
-                    return
-                kernel = self.launch(*args, **self.meta)
-                self._remember(full, kernel, len(args))
-                return
-        self.launch(*args, **self.meta)
+    def entry(self, state, key):
+        """The direct launch of `key` under `state` (`direct_state()`, not None), or None: launch through Triton."""
+        if not self.jit or self.fn.pre_run_hooks:
+            return None
+        return self.direct.get((key, state))
+
+    def run_direct(self, entry, stream, *args):
+        run, gx, gy, gz, head = entry
+        run(gx, gy, gz, stream, *head, *args, *self.tail)
+
+    def launch(self, key, *args):
+        state = direct_state() if key is not None else None
+        if state is None or not self.jit or self.fn.pre_run_hooks:
+            self.through_triton(*args, **self.meta)
+            return
+        entry = self.direct.get((key, state))
+        if entry is not None:
+            self.run_direct(entry, _current_stream(state[0]), *args)
+            return
+        kernel = self.through_triton(*args, **self.meta)
+        self._remember((key, state), kernel, len(args))
 
     def _remember(self, full, kernel, n_args):
         """Keep `kernel` (what Triton launched for this key) for direct launches, when it and this call site are
@@ -198,7 +238,7 @@ class KernelLaunch:
             self.direct.clear()
         gx, gy, gz = (tuple(self.grid) + (1, 1))[:3]
         # the launcher's own entry with what its Python wrapper adds (launch options, no scratch), then the
-        # packed metadata; no launch metadata and no hooks (none is set: checked per call)
-        head = (kernel.function, launcher.launch_cooperative_grid, launcher.launch_pdl, None, None,
-                kernel.packed_metadata, None, None, None)
-        self.direct[full] = (launcher.launch, (gx, gy, gz), head)
+        # packed metadata; no launch metadata and no hooks (none is set: `direct_state` checks per call)
+        self.direct[full] = (launcher.launch, gx, gy, gz,
+                             (kernel.function, launcher.launch_cooperative_grid, launcher.launch_pdl, None, None,
+                              kernel.packed_metadata, None, None, None))
