@@ -14,10 +14,12 @@ What Triton specializes a compiled kernel on, and where the key of a direct laun
 - integer arguments (i32/i64, equal to 1, divisible by 16): fixed per plan; an integer a plan does not fix
   (the strides of a caller's `out`) goes into the caller's key;
 - tensor dtypes and 16-byte alignment of their addresses: the caller's key holds the alignment (`aligned`) of
-  every tensor whose address is not at a fixed offset of an aligned workspace, and each dtype the plan does not
-  fix;
-- floats: not specialized (fp32);
+  every caller tensor and of the workspace (whose buffers sit at multiples of 256 bytes from its start, so they
+  share its alignment), and each dtype the plan does not fix;
+- floats: not specialized (fp32; the plans pass Python floats, since an int 1 would become a constant);
 - Triton's debug flag and instrumentation mode (part of its cache key) and the current device: added here.
+A direct launch may pass a device address (an int, or `Address` as a descriptor's base) where Triton was given a
+tensor at that address: the launcher reads nothing of a tensor argument but its address.
 Not re-checked per call: Triton's check that the module globals a kernel reads have not changed since it was
 compiled (ours are constants).
 
