@@ -341,8 +341,7 @@ def _launch_mod():
 
 @pytest.fixture
 def direct_launches(monkeypatch):
-    """Counts the direct launches (each reads the stream through `launch._current_stream` once; launches through
-    Triton do not); `set(on)` switches the fast path."""
+    """Counts the direct launches (`KernelLaunch.run_direct`); `set(on)` switches the fast path."""
     L = _launch_mod()
     if L.UNSUPPORTED is not None:
         import triton
@@ -350,12 +349,12 @@ def direct_launches(monkeypatch):
             pytest.fail(f"the fast path should support triton {triton.__version__}: {L.UNSUPPORTED}")
         pytest.skip(L.UNSUPPORTED)
     count = [0]
-    stream = L._current_stream
+    run_direct = L.KernelLaunch.run_direct
 
-    def counting(dev):
+    def counting(self, entry, stream, *args):
         count[0] += 1
-        return stream(dev)
-    monkeypatch.setattr(L, "_current_stream", counting)
+        return run_direct(self, entry, stream, *args)
+    monkeypatch.setattr(L.KernelLaunch, "run_direct", counting)
     return SimpleNamespace(count=count, set=lambda on: monkeypatch.setattr(L, "DIRECT_LAUNCH", on))
 
 
