@@ -220,15 +220,13 @@ def through_custom_op(*tensors) -> bool:
     return False
 
 
-def run_op(op_name: str, op, impl, *args):
-    """One call of a compiled kernel: through its custom op `op` where `through_custom_op` says so, else `impl`
-    directly; a direct call still shows in torch.profiler traces as the op `op_name` ("sage3::...") when a
-    profiler is recording (attention-share measurements and users' traces find it there)."""
-    if through_custom_op(*(a for a in args if isinstance(a, torch.Tensor))):
+def run_op(op, impl, *args):
+    """One call of a compiled kernel: through its custom op `op` where `through_custom_op` says so or a profiler
+    is recording, else `impl` directly. Under a profiler the op is what links the GPU kernels to a CPU op: kernels
+    launched inside a `record_function` range alone are attributed to no op (the range's correlation id is of
+    another kind), so attention-share measurements and users' traces would lose them."""
+    if torch.autograd._profiler_enabled() or through_custom_op(*(a for a in args if isinstance(a, torch.Tensor))):
         return op(*args)
-    if torch.autograd._profiler_enabled():
-        with torch.profiler.record_function(op_name):
-            return impl(*args)
     return impl(*args)
 
 

@@ -140,7 +140,7 @@ class CudaSm90Int8Fp8Backend(CudaKernelBackend):
     def forward(self, q, k, v, *, layout, is_causal, sm_scale, return_lse, attn_mask=None, kv_lens=None):
         if attn_mask is not None:
             raise ValueError(f"{self.name} does not take attn_mask (per-sample key lengths: kv_lens)")
-        out, lse = run_op("sage3::sm90_int8fp8_attn", torch.ops.sage3.sm90_int8fp8_attn, _sm90_forward, q, k, v,
+        out, lse = run_op(torch.ops.sage3.sm90_int8fp8_attn, _sm90_forward, q, k, v,
                           layout, bool(is_causal), float(sm_scale), bool(return_lse), kv_lens)
         return (out, lse) if return_lse else out
 

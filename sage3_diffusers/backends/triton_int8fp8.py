@@ -85,7 +85,7 @@ class TritonInt8Fp8Backend(AttentionBackend):
     def forward(self, q, k, v, *, layout, is_causal, sm_scale, return_lse, attn_mask=None, kv_lens=None):
         if attn_mask is not None:
             raise ValueError("triton_int8_fp8 does not take attn_mask (per-sample key lengths: kv_lens)")
-        out, lse = run_op("sage3::triton_int8fp8_attn", torch.ops.sage3.triton_int8fp8_attn, _triton_forward, q, k,
+        out, lse = run_op(torch.ops.sage3.triton_int8fp8_attn, _triton_forward, q, k,
                           v, layout, bool(is_causal), float(sm_scale), bool(return_lse), "per_thread", kv_lens)
         return (out, lse) if return_lse else out
 
