@@ -15,8 +15,9 @@ run (TFLOPS = 4·B·H·Sq·Skv·D / time):
   eager_stream  calls back to back, time / calls (the GPU-bound steady state inside a model)
   graph         a CUDA graph holding several calls, replayed; median per call (no host cost)
   compile       torch.compile of a function around the call, then back to back as eager_stream
-Within a mode the columns take turns (one sample of each per repeat, the order rotating), so a drift of the card's
-clocks over a row moves all columns alike; each entry is the median of its repeats, with their spread. Plus host µs per call (CPU time of the Python call, no synchronization, in short batches so the launch queue never
+Within a mode the columns take turns (one sample of each per repeat, the order rotating and alternating direction,
+an untimed call of the column before each sample), so a drift of the card's clocks over a row moves all columns
+alike; each entry is the median of its repeats, with their spread. Plus host µs per call (CPU time of the Python call, no synchronization, in short batches so the launch queue never
 fills; median over batches; the SDPA columns with their backend pinned once around the batches, as a user pins it
 around a model, so the pin's own cost is not counted) and the peak extra GPU memory of one call (torch.cuda.max_memory_allocated above what
 was allocated before it, after warm-up). Ratios are to SDPA cuDNN in the same process and mode. Graph mode only:
@@ -371,6 +372,16 @@ def _mode_timers(mode: str, fns: dict, calls: dict, est: dict, args, device, row
     return timers
 
 
+def sample_order(names: list, rep: int) -> list:
+    """The order of the columns' samples in repeat `rep`: repeats 2i and 2i + 1 take the columns rotated by i,
+    forwards then backwards."""
+    if not names:
+        return []
+    r = (rep // 2) % len(names)
+    order = names[r:] + names[:r]
+    return order[::-1] if rep % 2 else order
+
+
 def measure_row(shape: Shape, args, device, dtype, cudnn_fp8) -> dict:
     q, k, v = dit_inputs(shape, dtype=dtype, device=device)
     cols = columns_for(q, k, v, args.dry_run)
@@ -392,17 +403,19 @@ def measure_row(shape: Shape, args, device, dtype, cudnn_fp8) -> dict:
             print(f"  {shape.name} {name}: {row['errors'][name]}", file=sys.stderr)
             continue
         fns[name], calls[name] = fn, _calls(est[name], args.budget_ms, args.max_calls)
-    # The columns take turns within each mode (a sample of every column per repeat, the order rotating), so a
-    # drift of the card's clocks or temperature over the row moves every column alike instead of biasing the
-    # ratios; each entry is the median of its samples, with their spread ((max - min) / median) beside it.
+    # The columns take turns within each mode (a sample of every column per repeat), so a drift of the card's
+    # clocks or temperature over the row moves every column alike instead of biasing the ratios. The order
+    # rotates and alternates direction, so no column always follows the same one, and an untimed call of the
+    # column leads into each sample (what the previous column left behind, in caches or clocks, is not timed).
+    # Each entry is the median of its samples, with their spread ((max - min) / median) beside it.
     reps = 5 if max(est.values(), default=0.0) < 20 else 3
     for mode in modes:
         timers = _mode_timers(mode, fns, calls, est, args, device, row)
         samples = {name: [] for name in timers}
-        names = list(timers)
         for rep in range(reps):
-            for name in names[rep % len(names):] + names[:rep % len(names)]:
+            for name in sample_order(list(timers), rep):
                 try:
+                    fns[name]()
                     samples[name].append(timers[name]())
                 except Exception as exc:  # noqa: BLE001
                     row["errors"][f"{name}/{mode}"] = f"{type(exc).__name__}: {exc}"

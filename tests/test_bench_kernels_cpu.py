@@ -93,7 +93,8 @@ def test_auto_column_is_measured_but_never_written_to_the_speed_table():
 
 
 def test_columns_take_turns_within_a_mode(monkeypatch):
-    """Every repeat samples every column, the order rotating: a clock drift over the row cannot favour a column."""
+    """Every repeat samples every column (after an untimed lead-in call), the order rotating and alternating direction:
+    a clock drift over the row cannot favour a column, and no column always follows the same one."""
     log = []
 
     def column(name):
@@ -109,7 +110,14 @@ def test_columns_take_turns_within_a_mode(monkeypatch):
     log.clear()
     monkeypatch.setattr(bench, "host_us_per_call", lambda *a, **k: 1.0)
     row = bench.measure_row(shape, args, bench.torch.device("cpu"), bench.torch.float32, None)
-    timed = log[6:6 + 5 * 2 * 3]  # after two warm-ups and one estimate per column: 5 repeats x 2 columns x 3 calls
-    blocks = [timed[i][0] for i in range(0, len(timed), 3)]
-    assert blocks == ["a", "b", "b", "a", "a", "b", "b", "a", "a", "b"]
+    # after two warm-ups and one estimate per column: 5 repeats x 2 columns x (1 lead-in + 3 timed calls)
+    timed = log[6:6 + 5 * 2 * 4]
+    blocks = [timed[i] for i in range(0, len(timed), 4)]
+    assert all(timed[i:i + 4] == [timed[i]] * 4 for i in range(0, len(timed), 4))
+    assert blocks == ["a", "b", "b", "a", "b", "a", "a", "b", "a", "b"]
+    order = [bench.sample_order(["s", "m", "t", "a"], rep) for rep in range(5)]
+    assert order == [["s", "m", "t", "a"], ["a", "t", "m", "s"], ["m", "t", "a", "s"], ["s", "a", "t", "m"],
+                     ["t", "a", "s", "m"]]
+    flat = [c for o in order for c in o]
+    assert {flat[i - 1] for i in range(1, len(flat)) if flat[i] == "m"} == {"s", "t"}  # m follows two columns
     assert row["modes"]["eager_stream"]["x"]["repeats"] == 5
