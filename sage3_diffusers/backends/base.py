@@ -200,7 +200,7 @@ class CudaKernelBackend(AttentionBackend):
         return reasons
 
 
-def through_custom_op(*tensors) -> bool:
+def through_custom_op(*args) -> bool:
     """Whether a compiled kernel's call goes through its torch.library custom op rather than straight to the op's
     implementation. The op is what every tracer, transform and tensor subclass understands: torch.compile and
     torch.export tracing, dispatch modes (make_fx, FakeTensorMode), functorch transforms (vmap, grad,
@@ -208,14 +208,14 @@ def through_custom_op(*tensors) -> bool:
     says it has no backward instead of dropping the gradient), and any input that is not a plain tensor (a DTensor,
     or ring attention's not-yet-waited all-gather results, whose data the subclass must produce first). Eagerly on
     plain tensors the implementation is called directly: the dispatcher's round trip into Python costs host time
-    on every call and adds nothing there. `tensors`: every tensor argument of the call (None entries ignored)."""
+    on every call and adds nothing there. `args`: the call's arguments (those that are not tensors are ignored)."""
     if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
             or torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
             or torch._C._get_tracing_state() is not None):
         return True
     grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+    for t in args:
+        if isinstance(t, torch.Tensor) and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
             return True
     return False
 
@@ -225,7 +225,7 @@ def run_op(op, impl, *args):
     is recording, else `impl` directly. Under a profiler the op is what links the GPU kernels to a CPU op: kernels
     launched inside a `record_function` range alone are attributed to no op (the range's correlation id is of
     another kind), so attention-share measurements and users' traces would lose them."""
-    if torch.autograd._profiler_enabled() or through_custom_op(*(a for a in args if isinstance(a, torch.Tensor))):
+    if torch.autograd._profiler_enabled() or through_custom_op(*args):
         return op(*args)
     return impl(*args)
 

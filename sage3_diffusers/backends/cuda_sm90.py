@@ -17,40 +17,40 @@ from .base import (CompiledExtension, CudaKernelBackend, build_hint, describe_pr
 SM90_EXT = CompiledExtension("sage3_diffusers._C_sm90")
 
 
-_validated: set = set()  # call signatures that passed `check_call` (a repeated call skips the Python checks)
+_plans: dict = {}  # call signature -> key/value heads per chunk (None: one piece), for signatures that passed the checks
 
 
-def _check_once(q, k, v, layout, is_causal, return_lse) -> None:
+def _plan_once(q, k, v, layout, is_causal, return_lse) -> int | None:
+    """`check_call` and `kv_heads_per_chunk` once per call signature; a repeated call is one dictionary lookup."""
     key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, layout, is_causal,
            return_lse)
-    if key not in _validated:
-        CudaSm90Int8Fp8Backend().check_call(describe_problem(q, k, v, layout, is_causal, return_lse, None))
-        if len(_validated) >= 4096:  # dynamic resolutions: bounded like the dispatcher's cache
-            _validated.clear()
-        _validated.add(key)
+    try:
+        return _plans[key]
+    except KeyError:
+        pass
+    CudaSm90Int8Fp8Backend().check_call(describe_problem(q, k, v, layout, is_causal, return_lse, None))
+    if len(_plans) >= 4096:  # dynamic resolutions: bounded like the dispatcher's cache
+        _plans.clear()
+    step = _plans[key] = kv_heads_per_chunk(q, k, layout == "NHD")
+    return step
 
 
 def _sm90_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool, sm_scale: float,
-                  return_lse: bool, kv_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (q's layout and dtype, contiguous) and lse [B, Hq, Sq] fp32 (an empty tensor unless return_lse).
+                  return_lse: bool, kv_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """out (q's layout and dtype, contiguous) and lse [B, Hq, Sq] fp32 (None unless return_lse).
     kv_lens: None, or int32 [B] on q's device: batch entry b attends to its first kv_lens[b] keys (right padding,
     read by the kernel: no host sync); kv_lens[b] == 0 gives zero rows and LSE -inf. The quantization still sees
     the padding keys (K mean, V scales), so they must be finite."""
     ext = SM90_EXT.require()
-    _check_once(q, k, v, layout, is_causal, return_lse)
+    step = _plan_once(q, k, v, layout, is_causal, return_lse)
     if kv_lens is not None:
         kv_lens = kv_lens_for_kernel(kv_lens, q.shape[0], q.device)
     nhd = layout == "NHD"
-    step = kv_heads_per_chunk(q, k, nhd)
     if step is None:
         # The extension copies inputs the kernels cannot read in place (channel stride != 1, rows not 16-byte
         # aligned, a misaligned base such as ring attention's chunk of an all-gathered buffer).
-        out, lse = _ext_call(ext, q, k, v, nhd, is_causal, sm_scale, return_lse, kv_lens)
-    else:
-        out, lse = _forward_in_head_chunks(ext, q, k, v, nhd, is_causal, sm_scale, return_lse, kv_lens, step)
-    if not return_lse:
-        lse = q.new_empty((0,), dtype=torch.float32)
-    return out, lse
+        return _ext_call(ext, q, k, v, nhd, is_causal, sm_scale, return_lse, kv_lens)
+    return _forward_in_head_chunks(ext, q, k, v, nhd, is_causal, sm_scale, return_lse, kv_lens, step)
 
 
 def _ext_call(ext, q, k, v, nhd, is_causal, sm_scale, return_lse, kv_lens, out=None):
@@ -101,8 +101,10 @@ def _forward_in_head_chunks(ext, q, k, v, nhd, is_causal, sm_scale, return_lse, 
 def sm90_int8fp8_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool,
                       sm_scale: float, return_lse: bool,
                       kv_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_sm90_forward` as a custom op (torch.compile, torch.export and dispatch modes see it as one opaque op)."""
-    return _sm90_forward(q, k, v, layout, is_causal, sm_scale, return_lse, kv_lens)
+    """`_sm90_forward` as a custom op (torch.compile, torch.export and dispatch modes see it as one opaque op); its
+    lse is an empty tensor unless return_lse."""
+    out, lse = _sm90_forward(q, k, v, layout, is_causal, sm_scale, return_lse, kv_lens)
+    return out, (lse if lse is not None else q.new_empty((0,), dtype=torch.float32))
 
 
 @sm90_int8fp8_attn.register_fake

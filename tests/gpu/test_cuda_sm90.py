@@ -361,6 +361,7 @@ def test_head_chunks_are_bit_identical_to_one_call(monkeypatch, layout, b, hq, h
     whole = cuda_sm90._sm90_forward(q, k, v, layout, causal, 0.09, True, kv_lens)
     monkeypatch.setattr(cuda_sm90, "WORKSPACE_CHUNK_BYTES", 0)
     monkeypatch.setattr(cuda_sm90, "CHUNK_KV_HEADS", 4 if hkv > 4 else 2)
+    monkeypatch.setattr(cuda_sm90, "_plans", {})  # the one-piece call above cached its (unchunked) plan
     assert cuda_sm90.kv_heads_per_chunk(q, k, layout == "NHD") is not None
     chunked = cuda_sm90._sm90_forward(q, k, v, layout, causal, 0.09, True, kv_lens)
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
