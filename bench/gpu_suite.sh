@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything we verify on a GPU, in one device call: build the sm_90a extensions (INT8/FP8 kernel, and the
 # FP4 kernel's emulated-MMA test build), run every GPU test, probe the extensions' error paths in a child
-# process, then the kernel benchmark and an end-to-end transformer benchmark.
+# process, host time per call, then the kernel benchmark (SM clock and power sampled beside it) and an end-to-end
+# transformer benchmark.
 # Usage (GPU machine, repo root): OUT=/some/dir bash bench/gpu_suite.sh [quick|full] [fp4]
 #   fp4: also build the FP4 kernel's emulated-MMA sm_90a test build (+~2.5 min on 16 cores) and run its tests.
 set -uo pipefail
@@ -26,8 +27,8 @@ grep -cE "[1-9][0-9]* bytes spill" "$OUT/build.txt" | sed 's/^/ptxas lines repor
 python3 -m sage3_diffusers env > "$OUT/env.txt" 2>&1; grep -E "GPU 0|_C_|kernel='" "$OUT/env.txt" | tee -a "$OUT/suite.txt"
 
 log "GPU tests"
-tests=tests/gpu; [ "$with_fp4" = fp4 ] || tests="tests/gpu/test_cuda_sm90.py tests/gpu/test_triton_int8fp8.py"
-PYTHONUNBUFFERED=1 timeout 300 python3 -m pytest -q -rs $tests 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
+# every GPU test (the FP4 ones skip, with their reason, unless the fp4 build ran)
+PYTHONUNBUFFERED=1 timeout 300 python3 -m pytest -q -rs tests/gpu 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
 
 log "extension error paths (child processes; a crash shows as a signal)"
 exts=_C_sm90; [ "$with_fp4" = fp4 ] && exts="_C_sm90 _C_fp4"
@@ -36,10 +37,17 @@ for ext in $exts; do
   echo "$ext: exit $? $(tail -1 "$OUT/probe_$ext.txt")" | tee -a "$OUT/suite.txt"
 done
 
-log "kernel benchmark ($mode)"
+log "host µs per call (sm90, Triton direct and through Triton's launcher, SDPA)"
+timeout 90 python3 bench/host_overhead.py --cuda --calls 200 2>&1 | tee "$OUT/host.txt" | tail -12
+
+log "kernel benchmark ($mode), with the card's SM clock and power sampled every 100 ms beside it"
+# A sustained call can run at a lower clock than a short profiled one (power limit): clocks.csv says which.
+nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms 100 > "$OUT/clocks.csv" &
+sampler=$!
 q=--quick; [ "$mode" = full ] && q=
 PYTHONUNBUFFERED=1 timeout 240 python3 -m sage3_diffusers bench kernels $q --json "$OUT/kernels.json" \
   --plot "$OUT/kernels.png" 2>&1 | tee "$OUT/kernels.txt" | tail -14
+kill $sampler 2>/dev/null
 
 log "end-to-end: Flux 1024x1024 (2 double + 4 single blocks, real shapes, random weights)"
 PYTHONUNBUFFERED=1 timeout 150 python3 -m sage3_diffusers bench e2e --model flux --layers 2,4 \
