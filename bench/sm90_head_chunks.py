@@ -9,7 +9,7 @@ same process, and the peak extra MiB of one call next to SDPA's.
     python bench/sm90_head_chunks.py [--shapes HunyuanVideo-720p,Wan2.1-14B-720p] [--chunks 0,12,8,4,2,1] [--json F]
 
 chunk 0 = one call over all heads. The backend runs large calls in chunks of `CHUNK_KV_HEADS` heads
-(backends/cuda_sm90.py), chosen from this script's numbers.
+(backends/head_chunks.py), chosen from this script's numbers.
 """
 from __future__ import annotations
 

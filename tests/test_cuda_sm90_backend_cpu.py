@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sage3_diffusers import dispatch
-from sage3_diffusers.backends import cuda_sm90
+from sage3_diffusers.backends import cuda_sm90, head_chunks
 from sage3_diffusers.backends.cuda_sm90 import CudaSm90Int8Fp8Backend
 
 
@@ -168,9 +168,33 @@ def test_large_calls_run_in_chunks_of_kv_heads():
     """Chunks only where the quantized copies would be large and there are heads to split."""
     small = torch.empty(1, 24, 4608, 128, device="meta")
     video = torch.empty(1, 24, 119056, 128, device="meta")
-    assert cuda_sm90.kv_heads_per_chunk(small, small, False) is None  # Flux: 42 MiB of copies
-    assert cuda_sm90.kv_heads_per_chunk(video, video, False) == cuda_sm90.CHUNK_KV_HEADS
+    assert head_chunks.kv_heads_per_chunk(small, small, False) is None  # Flux: 42 MiB of copies
+    assert head_chunks.kv_heads_per_chunk(video, video, False) == head_chunks.CHUNK_KV_HEADS
     nhd = video.transpose(1, 2)
-    assert cuda_sm90.kv_heads_per_chunk(nhd, nhd, True) == cuda_sm90.CHUNK_KV_HEADS
+    assert head_chunks.kv_heads_per_chunk(nhd, nhd, True) == head_chunks.CHUNK_KV_HEADS
     few = torch.empty(1, 4, 500000, 128, device="meta")
-    assert cuda_sm90.kv_heads_per_chunk(few, few, False) is None  # nothing to split
+    assert head_chunks.kv_heads_per_chunk(few, few, False) is None  # nothing to split
+
+
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+@pytest.mark.parametrize("b,hq,hkv,step", [(1, 12, 12, 4), (2, 8, 4, 2), (2, 6, 6, 4), (1, 6, 3, 2)])
+def test_head_chunks_assemble_the_one_piece_result(layout, b, hq, hkv, step, fresh_seed):
+    """forward_in_head_chunks with exact SDPA per chunk equals one exact call (output and LSE), whatever the
+    layout, GQA group or a last chunk narrower than the others; each chunk writes into its slice of one output."""
+    from sage3_diffusers.backends.sdpa import SdpaBackend
+    torch.manual_seed(fresh_seed)
+    sq, skv, d = 37, 29, 16
+    shape = (lambda h, s: (b, s, h, d)) if layout == "NHD" else (lambda h, s: (b, h, s, d))
+    q, k, v = torch.randn(shape(hq, sq)), torch.randn(shape(hkv, skv)), torch.randn(shape(hkv, skv))
+    sdpa = SdpaBackend()
+
+    def call(qc, kc, vc, oc):
+        out, lse = sdpa.forward(qc, kc, vc, layout=layout, is_causal=False, sm_scale=0.25, return_lse=True)
+        oc.copy_(out)
+        return oc, lse
+    whole, whole_lse = sdpa.forward(q, k, v, layout=layout, is_causal=False, sm_scale=0.25, return_lse=True)
+    out, lse = head_chunks.forward_in_head_chunks(call, q, k, v, layout == "NHD", True, step)
+    assert out.shape == q.shape and torch.allclose(out, whole, atol=1e-6), fresh_seed
+    assert torch.allclose(lse, whole_lse, atol=1e-6), fresh_seed
+    out, lse = head_chunks.forward_in_head_chunks(call, q, k, v, layout == "NHD", False, step)
+    assert lse is None and torch.allclose(out, whole, atol=1e-6)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import kv_lens_for_kernel
+from . import head_chunks
 from .base import (CompiledExtension, CudaKernelBackend, build_hint, describe_problem, fake_attention_outputs,
                    run_op)
 
@@ -21,7 +22,8 @@ _plans: dict = {}  # call signature -> key/value heads per chunk (None: one piec
 
 
 def _plan_once(q, k, v, layout, is_causal, return_lse) -> int | None:
-    """`check_call` and `kv_heads_per_chunk` once per call signature; a repeated call is one dictionary lookup."""
+    """`check_call` and the head-chunk plan (head_chunks.py) once per call signature; a repeated call is one
+    dictionary lookup."""
     key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, layout, is_causal,
            return_lse)
     try:
@@ -31,7 +33,7 @@ def _plan_once(q, k, v, layout, is_causal, return_lse) -> int | None:
     CudaSm90Int8Fp8Backend().check_call(describe_problem(q, k, v, layout, is_causal, return_lse, None))
     if len(_plans) >= 4096:  # dynamic resolutions: bounded like the dispatcher's cache
         _plans.clear()
-    step = _plans[key] = kv_heads_per_chunk(q, k, layout == "NHD")
+    step = _plans[key] = head_chunks.kv_heads_per_chunk(q, k, layout == "NHD")
     return step
 
 
@@ -50,7 +52,9 @@ def _sm90_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str
         # The extension copies inputs the kernels cannot read in place (channel stride != 1, rows not 16-byte
         # aligned, a misaligned base such as ring attention's chunk of an all-gathered buffer).
         return _ext_call(ext, q, k, v, nhd, is_causal, sm_scale, return_lse, kv_lens)
-    return _forward_in_head_chunks(ext, q, k, v, nhd, is_causal, sm_scale, return_lse, kv_lens, step)
+    return head_chunks.forward_in_head_chunks(
+        lambda qc, kc, vc, oc: _ext_call(ext, qc, kc, vc, nhd, is_causal, sm_scale, return_lse, kv_lens, out=oc),
+        q, k, v, nhd, return_lse, step)
 
 
 def _ext_call(ext, q, k, v, nhd, is_causal, sm_scale, return_lse, kv_lens, out=None):
@@ -58,43 +62,6 @@ def _ext_call(ext, q, k, v, nhd, is_causal, sm_scale, return_lse, kv_lens, out=N
     if isinstance(res, str):  # the extension reports C++ errors as a message (see csrc/sm90/binding.cpp)
         raise RuntimeError(f"{SM90_EXT.name}: {res}")
     return res
-
-
-# One call quantizes q, k and v into 1-byte copies (1.5x the bf16 output) before its attention launch. Above this
-# workspace the call runs over chunks of CHUNK_KV_HEADS key/value heads (with their query heads), each writing its
-# slice of one output, so the copies exist for one chunk at a time. Every quantization statistic is per head, so
-# the output is bit-identical to the one-launch call. Measured on an H100 (bench/sm90_head_chunks.py,
-# docs/results): chunks of 4 heads cost ~1% at HunyuanVideo-720p and Wan 2.1 14B 720p and cut the call's extra
-# memory from 2.5x SDPA's to 1.15-1.25x; chunks of 1-2 heads cost 4-8% (too few CTAs per launch).
-WORKSPACE_CHUNK_BYTES = 256 << 20
-CHUNK_KV_HEADS = 4
-
-
-def kv_heads_per_chunk(q: torch.Tensor, k: torch.Tensor, nhd: bool) -> int | None:
-    """Key/value heads per chunk for this call, or None to run it in one piece (small workspace, few heads)."""
-    b, d = q.shape[0], q.shape[3]
-    (hq, sq), (hkv, skv) = ((q.shape[2], q.shape[1]), (k.shape[2], k.shape[1])) if nhd else \
-        ((q.shape[1], q.shape[2]), (k.shape[1], k.shape[2]))
-    workspace = b * d * (hq * sq + 2 * hkv * skv)
-    if workspace <= WORKSPACE_CHUNK_BYTES or hkv <= CHUNK_KV_HEADS:
-        return None
-    return CHUNK_KV_HEADS
-
-
-def _forward_in_head_chunks(ext, q, k, v, nhd, is_causal, sm_scale, return_lse, kv_lens, step):
-    head_dim = 2 if nhd else 1
-    hkv, group = k.shape[head_dim], q.shape[head_dim] // k.shape[head_dim]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = q.new_empty((q.shape[0], q.shape[head_dim], q.shape[3 - head_dim]), dtype=torch.float32) \
-        if return_lse else None
-    pick = (lambda t, s: t[:, :, s]) if nhd else (lambda t, s: t[:, s])
-    for h0 in range(0, hkv, step):
-        kv_heads, q_heads = slice(h0, min(h0 + step, hkv)), slice(h0 * group, min(h0 + step, hkv) * group)
-        _, chunk_lse = _ext_call(ext, pick(q, q_heads), pick(k, kv_heads), pick(v, kv_heads), nhd, is_causal,
-                                 sm_scale, return_lse, kv_lens, out=pick(out, q_heads))
-        if return_lse:
-            lse[:, q_heads] = chunk_lse
-    return out, lse
 
 
 @torch.library.custom_op("sage3::sm90_int8fp8_attn", mutates_args=())

@@ -15,6 +15,7 @@ import torch
 
 from ..kernels import kv_lens_for_kernel
 from ..kernels.triton import triton_available
+from . import head_chunks
 from .base import AttentionBackend, AttentionProblem, fake_attention_outputs, run_op
 
 
@@ -23,11 +24,18 @@ def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: s
                     kv_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out in q's layout and dtype, lse fp32 (B, Hq, Sq) natural log, or an empty tensor when
     return_lse is False). kv_lens: None, or int32 [B] on q's device: batch entry b attends to its first
-    kv_lens[b] keys (read by the kernel: no host sync); kv_lens[b] == 0 gives zero rows and LSE -inf."""
+    kv_lens[b] keys (read by the kernel: no host sync); kv_lens[b] == 0 gives zero rows and LSE -inf. Large calls
+    run over chunks of key/value heads (head_chunks.py)."""
     from ..kernels.triton.int8fp8 import int8fp8_attention
     kv_lens = kv_lens_for_kernel(kv_lens, q.shape[0], q.device)
-    out, lse = int8fp8_attention(q, k, v, layout=layout, is_causal=is_causal, sm_scale=sm_scale,
-                                 return_lse=return_lse, qk_quant_gran=qk_quant_gran, kv_lens=kv_lens)
+
+    def call(q, k, v, out=None):
+        return int8fp8_attention(q, k, v, layout=layout, is_causal=is_causal, sm_scale=sm_scale,
+                                 return_lse=return_lse, qk_quant_gran=qk_quant_gran, kv_lens=kv_lens, out=out)
+    nhd = layout == "NHD"
+    step = head_chunks.kv_heads_per_chunk(q, k, nhd)
+    out, lse = call(q, k, v) if step is None else \
+        head_chunks.forward_in_head_chunks(call, q, k, v, nhd, return_lse, step)
     if lse is None:
         lse = torch.empty((0,), dtype=torch.float32, device=q.device)
     return out, lse

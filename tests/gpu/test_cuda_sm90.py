@@ -354,15 +354,15 @@ def test_head_chunks_are_bit_identical_to_one_call(monkeypatch, layout, b, hq, h
     """A call whose quantized copies would exceed the workspace bound runs over chunks of key/value heads; every
     quantization statistic is per head, so output and LSE equal the one-piece call's bit for bit, and the
     caller's tensors are untouched."""
-    from sage3_diffusers.backends import cuda_sm90
+    from sage3_diffusers.backends import cuda_sm90, head_chunks
     q, k, v = make_qkv(b, hq, hkv, 333, 300, 128, layout=layout)
     before = [t.clone() for t in (q, k, v)]
     kv_lens = None if lens is None else torch.tensor(lens, dtype=torch.int32, device="cuda")
     whole = cuda_sm90._sm90_forward(q, k, v, layout, causal, 0.09, True, kv_lens)
-    monkeypatch.setattr(cuda_sm90, "WORKSPACE_CHUNK_BYTES", 0)
-    monkeypatch.setattr(cuda_sm90, "CHUNK_KV_HEADS", 4 if hkv > 4 else 2)
+    monkeypatch.setattr(head_chunks, "WORKSPACE_CHUNK_BYTES", 0)
+    monkeypatch.setattr(head_chunks, "CHUNK_KV_HEADS", 4 if hkv > 4 else 2)
     monkeypatch.setattr(cuda_sm90, "_plans", {})  # the one-piece call above cached its (unchunked) plan
-    assert cuda_sm90.kv_heads_per_chunk(q, k, layout == "NHD") is not None
+    assert head_chunks.kv_heads_per_chunk(q, k, layout == "NHD") is not None
     chunked = cuda_sm90._sm90_forward(q, k, v, layout, causal, 0.09, True, kv_lens)
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
     assert chunked[0].is_contiguous() and chunked[0].shape == q.shape
@@ -371,9 +371,9 @@ def test_head_chunks_are_bit_identical_to_one_call(monkeypatch, layout, b, hq, h
 
 def test_head_chunks_bound_the_extra_memory():
     """At a video-sized call the chunked run's peak extra memory stays near SDPA's (its output), not 2.5x it."""
-    from sage3_diffusers.backends import cuda_sm90
+    from sage3_diffusers.backends import cuda_sm90, head_chunks
     q, k, v = make_qkv(1, 24, 24, 32768, 32768, 128)  # quantized copies: 288 MiB, over WORKSPACE_CHUNK_BYTES
-    assert cuda_sm90.kv_heads_per_chunk(q, k, False) == cuda_sm90.CHUNK_KV_HEADS
+    assert head_chunks.kv_heads_per_chunk(q, k, False) == head_chunks.CHUNK_KV_HEADS
     out_bytes = q.numel() * q.element_size()
     cuda_sm90._sm90_forward(q, k, v, "HND", False, 0.09, False)
     torch.cuda.synchronize()
@@ -383,4 +383,4 @@ def test_head_chunks_bound_the_extra_memory():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     one_piece = out_bytes * 2.5
-    assert extra <= out_bytes * (1 + 1.6 * cuda_sm90.CHUNK_KV_HEADS / 24) + (8 << 20), (extra, out_bytes, one_piece)
+    assert extra <= out_bytes * (1 + 1.6 * head_chunks.CHUNK_KV_HEADS / 24) + (8 << 20), (extra, out_bytes, one_piece)

@@ -441,3 +441,31 @@ def test_direct_launch_off_with_a_launch_hook(direct_launches):
     assert len(seen) == 6 and any("attn" in n for n in seen), seen
     assert torch.equal(m.int8fp8_attention(q, k, v)[0], ref)
     assert direct_launches.count[0] > before
+
+
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+@pytest.mark.parametrize("b,hq,hkv,causal,lens", [
+    (1, 12, 12, False, None),
+    (2, 8, 4, True, None),        # GQA, causal, B > 1 (the LSE is copied chunk by chunk)
+    (2, 6, 6, False, [300, 77]),  # per-sample key lengths, a last chunk narrower than the others
+])
+def test_head_chunks_are_bit_identical_to_one_call(monkeypatch, layout, b, hq, hkv, causal, lens):
+    """Large calls run over chunks of key/value heads (backends/head_chunks.py); every quantization statistic is
+    per head, so output and LSE equal the one-piece call's bit for bit, and the caller's tensors are untouched."""
+    from sage3_diffusers.backends import head_chunks, triton_int8fp8
+    m = _k()
+    # one launch config for both calls (a chunk is another shape class and would be tuned on its own)
+    monkeypatch.setattr(m, "_CANDIDATES", {d: cands[:1] for d, cands in m._CANDIDATES.items()})
+    monkeypatch.setattr(m, "_calls", {})
+    monkeypatch.setattr(m, "_tuned", {})
+    q, k, v = (_to_layout(x, layout) for x in _dit_inputs(b, hq, hkv, 333, 300, 128, torch.bfloat16, seed=7))
+    before = [t.clone() for t in (q, k, v)]
+    kv_lens = None if lens is None else torch.tensor(lens, dtype=torch.int32, device=DEV)
+    whole = triton_int8fp8._triton_forward(q, k, v, layout, causal, 0.09, True, "per_thread", kv_lens)
+    monkeypatch.setattr(head_chunks, "WORKSPACE_CHUNK_BYTES", 0)
+    monkeypatch.setattr(head_chunks, "CHUNK_KV_HEADS", 4 if hkv > 4 else 2)
+    assert head_chunks.kv_heads_per_chunk(q, k, layout == "NHD") is not None
+    chunked = triton_int8fp8._triton_forward(q, k, v, layout, causal, 0.09, True, "per_thread", kv_lens)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+    assert chunked[0].is_contiguous() and chunked[0].shape == q.shape
+    assert all(torch.equal(a, c) for a, c in zip(before, (q, k, v)))
