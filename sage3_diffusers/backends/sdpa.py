@@ -24,7 +24,7 @@ _order_lock = threading.Lock()
 
 def cudnn_first(order) -> list:
     """SDPA's backend priority order with cuDNN moved to the front, the others kept in their order."""
-    key = tuple(int(b) for b in order)
+    key = tuple(order)  # torch returns the order as ints
     hit = _cudnn_first_orders.get(key)
     if hit is None:
         hit = _cudnn_first_orders[key] = [_CUDNN] + [b for b in key if b != _CUDNN]
