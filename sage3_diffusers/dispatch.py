@@ -3,7 +3,11 @@
 `kernel` is "auto", a family ("fp4", "int8_fp8", "sdpa") or a backend name (see `list_backends()`).
 - A backend name must run as asked, else ValueError listing its reasons.
 - A family takes its highest-priority backend that can run. When none can, the fallback setting decides:
-    "auto"    (default) fp4 -> int8_fp8 -> sdpa, one warning per distinct case;
+    "auto"    (default) what is left of the chain fp4 -> int8_fp8 -> sdpa (each more accurate than the one before):
+              where this card's table measures every runnable candidate in the call's mode, the fastest of
+              them, held to auto's margin before a quantized kernel is taken over exact SDPA (a requested fp4 that
+              cannot run on Hopper becomes int8_fp8 on video lengths and exact SDPA where int8_fp8 does not pay);
+              otherwise the next family that can run, by priority. One warning per distinct case;
     "emulate" run the family's torch emulation (reference numerics, slow; for accuracy studies);
     "error"   raise ValueError listing every backend's reasons.
 - "auto" takes the fastest backend of any family (never an emulation). "Fastest" is decided per execution mode
@@ -130,12 +134,15 @@ def backend_reasons(backend: AttentionBackend, problem: AttentionProblem) -> lis
 AUTO_MARGIN = 1.05
 
 
+_FALLBACK = "fallback"  # `_pick`'s family for the candidates a family that cannot run falls back to
+
+
 def _pick(candidates, problem, rejected, mode, family="any"):
     """The candidate to run (None if none can), every other one with its reason in `rejected`: the fastest by the
-    card's measurement of `mode` when every runnable candidate has one (for "auto", a quantized kernel only when it
-    beats exact SDPA by AUTO_MARGIN); else, on a card with a table, exact SDPA
-    for "auto" (family "any": never a quantized kernel on a guess) and the highest priority for a family; without
-    a table, the highest priority."""
+    card's measurement of `mode` when every runnable candidate has one (for "auto" and a fallback, a quantized
+    kernel only when it beats exact SDPA by AUTO_MARGIN); else, on a card with a table, exact SDPA
+    for "auto" (family "any": never a quantized kernel on a guess) and the highest priority for a family or a
+    fallback; without a table, the highest priority."""
     if not candidates:
         rejected.append((f"{family} kernels", ("none is built or registered in this install",)))
         return None
@@ -156,7 +163,7 @@ def _pick(candidates, problem, rejected, mode, family="any"):
         slower = [(b.name, (f"slower for this call in {mode} calls: ~{est[b.name].tflops:.0f} vs "
                             f"~{est[best.name].tflops:.0f} TFLOPS for {best.name} (measured: "
                             f"{est[best.name].source})",)) for b in runnable if b is not best]
-        if family == "any" and exact is not None and best is not exact and \
+        if family in ("any", _FALLBACK) and exact is not None and best is not exact and \
                 est[best.name].tflops < AUTO_MARGIN * est[BASELINE].tflops:
             gain = est[best.name].tflops / est[BASELINE].tflops
             rejected += [r for r in slower if r[0] != BASELINE]
@@ -210,32 +217,35 @@ def _select_uncached(problem: AttentionProblem, kernel: str, fallback: str, mode
     if kernel not in FAMILIES:
         raise ValueError(f"unknown kernel {kernel!r}; allowed: 'auto', {FAMILIES} or a backend name "
                          f"{sorted(_registry)}")
-    family = kernel
-    while True:
-        b = _pick([b for b in _registry.values() if b.family == family and b.auto_eligible], problem, rejected,
-                  mode, family)
-        if b is not None:
-            note = None if family == kernel else f"no {kernel} kernel can run this call; fell back to {family}"
-            if note:
-                _warn_once((kernel, family, tuple(rejected)),
-                           f"sage3_diffusers: {note}. Reasons: " +
-                           _reasons_text(rejected) +
-                           " (set SAGE3_FALLBACK=emulate or =error to change this)")
-            return Selection(b, kernel, tuple(rejected), note, mode)
-        if fallback == "error":
-            if explain_only:
-                return Selection(None, kernel, tuple(rejected),
-                                 f"no {family} backend can run this call and SAGE3_FALLBACK=error", mode)
-            raise ValueError(f"no {family} backend can run this call (SAGE3_FALLBACK=error): " +
+    b = _pick([b for b in _registry.values() if b.family == kernel and b.auto_eligible], problem, rejected, mode,
+              kernel)
+    if b is not None:
+        return Selection(b, kernel, tuple(rejected), None, mode)
+    if fallback == "error":
+        if explain_only:
+            return Selection(None, kernel, tuple(rejected),
+                             f"no {kernel} backend can run this call and SAGE3_FALLBACK=error", mode)
+        raise ValueError(f"no {kernel} backend can run this call (SAGE3_FALLBACK=error): " + _reasons_text(rejected))
+    if fallback == "emulate":
+        b = _pick([b for b in _registry.values() if b.family == kernel and not b.auto_eligible], problem,
+                  rejected, mode, kernel)
+        if b is None:
+            raise ValueError(f"no {kernel} backend, emulation included, can run this call: " +
                              _reasons_text(rejected))
-        if fallback == "emulate":
-            b = _pick([b for b in _registry.values() if b.family == kernel and not b.auto_eligible], problem,
-                      rejected, mode, kernel)
-            if b is None:
-                raise ValueError(f"no {kernel} backend, emulation included, can run this call: " +
-                                 _reasons_text(rejected))
-            return Selection(b, kernel, tuple(rejected), "emulated (SAGE3_FALLBACK=emulate)", mode)
+        return Selection(b, kernel, tuple(rejected), "emulated (SAGE3_FALLBACK=emulate)", mode)
+    rest, family = [], kernel
+    while family in _DEGRADE:
         family = _DEGRADE[family]
+        rest.append(family)
+    b = _pick([b for b in _registry.values() if b.family in rest and b.auto_eligible], problem, rejected, mode,
+              _FALLBACK)
+    if b is None:
+        raise ValueError(f"no {kernel} backend, nor any of {rest}, can run this call: " + _reasons_text(rejected))
+    note = f"no {kernel} kernel can run this call; fell back to {b.family}"
+    _warn_once((kernel, b.name, tuple(rejected)),
+               f"sage3_diffusers: {note}. Reasons: " + _reasons_text(rejected) +
+               " (set SAGE3_FALLBACK=emulate or =error to change this)")
+    return Selection(b, kernel, tuple(rejected), note, mode)
 
 
 def _selection_key(problem: AttentionProblem, kernel: str, mode: str) -> tuple:

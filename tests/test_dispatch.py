@@ -334,3 +334,29 @@ def test_call_signature_cache_does_not_leak_between_modes(fakes, monkeypatch):
     for mode in ("eager", "graph", "eager", "graph"):
         monkeypatch.setattr(dispatch, "current_mode", lambda: mode)
         assert sage_attention(q, q, q, "int8_fp8")[0, 0, 0, 0].item() == (2.0 if mode == "eager" else 3.0), mode
+
+
+def test_a_family_that_cannot_run_falls_back_to_the_faster_of_the_rest(fakes, make_problem, fake_perf_table):
+    """fp4 asked for where no fp4 kernel runs (Hopper): where the card's table measures every candidate in the
+    call's mode, the fastest of int8_fp8 and exact SDPA (held to auto's margin), so the fallback never runs a
+    quantized kernel that loses to exact attention; where the mode is unmeasured, int8_fp8 by priority."""
+    dispatch.register_backend(FastInt8())
+    fake_perf_table({"sdpa": {"graph": {128: [[4608, 600], [65536, 600]]}},
+                     "fake_int8_a": {"graph": {128: [[4608, 590], [65536, 900]]}}})
+    short, long = _hopper_problem(make_problem, 4608), _hopper_problem(make_problem, 65536)
+    if dispatch.backend_reasons(dispatch.get_backend("sdpa"), short):
+        pytest.skip("sdpa cannot take a CUDA problem on this machine")
+    with pytest.warns(RuntimeWarning, match="fell back to sdpa"):
+        sel = dispatch.select_backend(short, "fp4", "graph")  # fake_fp4 takes head_dim 64 only
+    assert sel.backend.name == "sdpa" and sel.note == "no fp4 kernel can run this call; fell back to sdpa"
+    assert any(n == "fake_fp4" for n, _ in sel.rejected)
+    assert any(n == "fake_int8_a" and "slower for this call in graph calls: ~590 vs ~600" in r[0]
+               for n, r in sel.rejected), sel.rejected
+    with pytest.warns(RuntimeWarning, match="fell back to int8_fp8"):
+        assert dispatch.select_backend(long, "fp4", "graph").backend.name == "fake_int8_a"
+    with pytest.warns(RuntimeWarning, match="fell back to int8_fp8"):
+        sel = dispatch.select_backend(short, "fp4", "compile")  # no compile measurement: by priority
+    assert sel.backend.name == "fake_int8_a"
+    assert any(n == "sdpa" and "lower priority than fake_int8_a; no compile measurement" in r[0]
+               for n, r in sel.rejected), sel.rejected
+    assert dispatch.select_backend(short, "int8_fp8", "graph").backend.name == "fake_int8_a"  # asked for by name
