@@ -196,10 +196,8 @@ def time_eager_stream(fn, device, calls: int, repeats: int = 3) -> float:
 
 def time_graph(fn, device, calls: int, replays: int = 5) -> float:
     """Median per-call time of replays of a CUDA graph holding `calls` calls. Raises if capture fails."""
-    graph, replay = _graph_timer(fn, device, calls)
-    times = [replay() for _ in range(replays)]
-    del graph
-    return statistics.median(times)
+    _, sample = _graph_timer(fn, device, calls)
+    return statistics.median(sample() for _ in range(replays))
 
 
 def host_us_per_call(fn, device, calls: int, batches: int = 5) -> float:
@@ -328,8 +326,8 @@ def _compiled(call, backend: str):
 
 
 def _graph_timer(fn, device, calls: int):
-    """A CUDA graph holding `calls` calls of `fn` (captured now; raises if capture fails) and a function that
-    replays it once and returns ms per call."""
+    """(replay, sample) for a CUDA graph holding `calls` calls of `fn` (captured now; raises if capture fails):
+    `replay()` runs it once, `sample()` replays it once and returns ms per call."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -340,12 +338,13 @@ def _graph_timer(fn, device, calls: int):
             for _ in range(calls):
                 fn()
     torch.cuda.synchronize()
-    return graph, (lambda: _elapsed_ms(graph.replay, device) / calls)
+    return graph.replay, (lambda: _elapsed_ms(graph.replay, device) / calls)
 
 
 def _mode_timers(mode: str, fns: dict, calls: dict, est: dict, args, device, row: dict) -> dict:
-    """column -> function that takes one timing sample (ms per call) in `mode`; what cannot run in this mode is
-    recorded in row["errors"]. The objects the timers need (graphs, compiled functions) live in their closures."""
+    """column -> (lead_in, sample) in `mode`: `lead_in()` runs what is timed once, untimed (the eager call, the
+    graph's replay, the compiled call); `sample()` takes one timing sample (ms per call). What cannot run in this
+    mode is recorded in row["errors"]. The objects they need (graphs, compiled functions) live in their closures."""
     timers = {}
     if mode == "compile":
         torch._dynamo.reset()  # one fresh cache per shape, shared by the columns (distinct closures, own guards)
@@ -353,19 +352,19 @@ def _mode_timers(mode: str, fns: dict, calls: dict, est: dict, args, device, row
         n = calls[name]
         try:
             if mode == "eager_single":
-                timers[name] = (lambda fn=fn, n=n: time_eager_single(fn, device, n))
+                timers[name] = fn, (lambda fn=fn, n=n: time_eager_single(fn, device, n))
             elif mode == "eager_stream":
-                timers[name] = (lambda fn=fn, n=n: time_eager_stream(fn, device, n, repeats=1))
+                timers[name] = fn, (lambda fn=fn, n=n: time_eager_stream(fn, device, n, repeats=1))
             elif mode == "graph":
                 if device.type != "cuda":
                     row["errors"][f"{name}/graph"] = "CUDA graphs need CUDA"
                     continue
-                _, timers[name] = _graph_timer(fn, device, _calls(est[name], args.budget_ms / 4, 100, least=1))
+                timers[name] = _graph_timer(fn, device, _calls(est[name], args.budget_ms / 4, 100, least=1))
             else:  # compile
                 cf = _compiled(fn.call, args.compile_backend)
                 cfn = (lambda cf=cf, fn=fn: cf(*fn.args))
                 cfn(), cfn()
-                timers[name] = (lambda cfn=cfn, n=n: time_eager_stream(cfn, device, n, repeats=1))
+                timers[name] = cfn, (lambda cfn=cfn, n=n: time_eager_stream(cfn, device, n, repeats=1))
         except Exception as exc:  # noqa: BLE001 - report and keep going with the other columns
             row["errors"][f"{name}/{mode}"] = f"{type(exc).__name__}: {exc}"
             print(f"  {row['shape']} {name} {mode}: {row['errors'][f'{name}/{mode}']}", file=sys.stderr)
@@ -414,9 +413,10 @@ def measure_row(shape: Shape, args, device, dtype, cudnn_fp8) -> dict:
         samples = {name: [] for name in timers}
         for rep in range(reps):
             for name in sample_order(list(timers), rep):
+                lead_in, sample = timers[name]
                 try:
-                    fns[name]()
-                    samples[name].append(timers[name]())
+                    lead_in()
+                    samples[name].append(sample())
                 except Exception as exc:  # noqa: BLE001
                     row["errors"][f"{name}/{mode}"] = f"{type(exc).__name__}: {exc}"
         for name, xs in samples.items():
