@@ -77,3 +77,14 @@ def check_kv_lens(out, lse, q, k, v, lens, layout, causal, *, sm_scale=None, row
 def kv_lens_check():
     """`check_kv_lens`: a kernel's output under per-sample key lengths against the references."""
     return check_kv_lens
+
+
+@pytest.fixture(params=[
+    (1, 12, 12, False, None),
+    (2, 8, 4, True, None),        # GQA, causal, B > 1 (the LSE is copied chunk by chunk)
+    (2, 6, 6, False, [300, 77]),  # per-sample key lengths, a last chunk narrower than the others
+], ids=["mha", "gqa-causal-b2", "kv-lens"])
+def head_chunk_case(request):
+    """(batch, query heads, key/value heads, causal, key lengths or None) of the head-chunk tests of each
+    quantized backend (backends/head_chunks.py)."""
+    return request.param

@@ -345,15 +345,11 @@ def test_kv_lens_opcheck():
 
 
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
-@pytest.mark.parametrize("b,hq,hkv,causal,lens", [
-    (1, 12, 12, False, None),
-    (2, 8, 4, True, None),      # GQA, causal, B > 1 (the LSE is copied chunk by chunk)
-    (2, 6, 6, False, [300, 77]),  # per-sample key lengths, a last chunk narrower than the others
-])
-def test_head_chunks_are_bit_identical_to_one_call(monkeypatch, layout, b, hq, hkv, causal, lens):
+def test_head_chunks_are_bit_identical_to_one_call(monkeypatch, layout, head_chunk_case):
     """A call whose quantized copies would exceed the workspace bound runs over chunks of key/value heads; every
     quantization statistic is per head, so output and LSE equal the one-piece call's bit for bit, and the
     caller's tensors are untouched."""
+    b, hq, hkv, causal, lens = head_chunk_case
     from sage3_diffusers.backends import cuda_sm90, head_chunks
     q, k, v = make_qkv(b, hq, hkv, 333, 300, 128, layout=layout)
     before = [t.clone() for t in (q, k, v)]

@@ -444,14 +444,10 @@ def test_direct_launch_off_with_a_launch_hook(direct_launches):
 
 
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
-@pytest.mark.parametrize("b,hq,hkv,causal,lens", [
-    (1, 12, 12, False, None),
-    (2, 8, 4, True, None),        # GQA, causal, B > 1 (the LSE is copied chunk by chunk)
-    (2, 6, 6, False, [300, 77]),  # per-sample key lengths, a last chunk narrower than the others
-])
-def test_head_chunks_are_bit_identical_to_one_call(monkeypatch, layout, b, hq, hkv, causal, lens):
+def test_head_chunks_are_bit_identical_to_one_call(monkeypatch, layout, head_chunk_case):
     """Large calls run over chunks of key/value heads (backends/head_chunks.py); every quantization statistic is
     per head, so output and LSE equal the one-piece call's bit for bit, and the caller's tensors are untouched."""
+    b, hq, hkv, causal, lens = head_chunk_case
     from sage3_diffusers.backends import head_chunks, triton_int8fp8
     m = _k()
     # one launch config for both calls (a chunk is another shape class and would be tuned on its own)
