@@ -114,6 +114,29 @@ def test_env_forces_a_backend(fakes, monkeypatch):
         resolve(q, k, v, "fp4")
 
 
+def test_env_change_reaches_a_cached_call(fakes, monkeypatch):
+    """The per-signature cache keys on the settings' current values: setting or clearing SAGE3_BACKEND or
+    SAGE3_FALLBACK between two identical calls changes what the second one runs."""
+    q, k, v = bf16()
+    monkeypatch.delenv("SAGE3_BACKEND", raising=False)
+    monkeypatch.delenv("SAGE3_FALLBACK", raising=False)
+    for _ in range(2):  # the second call is answered from the cache
+        assert dispatch.decide(q, k, v, "fp4", "HND", False, False)[0].name == "fake_fp4"
+    monkeypatch.setenv("SAGE3_BACKEND", "sdpa")
+    assert dispatch.decide(q, k, v, "fp4", "HND", False, False)[0].name == "sdpa"
+    monkeypatch.delenv("SAGE3_BACKEND")
+    assert dispatch.decide(q, k, v, "fp4", "HND", False, False)[0].name == "fake_fp4"
+    q, k, v = bf16(d=128)  # no fp4 backend takes head_dim 128: the fallback setting decides
+    monkeypatch.setenv("SAGE3_FALLBACK", "error")
+    with pytest.raises(ValueError, match="SAGE3_FALLBACK=error"):
+        dispatch.decide(q, k, v, "fp4", "HND", False, False)
+    monkeypatch.setenv("SAGE3_FALLBACK", "emulate")
+    assert dispatch.decide(q, k, v, "fp4", "HND", False, False)[0].family == "fp4"
+    monkeypatch.setenv("SAGE3_FALLBACK", "error")
+    with pytest.raises(ValueError, match="SAGE3_FALLBACK=error"):
+        dispatch.decide(q, k, v, "fp4", "HND", False, False)
+
+
 def test_masks_only_reach_backends_that_take_them(fakes):
     q, k, v = bf16()
     mask = torch.ones(1, 1, 20, 20, dtype=torch.bool)
