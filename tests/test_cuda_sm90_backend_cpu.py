@@ -163,6 +163,13 @@ def test_eager_calls_skip_the_custom_op_traced_calls_use_it(monkeypatch):
     assert calls == ["HND", "HND"]
     assert any(e.name == "sage3::sm90_int8fp8_attn" for e in prof.events())
 
+    # The backend's whole call traces into one graph (fullgraph: nothing in it breaks the graph); the graph
+    # holds the op, which the eager compiler backend then runs (its implementation, once).
+    @torch.compile(backend="eager", fullgraph=True)
+    def compiled(x):
+        return be.forward(x, x, x, layout="HND", is_causal=False, sm_scale=0.1, return_lse=False) * 2
+    assert torch.equal(compiled(q), q * 2) and calls == ["HND"] * 3
+
 
 def test_large_calls_run_in_chunks_of_kv_heads():
     """Chunks only where the quantized copies would be large and there are heads to split."""

@@ -224,8 +224,9 @@ def run_op(op, impl, *args):
     """One call of a compiled kernel: through its custom op `op` where `through_custom_op` says so or a profiler
     is recording, else `impl` directly. Under a profiler the op is what links the GPU kernels to a CPU op: kernels
     launched inside a `record_function` range alone are attributed to no op (the range's correlation id is of
-    another kind), so attention-share measurements and users' traces would lose them."""
-    if torch.autograd._profiler_enabled() or through_custom_op(*args):
+    another kind), so attention-share measurements and users' traces would lose them. The profiler is asked last:
+    torch.compile cannot trace that query (fullgraph fails on it), and while compiling the op is taken anyway."""
+    if through_custom_op(*args) or torch.autograd._profiler_enabled():
         return op(*args)
     return impl(*args)
 
