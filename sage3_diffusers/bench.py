@@ -669,7 +669,9 @@ def table_from_result(result: dict, source_name: str) -> dict:
     modes_seen: list = []
     shapes = []
     for row in result["rows"]:
-        shapes.append({"name": row["shape"], "B": row["B"], "H": row["H"], "S": row["S"], "D": row["D"]})
+        shape = {"name": row["shape"], "B": row["B"], "H": row["H"], "S": row["S"], "D": row["D"]}
+        if shape not in shapes:  # joined runs measure a shape more than once; its points are averaged below
+            shapes.append(shape)
         for mode, cols in _row_columns_by_mode(row, meta).items():
             if cols and mode not in modes_seen:
                 modes_seen.append(mode)
@@ -714,7 +716,8 @@ def default_table_path(card: str) -> Path:
 
 
 def join_results(results: list[dict]) -> dict:
-    """Rows of several `kernels` results of one card (e.g. a run split across time limits) as one result."""
+    """Rows of several `kernels` results of one card as one result: a run split across time limits, or repeated
+    runs of the same shapes, whose measurements of one point the table then averages."""
     first = results[0]
     for r in results[1:]:
         if r["meta"]["card"] != first["meta"]["card"]:
@@ -723,6 +726,7 @@ def join_results(results: list[dict]) -> dict:
         return first
     meta = dict(first["meta"])
     meta["command"] = " && ".join(r["meta"].get("command", "?") for r in results)
+    meta["date"] = ", ".join(dict.fromkeys(r["meta"].get("date", "?") for r in results))
     if "modes" in meta:
         meta["modes"] = {m: h for r in results for m, h in r["meta"].get("modes", {}).items()}
     return {"meta": meta, "columns": [], "rows": [row for r in results for row in r["rows"]]}

@@ -16,6 +16,18 @@ def test_card_slug(name, slug):
     assert perf_model.card_slug(name) == slug
 
 
+def test_repeated_runs_join_into_one_averaged_point_per_shape():
+    def run(date, tf):
+        return {"meta": {"card": "NVIDIA H100 80GB HBM3", "capability": [9, 0], "date": date, "command": "c",
+                         "modes": {"graph": "x"}},
+                "rows": [{"shape": "a", "B": 1, "H": 16, "S": 4096, "D": 128,
+                          "modes": {"graph": {"sdpa_cudnn": {"tflops": 600.0}, "cuda_sm90_int8_fp8": {"tflops": tf}}}}]}
+    table = bench.table_from_result(bench.join_results([run("d1", 600.0), run("d2", 700.0)]), "x.json, y.json")
+    assert table["tflops"]["cuda_sm90_int8_fp8"]["graph"]["128"] == [[4096, 650.0]]
+    assert table["shapes"] == [{"name": "a", "B": 1, "H": 16, "S": 4096, "D": 128}]
+    assert table["source"]["date"] == "d1, d2"
+
+
 def test_shipped_tables_are_generated_from_their_recorded_source():
     """Each shipped table equals `bench table` run again on the results file it names: never typed by hand."""
     assert {"h100-80gb-hbm3", "h200"} <= set(perf_model.available_cards())
