@@ -182,3 +182,33 @@ def test_kv_lens_declared_and_in_the_op_schema():
     q = torch.empty(3, 4, 50, 64, device="meta", dtype=torch.bfloat16)
     out, lse = op(q, q, q, "HND", False, 0.125, True, "per_thread", torch.empty(3, dtype=torch.int32, device="meta"))
     assert out.shape == q.shape and lse.shape == (3, 4, 50)
+
+
+def test_forward_compiles_in_one_graph_and_runs_direct_when_eager(monkeypatch):
+    """Eagerly the backend calls its implementation directly; compiled with fullgraph, its whole call traces into
+    one graph (no query in the call path breaks it) holding the custom op (CUDA-only: the graph is captured here,
+    not run)."""
+    from sage3_diffusers.backends import triton_int8fp8
+    calls = []
+
+    def impl(q, k, v, layout, is_causal, sm_scale, return_lse, qk_quant_gran, kv_lens=None):
+        calls.append(layout)
+        return q * 3, q.new_empty((0,), dtype=torch.float32)
+    monkeypatch.setattr(triton_int8fp8, "_triton_forward", impl)
+    be = TritonInt8Fp8Backend()
+    q = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)
+    assert torch.equal(be.forward(q, q, q, layout="HND", is_causal=False, sm_scale=0.1, return_lse=False), q * 3)
+    assert calls == ["HND"]
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return lambda *args: (args[0],)
+
+    @torch.compile(backend=capture, fullgraph=True)
+    def compiled(x):
+        return be.forward(x, x, x, layout="HND", is_causal=False, sm_scale=0.1, return_lse=False)
+    compiled(q)
+    assert len(graphs) == 1 and calls == ["HND"]
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert torch.ops.sage3.triton_int8fp8_attn in targets, targets
