@@ -38,7 +38,7 @@ for ext in $exts; do
 done
 
 log "host µs per call (sm90, Triton direct and through Triton's launcher, SDPA)"
-timeout 90 python3 bench/host_overhead.py --cuda --calls 200 2>&1 | tee "$OUT/host.txt" | tail -12
+timeout 90 python3 bench/host_overhead.py --cuda --calls 200 --json "$OUT/host.json" 2>&1 | tee "$OUT/host.txt" | tail -12
 
 log "kernel benchmark ($mode), with the card's SM clock and power sampled every 100 ms beside it"
 # A sustained call can run at a lower clock than a short profiled one (power limit): clocks.csv says which.

@@ -9,7 +9,7 @@ the dispatcher's decision, the backend's wrapper, the processor's bookkeeping. R
 - processor sdpa / noop: the processors' attention op (`_Sage3Base._attend`) with a runtime attached, as
   `apply` installs it: decision lookup, dispatch, stats record;
 - processor masked sdpa: HunyuanVideo's right-padding text mask path (per-sample key lengths).
-Best of `--repeats` runs of `--calls` calls each. Prints a table (and JSON with --json).
+Best of `--repeats` runs of `--calls` calls each. Prints a table (and writes it as JSON with --json PATH).
 
 With `--cuda` (a GPU): the same question for the compiled kernels at a small bf16 shape, layer by layer from the
 C++ floor up: the sm90 extension's `forward` called directly, its custom op `torch.ops.sage3.sm90_int8fp8_attn`,
@@ -130,22 +130,29 @@ def cuda_rows(args) -> None:
         results.append({"row": name, "host_us_per_call": round(us, 2)})
     dev = torch.cuda.get_device_name()
     direct_state = "on" if direct else f"off ({triton_launch.UNSUPPORTED or 'SAGE3_TRITON_DIRECT_LAUNCH=0'})"
-    if args.json:
-        print(json.dumps({"torch": torch.__version__, "device": dev, "shape_bshd": [b, s, h, d],
-                          "triton_direct_launch": direct_state, "rows": results}, indent=1))
-        return
-    print(f"host µs per call, {dev}, bf16 q/k/v (B,S,H,D)=({b},{s},{h},{d}), torch {torch.__version__}")
-    print(f"Triton direct launches: {direct_state}")
-    print(f"{'call':44s} {'µs/call':>9s}")
+    report(args, [f"host µs per call, {dev}, bf16 q/k/v (B,S,H,D)=({b},{s},{h},{d}), torch {torch.__version__}",
+                  f"Triton direct launches: {direct_state}"], results,
+           {"torch": torch.__version__, "device": dev, "shape_bshd": [b, s, h, d], "triton_direct_launch": direct_state})
+
+
+def report(args, header: list[str], results: list[dict], meta: dict) -> None:
+    """The table on stdout; with --json, the same rows and `meta` written to that file."""
+    width = max(len(r["row"]) for r in results) + 2
+    print("\n".join(header))
+    print(f"{'call':{width}s} {'µs/call':>9s}")
     for r in results:
-        print(f"{r['row']:44s} {r['host_us_per_call']:9.2f}")
+        print(f"{r['row']:{width}s} {r['host_us_per_call']:9.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**meta, "rows": results}, f, indent=1)
+        print(f"JSON written to {args.json}")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON to this file")
     ap.add_argument("--cuda", action="store_true", help="the compiled kernels' host path on the GPU")
     args = ap.parse_args(argv)
     if args.cuda:
@@ -177,13 +184,8 @@ def main(argv=None):
     results = []
     for name, fn in rows:
         results.append({"row": name, "host_us_per_call": round(per_call_us(fn, args.calls, args.repeats), 2)})
-    if args.json:
-        print(json.dumps({"torch": torch.__version__, "shape_bshd": [b, s, h, d], "rows": results}, indent=1))
-        return
-    print(f"host µs per call, CPU, 1 thread, q/k/v (B,S,H,D)=({b},{s},{h},{d}), torch {torch.__version__}")
-    print(f"{'call':40s} {'µs/call':>9s}")
-    for r in results:
-        print(f"{r['row']:40s} {r['host_us_per_call']:9.2f}")
+    report(args, [f"host µs per call, CPU, 1 thread, q/k/v (B,S,H,D)=({b},{s},{h},{d}), torch {torch.__version__}"],
+           results, {"torch": torch.__version__, "device": "cpu", "shape_bshd": [b, s, h, d]})
 
 
 if __name__ == "__main__":
