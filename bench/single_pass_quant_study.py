@@ -5,6 +5,10 @@ once to quantize. A quantizer that reads them once needs statistics it can have 
 - K smoothing by a *sampled* mean: any one vector subtracted from every key of a head leaves softmax exact (a
   per-row constant shift), so the mean only sets the INT8 range. Candidates: the mean of the head's first
   128-key tile, or of a strided sample of ~128 keys over the whole sequence (each quantizer block can read it).
+- K smoothing per 128-key tile: each tile minus its own mean, the shift q·m_tile added back to that tile's scores
+  (a per-row constant within a tile, so it can ride on the per-row term the kernel already adds to every score;
+  the q·m_tile values are one small GEMM of Q with the tile means). Exact in real arithmetic, and the mean of a
+  tile is known when the tile is quantized.
 - V scales per 128-key tile and channel instead of per channel: each tile's P·V lands in a fresh fp32
   accumulator that is added to the running one (two-level accumulation), so the add becomes a multiply-add by
   that tile's scale.
@@ -32,12 +36,16 @@ from sage3_diffusers.numerics.metrics import accuracy_metrics
 from sage3_diffusers.numerics.sage2pp_reference import P_FP8_OFFSET_LOG2
 
 TILE = 128
-K_MEANS = ("full", "first_tile", "strided")
+K_MEANS = ("full", "first_tile", "strided", "per_tile")
 V_SCALES = ("per_channel", "per_tile")
 
 
 def k_mean_of(kf: torch.Tensor, how: str) -> torch.Tensor:
+    """[..., 1, D] (one vector for every key), or [..., S, D] for "per_tile" (each key's tile mean)."""
     s = kf.shape[-2]
+    if how == "per_tile":
+        return torch.cat([kf[..., t:t + TILE, :].mean(dim=-2, keepdim=True).expand_as(kf[..., t:t + TILE, :])
+                          for t in range(0, s, TILE)], dim=-2)
     if how == "full":
         return kf.mean(dim=-2, keepdim=True)
     if how == "first_tile":
@@ -51,7 +59,11 @@ def attention(q, k, v, k_mean: str, v_scale: str) -> torch.Tensor:
     qf, kf, vf = q.float(), k.float(), v.float()
     sq, skv, d = q.shape[-2], k.shape[-2], q.shape[-1]
     q_i8, q_s = quantize_int8_grouped(qf, q_token_groups(sq, "per_thread", TILE, q.device))
-    k_i8, k_s = quantize_int8_grouped(kf - k_mean_of(kf, k_mean), k_token_groups(skv, "per_thread", TILE, k.device))
+    mean = k_mean_of(kf, k_mean)
+    k_i8, k_s = quantize_int8_grouped(kf - mean, k_token_groups(skv, "per_thread", TILE, k.device))
+    # Keys shifted by different vectors need the shift back in the score: q·m_tile per query row and key tile
+    # (fp32, from the unquantized q), a per-row constant within a tile. One shared vector needs none.
+    shift = (qf @ mean.transpose(-1, -2)) * (d ** -0.5 * LOG2E) if mean.shape[-2] > 1 else None
     if v_scale == "per_channel":
         v_hat, v_sc = quantize_fp8_per_channel(vf)
         v_deq = v_hat * v_sc.unsqueeze(-2)
@@ -61,7 +73,8 @@ def attention(q, k, v, k_mean: str, v_scale: str) -> torch.Tensor:
     q_scaled = q_s * (d ** -0.5 * LOG2E)
 
     def scores_log2(start, end):
-        return (q_i8 @ k_i8[..., start:end, :].transpose(-1, -2)) * q_scaled.unsqueeze(-1) * k_s[..., None, start:end]
+        t = (q_i8 @ k_i8[..., start:end, :].transpose(-1, -2)) * q_scaled.unsqueeze(-1) * k_s[..., None, start:end]
+        return t if shift is None else t + shift[..., start:end]
 
     # v_deq holds the dequantized V̂ (V̂ times its scale): acc += P̂·(V̂·δ) is the kernel's acc += (P̂·V̂)·δ up to
     # fp32 rounding order, for a global scale as for per-tile ones.
