@@ -97,14 +97,7 @@ def inputs(kind: str, heads: int, seq: int, d: int, seed: int):
     return tuple(t.to(torch.bfloat16) for t in (q, k, v))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--json")
-    args = ap.parse_args(argv)
-    torch.set_grad_enabled(False)
+def study(args) -> list[dict]:
     rows = []
     for kind in ("dit", "joint_text_image"):
         for d in (128, 64):
@@ -118,6 +111,18 @@ def main(argv=None) -> int:
                 rows.append({"inputs": kind, "head_dim": d, "k_mean": km, "v_scale": vs,
                              "rel_l1": statistics.mean(m["rel_l1"] for m in ms),
                              "cos_sim": statistics.mean(m["cos_sim"] for m in ms)})
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    with torch.no_grad():
+        rows = study(args)
     print(f"SageAttention2++ statistics vs fp64 SDPA (B=1, H={args.heads}, S={args.seq}, mean of {args.seeds} seeds)")
     print("| inputs | D | K mean | V scale | rel L1 | cos sim |\n|---|---|---|---|---|---|")
     for r in rows:

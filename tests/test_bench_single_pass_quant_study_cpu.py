@@ -43,6 +43,7 @@ def test_main_writes_every_variant(tmp_path):
     study = _load()
     out = tmp_path / "s.json"
     assert study.main(["--seq", "256", "--heads", "1", "--seeds", "1", "--json", str(out)]) == 0
+    assert torch.is_grad_enabled()  # no process-wide side effect on the tests that follow
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 2 * 2 * len(study.K_MEANS) * len(study.V_SCALES)
     assert all(0 < r["rel_l1"] < 0.5 and 0.9 < r["cos_sim"] <= 1 for r in rows)
