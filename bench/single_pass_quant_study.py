@@ -6,9 +6,9 @@ once to quantize. A quantizer that reads them once needs statistics it can have 
   per-row constant shift), so the mean only sets the INT8 range. Candidates: the mean of the head's first
   128-key tile, or of a strided sample of ~128 keys over the whole sequence (each quantizer block can read it).
 - K smoothing per 128-key tile: each tile minus its own mean, the shift q·m_tile added back to that tile's scores
-  (a per-row constant within a tile, so it can ride on the per-row term the kernel already adds to every score;
-  the q·m_tile values are one small GEMM of Q with the tile means). Exact in real arithmetic, and the mean of a
-  tile is known when the tile is quantized.
+  (a per-row constant within a tile, so adding it rides on the per-row term the kernel already adds to every
+  score; computing q·m_tile inside the kernel is the cost). Exact in real arithmetic, and the mean of a tile is
+  known when the tile is quantized.
 - V scales per 128-key tile and channel instead of per channel: each tile's P·V lands in a fresh fp32
   accumulator that is added to the running one (two-level accumulation), so the add becomes a multiply-add by
   that tile's scale.
