@@ -26,7 +26,6 @@ prints the results.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from .backends.base import AttentionBackend, AttentionProblem
+from .settings import env_switch
 
 # Lowest cos sim vs fp32 SDPA that a kernel of each family may reach on the check's inputs (see module doc).
 THRESHOLDS = {"fp4": 0.95, "int8_fp8": 0.995}
@@ -67,12 +67,7 @@ _failed: dict[str, str] = {}   # backend name -> cause; the backend is disabled 
 
 
 def enabled() -> bool:
-    value = os.environ.get("SAGE3_SELFCHECK", "1").strip().lower()
-    if value in ("1", "", "on", "true", "yes"):
-        return True
-    if value in ("0", "off", "false", "no"):
-        return False
-    raise ValueError(f"SAGE3_SELFCHECK={value!r}: use 1 (check compiled kernels, the default) or 0 (off)")
+    return env_switch("SAGE3_SELFCHECK", "check compiled kernels, the default", "off")
 
 
 def needs_check(backend: AttentionBackend) -> bool:

@@ -32,10 +32,11 @@ Triton's: both launch on the current stream.
 from __future__ import annotations
 
 import inspect
-import os
 import re
 
 import torch
+
+from ...settings import env_switch
 
 # What the fast path relies on in Triton's runtime (whitespace removed). `JITFunction.run` launches with
 # this call, after reading the device, the stream and the two knobs of its cache key this way:
@@ -108,13 +109,8 @@ def runtime_problem(jit_cls, compiled_cls, launcher_cls, gpu_driver_cls, base_ar
 
 
 def env_enabled() -> bool:
-    value = os.environ.get("SAGE3_TRITON_DIRECT_LAUNCH", "1").strip().lower()
-    if value in ("1", "", "on", "true", "yes"):
-        return True
-    if value in ("0", "off", "false", "no"):
-        return False
-    raise ValueError(f"SAGE3_TRITON_DIRECT_LAUNCH={value!r}: use 1 (direct launches of cached Triton kernels, the "
-                     f"default) or 0 (every launch through Triton)")
+    return env_switch("SAGE3_TRITON_DIRECT_LAUNCH", "direct launches of cached Triton kernels, the default",
+                      "every launch through Triton")
 
 
 def _load():
