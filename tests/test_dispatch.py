@@ -178,6 +178,19 @@ class FastInt8(FakeFp4):
         return []
 
 
+def _graph_table_sdpa_vs_int8(make_problem, fake_perf_table, short_tflops):
+    """FastInt8 registered and a graph-mode table: exact SDPA at 600 TFLOPS, fake_int8_a at `short_tflops` on a
+    4608-token call and 900 on a 65536-token one; returns those two Hopper problems (skips where SDPA cannot take
+    a CUDA problem)."""
+    dispatch.register_backend(FastInt8())
+    fake_perf_table({"sdpa": {"graph": {128: [[4608, 600], [65536, 600]]}},
+                     "fake_int8_a": {"graph": {128: [[4608, short_tflops], [65536, 900]]}}})
+    short, long = _hopper_problem(make_problem, 4608), _hopper_problem(make_problem, 65536)
+    if dispatch.backend_reasons(dispatch.get_backend("sdpa"), short):
+        pytest.skip("sdpa cannot take a CUDA problem on this machine")
+    return short, long
+
+
 class SlowInt8(FastInt8):
     name, priority = "fake_int8_b", 50
 
@@ -225,12 +238,7 @@ def test_auto_never_takes_a_kernel_that_loses_in_either_eager_mode(fakes, make_p
 def test_auto_keeps_exact_sdpa_unless_a_kernel_beats_it_by_the_margin(fakes, make_problem, fake_perf_table):
     """A quantized kernel measured only a few percent faster (within the tables' run-to-run noise) does not make
     "auto" give up exact attention; a clear win does. A family asked for by name is not held to the margin."""
-    dispatch.register_backend(FastInt8())
-    fake_perf_table({"sdpa": {"graph": {128: [[4608, 600], [65536, 600]]}},
-                     "fake_int8_a": {"graph": {128: [[4608, 618], [65536, 900]]}}})
-    short, long = _hopper_problem(make_problem, 4608), _hopper_problem(make_problem, 65536)
-    if dispatch.backend_reasons(dispatch.get_backend("sdpa"), short):
-        pytest.skip("sdpa cannot take a CUDA problem on this machine")
+    short, long = _graph_table_sdpa_vs_int8(make_problem, fake_perf_table, short_tflops=618)
     sel = dispatch.select_backend(short, "auto", "graph")
     assert sel.backend.name == "sdpa"
     assert any(n == "fake_int8_a" and "1.03x exact sdpa in graph calls is within the margin (1.05x)" in r[0]
@@ -363,12 +371,7 @@ def test_a_family_that_cannot_run_falls_back_to_the_faster_of_the_rest(fakes, ma
     """fp4 asked for where no fp4 kernel runs (Hopper): where the card's table measures every candidate in the
     call's mode, the fastest of int8_fp8 and exact SDPA (held to auto's margin), so the fallback never runs a
     quantized kernel that loses to exact attention; where the mode is unmeasured, int8_fp8 by priority."""
-    dispatch.register_backend(FastInt8())
-    fake_perf_table({"sdpa": {"graph": {128: [[4608, 600], [65536, 600]]}},
-                     "fake_int8_a": {"graph": {128: [[4608, 590], [65536, 900]]}}})
-    short, long = _hopper_problem(make_problem, 4608), _hopper_problem(make_problem, 65536)
-    if dispatch.backend_reasons(dispatch.get_backend("sdpa"), short):
-        pytest.skip("sdpa cannot take a CUDA problem on this machine")
+    short, long = _graph_table_sdpa_vs_int8(make_problem, fake_perf_table, short_tflops=590)
     with pytest.warns(RuntimeWarning, match="fell back to sdpa"):
         sel = dispatch.select_backend(short, "fp4", "graph")  # fake_fp4 takes head_dim 64 only
     assert sel.backend.name == "sdpa" and sel.note == "no fp4 kernel can run this call; fell back to sdpa"
