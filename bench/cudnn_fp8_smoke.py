@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import sys
 import traceback
 from pathlib import Path
@@ -20,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.attention  # noqa: F401 - sdpa_kernel below
 import torch.nn.functional as F
+
+from sage3_diffusers.bench import time_eager_stream, time_graph
 
 HERE = Path(__file__).resolve().parent
 MAIN = (1, 24, 4608, 128)
@@ -44,34 +45,10 @@ def inputs(shape, dit_like: bool):
 
 
 def timed(fn, inner=20, reps=5, graph=False):
+    """ms per call: `inner` calls back to back (or one CUDA graph of them), median of `reps`; bench's timers."""
     fn()
-    torch.cuda.synchronize()
-    run = fn
-    if graph:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-            s.synchronize()
-            cg = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(cg, stream=s):
-                for _ in range(inner):
-                    fn()
-        torch.cuda.synchronize()
-        run = cg.replay
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        a.record()
-        if graph:
-            run()
-        else:
-            for _ in range(inner):
-                run()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / inner)
-    return statistics.median(times)
+    dev = torch.device("cuda")
+    return time_graph(fn, dev, inner, reps) if graph else time_eager_stream(fn, dev, inner, reps)
 
 
 def check(mod, shape, dit_like=False) -> bool:
