@@ -85,8 +85,10 @@ def _compile(model, fullgraph: bool):
 
 
 # CPU ops whose GPU time is attention: torch SDPA and its backends (also as inductor's extern calls), and our
-# custom ops (namespace sage3::, quantization included).
-ATTENTION_OPS = re.compile(r"scaled_dot_product|flash_attention|efficient_attention|cudnn_attention|^sage3::")
+# custom ops (namespace sage3::, quantization included). Not inductor's generated kernels: their names list every
+# op fused into them, so the kernel that builds a mask or concatenates the inputs an attention op reads carries
+# that op's name without being attention.
+ATTENTION_OPS = re.compile(r"^aten::\w*(scaled_dot_product|flash_attention|efficient_attention|cudnn_attention)|^sage3::")
 
 
 def attention_share(events, *, on_device: bool = True) -> dict:

@@ -45,6 +45,37 @@ def test_attention_share_from_a_cpu_profile():
     assert a["ceiling"] == pytest.approx(1 / (1 - a["share"]))
 
 
+def test_attention_share_counts_attention_ops_not_inductor_kernels_named_after_them():
+    """A compiled forward's profile: the extern attention ops and our custom op count; inductor's fused kernels do
+    not, although their names carry the attention op they feed (names as profiled on an H100)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from sage3_diffusers.bench_e2e import attention_share
+
+    def op(name, us, parent=None):
+        return SimpleNamespace(name=name, device_type=DeviceType.CPU, cpu_parent=parent, device_time_total=us,
+                               cpu_time_total=1.0)
+
+    def kernel(us):
+        return SimpleNamespace(name="k", device_type=DeviceType.CUDA, cpu_parent=None, device_time_total=us,
+                               cpu_time_total=0.0)
+
+    sdpa = op("aten::_scaled_dot_product_cudnn_attention", 40.0)
+    events = [
+        sdpa, op("aten::_cudnn_attention_forward", 40.0, parent=sdpa),  # inner op: not counted again
+        op("sage3::sm90_int8fp8_attn", 300.0),
+        op("triton_poi_fused__scaled_dot_product_cudnn_attention_bitwise_and_clone_expand_fill_lift_fresh_repeat_"
+           "scalar_tensor_select_transpose_unsqueeze_view_where_1", 15.0),
+        op("triton_red_fused_add_mul_rsqrt_0", 45.0),
+    ] + [kernel(us) for us in (40.0, 300.0, 15.0, 45.0)]
+    a = attention_share(events)
+    assert a["ops"] == ["aten::_scaled_dot_product_cudnn_attention", "sage3::sm90_int8fp8_attn"]
+    assert a["attention_ms"] == pytest.approx(0.340) and a["total_ms"] == pytest.approx(0.400)
+    assert a["share"] == pytest.approx(0.85) and a["time"] == "GPU kernel time"
+
+
 def test_measure_row_schema_with_cpu_stand_ins(monkeypatch):
     """The row one variant gives (times, attention share), run on the CPU with CUDA events replaced by a clock."""
     import time
