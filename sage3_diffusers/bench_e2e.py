@@ -88,7 +88,8 @@ def _compile(model, fullgraph: bool):
 # custom ops (namespace sage3::, quantization included). Not inductor's generated kernels: their names list every
 # op fused into them, so the kernel that builds a mask or concatenates the inputs an attention op reads carries
 # that op's name without being attention.
-ATTENTION_OPS = re.compile(r"^aten::\w*(scaled_dot_product|flash_attention|efficient_attention|cudnn_attention)|^sage3::")
+ATTENTION_OPS = re.compile(
+    r"^aten::\w*(scaled_dot_product|flash_attention|efficient_attention|cudnn_attention)|^sage3::")
 
 
 def attention_share(events, *, on_device: bool = True) -> dict:
